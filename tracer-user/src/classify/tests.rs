@@ -1,0 +1,543 @@
+//! Table-driven classifier tests: one named case per rule.
+
+use super::*;
+use crate::event::TcpState as S;
+
+fn st(at: u64, from: S, to: S) -> Fact {
+    Fact {
+        at_ns: at,
+        kind: FactKind::State {
+            from,
+            to,
+            pid: 0,
+            comm: String::new(),
+            exiting: false,
+        },
+    }
+}
+fn st_by(at: u64, from: S, to: S, exiting: bool) -> Fact {
+    Fact {
+        at_ns: at,
+        kind: FactKind::State {
+            from,
+            to,
+            pid: 77,
+            comm: "app".into(),
+            exiting,
+        },
+    }
+}
+fn f(at: u64, kind: FactKind) -> Fact {
+    Fact { at_ns: at, kind }
+}
+
+fn client_open() -> Vec<Fact> {
+    vec![
+        st(0, S::Close, S::SynSent),
+        st(10, S::SynSent, S::Established),
+    ]
+}
+fn server_open() -> Vec<Fact> {
+    vec![
+        st(0, S::Listen, S::SynRecv),
+        st(10, S::SynRecv, S::Established),
+    ]
+}
+
+fn tl(role: Role, open: Vec<Fact>, rest: Vec<Fact>, peer: Option<PeerSummary>) -> Timeline {
+    let mut facts = open;
+    facts.extend(rest);
+    Timeline {
+        role,
+        role_inferred: false,
+        facts,
+        peer,
+        ttl_baseline: Some(63),
+    }
+}
+
+fn peer(exited: bool, closed_first: bool) -> Option<PeerSummary> {
+    Some(PeerSummary {
+        id: "p".into(),
+        exited,
+        closed_first,
+        ..Default::default()
+    })
+}
+
+struct Case {
+    name: &'static str,
+    timeline: Timeline,
+    closed_by: ClosedBy,
+    reason: &'static str,
+    initiator: Initiator,
+    mechanism: Mechanism,
+    confidence: Confidence,
+}
+
+fn cases() -> Vec<Case> {
+    use ClosedBy as C;
+    use Confidence as K;
+    use Initiator as I;
+    use Mechanism as M;
+    vec![
+        Case {
+            name: "client FIN first, seen on the client",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    st_by(100, S::Established, S::FinWait1, false),
+                    f(101, FactKind::FinSent),
+                    f(102, FactKind::FinReceived { ttl: 63 }),
+                    st(103, S::FinWait2, S::Close),
+                ],
+                peer(false, false),
+            ),
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::High,
+        },
+        Case {
+            name: "client FIN first, seen on the server",
+            timeline: tl(
+                Role::Server,
+                server_open(),
+                vec![
+                    f(100, FactKind::FinReceived { ttl: 64 }),
+                    st(100, S::Established, S::CloseWait),
+                    st_by(150, S::CloseWait, S::LastAck, false),
+                    f(151, FactKind::FinSent),
+                    st(152, S::LastAck, S::Close),
+                ],
+                peer(false, true),
+            ),
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Remote,
+            mechanism: M::Fin,
+            confidence: K::High,
+        },
+        Case {
+            name: "server FIN first, seen on the client, packets unavailable (states only)",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    st(100, S::Established, S::CloseWait),
+                    st_by(120, S::CloseWait, S::LastAck, false),
+                    st(121, S::LastAck, S::Close),
+                ],
+                None,
+            ),
+            closed_by: C::Server,
+            reason: "server_close",
+            initiator: I::Remote,
+            mechanism: M::Fin,
+            confidence: K::High,
+        },
+        Case {
+            name: "server killed with unread data, seen on the server",
+            timeline: tl(
+                Role::Server,
+                server_open(),
+                vec![
+                    st_by(100, S::Established, S::Close, true),
+                    f(101, FactKind::RstSent { exiting: true }),
+                ],
+                None,
+            ),
+            closed_by: C::Server,
+            reason: "server_process_exit",
+            initiator: I::Local,
+            mechanism: M::Rst,
+            confidence: K::High,
+        },
+        Case {
+            name: "server killed with unread data, seen on the client",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    f(
+                        101,
+                        FactKind::RstReceived {
+                            ttl: 63,
+                            origin: RstOrigin::PeerSocket,
+                        },
+                    ),
+                    f(101, FactKind::SocketError { errno: ECONNRESET }),
+                    st(101, S::Established, S::Close),
+                ],
+                peer(true, true),
+            ),
+            closed_by: C::Server,
+            reason: "server_process_exit",
+            initiator: I::Remote,
+            mechanism: M::Rst,
+            confidence: K::High,
+        },
+        Case {
+            name: "server process exit without unread data closes with FIN",
+            timeline: tl(
+                Role::Server,
+                server_open(),
+                vec![
+                    st_by(100, S::Established, S::FinWait1, true),
+                    f(101, FactKind::FinSent),
+                ],
+                None,
+            ),
+            closed_by: C::Server,
+            reason: "server_process_exit",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::High,
+        },
+        Case {
+            name: "client aborts with SO_LINGER 0",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    st_by(100, S::Established, S::Close, false),
+                    f(101, FactKind::RstSent { exiting: false }),
+                ],
+                None,
+            ),
+            closed_by: C::Client,
+            reason: "client_abort",
+            initiator: I::Local,
+            mechanism: M::Rst,
+            confidence: K::High,
+        },
+        Case {
+            name: "RST from the peer's kernel (no socket)",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    f(
+                        100,
+                        FactKind::RstReceived {
+                            ttl: 63,
+                            origin: RstOrigin::PeerKernel,
+                        },
+                    ),
+                    st(100, S::Established, S::Close),
+                ],
+                peer(false, true),
+            ),
+            closed_by: C::Server,
+            reason: "server_no_socket",
+            initiator: I::Remote,
+            mechanism: M::Rst,
+            confidence: K::High,
+        },
+        Case {
+            name: "middlebox RST proven: peer traced and never sent it",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    f(
+                        100,
+                        FactKind::RstReceived {
+                            ttl: 64,
+                            origin: RstOrigin::NotSentByPeer,
+                        },
+                    ),
+                    f(100, FactKind::SocketError { errno: ECONNRESET }),
+                    st(100, S::Established, S::Close),
+                ],
+                peer(false, false),
+            ),
+            closed_by: C::Middlebox,
+            reason: "middlebox_reset",
+            initiator: I::Remote,
+            mechanism: M::Rst,
+            confidence: K::High,
+        },
+        Case {
+            name: "middlebox RST inferred from a TTL unlike the flow's",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    f(
+                        100,
+                        FactKind::RstReceived {
+                            ttl: 64,
+                            origin: RstOrigin::Untraced,
+                        },
+                    ),
+                    st(100, S::Established, S::Close),
+                ],
+                None,
+            ),
+            closed_by: C::Middlebox,
+            reason: "middlebox_reset",
+            initiator: I::Remote,
+            mechanism: M::Rst,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "untraced peer RST with the flow's TTL",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    f(
+                        100,
+                        FactKind::RstReceived {
+                            ttl: 63,
+                            origin: RstOrigin::Untraced,
+                        },
+                    ),
+                    st(100, S::Established, S::Close),
+                ],
+                None,
+            ),
+            closed_by: C::Server,
+            reason: "server_reset",
+            initiator: I::Remote,
+            mechanism: M::Rst,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "blackholed path with the peer alive on this host",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    f(
+                        100,
+                        FactKind::Retransmit {
+                            state: S::Established,
+                        },
+                    ),
+                    f(
+                        300,
+                        FactKind::Retransmit {
+                            state: S::Established,
+                        },
+                    ),
+                    f(700, FactKind::SocketError { errno: ETIMEDOUT }),
+                    st(700, S::Established, S::Close),
+                ],
+                peer(false, false),
+            ),
+            closed_by: C::Middlebox,
+            reason: "retransmission_timeout",
+            initiator: I::Local,
+            mechanism: M::Timeout,
+            confidence: K::High,
+        },
+        Case {
+            name: "retransmission timeout, peer not on this host, no error hook",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    f(
+                        100,
+                        FactKind::Retransmit {
+                            state: S::Established,
+                        },
+                    ),
+                    st(700, S::Established, S::Close),
+                ],
+                None,
+            ),
+            closed_by: C::Middlebox,
+            reason: "retransmission_timeout",
+            initiator: I::Local,
+            mechanism: M::Timeout,
+            confidence: K::Low,
+        },
+        Case {
+            name: "keepalive timeout (no retransmissions)",
+            timeline: tl(
+                Role::Server,
+                server_open(),
+                vec![
+                    f(700, FactKind::SocketError { errno: ETIMEDOUT }),
+                    st(700, S::Established, S::Close),
+                ],
+                None,
+            ),
+            closed_by: C::Middlebox,
+            reason: "keepalive_timeout",
+            initiator: I::Local,
+            mechanism: M::Timeout,
+            confidence: K::Low,
+        },
+        Case {
+            name: "connection refused by the server's kernel",
+            timeline: tl(
+                Role::Client,
+                vec![st(0, S::Close, S::SynSent)],
+                vec![
+                    f(
+                        5,
+                        FactKind::RstReceived {
+                            ttl: 64,
+                            origin: RstOrigin::PeerKernel,
+                        },
+                    ),
+                    f(
+                        5,
+                        FactKind::SocketError {
+                            errno: ECONNREFUSED,
+                        },
+                    ),
+                    st(5, S::SynSent, S::Close),
+                ],
+                None,
+            ),
+            closed_by: C::Server,
+            reason: "connection_refused",
+            initiator: I::Remote,
+            mechanism: M::Rst,
+            confidence: K::High,
+        },
+        Case {
+            name: "connect timeout",
+            timeline: tl(
+                Role::Client,
+                vec![st(0, S::Close, S::SynSent)],
+                vec![
+                    f(5, FactKind::SocketError { errno: ETIMEDOUT }),
+                    st(5, S::SynSent, S::Close),
+                ],
+                None,
+            ),
+            closed_by: C::Unknown,
+            reason: "connect_timeout",
+            initiator: I::Local,
+            mechanism: M::Timeout,
+            confidence: K::Low,
+        },
+        Case {
+            name: "nothing observed",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![st(100, S::Established, S::Close)],
+                None,
+            ),
+            closed_by: C::Unknown,
+            reason: "unknown",
+            initiator: I::None,
+            mechanism: M::None,
+            confidence: K::Low,
+        },
+        Case {
+            name: "pre-existing connection with unknown role: sides named local/remote",
+            timeline: Timeline {
+                role: Role::Unknown,
+                role_inferred: true,
+                facts: vec![
+                    f(100, FactKind::FinReceived { ttl: 63 }),
+                    st(100, S::Established, S::CloseWait),
+                ],
+                peer: None,
+                ttl_baseline: None,
+            },
+            closed_by: C::Unknown,
+            reason: "remote_close",
+            initiator: I::Remote,
+            mechanism: M::Fin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "the first signal wins: local FIN, then a late RST from the peer",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    f(100, FactKind::FinSent),
+                    f(
+                        200,
+                        FactKind::RstReceived {
+                            ttl: 63,
+                            origin: RstOrigin::PeerSocket,
+                        },
+                    ),
+                    st(200, S::FinWait1, S::Close),
+                ],
+                peer(false, false),
+            ),
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::High,
+        },
+    ]
+}
+
+#[test]
+fn classifier_table() {
+    let mut failures = Vec::new();
+    for c in cases() {
+        let v = classify(&c.timeline);
+        let got = (
+            v.closed_by,
+            v.reason.as_str(),
+            v.tcp_initiator,
+            v.mechanism,
+            v.confidence,
+        );
+        let want = (
+            c.closed_by,
+            c.reason,
+            c.initiator,
+            c.mechanism,
+            c.confidence,
+        );
+        if got != want {
+            failures.push(format!("{}:\n   got {got:?}\n  want {want:?}", c.name));
+        }
+        assert!(!v.hint.is_empty(), "{}: empty hint", c.name);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn every_case_name_is_unique() {
+    let mut names: Vec<_> = cases().iter().map(|c| c.name).collect();
+    names.sort_unstable();
+    let before = names.len();
+    names.dedup();
+    assert_eq!(before, names.len());
+}
+
+#[test]
+fn ttl_hint_names_both_values() {
+    let t = tl(
+        Role::Client,
+        client_open(),
+        vec![f(
+            100,
+            FactKind::RstReceived {
+                ttl: 64,
+                origin: RstOrigin::Untraced,
+            },
+        )],
+        None,
+    );
+    let v = classify(&t);
+    assert!(
+        v.hint.contains("TTL 64") && v.hint.contains("TTL 63"),
+        "{}",
+        v.hint
+    );
+}

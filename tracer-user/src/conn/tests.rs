@@ -1,0 +1,573 @@
+//! Connection-table tests: synthetic kernel event streams in the order the kernel emits them.
+
+use std::net::SocketAddr;
+
+use super::*;
+use crate::{
+    classify::{ClosedBy, Initiator, Mechanism},
+    event::{ECONNRESET, ETIMEDOUT},
+};
+use tracer_common::tcp_flag::{ACK, FIN, RST, SYN};
+
+const MS: u64 = 1_000_000;
+
+fn tuple(local: &str, remote: &str) -> Tuple {
+    Tuple {
+        local: local.parse::<SocketAddr>().expect("local"),
+        remote: remote.parse::<SocketAddr>().expect("remote"),
+    }
+}
+
+fn base(ts: u64, sk: u64, t: Option<Tuple>, kind: EventKind) -> Event {
+    Event {
+        ts_ns: ts,
+        skaddr: sk,
+        cookie: 0,
+        pid: 0,
+        tid: 0,
+        comm: String::new(),
+        exiting: false,
+        netns: Some(4026531993),
+        tuple: t,
+        cpu: 0,
+        kind,
+    }
+}
+
+fn state(ts: u64, sk: u64, t: Tuple, old: TcpState, new: TcpState) -> Event {
+    base(ts, sk, Some(t), EventKind::State { old, new })
+}
+
+fn by(mut ev: Event, pid: u32, comm: &str, exiting: bool) -> Event {
+    ev.pid = pid;
+    ev.tid = pid;
+    ev.comm = comm.into();
+    ev.exiting = exiting;
+    ev
+}
+
+fn pkt(ts: u64, sk: u64, t: Tuple, dir: Dir, flags: u8, seq: u32, ttl: u8, first: bool) -> Event {
+    base(
+        ts,
+        sk,
+        Some(t),
+        EventKind::Packet(Packet {
+            dir,
+            flags,
+            ttl,
+            seq,
+            ack: 0,
+            payload_len: 0,
+            first_in_dir: first,
+            ttl_changed: false,
+        }),
+    )
+}
+
+struct Pair {
+    c: u64,
+    s: u64,
+    ct: Tuple,
+    st: Tuple,
+    cisn: u32,
+    sisn: u32,
+}
+
+/// A client and a server socket on this host completing a handshake.
+fn handshake(tbl: &mut Table, p: &Pair, netns: (u32, u32)) {
+    use Dir::*;
+    use TcpState::*;
+    let mut evs = vec![
+        // SYN_SENT is entered before the local port is chosen.
+        by(
+            state(
+                0,
+                p.c,
+                Tuple {
+                    local: SocketAddr::new(p.ct.local.ip(), 0),
+                    remote: p.ct.remote,
+                },
+                Close,
+                SynSent,
+            ),
+            100,
+            "client",
+            false,
+        ),
+        pkt(1, p.c, p.ct, Egress, SYN, p.cisn, 64, true),
+        state(2, p.s, p.st, Listen, SynRecv),
+        pkt(3, p.c, p.ct, Ingress, SYN | ACK, p.sisn, 63, true),
+        state(3, p.c, p.ct, SynSent, Established),
+        state(4, p.s, p.st, SynRecv, Established),
+        pkt(5, p.s, p.st, Ingress, ACK, p.cisn.wrapping_add(1), 63, true),
+        pkt(6, p.s, p.st, Egress, ACK, p.sisn.wrapping_add(1), 64, true),
+    ];
+    for ev in &mut evs {
+        ev.netns = Some(if ev.skaddr == p.c { netns.0 } else { netns.1 });
+    }
+    for ev in evs {
+        assert!(tbl.on_event(&ev).is_empty());
+    }
+}
+
+fn pair(n: u64) -> Pair {
+    let ct = tuple("10.9.1.2:40000", "10.9.2.2:8080");
+    Pair {
+        c: 0x1000 + n,
+        s: 0x2000 + n,
+        ct,
+        st: ct.reversed(),
+        cisn: (n as u32).wrapping_mul(0x3b9a_ca07),
+        sisn: (n as u32).wrapping_mul(0x9e37_79b9),
+    }
+}
+
+fn only<'a>(v: &'a [Closed], sk: u64) -> &'a Closed {
+    let found: Vec<_> = v.iter().filter(|c| c.conn.skaddr == sk).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one verdict for {sk:#x}, got {v:#?}"
+    );
+    found[0]
+}
+
+#[test]
+fn client_close_both_sides() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let p = pair(1);
+    handshake(&mut tbl, &p, (1, 2));
+    for ev in [
+        by(
+            state(100 * MS, p.c, p.ct, Established, FinWait1),
+            100,
+            "client",
+            false,
+        ),
+        pkt(
+            100 * MS,
+            p.c,
+            p.ct,
+            Egress,
+            FIN | ACK,
+            p.cisn + 11,
+            64,
+            false,
+        ),
+        pkt(
+            100 * MS,
+            p.s,
+            p.st,
+            Ingress,
+            FIN | ACK,
+            p.cisn + 11,
+            63,
+            false,
+        ),
+        state(100 * MS, p.s, p.st, Established, CloseWait),
+        by(
+            state(101 * MS, p.s, p.st, CloseWait, LastAck),
+            200,
+            "server",
+            false,
+        ),
+        pkt(
+            101 * MS,
+            p.s,
+            p.st,
+            Egress,
+            FIN | ACK,
+            p.sisn + 5,
+            64,
+            false,
+        ),
+        pkt(
+            101 * MS,
+            p.c,
+            p.ct,
+            Ingress,
+            FIN | ACK,
+            p.sisn + 5,
+            63,
+            false,
+        ),
+        state(101 * MS, p.c, p.ct, FinWait1, Close),
+        state(102 * MS, p.s, p.st, LastAck, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    assert!(
+        tbl.take_due(500 * MS).is_empty(),
+        "nothing is due before the linger period"
+    );
+    let out = tbl.take_due(2_000 * MS);
+    let c = only(&out, p.c);
+    assert_eq!(
+        (c.verdict.closed_by, c.verdict.reason.as_str()),
+        (ClosedBy::Client, "client_close")
+    );
+    assert_eq!(c.verdict.tcp_initiator, Initiator::Local);
+    assert_eq!(c.owner, Some((100, "client".to_string())));
+    assert_eq!(c.conn.role, Role::Client);
+    assert_eq!(
+        c.conn.tuple,
+        Some(p.ct),
+        "the local port learned after SYN_SENT replaces the zero port"
+    );
+    let s = only(&out, p.s);
+    assert_eq!(
+        (s.verdict.closed_by, s.verdict.reason.as_str()),
+        (ClosedBy::Client, "client_close")
+    );
+    assert_eq!(s.verdict.tcp_initiator, Initiator::Remote);
+    assert_eq!(s.owner, Some((200, "server".to_string())));
+    assert_eq!(
+        s.peer.as_ref().map(|p| p.id.as_str()),
+        Some(c.conn.id.as_str())
+    );
+    assert!(tbl.is_empty());
+}
+
+#[test]
+fn killed_server_with_unread_data() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let p = pair(2);
+    handshake(&mut tbl, &p, (1, 2));
+    for ev in [
+        by(
+            state(50 * MS, p.s, p.st, Established, Close),
+            200,
+            "server",
+            true,
+        ),
+        by(
+            base(
+                50 * MS,
+                p.s,
+                Some(p.st),
+                EventKind::SendReset {
+                    state: Established,
+                    reason: Some(1),
+                },
+            ),
+            200,
+            "server",
+            true,
+        ),
+        pkt(50 * MS, p.s, p.st, Egress, RST | ACK, p.sisn + 1, 64, false),
+        pkt(
+            50 * MS + 10,
+            p.c,
+            p.ct,
+            Ingress,
+            RST | ACK,
+            p.sisn + 1,
+            63,
+            false,
+        ),
+        base(
+            50 * MS + 11,
+            0,
+            Some(p.ct),
+            EventKind::ErrorReport { error: ECONNRESET },
+        ),
+        state(50 * MS + 12, p.c, p.ct, Established, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    let out = tbl.take_all_closed();
+    let s = only(&out, p.s);
+    assert_eq!(
+        (s.verdict.closed_by, s.verdict.reason.as_str()),
+        (ClosedBy::Server, "server_process_exit")
+    );
+    assert_eq!(s.verdict.mechanism, Mechanism::Rst);
+    assert_eq!(s.owner, Some((200, "server".to_string())));
+    let c = only(&out, p.c);
+    assert_eq!(
+        (c.verdict.closed_by, c.verdict.reason.as_str()),
+        (ClosedBy::Server, "server_process_exit")
+    );
+    assert_eq!(c.verdict.tcp_initiator, Initiator::Remote);
+    assert!(
+        c.conn
+            .facts
+            .iter()
+            .any(|f| f.kind == FactKind::SocketError { errno: ECONNRESET }),
+        "the error report is attached by tuple: {:?}",
+        c.conn.facts
+    );
+}
+
+#[test]
+fn forged_rst_is_middlebox_when_peer_is_traced() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let p = pair(3);
+    handshake(&mut tbl, &p, (1, 2));
+    for ev in [
+        pkt(60 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 64, false),
+        base(60 * MS, p.c, Some(p.ct), EventKind::RecvReset),
+        state(60 * MS, p.c, p.ct, Established, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    let out = tbl.take_all_closed();
+    let c = only(&out, p.c);
+    assert_eq!(
+        (c.verdict.closed_by, c.verdict.reason.as_str()),
+        (ClosedBy::Middlebox, "middlebox_reset")
+    );
+    assert_eq!(c.verdict.confidence, classify::Confidence::High);
+    let rsts = c
+        .conn
+        .facts
+        .iter()
+        .filter(|f| matches!(f.kind, FactKind::RstReceived { .. }))
+        .count();
+    assert_eq!(
+        rsts, 1,
+        "tracepoint and segment are one RST: {:?}",
+        c.conn.facts
+    );
+    assert_eq!(tbl.len(), 1, "the server socket is still open");
+}
+
+#[test]
+fn blackhole_timeout_with_live_peer() {
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let p = pair(4);
+    handshake(&mut tbl, &p, (1, 2));
+    for i in 0..4 {
+        tbl.on_event(&base(
+            (100 + i * 200) * MS,
+            p.c,
+            Some(p.ct),
+            EventKind::Retransmit {
+                state: Established,
+                err: 0,
+            },
+        ));
+    }
+    tbl.on_event(&base(
+        1000 * MS,
+        0,
+        Some(p.ct),
+        EventKind::ErrorReport { error: ETIMEDOUT },
+    ));
+    tbl.on_event(&state(1000 * MS, p.c, p.ct, Established, Close));
+    let out = tbl.take_all_closed();
+    let c = only(&out, p.c);
+    assert_eq!(
+        (c.verdict.closed_by, c.verdict.reason.as_str()),
+        (ClosedBy::Middlebox, "retransmission_timeout")
+    );
+    assert_eq!(c.verdict.confidence, classify::Confidence::High);
+    assert_eq!(c.conn.retransmits, 4);
+}
+
+#[test]
+fn identical_addresses_in_two_namespaces_stay_apart() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let a = pair(5);
+    let mut b = pair(6);
+    b.ct = a.ct;
+    b.st = a.st;
+    handshake(&mut tbl, &a, (11, 12));
+    handshake(&mut tbl, &b, (21, 22));
+    // A: client closes. B: server closes. Same tuples, same instant, and an error report
+    // whose tuple matches both clients.
+    for ev in [
+        by(
+            state(10 * MS, a.c, a.ct, Established, FinWait1),
+            1,
+            "a-client",
+            false,
+        ),
+        pkt(10 * MS, a.c, a.ct, Egress, FIN | ACK, a.cisn + 1, 64, false),
+        pkt(
+            10 * MS,
+            a.s,
+            a.st,
+            Ingress,
+            FIN | ACK,
+            a.cisn + 1,
+            63,
+            false,
+        ),
+        state(10 * MS, a.s, a.st, Established, CloseWait),
+        by(
+            state(10 * MS, b.s, b.st, Established, FinWait1),
+            2,
+            "b-server",
+            false,
+        ),
+        pkt(10 * MS, b.s, b.st, Egress, FIN | ACK, b.sisn + 1, 64, false),
+        pkt(
+            10 * MS,
+            b.c,
+            b.ct,
+            Ingress,
+            FIN | ACK,
+            b.sisn + 1,
+            63,
+            false,
+        ),
+        state(10 * MS, b.c, b.ct, Established, CloseWait),
+        by(
+            state(11 * MS, a.s, a.st, CloseWait, LastAck),
+            3,
+            "a-server",
+            false,
+        ),
+        state(12 * MS, a.s, a.st, LastAck, Close),
+        state(12 * MS, a.c, a.ct, FinWait2, Close),
+        by(
+            state(11 * MS, b.c, b.ct, CloseWait, LastAck),
+            4,
+            "b-client",
+            false,
+        ),
+        state(12 * MS, b.c, b.ct, LastAck, Close),
+        state(12 * MS, b.s, b.st, FinWait2, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    let out = tbl.take_all_closed();
+    assert_eq!(out.len(), 4);
+    let (ac, as_, bc, bs) = (
+        only(&out, a.c),
+        only(&out, a.s),
+        only(&out, b.c),
+        only(&out, b.s),
+    );
+    assert_eq!(ac.verdict.reason, "client_close");
+    assert_eq!(as_.verdict.reason, "client_close");
+    assert_eq!(bc.verdict.reason, "server_close");
+    assert_eq!(bs.verdict.reason, "server_close");
+    assert_eq!((ac.conn.netns, bc.conn.netns), (Some(11), Some(21)));
+    // Peers are matched by sequence space, not just by the (identical) tuples.
+    assert_eq!(
+        as_.peer.as_ref().map(|p| p.id.clone()),
+        Some(ac.conn.id.clone())
+    );
+    assert_eq!(
+        bs.peer.as_ref().map(|p| p.id.clone()),
+        Some(bc.conn.id.clone())
+    );
+    let mut ids: Vec<_> = out.iter().map(|c| c.conn.id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4);
+}
+
+#[test]
+fn address_reuse_finishes_the_old_connection() {
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let t1 = tuple("127.0.0.1:40001", "127.0.0.1:80");
+    tbl.on_event(&state(0, 0x99, t1, Close, SynSent));
+    tbl.on_event(&state(1, 0x99, t1, SynSent, Established));
+    tbl.on_event(&state(2, 0x99, t1, Established, FinWait1));
+    tbl.on_event(&state(3, 0x99, t1, FinWait2, Close));
+    let early = tbl.on_event(&state(
+        4,
+        0x99,
+        tuple("127.0.0.1:40002", "127.0.0.1:80"),
+        Close,
+        SynSent,
+    ));
+    assert_eq!(
+        early.len(),
+        1,
+        "the reused address flushes the old socket's verdict"
+    );
+    assert_eq!(early[0].verdict.reason, "client_close");
+    assert_eq!(tbl.len(), 1);
+}
+
+#[test]
+fn preexisting_connection_gets_inferred_role() {
+    use TcpState::*;
+    let mut tbl = Table::new(0, 16, (32768, 60999));
+    let t = tuple("10.0.0.1:45000", "10.0.0.2:443");
+    tbl.on_event(&by(
+        state(0, 0x42, t, Established, FinWait1),
+        9,
+        "curl",
+        false,
+    ));
+    tbl.on_event(&state(1, 0x42, t, FinWait2, Close));
+    let out = tbl.take_all_closed();
+    let c = only(&out, 0x42);
+    assert!(c.conn.preexisting);
+    assert_eq!(c.conn.role, Role::Client);
+    assert_eq!(c.verdict.reason, "client_close");
+    assert_eq!(
+        c.verdict.confidence,
+        classify::Confidence::Medium,
+        "inferred roles lower confidence"
+    );
+}
+
+#[test]
+fn table_full_counts_dropped_connections() {
+    use TcpState::*;
+    let mut tbl = Table::new(0, 1, (32768, 60999));
+    tbl.on_event(&state(
+        0,
+        1,
+        tuple("127.0.0.1:40001", "127.0.0.1:80"),
+        Close,
+        SynSent,
+    ));
+    tbl.on_event(&state(
+        0,
+        2,
+        tuple("127.0.0.1:40002", "127.0.0.1:80"),
+        Close,
+        SynSent,
+    ));
+    assert_eq!(tbl.len(), 1);
+    assert_eq!(tbl.stats.conns_dropped, 1);
+}
+
+#[test]
+fn listeners_do_not_become_connections() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let l = tuple("0.0.0.0:80", "0.0.0.0:0");
+    tbl.on_event(&state(0, 0x5, l, Close, Listen));
+    tbl.on_event(&pkt(
+        1,
+        0x5,
+        tuple("10.0.0.1:80", "10.0.0.2:5555"),
+        Ingress,
+        SYN,
+        7,
+        64,
+        true,
+    ));
+    tbl.on_event(&pkt(
+        2,
+        0x5,
+        tuple("10.0.0.1:80", "10.0.0.2:5555"),
+        Egress,
+        SYN | ACK,
+        9,
+        64,
+        true,
+    ));
+    assert!(tbl.is_empty());
+    tbl.on_event(&state(3, 0x5, l, Listen, Close));
+    assert!(tbl.take_all_closed().is_empty());
+}

@@ -1,0 +1,327 @@
+//! Golden tests of the JSON contract. Set `UPDATE_GOLDEN=1` to rewrite the files after an
+//! intended change (and bump SCHEMA_VERSION if it is incompatible).
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use super::*;
+use crate::{
+    classify::Role,
+    conn::Table,
+    event::{Dir, Event, EventKind, Packet, TcpState, Tuple},
+};
+use tracer_common::tcp_flag::{ACK, FIN, RST, SYN};
+
+const MS: u64 = 1_000_000;
+
+fn ev(ts: u64, sk: u64, t: &str, kind: EventKind, pid: u32, comm: &str, exiting: bool) -> Event {
+    let (l, r) = t.split_once(" > ").expect("tuple");
+    Event {
+        ts_ns: ts,
+        skaddr: sk,
+        cookie: 0,
+        pid,
+        tid: pid,
+        comm: comm.into(),
+        exiting,
+        netns: Some(4026532000),
+        tuple: Some(Tuple {
+            local: l.parse::<SocketAddr>().expect("local"),
+            remote: r.parse::<SocketAddr>().expect("remote"),
+        }),
+        cpu: 1,
+        kind,
+    }
+}
+
+fn p(dir: Dir, flags: u8, seq: u32, ttl: u8) -> EventKind {
+    EventKind::Packet(Packet {
+        dir,
+        flags,
+        ttl,
+        seq,
+        ack: 0,
+        payload_len: 0,
+        first_in_dir: true,
+        ttl_changed: false,
+    })
+}
+
+fn golden(name: &str, value: &Value) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("src/export/golden")
+        .join(name);
+    let text = serde_json::to_string_pretty(value).expect("serialise") + "\n";
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &text).expect("write golden");
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(
+        text,
+        want,
+        "golden {} differs (UPDATE_GOLDEN=1 to accept)",
+        path.display()
+    );
+}
+
+fn clock() -> Clock {
+    Clock::fixed(
+        0,
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_460_100),
+    )
+}
+
+#[test]
+fn golden_ipv6_client_close() {
+    use TcpState::*;
+    let t = "[fd00:9:1::2]:40000 > [fd00:9:2::2]:443";
+    let mut tbl = Table::default();
+    for e in [
+        ev(
+            1_000 * MS,
+            7,
+            "[fd00:9:1::2]:0 > [fd00:9:2::2]:443",
+            EventKind::State {
+                old: Close,
+                new: SynSent,
+            },
+            321,
+            "wc-peer",
+            false,
+        ),
+        ev(1_000 * MS, 7, t, p(Dir::Egress, SYN, 100, 64), 0, "", false),
+        ev(
+            1_001 * MS,
+            7,
+            t,
+            p(Dir::Ingress, SYN | ACK, 900, 63),
+            0,
+            "",
+            false,
+        ),
+        ev(
+            1_001 * MS,
+            7,
+            t,
+            EventKind::State {
+                old: SynSent,
+                new: Established,
+            },
+            0,
+            "swapper/1",
+            false,
+        ),
+        ev(
+            3_001 * MS,
+            7,
+            t,
+            EventKind::State {
+                old: Established,
+                new: FinWait1,
+            },
+            321,
+            "wc-peer",
+            false,
+        ),
+        ev(
+            3_001 * MS,
+            7,
+            t,
+            p(Dir::Egress, FIN | ACK, 111, 64),
+            0,
+            "",
+            false,
+        ),
+        ev(
+            3_002 * MS,
+            7,
+            t,
+            p(Dir::Ingress, FIN | ACK, 901, 63),
+            0,
+            "",
+            false,
+        ),
+        ev(
+            3_002 * MS,
+            7,
+            t,
+            EventKind::State {
+                old: FinWait2,
+                new: Close,
+            },
+            0,
+            "swapper/1",
+            false,
+        ),
+    ] {
+        tbl.on_event(&e);
+    }
+    let out = tbl.take_all_closed();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].conn.role, Role::Client);
+    golden("ipv6_client_close.json", &close_json(&out[0], &clock()));
+}
+
+#[test]
+fn golden_ipv4_middlebox_reset() {
+    use TcpState::*;
+    let t = "10.9.1.2:40000 > 10.9.2.2:8080";
+    let mut tbl = Table::default();
+    for e in [
+        ev(
+            0,
+            9,
+            "10.9.1.2:0 > 10.9.2.2:8080",
+            EventKind::State {
+                old: Close,
+                new: SynSent,
+            },
+            42,
+            "app",
+            false,
+        ),
+        ev(0, 9, t, p(Dir::Egress, SYN, 5, 64), 0, "", false),
+        ev(MS, 9, t, p(Dir::Ingress, SYN | ACK, 77, 63), 0, "", false),
+        ev(
+            MS,
+            9,
+            t,
+            EventKind::State {
+                old: SynSent,
+                new: Established,
+            },
+            0,
+            "",
+            false,
+        ),
+        ev(500 * MS, 9, t, p(Dir::Ingress, RST, 78, 64), 0, "", false),
+        ev(
+            500 * MS,
+            9,
+            t,
+            EventKind::ErrorReport { error: 104 },
+            0,
+            "",
+            false,
+        ),
+        ev(
+            500 * MS,
+            9,
+            t,
+            EventKind::State {
+                old: Established,
+                new: Close,
+            },
+            0,
+            "",
+            false,
+        ),
+    ] {
+        tbl.on_event(&e);
+    }
+    let out = tbl.take_all_closed();
+    assert_eq!(out.len(), 1);
+    let j = close_json(&out[0], &clock());
+    assert_eq!(j["verdict"]["closed_by"], "middlebox", "{j:#}");
+    golden("ipv4_middlebox_reset_untraced.json", &j);
+    let line = close_line(&out[0], &clock());
+    assert!(
+        line.contains("middlebox") && line.contains("middlebox_reset") && line.contains("app(42)"),
+        "{line}"
+    );
+}
+
+#[test]
+fn filter_selects_by_port_addr_netns_pid() {
+    use TcpState::*;
+    let t = "10.0.0.1:40000 > 10.0.0.2:80";
+    let mut tbl = Table::default();
+    tbl.on_event(&ev(
+        0,
+        1,
+        t,
+        EventKind::State {
+            old: Close,
+            new: SynSent,
+        },
+        5,
+        "c",
+        false,
+    ));
+    tbl.on_event(&ev(
+        1,
+        1,
+        t,
+        EventKind::State {
+            old: SynSent,
+            new: Close,
+        },
+        5,
+        "c",
+        false,
+    ));
+    let out = tbl.take_all_closed();
+    let c = &out[0];
+    assert!(Filter::default().matches(c));
+    assert!(
+        Filter {
+            ports: vec![80],
+            ..Default::default()
+        }
+        .matches(c)
+    );
+    assert!(
+        !Filter {
+            ports: vec![81],
+            ..Default::default()
+        }
+        .matches(c)
+    );
+    assert!(
+        Filter {
+            addrs: vec!["10.0.0.2".parse().expect("ip")],
+            ..Default::default()
+        }
+        .matches(c)
+    );
+    assert!(
+        !Filter {
+            addrs: vec!["10.0.0.3".parse().expect("ip")],
+            ..Default::default()
+        }
+        .matches(c)
+    );
+    assert!(
+        Filter {
+            netns: vec![4026532000],
+            ..Default::default()
+        }
+        .matches(c)
+    );
+    assert!(
+        !Filter {
+            netns: vec![1],
+            ..Default::default()
+        }
+        .matches(c)
+    );
+    assert!(
+        Filter {
+            pid: Some(5),
+            ..Default::default()
+        }
+        .matches(c)
+    );
+    assert!(
+        !Filter {
+            pid: Some(6),
+            ..Default::default()
+        }
+        .matches(c)
+    );
+    let _ = RST;
+}

@@ -1,0 +1,12 @@
+//! whoclosed: who ended each TCP connection, with evidence.
+//!
+//! Kernel facts ([`event`]) feed a per-socket state machine ([`conn`]) whose finished
+//! timelines go through a pure classifier ([`classify`]) and out through [`export`].
+pub mod classify;
+pub mod cli;
+pub mod conn;
+pub mod event;
+pub mod export;
+pub mod kernel;
+pub mod probes;
+pub mod trace;

@@ -1,0 +1,469 @@
+//! Loading and attaching the kernel programs, with graceful degradation: every optional
+//! hook that the kernel refuses is recorded in the [`ProbeReport`] and logged, never fatal.
+//! Only `sock:inet_sock_set_state` is indispensable.
+
+use std::{fs::File, path::Path};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, KProbe, TracePoint},
+};
+use log::{info, warn};
+use serde::Serialize;
+use tracer_common::{Config, counter};
+
+use crate::kernel;
+
+/// How `tcp_close()` is observed. `Tracepoint` means: not at all, state changes only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeMode {
+    /// fentry if the kernel allows it, else kprobe, else tracepoints only.
+    Auto,
+    Fentry,
+    Kprobe,
+    Tracepoint,
+}
+
+impl ProbeMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Fentry => "fentry",
+            Self::Kprobe => "kprobe",
+            Self::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Attached,
+    Failed,
+    Skipped,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgramStatus {
+    pub program: &'static str,
+    pub kind: &'static str,
+    pub target: String,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What loaded, what did not and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbeReport {
+    pub requested_mode: ProbeMode,
+    /// The mode in force: `fentry`, `kprobe` or `tracepoint` (tcp_close unobserved).
+    pub probe_mode: ProbeMode,
+    pub kernel: String,
+    pub tracefs: String,
+    pub btf: bool,
+    pub netns_ids: bool,
+    pub exit_detection: bool,
+    pub packet_facts: bool,
+    pub cgroup: Option<String>,
+    pub ringbuf_bytes: u32,
+    pub programs: Vec<ProgramStatus>,
+}
+
+pub struct LoadOptions {
+    pub mode: ProbeMode,
+    pub ringbuf_bytes: u32,
+    pub packets: bool,
+}
+
+pub struct Probes {
+    pub ebpf: Ebpf,
+    pub report: ProbeReport,
+    /// Kernel-side log records (aya-log). Must outlive the programs that write to its map.
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid struct; failure only matters on kernels < 5.11.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        warn!("could not lift RLIMIT_MEMLOCK; map creation may fail on kernels older than 5.11");
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn err_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
+    if !opts.ringbuf_bytes.is_power_of_two() || opts.ringbuf_bytes < 4096 {
+        bail!(
+            "ring buffer size must be a power of two of at least 4096 bytes, got {}",
+            opts.ringbuf_bytes
+        );
+    }
+    raise_memlock();
+    let tracefs = kernel::ensure_tracefs().context("tracepoints need tracefs")?;
+
+    let mut programs = Vec::new();
+    let mut config = Config::empty();
+    let mut usable_tp = Vec::new();
+    for spec in kernel::TRACEPOINTS {
+        match kernel::tracepoint_layout(&tracefs, spec) {
+            Ok(layout) => {
+                config.tp[spec.slot] = layout;
+                usable_tp.push(spec);
+            }
+            Err(e) if spec.name == "inet_sock_set_state" => {
+                return Err(anyhow!(e).context("the core tracepoint is unusable on this kernel"));
+            }
+            Err(e) => programs.push(ProgramStatus {
+                program: spec.program,
+                kind: "tracepoint",
+                target: format!("{}:{}", spec.category, spec.name),
+                status: Status::Failed,
+                error: Some(e.to_string()),
+            }),
+        }
+    }
+
+    let btf_path = Path::new("/sys/kernel/btf/vmlinux");
+    let offsets = if btf_path.exists() {
+        match kernel::btf_offsets(btf_path) {
+            Ok(o) => o,
+            Err(e) => {
+                warn!("kernel BTF unreadable ({e}); netns ids and exit detection disabled");
+                kernel::BtfOffsets::default()
+            }
+        }
+    } else {
+        warn!(
+            "no kernel BTF at {}; netns ids and exit detection disabled",
+            btf_path.display()
+        );
+        kernel::BtfOffsets::default()
+    };
+    offsets.apply(&mut config);
+
+    let mut ebpf = EbpfLoader::new()
+        .override_global("CONFIG", &config, true)
+        .map_max_entries("EVENTS", opts.ringbuf_bytes)
+        .load(OBJECT)
+        .context("loading the eBPF object")?;
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            // Only debug-level kernel messages go through it; nothing is lost without it.
+            log::debug!("kernel-side logging unavailable: {e}");
+            None
+        }
+    };
+
+    for spec in usable_tp {
+        let target = format!("{}:{}", spec.category, spec.name);
+        let res = (|| -> anyhow::Result<()> {
+            let p: &mut TracePoint = ebpf
+                .program_mut(spec.program)
+                .ok_or_else(|| anyhow!("program {} missing from object", spec.program))?
+                .try_into()?;
+            p.load()?;
+            p.attach(spec.category, spec.name)?;
+            Ok(())
+        })();
+        match res {
+            Ok(()) => programs.push(ProgramStatus {
+                program: spec.program,
+                kind: "tracepoint",
+                target,
+                status: Status::Attached,
+                error: None,
+            }),
+            Err(e) if spec.name == "inet_sock_set_state" => {
+                return Err(e.context("attaching the core tracepoint sock:inet_sock_set_state"));
+            }
+            Err(e) => {
+                warn!("tracepoint {target} unavailable: {}", err_chain(e.as_ref()));
+                programs.push(ProgramStatus {
+                    program: spec.program,
+                    kind: "tracepoint",
+                    target,
+                    status: Status::Failed,
+                    error: Some(err_chain(e.as_ref())),
+                });
+            }
+        }
+    }
+
+    let probe_mode = attach_close_hook(&mut ebpf, opts.mode, &mut programs)?;
+
+    let mut cgroup = None;
+    let mut packet_facts = false;
+    if opts.packets {
+        match kernel::cgroup2_root() {
+            Ok(root) => {
+                let mut all = true;
+                for (program, attach) in [
+                    ("skb_ingress", CgroupSkbAttachType::Ingress),
+                    ("skb_egress", CgroupSkbAttachType::Egress),
+                ] {
+                    let res = attach_cgroup_skb(&mut ebpf, program, &root, attach);
+                    if let Err(e) = &res {
+                        warn!(
+                            "cgroup_skb {program} unavailable: {}",
+                            err_chain(e.as_ref())
+                        );
+                        all = false;
+                    }
+                    programs.push(ProgramStatus {
+                        program,
+                        kind: "cgroup_skb",
+                        target: root.display().to_string(),
+                        status: if res.is_ok() {
+                            Status::Attached
+                        } else {
+                            Status::Failed
+                        },
+                        error: res.err().map(|e| err_chain(e.as_ref())),
+                    });
+                }
+                packet_facts = all;
+                cgroup = Some(root.display().to_string());
+            }
+            Err(e) => {
+                warn!("{e}; FIN/RST direction and TTL evidence disabled");
+                for program in ["skb_ingress", "skb_egress"] {
+                    programs.push(ProgramStatus {
+                        program,
+                        kind: "cgroup_skb",
+                        target: "-".into(),
+                        status: Status::Failed,
+                        error: Some(e.to_string()),
+                    });
+                }
+            }
+        }
+    } else {
+        for program in ["skb_ingress", "skb_egress"] {
+            programs.push(ProgramStatus {
+                program,
+                kind: "cgroup_skb",
+                target: "-".into(),
+                status: Status::Skipped,
+                error: Some("disabled by --no-packets".into()),
+            });
+        }
+    }
+
+    let report = ProbeReport {
+        requested_mode: opts.mode,
+        probe_mode,
+        kernel: kernel_release(),
+        tracefs: tracefs.display().to_string(),
+        btf: btf_path.exists(),
+        netns_ids: offsets.sk_net.is_some() && offsets.net_inum.is_some(),
+        exit_detection: offsets.task_flags.is_some(),
+        packet_facts,
+        cgroup,
+        ringbuf_bytes: opts.ringbuf_bytes,
+        programs,
+    };
+    info!(
+        "probe mode {} (requested {}), packet facts {}, kernel {}",
+        report.probe_mode.name(),
+        report.requested_mode.name(),
+        if report.packet_facts { "on" } else { "off" },
+        report.kernel
+    );
+    Ok(Probes {
+        ebpf,
+        report,
+        logger,
+    })
+}
+
+fn attach_cgroup_skb(
+    ebpf: &mut Ebpf,
+    program: &str,
+    root: &Path,
+    attach: CgroupSkbAttachType,
+) -> anyhow::Result<()> {
+    let cg = File::open(root).with_context(|| format!("opening cgroup {}", root.display()))?;
+    let p: &mut CgroupSkb = ebpf
+        .program_mut(program)
+        .ok_or_else(|| anyhow!("program {program} missing from object"))?
+        .try_into()?;
+    p.load()?;
+    // On 5.7+ aya attaches through a BPF link, which is always multi-attach and takes no
+    // flags (passing BPF_F_ALLOW_MULTI there is EINVAL); other tools' programs coexist.
+    p.attach(&cg, attach, CgroupAttachMode::Single)?;
+    Ok(())
+}
+
+fn try_fentry(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
+    let p: &mut FEntry = ebpf
+        .program_mut("tcp_close_fentry")
+        .ok_or_else(|| anyhow!("program tcp_close_fentry missing from object"))?
+        .try_into()?;
+    p.load("tcp_close", &btf)?;
+    p.attach()?;
+    Ok(())
+}
+
+fn try_kprobe(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let p: &mut KProbe = ebpf
+        .program_mut("tcp_close_kprobe")
+        .ok_or_else(|| anyhow!("program tcp_close_kprobe missing from object"))?
+        .try_into()?;
+    p.load()?;
+    p.attach("tcp_close", 0)?;
+    Ok(())
+}
+
+/// Chooses how `tcp_close()` is observed and returns the mode in force. A forced mode that
+/// cannot load is an error; `auto` falls back down the list.
+fn attach_close_hook(
+    ebpf: &mut Ebpf,
+    mode: ProbeMode,
+    programs: &mut Vec<ProgramStatus>,
+) -> anyhow::Result<ProbeMode> {
+    let mut record = |program, kind, status, error: Option<String>| {
+        programs.push(ProgramStatus {
+            program,
+            kind,
+            target: "tcp_close".into(),
+            status,
+            error,
+        });
+    };
+    let want_fentry = matches!(mode, ProbeMode::Auto | ProbeMode::Fentry);
+    let want_kprobe = matches!(mode, ProbeMode::Auto | ProbeMode::Kprobe);
+    let mut active = ProbeMode::Tracepoint;
+
+    if want_fentry {
+        match try_fentry(ebpf) {
+            Ok(()) => {
+                record("tcp_close_fentry", "fentry", Status::Attached, None);
+                active = ProbeMode::Fentry;
+            }
+            Err(e) => {
+                let msg = err_chain(e.as_ref());
+                if mode == ProbeMode::Fentry {
+                    bail!("--probe-mode fentry: fentry on tcp_close refused: {msg}");
+                }
+                info!("fentry on tcp_close unavailable ({msg}); trying kprobe");
+                record("tcp_close_fentry", "fentry", Status::Failed, Some(msg));
+            }
+        }
+    } else {
+        record(
+            "tcp_close_fentry",
+            "fentry",
+            Status::Skipped,
+            Some(format!("--probe-mode {}", mode.name())),
+        );
+    }
+
+    if active == ProbeMode::Tracepoint && want_kprobe {
+        match try_kprobe(ebpf) {
+            Ok(()) => {
+                record("tcp_close_kprobe", "kprobe", Status::Attached, None);
+                active = ProbeMode::Kprobe;
+            }
+            Err(e) => {
+                let msg = err_chain(e.as_ref());
+                if mode == ProbeMode::Kprobe {
+                    bail!("--probe-mode kprobe: kprobe on tcp_close refused: {msg}");
+                }
+                info!("kprobe on tcp_close unavailable ({msg}); tracepoint-only mode");
+                record("tcp_close_kprobe", "kprobe", Status::Failed, Some(msg));
+            }
+        }
+    } else {
+        let why = if active != ProbeMode::Tracepoint {
+            "fentry attached".to_string()
+        } else {
+            format!("--probe-mode {}", mode.name())
+        };
+        record("tcp_close_kprobe", "kprobe", Status::Skipped, Some(why));
+    }
+    if active == ProbeMode::Tracepoint {
+        warn!(
+            "tcp_close() is not observed (tracepoint-only mode): closes are seen through state changes"
+        );
+    }
+    Ok(active)
+}
+
+impl Probes {
+    pub fn take_ringbuf(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| anyhow!("EVENTS map missing"))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    pub fn take_counters(&mut self) -> anyhow::Result<Counters> {
+        let map = self
+            .ebpf
+            .take_map("COUNTERS")
+            .ok_or_else(|| anyhow!("COUNTERS map missing"))?;
+        Ok(Counters {
+            map: PerCpuArray::try_from(map)?,
+        })
+    }
+}
+
+/// The kernel-side per-CPU counters.
+pub struct Counters {
+    map: PerCpuArray<MapData, u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CounterSnapshot {
+    pub events: u64,
+    pub ringbuf_drops: u64,
+    pub ringbuf_drops_per_cpu: Vec<u64>,
+    pub packets: u64,
+    pub skmap_fails: u64,
+    pub read_errors: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> anyhow::Result<CounterSnapshot> {
+        let per_cpu = |idx: u32| -> anyhow::Result<Vec<u64>> {
+            Ok(self.map.get(&idx, 0)?.iter().copied().collect())
+        };
+        let drops = per_cpu(counter::RINGBUF_DROPS)?;
+        Ok(CounterSnapshot {
+            events: per_cpu(counter::EVENTS)?.iter().sum(),
+            ringbuf_drops: drops.iter().sum(),
+            ringbuf_drops_per_cpu: drops,
+            packets: per_cpu(counter::PACKETS)?.iter().sum(),
+            skmap_fails: per_cpu(counter::SKMAP_FAILS)?.iter().sum(),
+            read_errors: per_cpu(counter::READ_ERRORS)?.iter().sum(),
+        })
+    }
+}

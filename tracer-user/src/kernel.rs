@@ -303,7 +303,7 @@ fn member_offset(btf: &btf_rs::Btf, name: &str, path: &[&str]) -> Option<u32> {
             current = as_struct(btf, ty)?;
         }
     }
-    (bits % 8 == 0).then_some(bits / 8)
+    bits.is_multiple_of(8).then_some(bits / 8)
 }
 
 /// Finds `want` among the members of `s`, looking inside anonymous members.

@@ -46,7 +46,7 @@ fn by(mut ev: Event, pid: u32, comm: &str, exiting: bool) -> Event {
     ev
 }
 
-fn pkt(ts: u64, sk: u64, t: Tuple, dir: Dir, flags: u8, seq: u32, ttl: u8, first: bool) -> Event {
+fn pkt(ts: u64, sk: u64, t: Tuple, dir: Dir, flags: u8, seq: u32, ttl: u8) -> Event {
     base(
         ts,
         sk,
@@ -58,7 +58,7 @@ fn pkt(ts: u64, sk: u64, t: Tuple, dir: Dir, flags: u8, seq: u32, ttl: u8, first
             seq,
             ack: 0,
             payload_len: 0,
-            first_in_dir: first,
+            first_in_dir: false,
             ttl_changed: false,
         }),
     )
@@ -94,13 +94,13 @@ fn handshake(tbl: &mut Table, p: &Pair, netns: (u32, u32)) {
             "client",
             false,
         ),
-        pkt(1, p.c, p.ct, Egress, SYN, p.cisn, 64, true),
+        pkt(1, p.c, p.ct, Egress, SYN, p.cisn, 64),
         state(2, p.s, p.st, Listen, SynRecv),
-        pkt(3, p.c, p.ct, Ingress, SYN | ACK, p.sisn, 63, true),
+        pkt(3, p.c, p.ct, Ingress, SYN | ACK, p.sisn, 63),
         state(3, p.c, p.ct, SynSent, Established),
         state(4, p.s, p.st, SynRecv, Established),
-        pkt(5, p.s, p.st, Ingress, ACK, p.cisn.wrapping_add(1), 63, true),
-        pkt(6, p.s, p.st, Egress, ACK, p.sisn.wrapping_add(1), 64, true),
+        pkt(5, p.s, p.st, Ingress, ACK, p.cisn.wrapping_add(1), 63),
+        pkt(6, p.s, p.st, Egress, ACK, p.sisn.wrapping_add(1), 64),
     ];
     for ev in &mut evs {
         ev.netns = Some(if ev.skaddr == p.c { netns.0 } else { netns.1 });
@@ -122,7 +122,7 @@ fn pair(n: u64) -> Pair {
     }
 }
 
-fn only<'a>(v: &'a [Closed], sk: u64) -> &'a Closed {
+fn only(v: &[Closed], sk: u64) -> &Closed {
     let found: Vec<_> = v.iter().filter(|c| c.conn.skaddr == sk).collect();
     assert_eq!(
         found.len(),
@@ -146,26 +146,8 @@ fn client_close_both_sides() {
             "client",
             false,
         ),
-        pkt(
-            100 * MS,
-            p.c,
-            p.ct,
-            Egress,
-            FIN | ACK,
-            p.cisn + 11,
-            64,
-            false,
-        ),
-        pkt(
-            100 * MS,
-            p.s,
-            p.st,
-            Ingress,
-            FIN | ACK,
-            p.cisn + 11,
-            63,
-            false,
-        ),
+        pkt(100 * MS, p.c, p.ct, Egress, FIN | ACK, p.cisn + 11, 64),
+        pkt(100 * MS, p.s, p.st, Ingress, FIN | ACK, p.cisn + 11, 63),
         state(100 * MS, p.s, p.st, Established, CloseWait),
         by(
             state(101 * MS, p.s, p.st, CloseWait, LastAck),
@@ -173,26 +155,8 @@ fn client_close_both_sides() {
             "server",
             false,
         ),
-        pkt(
-            101 * MS,
-            p.s,
-            p.st,
-            Egress,
-            FIN | ACK,
-            p.sisn + 5,
-            64,
-            false,
-        ),
-        pkt(
-            101 * MS,
-            p.c,
-            p.ct,
-            Ingress,
-            FIN | ACK,
-            p.sisn + 5,
-            63,
-            false,
-        ),
+        pkt(101 * MS, p.s, p.st, Egress, FIN | ACK, p.sisn + 5, 64),
+        pkt(101 * MS, p.c, p.ct, Ingress, FIN | ACK, p.sisn + 5, 63),
         state(101 * MS, p.c, p.ct, FinWait1, Close),
         state(102 * MS, p.s, p.st, LastAck, Close),
     ] {
@@ -258,17 +222,8 @@ fn killed_server_with_unread_data() {
             "server",
             true,
         ),
-        pkt(50 * MS, p.s, p.st, Egress, RST | ACK, p.sisn + 1, 64, false),
-        pkt(
-            50 * MS + 10,
-            p.c,
-            p.ct,
-            Ingress,
-            RST | ACK,
-            p.sisn + 1,
-            63,
-            false,
-        ),
+        pkt(50 * MS, p.s, p.st, Egress, RST | ACK, p.sisn + 1, 64),
+        pkt(50 * MS + 10, p.c, p.ct, Ingress, RST | ACK, p.sisn + 1, 63),
         base(
             50 * MS + 11,
             0,
@@ -311,7 +266,7 @@ fn forged_rst_is_middlebox_when_peer_is_traced() {
     let p = pair(3);
     handshake(&mut tbl, &p, (1, 2));
     for ev in [
-        pkt(60 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 64, false),
+        pkt(60 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 64),
         base(60 * MS, p.c, Some(p.ct), EventKind::RecvReset),
         state(60 * MS, p.c, p.ct, Established, Close),
     ] {
@@ -392,17 +347,8 @@ fn identical_addresses_in_two_namespaces_stay_apart() {
             "a-client",
             false,
         ),
-        pkt(10 * MS, a.c, a.ct, Egress, FIN | ACK, a.cisn + 1, 64, false),
-        pkt(
-            10 * MS,
-            a.s,
-            a.st,
-            Ingress,
-            FIN | ACK,
-            a.cisn + 1,
-            63,
-            false,
-        ),
+        pkt(10 * MS, a.c, a.ct, Egress, FIN | ACK, a.cisn + 1, 64),
+        pkt(10 * MS, a.s, a.st, Ingress, FIN | ACK, a.cisn + 1, 63),
         state(10 * MS, a.s, a.st, Established, CloseWait),
         by(
             state(10 * MS, b.s, b.st, Established, FinWait1),
@@ -410,17 +356,8 @@ fn identical_addresses_in_two_namespaces_stay_apart() {
             "b-server",
             false,
         ),
-        pkt(10 * MS, b.s, b.st, Egress, FIN | ACK, b.sisn + 1, 64, false),
-        pkt(
-            10 * MS,
-            b.c,
-            b.ct,
-            Ingress,
-            FIN | ACK,
-            b.sisn + 1,
-            63,
-            false,
-        ),
+        pkt(10 * MS, b.s, b.st, Egress, FIN | ACK, b.sisn + 1, 64),
+        pkt(10 * MS, b.c, b.ct, Ingress, FIN | ACK, b.sisn + 1, 63),
         state(10 * MS, b.c, b.ct, Established, CloseWait),
         by(
             state(11 * MS, a.s, a.st, CloseWait, LastAck),
@@ -555,7 +492,6 @@ fn listeners_do_not_become_connections() {
         SYN,
         7,
         64,
-        true,
     ));
     tbl.on_event(&pkt(
         2,
@@ -565,7 +501,6 @@ fn listeners_do_not_become_connections() {
         SYN | ACK,
         9,
         64,
-        true,
     ));
     assert!(tbl.is_empty());
     tbl.on_event(&state(3, 0x5, l, Listen, Close));

@@ -1,0 +1,218 @@
+//! `wc-peer`: a line-driven TCP endpoint for the whoclosed end-to-end tests.
+//!
+//! Usage:
+//!   wc-peer listen  <addr:port>   prints `pid <n>`, `listening <local>`, then (when a
+//!                                 connection arrives) `accepted <peer>`; the listening
+//!                                 socket is closed right after the first accept.
+//!   wc-peer connect <addr:port>   prints `pid <n>`, then `connected <local>` (or
+//!                                 `error <text>` and exits 1).
+//!
+//! Then one command per stdin line, one response line each on stdout:
+//!   send <n>            write n bytes                          -> `sent <n>`
+//!   read <n>            read exactly n bytes                   -> `read <n>`
+//!   wait-eof            read (discarding) until the peer's FIN -> `eof <discarded bytes>`
+//!   shutdown            shutdown(SHUT_WR)                      -> `shutdown`
+//!   close               close the socket                       -> `closed`
+//!   abort               SO_LINGER{1,0} then close (RST)        -> `aborted`
+//!   recvq               bytes in the receive queue (FIONREAD)  -> `recvq <n>`
+//!   wait-recvq <n> [ms] wait until >= n bytes are queued       -> `recvq <n>`
+//!   pid                                                        -> `pid <n>`
+//!   exit                                                       -> `bye`, exit 0
+//! Any failure is reported as `error <text>` (e.g. `error Connection reset by peer (os
+//! error 104)`); socket errors never make the process panic. EOF on stdin exits.
+
+use std::io::{self, BufRead, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    // If the harness went away there is nobody to report to; just exit.
+    if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 3 {
+        eprintln!("usage: wc-peer listen|connect <addr:port>");
+        std::process::exit(2);
+    }
+    let addr: SocketAddr = match args[2].parse() {
+        Ok(a) => a,
+        Err(e) => {
+            say(&format!("error bad address {:?}: {e}", args[2]));
+            std::process::exit(2);
+        }
+    };
+    say(&format!("pid {}", std::process::id()));
+    let stream = match args[1].as_str() {
+        "listen" => listen(addr),
+        "connect" => connect(addr),
+        other => {
+            say(&format!("error unknown mode {other:?}"));
+            std::process::exit(2);
+        }
+    };
+    let stream = match stream {
+        Ok(s) => s,
+        Err(e) => {
+            say(&format!("error {e}"));
+            std::process::exit(1);
+        }
+    };
+    serve(stream);
+}
+
+fn listen(addr: SocketAddr) -> io::Result<TcpStream> {
+    let listener = TcpListener::bind(addr)?;
+    say(&format!("listening {}", listener.local_addr()?));
+    let (stream, peer) = listener.accept()?;
+    drop(listener);
+    say(&format!("accepted {peer}"));
+    Ok(stream)
+}
+
+fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(20))?;
+    say(&format!("connected {}", stream.local_addr()?));
+    Ok(stream)
+}
+
+fn serve(stream: TcpStream) {
+    let mut sock = Some(stream);
+    let stdin = io::stdin();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some((&cmd, rest)) = words.split_first() else {
+            continue;
+        };
+        let reply = match cmd {
+            "pid" => Ok(format!("pid {}", std::process::id())),
+            "exit" => {
+                say("bye");
+                std::process::exit(0);
+            }
+            _ => run(&mut sock, cmd, rest),
+        };
+        match reply {
+            Ok(r) => say(&r),
+            Err(e) => say(&format!("error {e}")),
+        }
+    }
+}
+
+fn num(rest: &[&str], i: usize) -> io::Result<usize> {
+    rest.get(i)
+        .ok_or_else(|| io::Error::other("missing number"))?
+        .parse()
+        .map_err(|e| io::Error::other(format!("bad number: {e}")))
+}
+
+fn run(sock: &mut Option<TcpStream>, cmd: &str, rest: &[&str]) -> io::Result<String> {
+    let s = sock
+        .as_mut()
+        .ok_or_else(|| io::Error::other("no socket (already closed)"))?;
+    match cmd {
+        "send" => {
+            let n = num(rest, 0)?;
+            s.write_all(&vec![b'x'; n])?;
+            Ok(format!("sent {n}"))
+        }
+        "read" => {
+            let n = num(rest, 0)?;
+            let mut buf = vec![0u8; n];
+            let mut got = 0;
+            while got < n {
+                match s.read(&mut buf[got..]) {
+                    Ok(0) => {
+                        return Err(io::Error::other(format!(
+                            "unexpected eof after {got} of {n} bytes"
+                        )));
+                    }
+                    Ok(k) => got += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(format!("read {n}"))
+        }
+        "wait-eof" => {
+            let mut buf = [0u8; 4096];
+            let mut total = 0usize;
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return Ok(format!("eof {total}")),
+                    Ok(k) => total += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        "shutdown" => {
+            s.shutdown(Shutdown::Write)?;
+            Ok("shutdown".into())
+        }
+        "close" => {
+            *sock = None;
+            Ok("closed".into())
+        }
+        "abort" => {
+            let lg = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: valid fd owned by `s`, pointer/len describe a live `linger`.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&lg as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            *sock = None;
+            Ok("aborted".into())
+        }
+        "recvq" => Ok(format!("recvq {}", recvq(s)?)),
+        "wait-recvq" => {
+            let n = num(rest, 0)?;
+            let ms = if rest.len() > 1 {
+                num(rest, 1)?
+            } else {
+                10_000
+            };
+            let deadline = Instant::now() + Duration::from_millis(ms as u64);
+            loop {
+                let q = recvq(s)?;
+                if q >= n {
+                    return Ok(format!("recvq {q}"));
+                }
+                if Instant::now() >= deadline {
+                    return Err(io::Error::other(format!(
+                        "timeout: {q} of {n} bytes queued after {ms} ms"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        other => Err(io::Error::other(format!("unknown command {other:?}"))),
+    }
+}
+
+fn recvq(s: &TcpStream) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}

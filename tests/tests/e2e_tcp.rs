@@ -1,0 +1,463 @@
+//! Privileged end-to-end tests: real TCP connections between network namespaces, traced
+//! by the whoclosed agent (`target/debug/whoclosed` or `$WHOCLOSED_BIN`; build it with
+//! `cargo build` first). Skipped when not root unless `WHOCLOSED_E2E=require`.
+//! `WHOCLOSED_PROBE_MODE=<mode>` passes `--probe-mode <mode>` to the agent.
+
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use tests::{
+    Agent, Expect, Peer, PidCheck, Topology, agent_bin, check_close, check_peer_link, should_run,
+};
+
+const WC_PEER: &str = env!("CARGO_BIN_EXE_wc-peer");
+const PORT: u16 = 8080;
+/// Bound for a close object to show up (linger is 300 ms).
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn peer_bin() -> &'static Path {
+    Path::new(WC_PEER)
+}
+
+/// Root / agent-binary gate shared by all cases.
+fn prelude(test: &str) -> bool {
+    if !should_run(test) {
+        return false;
+    }
+    let bin = agent_bin();
+    assert!(
+        bin.exists(),
+        "{test}: whoclosed agent binary not found at {}; build it first with `cargo build` \
+         in the workspace root (or set WHOCLOSED_BIN)",
+        bin.display()
+    );
+    true
+}
+
+fn family(v6: bool) -> &'static str {
+    if v6 { "ipv6" } else { "ipv4" }
+}
+
+/// An established client/server pair (with a little data exchanged both ways).
+struct Conn {
+    client: Peer,
+    server: Peer,
+    /// Client socket's address (`10.241.1.2:<ephemeral>` / `[fd00:241:1::2]:<ephemeral>`).
+    client_addr: String,
+    /// Server socket's address.
+    server_addr: String,
+    client_ns: u64,
+    server_ns: u64,
+    v6: bool,
+}
+
+impl Conn {
+    fn open(t: &Topology, v6: bool) -> Conn {
+        let addr: SocketAddr = t.server_addr(v6, PORT);
+        let mut server = Peer::listen(peer_bin(), &t.server, addr).expect("start server");
+        let mut client = Peer::connect(peer_bin(), &t.client, addr).expect("client connect");
+        let seen = server
+            .wait_accepted(Duration::from_secs(10))
+            .expect("server accepts");
+        assert_eq!(seen, client.local, "server sees the client's address");
+        assert_eq!(client.local.ip(), t.client_ip(v6));
+        client.send(100).expect("client send");
+        server.read(100).expect("server read");
+        server.send(50).expect("server send");
+        client.read(50).expect("client read");
+        Conn {
+            client_addr: client.local.to_string(),
+            server_addr: addr.to_string(),
+            client,
+            server,
+            client_ns: t.client_inode().expect("client netns inode"),
+            server_ns: t.server_inode().expect("server netns inode"),
+            v6,
+        }
+    }
+
+    fn client_expect(&self) -> Expect {
+        Expect {
+            family: Some(family(self.v6)),
+            local: Some(self.client_addr.clone()),
+            remote: Some(self.server_addr.clone()),
+            role: Some("client"),
+            preexisting: Some(false),
+            netns: Some(self.client_ns),
+            pid: PidCheck::Exact(self.client.pid()),
+            ..Expect::default()
+        }
+    }
+
+    fn server_expect(&self) -> Expect {
+        Expect {
+            family: Some(family(self.v6)),
+            local: Some(self.server_addr.clone()),
+            remote: Some(self.client_addr.clone()),
+            role: Some("server"),
+            preexisting: Some(false),
+            netns: Some(self.server_ns),
+            pid: PidCheck::Exact(self.server.pid()),
+            ..Expect::default()
+        }
+    }
+
+    /// The client socket's close object (matched on addresses and namespace).
+    fn client_verdict(&self, agent: &mut Agent) -> Value {
+        agent
+            .wait_for_close(
+                &self.client_addr,
+                &self.server_addr,
+                Some(self.client_ns),
+                VERDICT_TIMEOUT,
+            )
+            .expect("close object for the client socket")
+    }
+
+    /// The server socket's close object.
+    fn server_verdict(&self, agent: &mut Agent) -> Value {
+        agent
+            .wait_for_close(
+                &self.server_addr,
+                &self.client_addr,
+                Some(self.server_ns),
+                VERDICT_TIMEOUT,
+            )
+            .expect("close object for the server socket")
+    }
+
+    /// Client closes, server sees EOF and closes.
+    fn client_closes_first(&mut self) {
+        self.client.close().expect("client close");
+        self.server.wait_eof().expect("server sees FIN");
+        self.server.close().expect("server close");
+    }
+
+    /// Server closes, client sees EOF and closes.
+    fn server_closes_first(&mut self) {
+        self.server.close().expect("server close");
+        self.client.wait_eof().expect("client sees FIN");
+        self.client.close().expect("client close");
+    }
+}
+
+fn check(obj: &Value, e: &Expect) {
+    if let Err(err) = check_close(obj, e) {
+        panic!("{err:#}");
+    }
+}
+
+fn check_pair(c: &Value, s: &Value) {
+    if let Err(err) = check_peer_link(c, s) {
+        panic!("{err:#}");
+    }
+    assert_ne!(c["conn"]["id"], s["conn"]["id"], "both ends share an id");
+}
+
+fn stop(mut agent: Agent) {
+    if let Err(e) = agent.stop() {
+        panic!("stopping the agent: {e:#}");
+    }
+}
+
+fn start_agent(inodes: &[u64]) -> Agent {
+    match Agent::start(inodes) {
+        Ok(a) => a,
+        Err(e) => panic!("starting the agent: {e:#}"),
+    }
+}
+
+fn client_close_case(v6: bool) {
+    let t = Topology::new().expect("topology");
+    let agent_ns = t.inodes().expect("inodes");
+    let mut agent = start_agent(&agent_ns);
+    let mut conn = Conn::open(&t, v6);
+    conn.client_closes_first();
+
+    let c = conn.client_verdict(&mut agent);
+    check(
+        &c,
+        &Expect {
+            pid: PidCheck::Exact(conn.client.pid()),
+            closed_by: Some("client"),
+            reason: Some("client_close"),
+            tcp_initiator: Some("local"),
+            mechanism: Some("fin"),
+            ..conn.client_expect()
+        },
+    );
+    let s = conn.server_verdict(&mut agent);
+    check(
+        &s,
+        &Expect {
+            closed_by: Some("client"),
+            reason: Some("client_close"),
+            tcp_initiator: Some("remote"),
+            ..conn.server_expect()
+        },
+    );
+    check_pair(&c, &s);
+    stop(agent);
+}
+
+/// Case 1: Client closes first.
+#[test]
+fn client_close() {
+    if prelude("client_close") {
+        client_close_case(false);
+    }
+}
+
+/// Case 2: Server closes first.
+#[test]
+fn server_close() {
+    if !prelude("server_close") {
+        return;
+    }
+    let t = Topology::new().expect("topology");
+    let mut agent = start_agent(&t.inodes().expect("inodes"));
+    let mut conn = Conn::open(&t, false);
+    conn.server_closes_first();
+
+    let s = conn.server_verdict(&mut agent);
+    check(
+        &s,
+        &Expect {
+            pid: PidCheck::Exact(conn.server.pid()),
+            closed_by: Some("server"),
+            reason: Some("server_close"),
+            tcp_initiator: Some("local"),
+            mechanism: Some("fin"),
+            ..conn.server_expect()
+        },
+    );
+    let c = conn.client_verdict(&mut agent);
+    check(
+        &c,
+        &Expect {
+            closed_by: Some("server"),
+            reason: Some("server_close"),
+            tcp_initiator: Some("remote"),
+            ..conn.client_expect()
+        },
+    );
+    check_pair(&c, &s);
+    stop(agent);
+}
+
+/// Case 3: Server process SIGKILLed with unread data in its receive queue -> RST.
+#[test]
+fn server_process_killed() {
+    if !prelude("server_process_killed") {
+        return;
+    }
+    let t = Topology::new().expect("topology");
+    let mut agent = start_agent(&t.inodes().expect("inodes"));
+    let mut conn = Conn::open(&t, false);
+    conn.client.send(1000).expect("client send");
+    conn.server
+        .wait_recvq(1000)
+        .expect("data sits unread at the server");
+    conn.server.kill9().expect("kill -9 server");
+    conn.client
+        .expect_error("read 1", "reset", Duration::from_secs(10))
+        .expect("client gets the RST");
+    conn.client.close().expect("client close");
+
+    let s = conn.server_verdict(&mut agent);
+    check(
+        &s,
+        &Expect {
+            pid: PidCheck::Exact(conn.server.pid()),
+            closed_by: Some("server"),
+            reason: Some("server_process_exit"),
+            tcp_initiator: Some("local"),
+            mechanism: Some("rst"),
+            ..conn.server_expect()
+        },
+    );
+    let c = conn.client_verdict(&mut agent);
+    check(
+        &c,
+        &Expect {
+            closed_by: Some("server"),
+            reason: Some("server_process_exit"),
+            tcp_initiator: Some("remote"),
+            mechanism: Some("rst"),
+            ..conn.client_expect()
+        },
+    );
+    check_pair(&c, &s);
+    stop(agent);
+}
+
+/// Case 4: The router forges a RST towards the client.
+#[test]
+fn middlebox_reset() {
+    if !prelude("middlebox_reset") {
+        return;
+    }
+    let t = Topology::new().expect("topology");
+    let mut agent = start_agent(&t.inodes().expect("inodes"));
+    let mut conn = Conn::open(&t, false);
+    let (c, s, p) = (
+        t.plan.client_v4.to_string(),
+        t.plan.server_v4.to_string(),
+        PORT.to_string(),
+    );
+    t.router_iptables(&[
+        "-I",
+        "FORWARD",
+        "-p",
+        "tcp",
+        "-s",
+        &c,
+        "-d",
+        &s,
+        "--dport",
+        &p,
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "tcp-reset",
+    ])
+    .expect("insert REJECT rule in the router");
+    conn.client.send(10).expect("client send");
+    conn.client
+        .expect_error("read 1", "reset", Duration::from_secs(10))
+        .expect("client gets the forged RST");
+    conn.client.close().expect("client close");
+
+    let c = conn.client_verdict(&mut agent);
+    check(
+        &c,
+        &Expect {
+            closed_by: Some("middlebox"),
+            reason: Some("middlebox_reset"),
+            tcp_initiator: Some("remote"),
+            mechanism: Some("rst"),
+            confidence: Some("high"),
+            ..conn.client_expect()
+        },
+    );
+    stop(agent);
+}
+
+/// Case 5: The router blackholes the path; the client's retransmissions time out.
+#[test]
+fn blackhole_timeout() {
+    if !prelude("blackhole_timeout") {
+        return;
+    }
+    let t = Topology::new().expect("topology");
+    t.sysctl(&t.client, "net.ipv4.tcp_retries2", "3")
+        .expect("tcp_retries2=3 in the client namespace");
+    let mut agent = start_agent(&t.inodes().expect("inodes"));
+    let mut conn = Conn::open(&t, false);
+    t.router_iptables(&["-I", "FORWARD", "-j", "DROP"])
+        .expect("insert DROP rule in the router");
+    conn.client.send(10).expect("client send");
+    conn.client
+        .expect_error("read 1", "timed out", Duration::from_secs(60))
+        .expect("client gets ETIMEDOUT");
+    conn.client.close().expect("client close");
+
+    let c = conn.client_verdict(&mut agent);
+    check(
+        &c,
+        &Expect {
+            closed_by: Some("middlebox"),
+            reason: Some("retransmission_timeout"),
+            tcp_initiator: Some("local"),
+            mechanism: Some("timeout"),
+            confidence: Some("high"),
+            ..conn.client_expect()
+        },
+    );
+    stop(agent);
+}
+
+/// Case 6: Case 1 over IPv6.
+#[test]
+fn ipv6_client_close() {
+    if prelude("ipv6_client_close") {
+        client_close_case(true);
+    }
+}
+
+/// Case 7: Two topologies with identical addresses/ports and both connections open at once:
+/// in A the client closes first, in B the server does.
+#[test]
+fn identical_addresses_in_two_namespace_sets() {
+    if !prelude("identical_addresses_in_two_namespace_sets") {
+        return;
+    }
+    let a = Topology::new().expect("topology A");
+    let b = Topology::with_plan(a.plan.clone()).expect("topology B");
+    let mut inodes = a.inodes().expect("inodes A");
+    inodes.extend(b.inodes().expect("inodes B"));
+    let mut agent = start_agent(&inodes);
+
+    let mut ca = Conn::open(&a, false);
+    let mut cb = Conn::open(&b, false);
+    assert_eq!(ca.server_addr, cb.server_addr);
+    assert_ne!(ca.client_ns, cb.client_ns);
+    // The kernel may or may not pick the same ephemeral port; the predicates include
+    // the namespace either way.
+    ca.client_closes_first();
+    cb.server_closes_first();
+
+    let a_c = ca.client_verdict(&mut agent);
+    let a_s = ca.server_verdict(&mut agent);
+    let b_c = cb.client_verdict(&mut agent);
+    let b_s = cb.server_verdict(&mut agent);
+    check(
+        &a_c,
+        &Expect {
+            pid: PidCheck::Exact(ca.client.pid()),
+            closed_by: Some("client"),
+            reason: Some("client_close"),
+            tcp_initiator: Some("local"),
+            mechanism: Some("fin"),
+            ..ca.client_expect()
+        },
+    );
+    check(
+        &a_s,
+        &Expect {
+            closed_by: Some("client"),
+            reason: Some("client_close"),
+            tcp_initiator: Some("remote"),
+            ..ca.server_expect()
+        },
+    );
+    check(
+        &b_s,
+        &Expect {
+            pid: PidCheck::Exact(cb.server.pid()),
+            closed_by: Some("server"),
+            reason: Some("server_close"),
+            tcp_initiator: Some("local"),
+            mechanism: Some("fin"),
+            ..cb.server_expect()
+        },
+    );
+    check(
+        &b_c,
+        &Expect {
+            closed_by: Some("server"),
+            reason: Some("server_close"),
+            tcp_initiator: Some("remote"),
+            ..cb.client_expect()
+        },
+    );
+    check_pair(&a_c, &a_s);
+    check_pair(&b_c, &b_s);
+    let ids: std::collections::HashSet<&Value> = [&a_c, &a_s, &b_c, &b_s]
+        .iter()
+        .map(|o| &o["conn"]["id"])
+        .collect();
+    assert_eq!(ids.len(), 4, "conn ids must be distinct: {ids:?}");
+    stop(agent);
+}

@@ -1,0 +1,269 @@
+//! Loopback connection-churn benchmark. Phases run back to back in one invocation:
+//! nothing attached, `whoclosed trace` attached, libbpf-tools `tcplife` attached, and
+//! nothing attached again. It prints throughput ratios against the mean of the two bare
+//! phases, the tracer's CPU share, and the BPF run time per connection (from
+//! `kernel.bpf_stats_enabled`). It asserts nothing: numbers are for people to read.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+#[derive(clap::Args)]
+pub struct ChurnArgs {
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 5)]
+    secs: u64,
+    /// Concurrent client threads.
+    #[arg(long, default_value_t = 2)]
+    clients: usize,
+    /// Bytes each client sends before closing.
+    #[arg(long, default_value_t = 64)]
+    bytes: usize,
+}
+
+struct Phase {
+    name: String,
+    conns: u64,
+    secs: f64,
+    tracer_cpu: Option<f64>,
+    bpf_ns: Option<u64>,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.conns as f64 / self.secs
+    }
+}
+
+/// Accepts, reads to EOF, closes; clients connect, write, close first. Returns completed
+/// client connections and elapsed seconds.
+fn churn_load(secs: u64, clients: usize, bytes: usize) -> Result<(u64, f64)> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding the loopback listener")?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let server_stop = stop.clone();
+    listener.set_nonblocking(false)?;
+    let server = thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        for s in listener.incoming() {
+            if server_stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let Ok(mut s) = s else { continue };
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    });
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    let payload = vec![0x5au8; bytes];
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let done = done.clone();
+            let payload = payload.clone();
+            thread::spawn(move || {
+                while Instant::now() < deadline {
+                    let Ok(mut c) = TcpStream::connect(addr) else {
+                        continue;
+                    };
+                    if c.write_all(&payload).is_ok() && c.shutdown(Shutdown::Write).is_ok() {
+                        let mut b = [0u8; 1];
+                        let _ = c.read(&mut b);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = TcpStream::connect(addr); // wake the accept loop
+    let _ = server.join();
+    Ok((done.load(Ordering::Relaxed), elapsed))
+}
+
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some((utime + stime) / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+/// run_time_ns per loaded BPF program id (needs kernel.bpf_stats_enabled=1).
+fn bpf_run_times() -> HashMap<u64, u64> {
+    let mut out = HashMap::new();
+    let Ok(o) = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+    else {
+        return out;
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) else {
+        return out;
+    };
+    for p in v.as_array().into_iter().flatten() {
+        if let Some(id) = p["id"].as_u64() {
+            out.insert(id, p["run_time_ns"].as_u64().unwrap_or(0));
+        }
+    }
+    out
+}
+
+/// Starts a tracer, waits until it has attached, drains its stdout in the background.
+fn start_tracer(mut cmd: Command, ready: impl Fn(&str) -> bool + Send + 'static) -> Result<Child> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("{cmd:?}"))?;
+    let stdout = child.stdout.take().context("tracer stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut line = String::new();
+        let mut sent = false;
+        while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+            if !sent && ready(&line) {
+                let _ = tx.send(());
+                sent = true;
+            }
+            line.clear();
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        let _ = child.kill();
+        bail!("tracer {cmd:?} did not become ready in 30 s");
+    }
+    Ok(child)
+}
+
+fn stop(child: &mut Child) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn phase(name: &str, args: &ChurnArgs, tracer: Option<Child>) -> Result<Phase> {
+    let before = bpf_run_times();
+    let pid = tracer.as_ref().map(Child::id);
+    let cpu0 = pid.and_then(cpu_seconds);
+    let (conns, secs) = churn_load(args.secs, args.clients, args.bytes)?;
+    let cpu1 = pid.and_then(cpu_seconds);
+    let after = bpf_run_times();
+    let mut tracer = tracer;
+    // The tracer attached before the first snapshot, so the run-time growth of every program
+    // covers it; the bare phases measure what other programs on the host add.
+    let grown: u64 = after
+        .iter()
+        .filter_map(|(id, t)| before.get(id).map(|b| t.saturating_sub(*b)))
+        .sum();
+    if let Some(c) = tracer.as_mut() {
+        stop(c);
+    }
+    Ok(Phase {
+        name: name.into(),
+        conns,
+        secs,
+        tracer_cpu: match (cpu0, cpu1) {
+            (Some(a), Some(b)) => Some((b - a) / secs),
+            _ => None,
+        },
+        bpf_ns: Some(grown),
+    })
+}
+
+pub fn churn(root: &Path, args: &ChurnArgs) -> Result<()> {
+    let whoclosed = root.join("target/release/whoclosed");
+    let stats_was =
+        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
+        .context("enabling kernel.bpf_stats_enabled (root needed)")?;
+
+    let mut phases = vec![phase("bare", args, None)?];
+    let mut cmd = Command::new(&whoclosed);
+    cmd.args(["trace", "--linger-ms", "200"]);
+    let wc = start_tracer(cmd, |l| l.contains("\"type\":\"ready\""))?;
+    phases.push(phase("whoclosed", args, Some(wc))?);
+    let tcplife = Path::new("/usr/sbin/tcplife");
+    if tcplife.exists() {
+        // tcplife prints its header once attached; stdbuf keeps its stdout line-buffered
+        // on a pipe so the header reaches us.
+        let mut cmd = Command::new("stdbuf");
+        cmd.arg("-oL").arg(tcplife).arg("-w");
+        let t = start_tracer(cmd, |l| l.contains("PID"))?;
+        phases.push(phase("tcplife", args, Some(t))?);
+    } else {
+        eprintln!("bench: /usr/sbin/tcplife not found (Debian libbpf-tools); skipping that phase");
+    }
+    phases.push(phase("bare-again", args, None)?);
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim());
+
+    let bare: Vec<&Phase> = phases
+        .iter()
+        .filter(|p| p.name.starts_with("bare"))
+        .collect();
+    let base_rate = bare.iter().map(|p| p.rate()).sum::<f64>() / bare.len() as f64;
+    let base_bpf = bare
+        .iter()
+        .map(|p| p.bpf_ns.unwrap_or(0) as f64 / p.conns.max(1) as f64)
+        .sum::<f64>()
+        / bare.len() as f64;
+    println!(
+        "connection churn on loopback: {} client threads, {} B per connection, {} s per phase",
+        args.clients, args.bytes, args.secs
+    );
+    println!(
+        "{:<11} {:>9} {:>11} {:>14} {:>12} {:>16}",
+        "phase", "conns", "conns/s", "ratio vs bare", "tracer CPU", "BPF ns/conn"
+    );
+    for p in &phases {
+        let bpf_per_conn = p.bpf_ns.unwrap_or(0) as f64 / p.conns.max(1) as f64;
+        let bpf_cell = if p.name.starts_with("bare") {
+            format!("{bpf_per_conn:.0} (bg)")
+        } else {
+            format!("{:.0}", (bpf_per_conn - base_bpf).max(0.0))
+        };
+        println!(
+            "{:<11} {:>9} {:>11.0} {:>14.3} {:>12} {:>16}",
+            p.name,
+            p.conns,
+            p.rate(),
+            p.rate() / base_rate,
+            p.tracer_cpu
+                .map(|c| format!("{:.1}%", c * 100.0))
+                .unwrap_or_else(|| "-".into()),
+            bpf_cell,
+        );
+    }
+    println!(
+        "(BPF ns/conn: run time of all BPF programs during the phase per connection, minus the bare phases' background)"
+    );
+    Ok(())
+}

@@ -73,8 +73,18 @@ pub struct Agent {
 
 impl Agent {
     /// Default binary and [`default_trace_args`]; returns once `ready` was printed.
+    ///
+    /// With `WHOCLOSED_PROBE_MODE` set to a forced mode, the `ready` line must report that
+    /// very mode: a test asked for fentry must not pass on the tracepoint fallback.
     pub fn start(netns: &[u64]) -> Result<Agent> {
-        Self::spawn(&agent_bin(), &default_trace_args(netns), READY_TIMEOUT)
+        let agent = Self::spawn(&agent_bin(), &default_trace_args(netns), READY_TIMEOUT)?;
+        if let Ok(want) = std::env::var("WHOCLOSED_PROBE_MODE") {
+            let got = agent.ready()["probe_mode"].as_str().unwrap_or("").to_string();
+            if !want.is_empty() && want != "auto" && got != want {
+                bail!("asked for --probe-mode {want}, the agent reports probe_mode {got:?}");
+            }
+        }
+        Ok(agent)
     }
 
     /// Any binary and arguments; returns once a `{"type":"ready"}` object was printed

@@ -22,7 +22,33 @@ pub mod kind {
     pub const CLOSE_CALL: u8 = 7;
     /// A TCP segment seen by cgroup_skb ingress or egress.
     pub const PACKET: u8 = 8;
+    /// An HTTP/2 frame header (and, for control frames, a payload prefix): an [`H2Record`].
+    pub const H2_FRAME: u8 = 9;
+    /// What the payload of a socket turned out to be, or a change of frame sync: an
+    /// [`H2Record`] whose `base.value` is one of [`proto`].
+    pub const H2_PROTO: u8 = 10;
 }
+
+/// `base.value` of a `H2_PROTO` record.
+pub mod proto {
+    /// The client connection preface was seen in this direction (HTTP/2 confirmed).
+    pub const H2_PREFACE: i32 = 1;
+    /// A TLS record header opened the stream: encrypted, not parsed.
+    pub const TLS: i32 = 2;
+    /// Neither: plain TCP or another protocol, not parsed.
+    pub const OTHER: i32 = 3;
+    /// A direction first seen mid-stream found frame boundaries again.
+    pub const RESYNCED: i32 = 4;
+    /// Bytes holding a frame header were never seen (a capture gap): sync lost.
+    pub const DESYNC: i32 = 5;
+    /// A direction started with a SETTINGS frame (the server side of HTTP/2).
+    pub const H2_SETTINGS_FIRST: i32 = 6;
+    /// Resynchronisation was given up after too many segments.
+    pub const GAVE_UP: i32 = 7;
+}
+
+/// HTTP/2 frame payload bytes copied per control frame.
+pub const H2_CAPTURE: usize = 64;
 
 /// Bits of [`RawEvent::flags`].
 pub mod flag {
@@ -61,7 +87,11 @@ pub mod counter {
     pub const SKMAP_FAILS: u32 = 3;
     /// Tracepoint fields that could not be read.
     pub const READ_ERRORS: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// HTTP/2 frame headers walked.
+    pub const H2_FRAMES: u32 = 5;
+    /// HTTP/2 directions that lost frame sync (capture gap).
+    pub const H2_DESYNCS: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 pub const AF_INET: u16 = 2;
@@ -233,18 +263,77 @@ impl Config {
     }
 }
 
+/// `DirState::sync` values.
+pub mod sync {
+    /// No payload seen yet in this direction.
+    pub const AWAIT: u8 = 0;
+    /// `next_hdr` is where the next frame header starts.
+    pub const SYNCED: u8 = 1;
+    /// Frame boundaries unknown (seen mid-stream); resynchronising.
+    pub const UNSYNCED: u8 = 2;
+    /// Not HTTP/2 (or given up): payload ignored.
+    pub const OFF: u8 = 3;
+}
+
+/// Per-direction HTTP/2 frame walker state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirState {
+    /// Sequence number of the next frame header (when synced).
+    pub next_hdr: u32,
+    /// Highest sequence number end seen (bytes before it were already walked).
+    pub end: u32,
+    /// Bytes of a frame header split across segments, buffered until the rest arrives.
+    pub hdr: [u8; 12],
+    pub sync: u8,
+    /// How many bytes of `hdr` are valid.
+    pub hdr_have: u8,
+    /// Segments tried while unsynced (bounded).
+    pub tries: u8,
+    /// Bit 0: `end` is valid.
+    pub have_end: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<DirState>() == 24);
+
 /// Per-socket packet bookkeeping kept by the cgroup_skb programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PktState {
+    /// Index 0: egress (sent), 1: ingress (received).
+    pub dir: [DirState; 2],
     /// TTL / hop limit of the first ingress segment (0 = none seen yet).
     pub ttl_in: u8,
-    /// Bit 0: an egress segment was seen; bit 1: an ingress segment was seen.
+    /// Bit 0: an egress segment was seen; bit 1: an ingress segment was seen;
+    /// bit 2: the state was created by a SYN (the connection's start was seen).
     pub seen: u8,
-    pub _pad: [u8; 6],
+    /// 0 unknown, 1 HTTP/2, 2 TLS, 3 other.
+    pub proto: u8,
+    pub _pad: [u8; 5],
 }
 
-const _: () = assert!(core::mem::size_of::<PktState>() == 8);
+const _: () = assert!(core::mem::size_of::<PktState>() == 56);
+
+pub mod sk_proto {
+    pub const UNKNOWN: u8 = 0;
+    pub const H2: u8 = 1;
+    pub const TLS: u8 = 2;
+    pub const OTHER: u8 = 3;
+}
+
+/// An HTTP/2 fact: the common event, the raw 9-byte frame header and a payload prefix.
+/// `base.payload_len` is the number of valid bytes in `payload`; `base.seq` the sequence
+/// number of the frame header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct H2Record {
+    pub base: RawEvent,
+    pub head: [u8; 16],
+    pub payload: [u8; H2_CAPTURE],
+}
+
+pub const H2_RECORD_SIZE: usize = 208;
+const _: () = assert!(core::mem::size_of::<H2Record>() == H2_RECORD_SIZE);
 
 #[cfg(feature = "user")]
 mod user {
@@ -254,4 +343,6 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PktState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::H2Record {}
 }

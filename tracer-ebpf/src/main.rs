@@ -19,8 +19,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tracer_common::{
-    AF_INET, AF_INET6, Config, IPPROTO_TCP, NO_FIELD, PktState, RawEvent, counter, field, flag,
-    kind, tcp_flag, tp,
+    AF_INET, AF_INET6, Config, DirState, H2_CAPTURE, H2Record, IPPROTO_TCP, NO_FIELD, PktState,
+    RawEvent, counter, field, flag, kind, proto, sk_proto, sync, tcp_flag, tp,
 };
 
 /// Written by the agent before load (tracepoint layouts and BTF offsets of this kernel).
@@ -41,6 +41,28 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 static SK_PKT: LruHashMap<u64, PktState> = LruHashMap::with_max_entries(65536, 0);
 
 const TCP_CLOSE: i32 = 7;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_LISTEN: i32 = 10;
+
+const EMPTY_DIR: DirState = DirState {
+    next_hdr: 0,
+    end: 0,
+    hdr: [0; 12],
+    sync: sync::AWAIT,
+    hdr_have: 0,
+    tries: 0,
+    have_end: 0,
+};
+/// `PktState::seen` bit: the connection's start was observed.
+const SEEN_START: u8 = 4;
+const FRESH: PktState = PktState {
+    dir: [EMPTY_DIR; 2],
+    ttl_in: 0,
+    seen: SEEN_START,
+    proto: sk_proto::UNKNOWN,
+    _pad: [0; 5],
+};
 /// `task_struct.flags` bit set by `do_exit()` before it releases the task's files.
 const PF_EXITING: u32 = 0x0000_0004;
 
@@ -75,6 +97,21 @@ fn read_field<T>(ctx: &TracePointContext, tp: usize, f: usize) -> Option<T> {
     }
 }
 
+/// Zeroes `words` u64s in place. Volatile stores keep LLVM from turning this into a memset
+/// call or from building the value on the (512-byte) BPF stack first.
+#[inline(always)]
+fn zero_in_place<T>(p: *mut T) {
+    let words = core::mem::size_of::<T>() / 8;
+    let p = p.cast::<u64>();
+    let mut i = 0;
+    while i < words {
+        // SAFETY: `p` points to a reserved ring buffer slot of at least size_of::<T>() bytes,
+        // 8-byte aligned (ring buffer records are).
+        unsafe { core::ptr::write_volatile(p.add(i), 0) };
+        i += 1;
+    }
+}
+
 /// Reserve, fill and submit one event; count the loss when the ring buffer is full.
 #[inline(always)]
 fn emit<F: FnOnce(&mut RawEvent)>(kind: u8, fill: F) {
@@ -85,7 +122,7 @@ fn emit<F: FnOnce(&mut RawEvent)>(kind: u8, fill: F) {
     // SAFETY: the reservation is ours until submit; it is fully initialised right here.
     let ev = unsafe {
         let p = entry.as_mut_ptr();
-        p.write(RawEvent::zeroed());
+        zero_in_place(p);
         &mut *p
     };
     ev.kind = kind;
@@ -230,6 +267,10 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
     let new: i32 = read_field(ctx, t, field::NEWSTATE)?;
     if new == TCP_CLOSE {
         let _ = SK_PKT.remove(&sk);
+    } else if new == TCP_SYN_SENT || (old == TCP_LISTEN && new == TCP_SYN_RECV) {
+        // A connection whose first byte we will see: payload that is neither HTTP/2 nor TLS
+        // at its start is "other", not "unsynced".
+        let _ = SK_PKT.insert(&sk, &FRESH, 0);
     }
     emit(kind::STATE, |ev| {
         ev.skaddr = sk;
@@ -445,18 +486,16 @@ struct Seg {
     l3_payload: u32,
 }
 
+/// Fills `seg` from the IP header; false for anything but the first fragment of TCP.
 #[inline(always)]
-fn parse_l3(ctx: &SkBuffContext) -> Option<Seg> {
+fn parse_l3(ctx: &SkBuffContext, seg: &mut Seg) -> bool {
+    parse_l3_inner(ctx, seg).is_some()
+}
+
+#[inline(always)]
+fn parse_l3_inner(ctx: &SkBuffContext, seg: &mut Seg) -> Option<()> {
     // SAFETY: reading a field of the context the verifier hands us.
     let proto = unsafe { (*ctx.skb.skb).protocol };
-    let mut seg = Seg {
-        family: 0,
-        ttl: 0,
-        src: [0; 16],
-        dst: [0; 16],
-        l4_off: 0,
-        l3_payload: 0,
-    };
     if proto == ETH_P_IP.to_be() as u32 {
         let h: [u8; 20] = ctx.load(0).ok()?;
         if h[0] >> 4 != 4 || h[9] != IPPROTO_TCP_U8 {
@@ -488,11 +527,21 @@ fn parse_l3(ctx: &SkBuffContext) -> Option<Seg> {
     } else {
         return None;
     }
-    Some(seg)
+    Some(())
 }
 
 fn handle_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
-    let seg = parse_l3(ctx)?;
+    let mut seg = Seg {
+        family: 0,
+        ttl: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        l4_off: 0,
+        l3_payload: 0,
+    };
+    if !parse_l3(ctx, &mut seg) {
+        return None;
+    }
     let l4_off = if seg.l4_off > 60 {
         return None;
     } else {
@@ -502,52 +551,69 @@ fn handle_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     bump(counter::PACKETS);
     let tcp_flags = th[13];
     let doff = ((th[12] >> 4) as u32) * 4;
+    let seq = u32::from_be_bytes([th[4], th[5], th[6], th[7]]);
+    let payload_len = seg.l3_payload.saturating_sub(doff);
     // SAFETY: `sk` is a context field; its value (the socket address) is only recorded.
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk } as u64;
 
     let dir_bit: u8 = if ingress { 2 } else { 1 };
     let mut evflags: u8 = if ingress { flag::INGRESS } else { 0 };
-    match SK_PKT.get_ptr_mut(&sk) {
-        Some(st) => {
-            // SAFETY: map value pointer valid for this program run.
-            let st = unsafe { &mut *st };
-            if st.seen & dir_bit == 0 {
-                st.seen |= dir_bit;
-                evflags |= flag::FIRST_IN_DIR;
-                if ingress {
-                    st.ttl_in = seg.ttl;
-                }
-            } else if ingress && st.ttl_in != seg.ttl {
-                evflags |= flag::TTL_CHANGED;
-                st.ttl_in = seg.ttl;
-            }
-        }
+    let st = match SK_PKT.get_ptr_mut(&sk) {
+        Some(st) => st,
         None => {
-            let st = PktState {
-                ttl_in: if ingress { seg.ttl } else { 0 },
-                seen: dir_bit,
-                _pad: [0; 6],
-            };
-            if SK_PKT.insert(&sk, &st, 0).is_err() {
+            let mut fresh = FRESH;
+            if tcp_flags & tcp_flag::SYN == 0 {
+                fresh.seen = 0;
+            }
+            if SK_PKT.insert(&sk, &fresh, 0).is_err() {
                 bump(counter::SKMAP_FAILS);
                 debug!(ctx, "whoclosed: per-socket packet map insert failed");
             }
-            evflags |= flag::FIRST_IN_DIR;
+            SK_PKT.get_ptr_mut(&sk)?
         }
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let st = unsafe { &mut *st };
+    if st.seen & dir_bit == 0 {
+        st.seen |= dir_bit;
+        evflags |= flag::FIRST_IN_DIR;
+        if ingress {
+            st.ttl_in = seg.ttl;
+        }
+    } else if ingress && st.ttl_in != seg.ttl {
+        evflags |= flag::TTL_CHANGED;
+        st.ttl_in = seg.ttl;
     }
     let control = tcp_flags & (tcp_flag::SYN | tcp_flag::FIN | tcp_flag::RST) != 0;
-    if !control && evflags & (flag::FIRST_IN_DIR | flag::TTL_CHANGED) == 0 {
-        return Some(());
+    if control || evflags & (flag::FIRST_IN_DIR | flag::TTL_CHANGED) != 0 {
+        emit_packet(&seg, &th, sk, evflags, payload_len);
     }
+    if payload_len > 0 && payload_len < 0x0100_0000 {
+        let info = SegInfo {
+            sk,
+            seq,
+            poff: (l4_off as u32).wrapping_add(doff),
+            plen: payload_len,
+            di: if ingress { 1 } else { 0 },
+        };
+        h2_segment(ctx, st, &info);
+    }
+    Some(())
+}
+
+/// The PACKET event.
+#[inline(always)]
+fn emit_packet(seg: &Seg, th: &[u8; 20], sk: u64, evflags: u8, payload_len: u32) {
+    let ingress = evflags & flag::INGRESS != 0;
     emit(kind::PACKET, |ev| {
         ev.skaddr = sk;
         ev.family = seg.family;
         ev.ttl = seg.ttl;
-        ev.tcp_flags = tcp_flags;
+        ev.tcp_flags = th[13];
         ev.flags = evflags | flag::HAS_TUPLE;
         ev.seq = u32::from_be_bytes([th[4], th[5], th[6], th[7]]);
         ev.ack = u32::from_be_bytes([th[8], th[9], th[10], th[11]]);
-        ev.payload_len = seg.l3_payload.saturating_sub(doff);
+        ev.payload_len = payload_len;
         let sport = u16::from_be_bytes([th[0], th[1]]);
         let dport = u16::from_be_bytes([th[2], th[3]]);
         if ingress {
@@ -562,7 +628,405 @@ fn handle_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
             ev.dport = dport;
         }
     });
-    Some(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/2 frame walking, in TCP sequence space, per socket and direction.
+// ---------------------------------------------------------------------------------------------
+
+const PREFACE: [u8; 24] = *b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Frame headers walked per segment; a segment with more small frames than this loses sync
+/// honestly (reported) rather than looping unboundedly.
+const MAX_FRAMES_PER_SEG: usize = 12;
+/// Segments a mid-stream direction may try to resynchronise on before giving up.
+const MAX_RESYNC_TRIES: u8 = 64;
+
+const H2_DATA: u8 = 0;
+const H2_HEADERS: u8 = 1;
+const H2_PRIORITY: u8 = 2;
+const H2_RST_STREAM: u8 = 3;
+const H2_SETTINGS: u8 = 4;
+const H2_PUSH_PROMISE: u8 = 5;
+const H2_PING: u8 = 6;
+const H2_GOAWAY: u8 = 7;
+const H2_WINDOW_UPDATE: u8 = 8;
+const H2_CONTINUATION: u8 = 9;
+const END_STREAM: u8 = 0x1;
+
+struct SegInfo {
+    sk: u64,
+    seq: u32,
+    /// Offset of the TCP payload in the packet.
+    poff: u32,
+    plen: u32,
+    di: usize,
+}
+
+#[inline(always)]
+fn before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+#[inline(always)]
+fn emit_proto(ctx_sk: u64, di: usize, seq: u32, what: i32) {
+    let Some(mut entry) = EVENTS.reserve::<H2Record>(0) else {
+        bump(counter::RINGBUF_DROPS);
+        return;
+    };
+    // SAFETY: reserved memory, fully initialised here before use.
+    let rec = unsafe {
+        let p = entry.as_mut_ptr();
+        zero_in_place(p);
+        &mut *p
+    };
+    rec.base.kind = kind::H2_PROTO;
+    // SAFETY: helpers without preconditions.
+    rec.base.ts_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: as above.
+    rec.base.cpu = unsafe { bpf_get_smp_processor_id() };
+    rec.base.skaddr = ctx_sk;
+    rec.base.seq = seq;
+    rec.base.value = what;
+    rec.base.flags = if di == 1 { flag::INGRESS } else { 0 };
+    entry.submit(0);
+    bump(counter::EVENTS);
+}
+
+/// Is this 9-byte header plausible for a connection we are trying to (re)synchronise on?
+#[inline(always)]
+fn plausible(h: &[u8; 9]) -> bool {
+    let len = u32::from_be_bytes([0, h[0], h[1], h[2]]);
+    let kind = h[3];
+    let flags = h[4];
+    if h[5] & 0x80 != 0 {
+        return false;
+    }
+    let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]);
+    let (allowed, on_zero) = match kind {
+        H2_DATA => (0x09, false),
+        H2_HEADERS => (0x2d, false),
+        H2_PRIORITY => (0x00, false),
+        H2_RST_STREAM => (0x00, false),
+        H2_SETTINGS => (0x01, true),
+        H2_PUSH_PROMISE => (0x0c, false),
+        H2_PING => (0x01, true),
+        H2_GOAWAY => (0x00, true),
+        H2_WINDOW_UPDATE => (0x00, stream == 0),
+        H2_CONTINUATION => (0x04, false),
+        _ => return false,
+    };
+    if flags & !allowed != 0 || on_zero != (stream == 0) {
+        return false;
+    }
+    match kind {
+        H2_PING => len == 8,
+        H2_RST_STREAM | H2_WINDOW_UPDATE => len == 4,
+        H2_PRIORITY => len == 5,
+        H2_SETTINGS => len % 6 == 0 && (flags & 1 == 0 || len == 0),
+        H2_GOAWAY => len >= 8,
+        _ => len <= 1 << 20,
+    }
+}
+
+/// One segment's payload for the HTTP/2 walker.
+#[inline(never)]
+fn h2_segment(ctx: &SkBuffContext, st: &mut PktState, seg: &SegInfo) {
+    let di = if seg.di == 1 { 1 } else { 0 };
+    let proto_now = st.proto;
+    let seen = st.seen;
+    let d = &mut st.dir[di];
+    if d.sync == sync::OFF {
+        return;
+    }
+    let seg_end = seg.seq.wrapping_add(seg.plen);
+    let mut start_off: u32 = 0;
+    if d.have_end != 0 {
+        if !before(d.end, seg_end) {
+            return; // a retransmission of bytes already walked
+        }
+        if before(seg.seq, d.end) {
+            start_off = d.end.wrapping_sub(seg.seq);
+        } else if before(d.end, seg.seq) && d.sync == sync::SYNCED && before(d.next_hdr, seg.seq) {
+            // Bytes that held a frame header were never seen here.
+            d.sync = sync::UNSYNCED;
+            d.hdr_have = 0;
+            d.tries = 0;
+            bump(counter::H2_DESYNCS);
+            emit_proto(seg.sk, di, seg.seq, proto::DESYNC);
+        }
+    }
+    d.end = seg_end;
+    d.have_end = 1;
+
+    if d.sync == sync::AWAIT {
+        if start_off != 0 {
+            d.sync = sync::UNSYNCED;
+        } else {
+            let decided = first_payload(ctx, d, seg, di, proto_now, seen);
+            match decided {
+                Decided::H2Preface => {
+                    st.proto = sk_proto::H2;
+                }
+                Decided::Stop(p) => {
+                    st.proto = p;
+                    st.dir[0].sync = sync::OFF;
+                    st.dir[1].sync = sync::OFF;
+                    return;
+                }
+                Decided::Walk | Decided::Resync => {}
+            }
+        }
+    }
+    let d = &mut st.dir[di];
+    if d.sync == sync::UNSYNCED {
+        if start_off != 0 || !resync(ctx, d, seg, di) {
+            return;
+        }
+    }
+    if d.sync == sync::SYNCED {
+        walk(ctx, d, seg, di);
+    }
+}
+
+enum Decided {
+    H2Preface,
+    Walk,
+    Resync,
+    Stop(u8),
+}
+
+/// The first payload bytes of a direction: preface, a leading SETTINGS frame, TLS, or other.
+#[inline(always)]
+fn first_payload(
+    ctx: &SkBuffContext,
+    d: &mut DirState,
+    seg: &SegInfo,
+    di: usize,
+    proto_now: u8,
+    seen: u8,
+) -> Decided {
+    if proto_now == sk_proto::TLS || proto_now == sk_proto::OTHER {
+        d.sync = sync::OFF;
+        return Decided::Stop(proto_now);
+    }
+    let off = seg.poff as usize;
+    if seg.plen >= 24 {
+        if let Ok(b) = ctx.load::<[u8; 24]>(off) {
+            if b == PREFACE {
+                d.sync = sync::SYNCED;
+                d.next_hdr = seg.seq.wrapping_add(24);
+                emit_proto(seg.sk, di, seg.seq, proto::H2_PREFACE);
+                return Decided::H2Preface;
+            }
+        }
+    }
+    if seg.plen >= 9 {
+        if let Ok(h) = ctx.load::<[u8; 9]>(off) {
+            if h[3] == H2_SETTINGS && plausible(&h) {
+                d.sync = sync::SYNCED;
+                d.next_hdr = seg.seq;
+                if proto_now == sk_proto::UNKNOWN {
+                    emit_proto(seg.sk, di, seg.seq, proto::H2_SETTINGS_FIRST);
+                }
+                return Decided::Walk;
+            }
+        }
+    }
+    if seg.plen >= 3 {
+        if let Ok(h) = ctx.load::<[u8; 3]>(off) {
+            if (0x14..=0x17).contains(&h[0]) && h[1] == 3 && h[2] <= 4 {
+                emit_proto(seg.sk, di, seg.seq, proto::TLS);
+                return Decided::Stop(sk_proto::TLS);
+            }
+        }
+    }
+    if proto_now == sk_proto::H2 {
+        d.sync = sync::SYNCED;
+        d.next_hdr = seg.seq;
+        return Decided::Walk;
+    }
+    if seen & SEEN_START != 0 {
+        emit_proto(seg.sk, di, seg.seq, proto::OTHER);
+        return Decided::Stop(sk_proto::OTHER);
+    }
+    d.sync = sync::UNSYNCED;
+    Decided::Resync
+}
+
+/// Mid-stream: accept a segment whose bytes are a chain of plausible frame headers ending
+/// exactly at the segment end; then walk it from its start.
+#[inline(always)]
+fn resync(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) -> bool {
+    if d.tries >= MAX_RESYNC_TRIES {
+        d.sync = sync::OFF;
+        emit_proto(seg.sk, di, seg.seq, proto::GAVE_UP);
+        return false;
+    }
+    d.tries += 1;
+    let mut off: u32 = 0;
+    for _ in 0..4 {
+        if off.wrapping_add(9) > seg.plen {
+            return false;
+        }
+        let Ok(h) = ctx.load::<[u8; 9]>((seg.poff.wrapping_add(off) & 0xffff) as usize) else {
+            return false;
+        };
+        if !plausible(&h) {
+            return false;
+        }
+        off = off
+            .wrapping_add(9)
+            .wrapping_add(u32::from_be_bytes([0, h[0], h[1], h[2]]));
+        if off == seg.plen {
+            d.sync = sync::SYNCED;
+            d.next_hdr = seg.seq;
+            d.hdr_have = 0;
+            emit_proto(seg.sk, di, seg.seq, proto::RESYNCED);
+            return true;
+        }
+        if off > seg.plen {
+            return false;
+        }
+    }
+    false
+}
+
+/// Walks the frame headers that start inside this segment.
+#[inline(always)]
+fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
+    for _ in 0..MAX_FRAMES_PER_SEG {
+        let mut h = [0u8; 9];
+        // Offset (in this segment) of the first byte of the header still to read.
+        let (hdr_start, got) = if d.hdr_have != 0 {
+            // A header split across segments: its first bytes are buffered.
+            let have = (d.hdr_have & 0x7) as u32;
+            let at = d.next_hdr.wrapping_add(have).wrapping_sub(seg.seq);
+            (at, have)
+        } else {
+            (d.next_hdr.wrapping_sub(seg.seq), 0)
+        };
+        if hdr_start >= seg.plen {
+            return;
+        }
+        let avail = seg.plen - hdr_start;
+        let need = 9 - got;
+        if avail < need {
+            // The header continues in the next segment: buffer what is here.
+            let n = avail & 0x7;
+            if n == 0 || got + n > 8 {
+                return;
+            }
+            // SAFETY: destination is inside the map value (`hdr` is 12 bytes, got+n <= 8).
+            let ok = unsafe {
+                aya_ebpf::helpers::bpf_skb_load_bytes(
+                    ctx.skb.skb as *const _,
+                    (seg.poff.wrapping_add(hdr_start) & 0xffff) as u32,
+                    d.hdr.as_mut_ptr().add((got & 0x7) as usize) as *mut _,
+                    n,
+                )
+            } == 0;
+            if ok {
+                d.hdr_have = (got + n) as u8;
+            }
+            return;
+        }
+        if got == 0 {
+            let Ok(full) =
+                ctx.load::<[u8; 9]>((seg.poff.wrapping_add(hdr_start) & 0xffff) as usize)
+            else {
+                return;
+            };
+            h = full;
+        } else {
+            // Complete the buffered header in place (map value: variable offsets are fine
+            // there, unlike on the stack).
+            let g = (got & 0x7) as usize;
+            let n = need & 0xf;
+            if n == 0 || g + n as usize > 9 {
+                return;
+            }
+            // SAFETY: destination `hdr[g..g + n]` lies inside the 12-byte map value field.
+            let ok = unsafe {
+                aya_ebpf::helpers::bpf_skb_load_bytes(
+                    ctx.skb.skb as *const _,
+                    (seg.poff.wrapping_add(hdr_start) & 0xffff) as u32,
+                    d.hdr.as_mut_ptr().add(g) as *mut _,
+                    n,
+                )
+            } == 0;
+            d.hdr_have = 0;
+            if !ok {
+                return;
+            }
+            h.copy_from_slice(&d.hdr[..9]);
+        }
+        let len = u32::from_be_bytes([0, h[0], h[1], h[2]]);
+        let frame_seq = d.next_hdr;
+        // Payload bytes of this frame present in this segment.
+        let body_off = hdr_start + need;
+        let body_avail = seg.plen - body_off;
+        h2_frame(ctx, seg, di, frame_seq, &h, body_off, body_avail.min(len));
+        bump(counter::H2_FRAMES);
+        d.next_hdr = frame_seq.wrapping_add(9).wrapping_add(len);
+    }
+}
+
+/// Reports one frame: control frames with a payload prefix, stream openers and stream ends
+/// with their header only; bulk DATA and flow control are not reported.
+#[inline(always)]
+fn h2_frame(
+    ctx: &SkBuffContext,
+    seg: &SegInfo,
+    di: usize,
+    frame_seq: u32,
+    h: &[u8; 9],
+    body_off: u32,
+    body_avail: u32,
+) {
+    let kind_ = h[3];
+    let capture = matches!(kind_, H2_RST_STREAM | H2_SETTINGS | H2_PING | H2_GOAWAY);
+    let header_only = kind_ == H2_HEADERS || (kind_ == H2_DATA && h[4] & END_STREAM != 0);
+    if !capture && !header_only {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<H2Record>(0) else {
+        bump(counter::RINGBUF_DROPS);
+        return;
+    };
+    // SAFETY: reserved memory, fully initialised here before use.
+    let rec = unsafe {
+        let p = entry.as_mut_ptr();
+        zero_in_place(p);
+        &mut *p
+    };
+    rec.base.kind = kind::H2_FRAME;
+    // SAFETY: helpers without preconditions.
+    rec.base.ts_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: as above.
+    rec.base.cpu = unsafe { bpf_get_smp_processor_id() };
+    rec.base.skaddr = seg.sk;
+    rec.base.seq = frame_seq;
+    rec.base.flags = if di == 1 { flag::INGRESS } else { 0 };
+    rec.head[..9].copy_from_slice(h);
+    if capture {
+        let n = body_avail.min(H2_CAPTURE as u32);
+        if n > 0 && n <= H2_CAPTURE as u32 {
+            // SAFETY: destination is the record's 64-byte payload and n <= 64.
+            let ok = unsafe {
+                aya_ebpf::helpers::bpf_skb_load_bytes(
+                    ctx.skb.skb as *const _,
+                    (seg.poff.wrapping_add(body_off) & 0xffff) as u32,
+                    rec.payload.as_mut_ptr() as *mut _,
+                    n,
+                )
+            } == 0;
+            if ok {
+                rec.base.payload_len = n;
+            }
+        }
+    }
+    entry.submit(0);
+    bump(counter::EVENTS);
 }
 
 #[cfg(not(test))]

@@ -5,8 +5,12 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
+use bytes::Bytes;
 use thiserror::Error;
-use tracer_common::{AF_INET, AF_INET6, RAW_EVENT_SIZE, RawEvent, flag, kind, tcp_flag};
+use tracer_common::{
+    AF_INET, AF_INET6, H2_RECORD_SIZE, H2Record, RAW_EVENT_SIZE, RawEvent, flag, kind, proto,
+    tcp_flag,
+};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -14,6 +18,22 @@ pub enum DecodeError {
     Short(usize),
     #[error("unknown event kind {0}")]
     UnknownKind(u8),
+    #[error("HTTP/2 record of {0} bytes is shorter than {H2_RECORD_SIZE}")]
+    ShortH2(usize),
+    #[error("unknown HTTP/2 protocol note {0}")]
+    UnknownProto(i32),
+}
+
+/// What the kernel learned about a socket's payload (`H2_PROTO` records).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtoNote {
+    H2Preface,
+    H2SettingsFirst,
+    Tls,
+    Other,
+    Resynced,
+    Desync,
+    GaveUp,
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
@@ -136,7 +156,7 @@ impl Packet {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventKind {
     State {
         old: TcpState,
@@ -160,6 +180,18 @@ pub enum EventKind {
         state: TcpState,
     },
     Packet(Packet),
+    /// An HTTP/2 frame: its raw header and the captured payload prefix (control frames).
+    H2Frame {
+        dir: Dir,
+        seq: u32,
+        head: [u8; 9],
+        payload: Bytes,
+    },
+    H2Proto {
+        dir: Dir,
+        seq: u32,
+        note: ProtoNote,
+    },
 }
 
 /// One decoded kernel fact.
@@ -200,7 +232,64 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     // SAFETY: length checked above; RawEvent is plain data valid for any bit pattern, and
     // read_unaligned makes no alignment assumption about the ring buffer slot.
     let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) };
+    if raw.kind == kind::H2_FRAME || raw.kind == kind::H2_PROTO {
+        if bytes.len() < H2_RECORD_SIZE {
+            return Err(DecodeError::ShortH2(bytes.len()));
+        }
+        // SAFETY: as above, for the larger record.
+        let rec: H2Record = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<H2Record>()) };
+        return from_h2(&rec);
+    }
     from_raw(&raw)
+}
+
+pub fn from_h2(rec: &H2Record) -> Result<Event, DecodeError> {
+    let b = &rec.base;
+    let dir = if b.flags & flag::INGRESS != 0 {
+        Dir::Ingress
+    } else {
+        Dir::Egress
+    };
+    let kind = if b.kind == kind::H2_FRAME {
+        let mut head = [0u8; 9];
+        head.copy_from_slice(&rec.head[..9]);
+        let n = (b.payload_len as usize).min(rec.payload.len());
+        EventKind::H2Frame {
+            dir,
+            seq: b.seq,
+            head,
+            payload: Bytes::copy_from_slice(&rec.payload[..n]),
+        }
+    } else {
+        let note = match b.value {
+            proto::H2_PREFACE => ProtoNote::H2Preface,
+            proto::H2_SETTINGS_FIRST => ProtoNote::H2SettingsFirst,
+            proto::TLS => ProtoNote::Tls,
+            proto::OTHER => ProtoNote::Other,
+            proto::RESYNCED => ProtoNote::Resynced,
+            proto::DESYNC => ProtoNote::Desync,
+            proto::GAVE_UP => ProtoNote::GaveUp,
+            other => return Err(DecodeError::UnknownProto(other)),
+        };
+        EventKind::H2Proto {
+            dir,
+            seq: b.seq,
+            note,
+        }
+    };
+    Ok(Event {
+        ts_ns: b.ts_ns,
+        skaddr: b.skaddr,
+        cookie: 0,
+        pid: 0,
+        tid: 0,
+        comm: String::new(),
+        exiting: false,
+        netns: None,
+        tuple: None,
+        cpu: b.cpu,
+        kind,
+    })
 }
 
 pub fn from_raw(raw: &RawEvent) -> Result<Event, DecodeError> {
@@ -373,6 +462,41 @@ mod tests {
         let ev = decode(&raw_bytes(&r)).expect("decode");
         assert_eq!(ev.tuple, None);
         assert_eq!(ev.kind, EventKind::Destroy);
+    }
+
+    #[test]
+    fn decodes_h2_goaway_record_and_rejects_short_ones() {
+        let mut rec = H2Record {
+            base: RawEvent::zeroed(),
+            head: [0; 16],
+            payload: [0; 64],
+        };
+        rec.base.kind = kind::H2_FRAME;
+        rec.base.flags = flag::INGRESS;
+        rec.base.seq = 1234;
+        rec.head[..9].copy_from_slice(&[0, 0, 16, 7, 0, 0, 0, 0, 0]);
+        rec.payload[..16].copy_from_slice(b"\x7f\xff\xff\xff\0\0\0\0max_idle");
+        rec.base.payload_len = 16;
+        // SAFETY: H2Record is plain data of H2_RECORD_SIZE bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&rec as *const H2Record).cast::<u8>(), H2_RECORD_SIZE)
+        };
+        let ev = decode(bytes).expect("decode");
+        let EventKind::H2Frame {
+            dir,
+            seq,
+            head,
+            payload,
+        } = ev.kind
+        else {
+            panic!("{ev:?}")
+        };
+        assert_eq!((dir, seq, head[3]), (Dir::Ingress, 1234, 7));
+        assert_eq!(&payload[8..], b"max_idle");
+        assert_eq!(
+            decode(&bytes[..RAW_EVENT_SIZE]),
+            Err(DecodeError::ShortH2(RAW_EVENT_SIZE))
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod conn;
 pub mod event;
 pub mod export;
+pub mod h2;
 pub mod kernel;
 pub mod probes;
 pub mod trace;

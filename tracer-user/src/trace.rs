@@ -83,6 +83,7 @@ impl Loop {
         while let Some(item) = rb.next() {
             match event::decode(&item) {
                 Ok(ev) => {
+                    log::trace!("{ev:?}");
                     for c in self.table.on_event(&ev) {
                         out.closed(&c)?;
                     }

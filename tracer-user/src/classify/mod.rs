@@ -90,6 +90,37 @@ pub enum FactKind {
         comm: String,
         exiting: bool,
     },
+    /// An HTTP/2 GOAWAY this socket sent (`sent`) or received.
+    GoAway {
+        sent: bool,
+        code: u32,
+        last_stream_id: u32,
+        debug: String,
+    },
+}
+
+/// A GOAWAY as the classifier sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoAwaySummary {
+    pub sent: bool,
+    pub at_ns: u64,
+    pub code: u32,
+    pub debug: String,
+    /// How long no stream had been open when it was sent.
+    pub idle_ns: Option<u64>,
+}
+
+/// The HTTP/2 facts the classifier uses.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct H2Summary {
+    pub synced: bool,
+    pub goaways: Vec<GoAwaySummary>,
+    /// Median interval of the PINGs this socket sent / received.
+    pub ping_interval_sent_ns: Option<u64>,
+    pub ping_interval_received_ns: Option<u64>,
+    /// Since when a PING this socket sent (received) has gone unanswered, if one has.
+    pub unanswered_sent_since: Option<u64>,
+    pub unanswered_received_since: Option<u64>,
 }
 
 /// What the peer socket did, when the peer is on this host too.
@@ -115,6 +146,8 @@ pub struct Timeline {
     pub peer: Option<PeerSummary>,
     /// TTL / hop limit of ordinary segments from the peer (first ingress segment).
     pub ttl_baseline: Option<u8>,
+    /// HTTP/2 evidence, when the connection carried HTTP/2 (or was checked for it).
+    pub h2: Option<H2Summary>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -150,6 +183,12 @@ pub enum Mechanism {
     Fin,
     Rst,
     Timeout,
+    /// An HTTP/2 GOAWAY, then the TCP close.
+    GoawayThenFin,
+    GoawayThenRst,
+    GoawayThenTimeout,
+    /// Keepalive PINGs went unanswered and the pinging side closed.
+    PingTimeout,
     None,
 }
 
@@ -299,13 +338,189 @@ fn verdict(
     }
 }
 
-/// The verdict for one ended socket.
+/// The verdict for one ended socket: the HTTP/2 decision when there is one, else the TCP
+/// one. `tcp_initiator` always comes from TCP, so both layers show.
 pub fn classify(t: &Timeline) -> Verdict {
-    let mut v = classify_inner(t);
+    let tcp = classify_inner(t);
+    let mut v = h2_rules(t, &tcp).unwrap_or(tcp);
     if t.role_inferred {
         v.confidence = v.confidence.lower();
     }
     v
+}
+
+fn is_idle(debug: &str) -> bool {
+    debug.to_ascii_lowercase().contains("idle")
+}
+
+fn is_age(debug: &str) -> bool {
+    let d = debug.to_ascii_lowercase();
+    d.contains("max_age") || d.contains("agetimeout") || d.contains("connection_age") || d == "age"
+}
+
+fn secs(ns: u64) -> String {
+    let s = ns as f64 / 1e9;
+    if s >= 10.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+fn code_name(code: u32) -> String {
+    crate::h2::Reason(code).to_string()
+}
+
+/// L7 rules: who decided to end an HTTP/2 connection, whoever sent the first FIN/RST.
+fn h2_rules(t: &Timeline, tcp: &Verdict) -> Option<Verdict> {
+    let h = t.h2.as_ref()?;
+    let ending_at = first_ending(t).map(|(at, _)| at);
+    let before_end = |at: u64| ending_at.is_none_or(|e| at <= e);
+    let role = t.role;
+    let mechanism = match tcp.mechanism {
+        Mechanism::Fin => Mechanism::GoawayThenFin,
+        Mechanism::Rst => Mechanism::GoawayThenRst,
+        Mechanism::Timeout => Mechanism::GoawayThenTimeout,
+        m => m,
+    };
+    // PINGs from the client side that went unanswered, and their cadence.
+    let (client_unanswered, client_interval) = match role {
+        Role::Client => (h.unanswered_sent_since, h.ping_interval_sent_ns),
+        Role::Server => (h.unanswered_received_since, h.ping_interval_received_ns),
+        Role::Unknown => (h.unanswered_sent_since, h.ping_interval_sent_ns),
+    };
+    if let Some(g) = h.goaways.iter().find(|g| before_end(g.at_ns)) {
+        // Which side sent it: this socket when `sent`, else the peer.
+        let from_local = g.sent;
+        let sender_role = if from_local { role } else { role.opposite() };
+        let who = side(role, from_local);
+        let debug = if g.debug.is_empty() {
+            String::new()
+        } else {
+            format!(" \"{}\"", g.debug)
+        };
+        let closed_by: ClosedBy = sender_role.into();
+        let v = |reason: String, hint: String| {
+            verdict(
+                closed_by,
+                reason,
+                tcp.tcp_initiator,
+                mechanism,
+                Confidence::High,
+                hint,
+            )
+        };
+        if sender_role == Role::Server || (role == Role::Unknown && !from_local) {
+            if g.code == 0xb && g.debug.contains("too_many_pings") {
+                let every = client_interval
+                    .map(|n| format!("every {} ms", n / 1_000_000))
+                    .unwrap_or_else(|| "too often".into());
+                return Some(v(
+                    format!("{who}_too_many_pings"),
+                    format!(
+                        "the {who} sent GOAWAY ENHANCE_YOUR_CALM{debug}: the client sent keepalive PINGs {every}, \
+                         more often than the server's enforcement allows (grpc: \
+                         min_ping_interval_without_data_ms / EnforcementPolicy.MinTime, permit_without_stream); \
+                         raise the client's keepalive time above the server's minimum or relax the server policy"
+                    ),
+                ));
+            }
+            if g.code == 0 && is_idle(&g.debug) {
+                let idle = g
+                    .idle_ns
+                    .map(|n| format!(" after {} without an open stream", secs(n)))
+                    .unwrap_or_default();
+                return Some(v(
+                    format!("{who}_idle_timeout"),
+                    format!(
+                        "the {who}'s max idle timer fired{idle} (GOAWAY NO_ERROR{debug}); expected behaviour: \
+                         let the client reconnect on demand, or raise max_connection_idle on the server"
+                    ),
+                ));
+            }
+            if g.code == 0 && is_age(&g.debug) {
+                return Some(v(
+                    format!("{who}_max_age"),
+                    format!(
+                        "the {who} reached its max connection age and drained the connection (GOAWAY NO_ERROR{debug}); \
+                         clients must retry on a new connection; raise max_connection_age(+grace) if that is too often"
+                    ),
+                ));
+            }
+            return Some(v(
+                format!("{who}_goaway"),
+                format!(
+                    "the {who} sent GOAWAY {}{debug}; check the {who}'s logs around this time",
+                    code_name(g.code)
+                ),
+            ));
+        }
+        // The client sent the GOAWAY.
+        if let Some(since) = client_unanswered.filter(|s| *s <= g.at_ns) {
+            return Some(verdict(
+                closed_by,
+                format!("{who}_keepalive_timeout"),
+                tcp.tcp_initiator,
+                Mechanism::PingTimeout,
+                Confidence::High,
+                format!(
+                    "the {who}'s keepalive PING went unanswered for {} and it gave up on the connection: \
+                     the server or the path stopped responding (blackhole, stale NAT/conntrack entry, \
+                     overloaded server)",
+                    secs(g.at_ns.saturating_sub(since))
+                ),
+            ));
+        }
+        return Some(v(
+            format!("{who}_goaway"),
+            format!(
+                "the {who} ended the connection with GOAWAY {}{debug} (e.g. it closed its channel)",
+                code_name(g.code)
+            ),
+        ));
+    }
+    if !h.synced {
+        return None;
+    }
+    let ended_by_client = matches!(
+        (tcp.tcp_initiator, role),
+        (Initiator::Local, Role::Client) | (Initiator::Remote, Role::Server)
+    );
+    if let (true, Some(since)) = (ended_by_client, client_unanswered) {
+        if before_end(since) && tcp.closed_by != ClosedBy::Middlebox {
+            let who = if role == Role::Client {
+                side(role, true)
+            } else {
+                side(role, false)
+            };
+            return Some(verdict(
+                ClosedBy::Client,
+                format!("{who}_keepalive_timeout"),
+                tcp.tcp_initiator,
+                Mechanism::PingTimeout,
+                Confidence::High,
+                format!(
+                    "the {who}'s keepalive PING went unanswered and it closed the connection: the server or \
+                     the path stopped responding (blackhole, stale NAT/conntrack entry, overloaded server)"
+                ),
+            ));
+        }
+    }
+    if tcp.closed_by == ClosedBy::Server
+        && matches!(tcp.mechanism, Mechanism::Fin | Mechanism::Rst)
+        && !tcp.reason.ends_with("_process_exit")
+    {
+        return Some(verdict(
+            ClosedBy::Server,
+            "server_close_no_goaway",
+            tcp.tcp_initiator,
+            tcp.mechanism,
+            Confidence::Medium,
+            "the server side closed the HTTP/2 connection without a GOAWAY: an abrupt close (crash, \
+             kill, hard timeout) or a proxy/LB in front of the server ending it; check both",
+        ));
+    }
+    None
 }
 
 fn classify_inner(t: &Timeline) -> Verdict {

@@ -53,7 +53,40 @@ fn tl(role: Role, open: Vec<Fact>, rest: Vec<Fact>, peer: Option<PeerSummary>) -
         facts,
         peer,
         ttl_baseline: Some(63),
+        h2: None,
     }
+}
+
+fn with_h2(mut t: Timeline, h2: H2Summary) -> Timeline {
+    t.h2 = Some(h2);
+    t
+}
+
+fn goaway(sent: bool, at_ns: u64, code: u32, debug: &str) -> GoAwaySummary {
+    GoAwaySummary {
+        sent,
+        at_ns,
+        code,
+        debug: debug.into(),
+        idle_ns: Some(1_000_000_000),
+    }
+}
+
+fn synced(goaways: Vec<GoAwaySummary>) -> H2Summary {
+    H2Summary {
+        synced: true,
+        goaways,
+        ..Default::default()
+    }
+}
+
+/// Client FIN after the server's GOAWAY, seen from the client.
+fn client_fin_after(at: u64) -> Vec<Fact> {
+    vec![
+        st_by(at, S::Established, S::FinWait1, false),
+        f(at, FactKind::FinSent),
+        st(at + 1, S::FinWait2, S::Close),
+    ]
 }
 
 fn peer(exited: bool, closed_first: bool) -> Option<PeerSummary> {
@@ -445,6 +478,7 @@ fn cases() -> Vec<Case> {
                 ],
                 peer: None,
                 ttl_baseline: None,
+                h2: None,
             },
             closed_by: C::Unknown,
             reason: "remote_close",
@@ -476,7 +510,220 @@ fn cases() -> Vec<Case> {
             mechanism: M::Fin,
             confidence: K::High,
         },
+        Case {
+            name: "grpc max idle: server GOAWAY NO_ERROR max_idle, client sends the first FIN",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![goaway(false, 100, 0, "max_idle")]),
+            ),
+            closed_by: C::Server,
+            reason: "server_idle_timeout",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::High,
+        },
+        Case {
+            name: "grpc max idle, seen from the server that sent the GOAWAY",
+            timeline: with_h2(
+                tl(
+                    Role::Server,
+                    server_open(),
+                    vec![
+                        f(201, FactKind::FinReceived { ttl: 64 }),
+                        st(201, S::Established, S::CloseWait),
+                    ],
+                    None,
+                ),
+                synced(vec![goaway(true, 100, 0, "max_idle")]),
+            ),
+            closed_by: C::Server,
+            reason: "server_idle_timeout",
+            initiator: I::Remote,
+            mechanism: M::GoawayThenFin,
+            confidence: K::High,
+        },
+        Case {
+            name: "Kitex idle timeout text",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![goaway(false, 100, 0, "idleTimeout")]),
+            ),
+            closed_by: C::Server,
+            reason: "server_idle_timeout",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::High,
+        },
+        Case {
+            name: "grpc max age with the two-GOAWAY drain",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(300), None),
+                synced(vec![
+                    goaway(false, 100, 0, "max_age"),
+                    goaway(false, 200, 0, "max_age"),
+                ]),
+            ),
+            closed_by: C::Server,
+            reason: "server_max_age",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::High,
+        },
+        Case {
+            name: "too many pings: ENHANCE_YOUR_CALM too_many_pings",
+            timeline: with_h2(
+                tl(
+                    Role::Client,
+                    client_open(),
+                    vec![
+                        f(300, FactKind::FinReceived { ttl: 63 }),
+                        st(300, S::Established, S::CloseWait),
+                    ],
+                    None,
+                ),
+                H2Summary {
+                    ping_interval_sent_ns: Some(200_000_000),
+                    ..synced(vec![goaway(false, 290, 0xb, "too_many_pings")])
+                },
+            ),
+            closed_by: C::Server,
+            reason: "server_too_many_pings",
+            initiator: I::Remote,
+            mechanism: M::GoawayThenFin,
+            confidence: K::High,
+        },
+        Case {
+            name: "server GOAWAY with another code",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![goaway(false, 100, 2, "")]),
+            ),
+            closed_by: C::Server,
+            reason: "server_goaway",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::High,
+        },
+        Case {
+            name: "client GOAWAY (channel closed)",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![goaway(true, 100, 0, "")]),
+            ),
+            closed_by: C::Client,
+            reason: "client_goaway",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::High,
+        },
+        Case {
+            name: "client keepalive timeout: unanswered PING, then the client's GOAWAY",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(3_000), None),
+                H2Summary {
+                    unanswered_sent_since: Some(1_000),
+                    ..synced(vec![goaway(true, 2_000, 0, "")])
+                },
+            ),
+            closed_by: C::Client,
+            reason: "client_keepalive_timeout",
+            initiator: I::Local,
+            mechanism: M::PingTimeout,
+            confidence: K::High,
+        },
+        Case {
+            name: "client keepalive timeout without a GOAWAY",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(3_000), None),
+                H2Summary {
+                    unanswered_sent_since: Some(1_000),
+                    ..synced(vec![])
+                },
+            ),
+            closed_by: C::Client,
+            reason: "client_keepalive_timeout",
+            initiator: I::Local,
+            mechanism: M::PingTimeout,
+            confidence: K::High,
+        },
+        Case {
+            name: "server closes an HTTP/2 connection without GOAWAY",
+            timeline: with_h2(
+                tl(
+                    Role::Client,
+                    client_open(),
+                    vec![
+                        f(300, FactKind::FinReceived { ttl: 63 }),
+                        st(300, S::Established, S::CloseWait),
+                    ],
+                    None,
+                ),
+                synced(vec![]),
+            ),
+            closed_by: C::Server,
+            reason: "server_close_no_goaway",
+            initiator: I::Remote,
+            mechanism: M::Fin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "a GOAWAY after a forged RST does not explain the RST",
+            timeline: with_h2(
+                tl(
+                    Role::Client,
+                    client_open(),
+                    vec![
+                        f(
+                            100,
+                            FactKind::RstReceived {
+                                ttl: 64,
+                                origin: RstOrigin::NotSentByPeer,
+                            },
+                        ),
+                        st(100, S::Established, S::Close),
+                    ],
+                    peer(false, false),
+                ),
+                synced(vec![goaway(true, 150, 0, "")]),
+            ),
+            closed_by: C::Middlebox,
+            reason: "middlebox_reset",
+            initiator: I::Remote,
+            mechanism: M::Rst,
+            confidence: K::High,
+        },
+        Case {
+            name: "HTTP/2 client close without GOAWAY stays a TCP client close",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![]),
+            ),
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::High,
+        },
     ]
+}
+
+#[test]
+fn too_many_pings_hint_names_the_client_interval() {
+    let t = with_h2(
+        tl(
+            Role::Server,
+            server_open(),
+            vec![st_by(300, S::Established, S::FinWait1, false)],
+            None,
+        ),
+        H2Summary {
+            ping_interval_received_ns: Some(200_000_000),
+            ..synced(vec![goaway(true, 290, 0xb, "too_many_pings")])
+        },
+    );
+    let v = classify(&t);
+    assert_eq!(v.reason, "server_too_many_pings");
+    assert!(v.hint.contains("every 200 ms"), "{}", v.hint);
 }
 
 #[test]

@@ -4,12 +4,15 @@
 //! facts such as the RST a close sends after its state change) it resolves the cross-socket
 //! evidence and asks the classifier for a verdict.
 
+pub mod h2;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::{
-    classify::{self, Fact, FactKind, PeerSummary, Role, RstOrigin, Timeline, Verdict},
+    classify::{self, Fact, FactKind, H2Summary, PeerSummary, Role, RstOrigin, Timeline, Verdict},
     event::{Dir, Event, EventKind, Packet, TcpState, Tuple},
 };
+use h2::{H2State, H2Track};
 
 /// Facts kept per connection; later ones are counted, not stored.
 pub const MAX_FACTS: usize = 128;
@@ -38,6 +41,8 @@ pub struct Conn {
     pub egress_seq0: Option<u32>,
     pub ingress_seq0: Option<u32>,
     pub retransmits: u32,
+    /// HTTP/2 state, once any payload of this socket was classified.
+    pub h2: Option<H2Track>,
     /// CPU and time of the last event about this socket (to place tuple-only error reports).
     last_cpu: u32,
     last_ns: u64,
@@ -138,6 +143,7 @@ impl Conn {
             egress_seq0: None,
             ingress_seq0: None,
             retransmits: 0,
+            h2: None,
             last_cpu: u32::MAX,
             last_ns: 0,
             rst_in: Vec::new(),
@@ -302,6 +308,39 @@ impl Table {
         match ev.kind {
             EventKind::State { old, new } => self.on_state(ev, old, new, &mut out),
             EventKind::Packet(p) => self.on_packet(ev, &p),
+            EventKind::H2Proto { note, .. } => {
+                if let Some(c) = self.conns.get_mut(&ev.skaddr) {
+                    let first = c.opened_ns.unwrap_or(c.first_ns);
+                    c.h2.get_or_insert_with(|| H2Track::new(first))
+                        .on_proto(note);
+                }
+            }
+            EventKind::H2Frame {
+                dir,
+                ref head,
+                ref payload,
+                ..
+            } => {
+                if let Some(c) = self.conns.get_mut(&ev.skaddr) {
+                    let first = c.opened_ns.unwrap_or(c.first_ns);
+                    let track = c.h2.get_or_insert_with(|| H2Track::new(first));
+                    if track.state == H2State::Unsynced && track.frames == 0 {
+                        // Frames only come from a synced walker.
+                        track.state = H2State::Synced;
+                    }
+                    if let Some(g) = track.on_frame(ev.ts_ns, dir, head, payload).cloned() {
+                        c.push(
+                            ev.ts_ns,
+                            FactKind::GoAway {
+                                sent: g.dir == Dir::Egress,
+                                code: g.reason.0,
+                                last_stream_id: g.last_stream_id,
+                                debug: g.debug,
+                            },
+                        );
+                    }
+                }
+            }
             EventKind::ErrorReport { error } => self.on_error(ev, error),
             EventKind::Retransmit { state, .. } => {
                 if self.ensure(ev, &mut out) {
@@ -704,6 +743,7 @@ impl Table {
             facts: conn.facts.clone(),
             peer: peer.clone(),
             ttl_baseline: conn.ttl_baseline,
+            h2: conn.h2.as_ref().map(h2_summary),
         };
         let verdict = classify::classify(&timeline);
         if let Some(t) = conn.tuple {
@@ -734,6 +774,28 @@ impl Table {
             peer,
             owner,
         })
+    }
+}
+
+/// The classifier's view of the HTTP/2 state.
+fn h2_summary(t: &H2Track) -> H2Summary {
+    H2Summary {
+        synced: t.state == H2State::Synced,
+        goaways: t
+            .goaways
+            .iter()
+            .map(|g| classify::GoAwaySummary {
+                sent: g.dir == Dir::Egress,
+                at_ns: g.at_ns,
+                code: g.reason.0,
+                debug: g.debug.clone(),
+                idle_ns: g.idle_ns,
+            })
+            .collect(),
+        ping_interval_sent_ns: t.ping_sent.median_interval_ns(),
+        ping_interval_received_ns: t.ping_received.median_interval_ns(),
+        unanswered_sent_since: t.ping_sent.oldest_unanswered_ns(),
+        unanswered_received_since: t.ping_received.oldest_unanswered_ns(),
     }
 }
 

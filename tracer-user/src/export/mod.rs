@@ -128,6 +128,24 @@ fn evidence(c: &Closed) -> Vec<Value> {
                 put("errno", json!(errno));
                 put("error", json!(errno_name(*errno)));
             }
+            FactKind::GoAway {
+                sent,
+                code,
+                last_stream_id,
+                debug,
+            } => {
+                put(
+                    "what",
+                    json!(if *sent {
+                        "goaway_sent"
+                    } else {
+                        "goaway_received"
+                    }),
+                );
+                put("error_code", json!(crate::h2::Reason(*code).to_string()));
+                put("last_stream_id", json!(last_stream_id));
+                put("debug", json!(debug));
+            }
             FactKind::CloseCall { pid, comm, exiting } => {
                 put("what", json!("close_call"));
                 put("pid", json!(pid));
@@ -140,6 +158,59 @@ fn evidence(c: &Closed) -> Vec<Value> {
         out.push(Value::Object(o));
     }
     out
+}
+
+fn opt_ms(ns: Option<u64>) -> Value {
+    ns.map(|n| json!(ms(n))).unwrap_or(Value::Null)
+}
+
+/// The `h2` object: `null` when no payload of the socket was ever classified.
+fn h2_json(c: &Closed) -> Value {
+    let Some(h) = &c.conn.h2 else {
+        return Value::Null;
+    };
+    let start = c.conn.first_ns;
+    let closed = c.conn.closed_ns.unwrap_or(start);
+    let goaways: Vec<Value> = h
+        .goaways
+        .iter()
+        .map(|g| {
+            json!({
+                "dir": if g.dir == crate::event::Dir::Egress { "sent" } else { "received" },
+                "at_ms": ms(g.at_ns.saturating_sub(start)),
+                "error_code": g.reason.to_string(),
+                "code": g.reason.0,
+                "last_stream_id": g.last_stream_id,
+                "debug": g.debug,
+                "debug_truncated": g.debug_truncated,
+                "idle_ms": opt_ms(g.idle_ns),
+            })
+        })
+        .collect();
+    json!({
+        "state": h.state,
+        "preface_seen": h.preface_seen,
+        "frames": h.frames,
+        "parse_errors": h.parse_errors,
+        "desyncs": h.desyncs,
+        "goaways": goaways,
+        "pings": {
+            "sent": h.ping_sent.pings,
+            "received": h.ping_received.pings,
+            "acks_sent": h.ping_sent.acks,
+            "acks_received": h.ping_received.acks,
+            "unanswered_sent": h.ping_sent.unanswered(),
+            "unanswered_received": h.ping_received.unanswered(),
+            "min_interval_ms_sent": opt_ms(h.ping_sent.min_interval_ns()),
+            "min_interval_ms_received": opt_ms(h.ping_received.min_interval_ns()),
+            "median_interval_ms_sent": opt_ms(h.ping_sent.median_interval_ns()),
+            "median_interval_ms_received": opt_ms(h.ping_received.median_interval_ns()),
+        },
+        "rst_streams": { "sent": h.rst_sent, "received": h.rst_received },
+        "streams_open_at_close": h.open_streams(),
+        "max_open_streams": h.max_open_streams,
+        "idle_before_close_ms": opt_ms(h.idle_since_ns.map(|t| closed.saturating_sub(t))),
+    })
 }
 
 fn peer_json(p: &Option<PeerSummary>) -> Value {
@@ -191,6 +262,7 @@ pub fn close_json(c: &Closed, clock: &Clock) -> Value {
             "ttl_baseline": conn.ttl_baseline,
             "facts_dropped": conn.facts_dropped,
         },
+        "h2": h2_json(c),
         "peer": peer_json(&c.peer),
     })
 }

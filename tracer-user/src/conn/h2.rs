@@ -1,0 +1,383 @@
+//! Per-connection HTTP/2 state built from the frames the kernel reports: GOAWAYs, PING
+//! cadence and answers, RST_STREAM counts, open streams and idle time.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::{
+    event::{Dir, ProtoNote},
+    h2::{self, Frame, Head, Reason},
+};
+
+const MAX_GOAWAYS: usize = 8;
+const MAX_STREAMS: usize = 10_000;
+const MAX_OUTSTANDING: usize = 16;
+const MAX_PING_TIMES: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum H2State {
+    /// HTTP/2 frame boundaries are known.
+    Synced,
+    /// The payload looked like it could be HTTP/2 but boundaries are unknown (seen
+    /// mid-stream, or a capture gap); nothing is parsed until they are found again.
+    Unsynced,
+    NotH2,
+    Tls,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoAwayRec {
+    /// `Egress`: this socket sent it.
+    pub dir: Dir,
+    pub at_ns: u64,
+    pub reason: Reason,
+    pub last_stream_id: u32,
+    pub debug: String,
+    pub debug_truncated: bool,
+    /// How long the connection had no open stream when the GOAWAY went out.
+    pub idle_ns: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PingSide {
+    pub pings: u32,
+    pub acks: u32,
+    /// Times of this side's PINGs (bounded), for the cadence.
+    times: VecDeque<u64>,
+    /// Opaque data of this side's PINGs not yet acknowledged, with their time.
+    outstanding: VecDeque<([u8; 8], u64)>,
+}
+
+impl PingSide {
+    /// Median interval between consecutive PINGs, in ns.
+    pub fn median_interval_ns(&self) -> Option<u64> {
+        let mut gaps: Vec<u64> = self
+            .times
+            .iter()
+            .zip(self.times.iter().skip(1))
+            .map(|(a, b)| b.saturating_sub(*a))
+            .collect();
+        if gaps.is_empty() {
+            return None;
+        }
+        gaps.sort_unstable();
+        Some(gaps[gaps.len() / 2])
+    }
+
+    pub fn min_interval_ns(&self) -> Option<u64> {
+        self.times
+            .iter()
+            .zip(self.times.iter().skip(1))
+            .map(|(a, b)| b.saturating_sub(*a))
+            .min()
+    }
+
+    pub fn unanswered(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    /// When the oldest unanswered PING went out.
+    pub fn oldest_unanswered_ns(&self) -> Option<u64> {
+        self.outstanding.front().map(|(_, t)| *t)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct H2Track {
+    pub state: H2State,
+    pub preface_seen: bool,
+    pub desyncs: u32,
+    pub parse_errors: u32,
+    pub frames: u64,
+    pub goaways: Vec<GoAwayRec>,
+    /// PINGs this socket sent, and those it received.
+    pub ping_sent: PingSide,
+    pub ping_received: PingSide,
+    pub rst_sent: BTreeMap<String, u32>,
+    pub rst_received: BTreeMap<String, u32>,
+    /// Open streams: bit 0 = this side ended its half, bit 1 = the peer ended its half.
+    streams: HashMap<u32, u8>,
+    pub streams_overflow: bool,
+    pub max_open_streams: usize,
+    /// Since when no stream has been open (None while some are).
+    pub idle_since_ns: Option<u64>,
+    pub last_frame_ns: Option<u64>,
+}
+
+impl H2Track {
+    pub fn new(at_ns: u64) -> Self {
+        H2Track {
+            state: H2State::Unsynced,
+            preface_seen: false,
+            desyncs: 0,
+            parse_errors: 0,
+            frames: 0,
+            goaways: Vec::new(),
+            ping_sent: PingSide::default(),
+            ping_received: PingSide::default(),
+            rst_sent: BTreeMap::new(),
+            rst_received: BTreeMap::new(),
+            streams: HashMap::new(),
+            streams_overflow: false,
+            max_open_streams: 0,
+            idle_since_ns: Some(at_ns),
+            last_frame_ns: None,
+        }
+    }
+
+    pub fn open_streams(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn on_proto(&mut self, note: ProtoNote) {
+        match note {
+            ProtoNote::H2Preface => {
+                self.preface_seen = true;
+                self.state = H2State::Synced;
+            }
+            ProtoNote::H2SettingsFirst | ProtoNote::Resynced => {
+                if !matches!(self.state, H2State::NotH2 | H2State::Tls) {
+                    self.state = H2State::Synced;
+                }
+            }
+            ProtoNote::Tls => self.state = H2State::Tls,
+            ProtoNote::Other => self.state = H2State::NotH2,
+            ProtoNote::Desync => {
+                self.desyncs += 1;
+                self.state = H2State::Unsynced;
+            }
+            ProtoNote::GaveUp => {}
+        }
+    }
+
+    /// One frame header plus captured payload prefix. Returns the GOAWAY if it was one.
+    pub fn on_frame(
+        &mut self,
+        at_ns: u64,
+        dir: Dir,
+        head: &[u8; 9],
+        payload: &Bytes,
+    ) -> Option<&GoAwayRec> {
+        let head = match Head::parse(head) {
+            Ok(h) => h,
+            Err(_) => {
+                self.parse_errors += 1;
+                return None;
+            }
+        };
+        let frame = match h2::parse_frame(&head, payload) {
+            Ok(f) => f,
+            Err(_) => {
+                self.parse_errors += 1;
+                return None;
+            }
+        };
+        self.frames += 1;
+        self.last_frame_ns = Some(at_ns);
+        let mine = dir == Dir::Egress;
+        match frame {
+            Frame::Headers(h) => {
+                self.open(at_ns, h.stream_id);
+                if h.end_stream {
+                    self.end_half(at_ns, h.stream_id, mine);
+                }
+            }
+            Frame::Data(d) => {
+                if d.end_stream {
+                    self.end_half(at_ns, d.stream_id, mine);
+                }
+            }
+            Frame::RstStream(r) => {
+                let name = r.reason.to_string();
+                let map = if mine {
+                    &mut self.rst_sent
+                } else {
+                    &mut self.rst_received
+                };
+                *map.entry(name).or_default() += 1;
+                self.close_stream(at_ns, r.stream_id);
+            }
+            Frame::Ping(p) => {
+                let (own, other) = if mine {
+                    (&mut self.ping_sent, &mut self.ping_received)
+                } else {
+                    (&mut self.ping_received, &mut self.ping_sent)
+                };
+                if p.ack {
+                    own.acks += 1;
+                    // An ACK answers a PING of the other side.
+                    if let Some(i) = other.outstanding.iter().position(|(o, _)| *o == p.opaque) {
+                        other.outstanding.remove(i);
+                    }
+                } else {
+                    own.pings += 1;
+                    own.times.push_back(at_ns);
+                    if own.times.len() > MAX_PING_TIMES {
+                        own.times.pop_front();
+                    }
+                    own.outstanding.push_back((p.opaque, at_ns));
+                    if own.outstanding.len() > MAX_OUTSTANDING {
+                        own.outstanding.pop_front();
+                    }
+                }
+            }
+            Frame::GoAway(g) => {
+                if self.goaways.len() < MAX_GOAWAYS {
+                    let idle_ns = if self.streams.is_empty() {
+                        self.idle_since_ns.map(|t| at_ns.saturating_sub(t))
+                    } else {
+                        None
+                    };
+                    self.goaways.push(GoAwayRec {
+                        dir,
+                        at_ns,
+                        reason: g.reason,
+                        last_stream_id: g.last_stream_id,
+                        debug: g.debug_text(),
+                        debug_truncated: g.debug_truncated,
+                        idle_ns,
+                    });
+                    return self.goaways.last();
+                }
+            }
+            Frame::Settings(_)
+            | Frame::Priority(_)
+            | Frame::PushPromise(_)
+            | Frame::WindowUpdate(_)
+            | Frame::Continuation(_)
+            | Frame::Unknown(_) => {}
+        }
+        None
+    }
+
+    fn open(&mut self, at_ns: u64, id: u32) {
+        if self.streams.contains_key(&id) {
+            return;
+        }
+        if self.streams.len() >= MAX_STREAMS {
+            self.streams_overflow = true;
+            return;
+        }
+        self.streams.insert(id, 0);
+        self.max_open_streams = self.max_open_streams.max(self.streams.len());
+        self.idle_since_ns = None;
+        let _ = at_ns;
+    }
+
+    fn end_half(&mut self, at_ns: u64, id: u32, mine: bool) {
+        let Some(bits) = self.streams.get_mut(&id) else {
+            return;
+        };
+        *bits |= if mine { 1 } else { 2 };
+        if *bits == 3 {
+            self.close_stream(at_ns, id);
+        }
+    }
+
+    fn close_stream(&mut self, at_ns: u64, id: u32) {
+        if self.streams.remove(&id).is_some() && self.streams.is_empty() {
+            self.idle_since_ns = Some(at_ns);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: u32, kind: u8, flags: u8, stream: u32) -> [u8; 9] {
+        let l = len.to_be_bytes();
+        let s = stream.to_be_bytes();
+        [l[1], l[2], l[3], kind, flags, s[0], s[1], s[2], s[3]]
+    }
+
+    #[test]
+    fn streams_idle_and_goaway_idle_time() {
+        let mut t = H2Track::new(0);
+        let none = Bytes::new();
+        t.on_frame(10, Dir::Egress, &frame(20, 1, 0x4, 1), &none); // request HEADERS
+        t.on_frame(11, Dir::Egress, &frame(5, 0, 0x1, 1), &none); // request DATA END_STREAM
+        assert_eq!(t.open_streams(), 1);
+        assert_eq!(t.idle_since_ns, None);
+        t.on_frame(20, Dir::Ingress, &frame(10, 1, 0x5, 1), &none); // response HEADERS END_STREAM
+        assert_eq!(t.open_streams(), 0);
+        assert_eq!(t.idle_since_ns, Some(20));
+        let mut p = vec![0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0];
+        p.extend_from_slice(b"max_idle");
+        let g = t
+            .on_frame(1_020, Dir::Ingress, &frame(16, 7, 0, 0), &Bytes::from(p))
+            .cloned()
+            .expect("goaway");
+        assert_eq!(
+            (g.reason, g.last_stream_id, g.debug.as_str()),
+            (Reason::NO_ERROR, 0x7fff_ffff, "max_idle")
+        );
+        assert_eq!(g.idle_ns, Some(1_000));
+    }
+
+    #[test]
+    fn ping_cadence_and_unanswered() {
+        let mut t = H2Track::new(0);
+        for (i, at) in [0u64, 200, 400, 600].iter().enumerate() {
+            t.on_frame(
+                *at,
+                Dir::Egress,
+                &frame(8, 6, 0, 0),
+                &Bytes::from(vec![i as u8; 8]),
+            );
+        }
+        // The peer acknowledges the first two only.
+        for i in 0..2u8 {
+            t.on_frame(
+                700,
+                Dir::Ingress,
+                &frame(8, 6, 1, 0),
+                &Bytes::from(vec![i; 8]),
+            );
+        }
+        assert_eq!(t.ping_sent.pings, 4);
+        assert_eq!(t.ping_received.acks, 2);
+        assert_eq!(t.ping_sent.unanswered(), 2);
+        assert_eq!(t.ping_sent.oldest_unanswered_ns(), Some(400));
+        assert_eq!(t.ping_sent.median_interval_ns(), Some(200));
+    }
+
+    #[test]
+    fn rst_stream_counts_by_reason_and_closes_the_stream() {
+        let mut t = H2Track::new(0);
+        t.on_frame(1, Dir::Egress, &frame(20, 1, 0x4, 3), &Bytes::new());
+        t.on_frame(
+            2,
+            Dir::Egress,
+            &frame(4, 3, 0, 3),
+            &Bytes::from(vec![0, 0, 0, 8]),
+        );
+        assert_eq!(t.rst_sent.get("CANCEL"), Some(&1));
+        assert_eq!(t.open_streams(), 0);
+        assert!(t.goaways.is_empty());
+    }
+
+    #[test]
+    fn malformed_frames_are_counted_not_trusted() {
+        let mut t = H2Track::new(0);
+        // A PING on stream 5 and a GOAWAY shorter than 8 bytes.
+        t.on_frame(
+            1,
+            Dir::Ingress,
+            &frame(8, 6, 0, 5),
+            &Bytes::from(vec![0; 8]),
+        );
+        t.on_frame(
+            1,
+            Dir::Ingress,
+            &frame(4, 7, 0, 0),
+            &Bytes::from(vec![0; 4]),
+        );
+        assert_eq!(t.parse_errors, 2);
+        assert!(t.goaways.is_empty());
+        assert_eq!(t.frames, 0);
+    }
+}

@@ -286,6 +286,29 @@ pub fn btf_offsets(path: &Path) -> Result<BtfOffsets, String> {
     })
 }
 
+/// Names of an enum's values from kernel BTF, with a common prefix removed
+/// (`sk_rst_reason`: `SK_RST_REASON_TCP_ABORT_ON_CLOSE` -> `TCP_ABORT_ON_CLOSE`).
+/// The numbering of such enums changes between kernel versions, so it is never hard-coded.
+pub fn btf_enum_names(path: &Path, name: &str, prefix: &str) -> HashMap<u32, String> {
+    let mut out = HashMap::new();
+    let Ok(btf) = btf_rs::Btf::from_file(path) else {
+        return out;
+    };
+    let Ok(types) = btf.resolve_types_by_name(name) else {
+        return out;
+    };
+    for t in types {
+        if let btf_rs::Type::Enum(e) = t {
+            for m in &e.members {
+                if let Ok(n) = btf.resolve_name(m) {
+                    out.insert(m.val(), n.strip_prefix(prefix).unwrap_or(&n).to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Byte offset of `path` (member names, descending into nested structs) inside struct
 /// `name`. Anonymous unions and structs on the way are searched transparently.
 fn member_offset(btf: &btf_rs::Btf, name: &str, path: &[&str]) -> Option<u32> {
@@ -495,5 +518,14 @@ print fmt: \"family=%s\"
         assert!(o.net_inum.is_some(), "{o:?}");
         assert!(o.task_flags.is_some(), "{o:?}");
         assert!(o.v6_daddr.is_some() && o.v6_saddr.is_some(), "{o:?}");
+        // sk_rst_reason exists from 6.10 on; when it does, value 1 is NO_SOCKET.
+        let names = btf_enum_names(path, "sk_rst_reason", "SK_RST_REASON_");
+        if !names.is_empty() {
+            assert_eq!(
+                names.get(&1).map(String::as_str),
+                Some("NO_SOCKET"),
+                "{names:?}"
+            );
+        }
     }
 }

@@ -166,8 +166,14 @@ pub async fn run(opts: TraceOptions) -> anyhow::Result<()> {
     out.out.flush()?;
 
     let linger_ns = u64::try_from(opts.linger.as_nanos()).unwrap_or(u64::MAX);
+    let mut table = Table::new(linger_ns, opts.max_conns, ephemeral_range());
+    table.set_rst_reason_names(crate::kernel::btf_enum_names(
+        std::path::Path::new("/sys/kernel/btf/vmlinux"),
+        "sk_rst_reason",
+        "SK_RST_REASON_",
+    ));
     let mut state = Loop {
-        table: Table::new(linger_ns, opts.max_conns, ephemeral_range()),
+        table,
         decode_errors: 0,
         last_drops: 0,
     };

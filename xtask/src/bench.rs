@@ -267,3 +267,198 @@ pub fn churn(root: &Path, args: &ChurnArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct H2Args {
+    /// Requests per phase.
+    #[arg(long, default_value_t = 3000)]
+    requests: u32,
+    /// Response size in MiB.
+    #[arg(long, default_value_t = 1)]
+    mib: u32,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 4)]
+    clients: u32,
+    /// Concurrent streams per connection.
+    #[arg(long, default_value_t = 10)]
+    streams: u32,
+    /// Detached/attached pairs; the table reports every run and the ratio of medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+}
+
+struct H2Phase {
+    name: &'static str,
+    secs: f64,
+    req_per_s: f64,
+    mb_per_s: f64,
+    tracer_cpu_s: Option<f64>,
+}
+
+/// Parses h2load's "finished in 1.23s, 325.20 req/s, 325.33MB/s" line.
+fn parse_h2load(out: &str) -> Option<(f64, f64, f64)> {
+    let line = out.lines().find(|l| l.starts_with("finished in"))?;
+    let mut parts = line
+        .trim_start_matches("finished in")
+        .split(',')
+        .map(str::trim);
+    let t = parts.next()?;
+    let secs = if let Some(v) = t.strip_suffix("ms") {
+        v.parse::<f64>().ok()? / 1e3
+    } else if let Some(v) = t.strip_suffix("us") {
+        v.parse::<f64>().ok()? / 1e6
+    } else {
+        t.strip_suffix('s')?.parse::<f64>().ok()?
+    };
+    let rps = parts
+        .next()?
+        .trim_end_matches("req/s")
+        .trim()
+        .parse::<f64>()
+        .ok()?;
+    let rate = parts.next()?;
+    let (num, unit) = rate.split_at(rate.find(|c: char| c.is_ascii_alphabetic())?);
+    let num: f64 = num.trim().parse().ok()?;
+    let mb = match unit {
+        "GB/s" => num * 1000.0,
+        "MB/s" => num,
+        "KB/s" => num / 1000.0,
+        "B/s" => num / 1e6,
+        _ => return None,
+    };
+    Some((secs, rps, mb))
+}
+
+fn h2load_phase(
+    name: &'static str,
+    url: &str,
+    args: &H2Args,
+    tracer: Option<Child>,
+) -> Result<H2Phase> {
+    let pid = tracer.as_ref().map(Child::id);
+    let cpu0 = pid.and_then(cpu_seconds);
+    let out = Command::new("h2load")
+        .args([
+            "-n",
+            &args.requests.to_string(),
+            "-c",
+            &args.clients.to_string(),
+            "-m",
+            &args.streams.to_string(),
+            url,
+        ])
+        .output()
+        .context("running h2load (Debian nghttp2-client)")?;
+    let cpu1 = pid.and_then(cpu_seconds);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (secs, req_per_s, mb_per_s) =
+        parse_h2load(&text).with_context(|| format!("unexpected h2load output:\n{text}"))?;
+    if let Some(mut t) = tracer {
+        stop(&mut t);
+    }
+    Ok(H2Phase {
+        name,
+        secs,
+        req_per_s,
+        mb_per_s,
+        tracer_cpu_s: match (cpu0, cpu1) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        },
+    })
+}
+
+pub fn h2(root: &Path, args: &H2Args) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("whoclosed-bench-h2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let body = vec![0x5au8; (args.mib as usize) << 20];
+    std::fs::write(dir.join("blob"), &body)?;
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut server = Command::new("nghttpd")
+        .args(["--no-tls", "-a", "127.0.0.1", "-d"])
+        .arg(&dir)
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nghttpd (Debian nghttp2-server)")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            let _ = server.kill();
+            bail!("nghttpd did not listen on 127.0.0.1:{port}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("http://127.0.0.1:{port}/blob");
+    let result = (|| -> Result<Vec<H2Phase>> {
+        let mut phases = Vec::new();
+        for _ in 0..args.rounds.max(1) {
+            phases.push(h2load_phase("detached", &url, args, None)?);
+            let mut cmd = Command::new(root.join("target/release/whoclosed"));
+            cmd.args(["trace", "--linger-ms", "200"]);
+            let wc = start_tracer(cmd, |l| l.contains("\"type\":\"ready\""))?;
+            phases.push(h2load_phase("attached", &url, args, Some(wc))?);
+        }
+        Ok(phases)
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let phases = result?;
+    let median = |name: &str| {
+        let mut v: Vec<f64> = phases
+            .iter()
+            .filter(|p| p.name == name)
+            .map(|p| p.mb_per_s)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let base = median("detached");
+    println!(
+        "h2load on loopback: {} requests of {} MiB, {} connections x {} streams, nghttpd --no-tls",
+        args.requests, args.mib, args.clients, args.streams
+    );
+    println!(
+        "{:<15} {:>8} {:>10} {:>10} {:>14} {:>16}",
+        "run", "secs", "req/s", "MB/s", "vs median bare", "agent CPU s"
+    );
+    for p in &phases {
+        println!(
+            "{:<15} {:>8.2} {:>10.1} {:>10.1} {:>14.3} {:>16}",
+            p.name,
+            p.secs,
+            p.req_per_s,
+            p.mb_per_s,
+            p.mb_per_s / base,
+            p.tracer_cpu_s
+                .map(|c| format!("{c:.2} ({:.1}%)", 100.0 * c / p.secs))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    println!(
+        "median MB/s: detached {base:.1}, attached {:.1}; attached/detached = {:.3}",
+        median("attached"),
+        median("attached") / base
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_h2load_summary() {
+        let out = "starting benchmark...\nfinished in 1.23s, 325.20 req/s, 325.33MB/s\nrequests: 400 total";
+        assert_eq!(super::parse_h2load(out), Some((1.23, 325.20, 325.33)));
+        assert_eq!(
+            super::parse_h2load("finished in 2.00s, 10.00 req/s, 1.50GB/s"),
+            Some((2.0, 10.0, 1500.0))
+        );
+        assert_eq!(
+            super::parse_h2load("finished in 183.21ms, 1637.46 req/s, 1.60GB/s"),
+            Some((0.18321, 1637.46, 1600.0))
+        );
+        assert_eq!(super::parse_h2load("nothing"), None);
+    }
+}

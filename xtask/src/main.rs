@@ -4,6 +4,8 @@
 //! so it is cheap to run before every build.
 
 mod bench;
+mod fuzz;
+mod vm;
 
 use std::{
     env,
@@ -47,6 +49,12 @@ enum Task {
     },
     /// Connection-churn benchmark: nothing attached vs whoclosed vs libbpf-tools tcplife.
     BenchChurn(bench::ChurnArgs),
+    /// HTTP/2 benchmark: the same h2load transfer with the agent detached and attached.
+    BenchH2(bench::H2Args),
+    /// Boot stock Debian kernels under QEMU and run the end-to-end tests inside them.
+    Vm(vm::VmArgs),
+    /// Run the HTTP/2 frame parser fuzz target for a bounded time (cargo-fuzz, nightly).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 /// Debian packages the build, the tests and the benchmarks use.
@@ -57,7 +65,13 @@ const DEB_PACKAGES: &[&str] = &[
     "psmisc",
     "libbpf-tools",
     "bpftool",
+    "nghttp2-client",
+    "nghttp2-server",
+    "python3-venv",
 ];
+
+/// grpcio for the HTTP/2 end-to-end peers, from PyPI (Debian's 1.51 behaves differently).
+const GRPCIO: &str = "grpcio==1.85.1";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -220,8 +234,41 @@ fn setup_bpf_linker(sysroot: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The Python venv with grpcio used by the HTTP/2 test peers (`$WHOCLOSED_VENV`).
+pub fn venv_dir() -> PathBuf {
+    if let Some(v) = env::var_os("WHOCLOSED_VENV") {
+        return PathBuf::from(v);
+    }
+    let home = env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".cache/whoclosed/venv")
+}
+
+fn setup_venv() -> Result<()> {
+    let venv = venv_dir();
+    let python = venv.join("bin/python3");
+    let want = GRPCIO.trim_start_matches("grpcio==");
+    let have = output(Command::new(&python).args(["-c", "import grpc; print(grpc.__version__)"]));
+    if have.as_deref().map(str::trim) == Some(want) {
+        return Ok(());
+    }
+    if !python.exists() {
+        eprintln!("xtask: creating the Python venv {}", venv.display());
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    eprintln!("xtask: installing {GRPCIO} into {}", venv.display());
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        GRPCIO,
+    ]))
+}
+
 fn setup() -> Result<()> {
     setup_debs()?;
+    setup_venv()?;
     let sysroot = nightly_sysroot()?;
     setup_rust_src()?;
     setup_bpf_linker(&sysroot)?;
@@ -278,5 +325,15 @@ fn main() -> Result<()> {
             build(&root, true)?;
             bench::churn(&root, &args)
         }
+        Task::BenchH2(args) => {
+            setup()?;
+            build(&root, true)?;
+            bench::h2(&root, &args)
+        }
+        Task::Vm(args) => {
+            setup()?;
+            vm::run(&root, &args)
+        }
+        Task::Fuzz(args) => fuzz::run(&root, &args),
     }
 }

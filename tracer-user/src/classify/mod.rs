@@ -68,13 +68,17 @@ pub enum FactKind {
     FinReceived {
         ttl: u8,
     },
-    /// A RST left this socket (egress segment or the kernel's send_reset for it).
+    /// A RST left this socket (egress segment or the kernel's send_reset for it), with the
+    /// kernel's `sk_rst_reason` when the kernel reports one (6.10+).
     RstSent {
         exiting: bool,
+        kernel_reason: Option<String>,
     },
+    /// `sender_reason`: the reason the sender's kernel gave, when that kernel is this host's.
     RstReceived {
         ttl: u8,
         origin: RstOrigin,
+        sender_reason: Option<String>,
     },
     TtlChanged {
         ttl: u8,
@@ -244,7 +248,7 @@ fn local_exit(t: &Timeline) -> bool {
         FactKind::State { exiting, to, .. } => {
             *exiting && matches!(to, TcpState::FinWait1 | TcpState::LastAck | TcpState::Close)
         }
-        FactKind::CloseCall { exiting, .. } | FactKind::RstSent { exiting } => *exiting,
+        FactKind::CloseCall { exiting, .. } | FactKind::RstSent { exiting, .. } => *exiting,
         _ => false,
     })
 }
@@ -267,7 +271,7 @@ fn first_ending(t: &Timeline) -> Option<(u64, Ending)> {
             } => Ending::RemoteFin,
             FactKind::FinReceived { .. } => Ending::RemoteFin,
             FactKind::RstSent { .. } => Ending::LocalRst { exiting },
-            FactKind::RstReceived { ttl, origin } => Ending::RemoteRst {
+            FactKind::RstReceived { ttl, origin, .. } => Ending::RemoteRst {
                 ttl: *ttl,
                 origin: *origin,
             },

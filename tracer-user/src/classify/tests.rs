@@ -178,7 +178,13 @@ fn cases() -> Vec<Case> {
                 server_open(),
                 vec![
                     st_by(100, S::Established, S::Close, true),
-                    f(101, FactKind::RstSent { exiting: true }),
+                    f(
+                        101,
+                        FactKind::RstSent {
+                            exiting: true,
+                            kernel_reason: None,
+                        },
+                    ),
                 ],
                 None,
             ),
@@ -199,6 +205,7 @@ fn cases() -> Vec<Case> {
                         FactKind::RstReceived {
                             ttl: 63,
                             origin: RstOrigin::PeerSocket,
+                            sender_reason: None,
                         },
                     ),
                     f(101, FactKind::SocketError { errno: ECONNRESET }),
@@ -236,7 +243,13 @@ fn cases() -> Vec<Case> {
                 client_open(),
                 vec![
                     st_by(100, S::Established, S::Close, false),
-                    f(101, FactKind::RstSent { exiting: false }),
+                    f(
+                        101,
+                        FactKind::RstSent {
+                            exiting: false,
+                            kernel_reason: None,
+                        },
+                    ),
                 ],
                 None,
             ),
@@ -257,6 +270,7 @@ fn cases() -> Vec<Case> {
                         FactKind::RstReceived {
                             ttl: 63,
                             origin: RstOrigin::PeerKernel,
+                            sender_reason: None,
                         },
                     ),
                     st(100, S::Established, S::Close),
@@ -280,6 +294,7 @@ fn cases() -> Vec<Case> {
                         FactKind::RstReceived {
                             ttl: 64,
                             origin: RstOrigin::NotSentByPeer,
+                            sender_reason: None,
                         },
                     ),
                     f(100, FactKind::SocketError { errno: ECONNRESET }),
@@ -304,6 +319,7 @@ fn cases() -> Vec<Case> {
                         FactKind::RstReceived {
                             ttl: 64,
                             origin: RstOrigin::Untraced,
+                            sender_reason: None,
                         },
                     ),
                     st(100, S::Established, S::Close),
@@ -327,6 +343,7 @@ fn cases() -> Vec<Case> {
                         FactKind::RstReceived {
                             ttl: 63,
                             origin: RstOrigin::Untraced,
+                            sender_reason: None,
                         },
                     ),
                     st(100, S::Established, S::Close),
@@ -418,6 +435,7 @@ fn cases() -> Vec<Case> {
                         FactKind::RstReceived {
                             ttl: 64,
                             origin: RstOrigin::PeerKernel,
+                            sender_reason: None,
                         },
                     ),
                     f(
@@ -498,6 +516,7 @@ fn cases() -> Vec<Case> {
                         FactKind::RstReceived {
                             ttl: 63,
                             origin: RstOrigin::PeerSocket,
+                            sender_reason: None,
                         },
                     ),
                     st(200, S::FinWait1, S::Close),
@@ -678,6 +697,7 @@ fn cases() -> Vec<Case> {
                             FactKind::RstReceived {
                                 ttl: 64,
                                 origin: RstOrigin::NotSentByPeer,
+                                sender_reason: None,
                             },
                         ),
                         st(100, S::Established, S::Close),
@@ -777,6 +797,7 @@ fn ttl_hint_names_both_values() {
             FactKind::RstReceived {
                 ttl: 64,
                 origin: RstOrigin::Untraced,
+                sender_reason: None,
             },
         )],
         None,

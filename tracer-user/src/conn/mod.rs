@@ -85,6 +85,8 @@ struct SentRst {
     tuple: Tuple,
     seq: u32,
     from_conn: bool,
+    /// The sending kernel's `sk_rst_reason`, when this host's kernel reported it.
+    reason: Option<String>,
 }
 
 /// What remains of a finished connection, for its peer's verdict.
@@ -105,6 +107,10 @@ pub struct Table {
     orphans: HashMap<u64, Orphan>,
     rst_log: VecDeque<SentRst>,
     recent: VecDeque<Recent>,
+    /// Reasons of no-socket resets reported by `tcp_send_reset`, waiting for their segment.
+    pending_reasons: HashMap<Tuple, String>,
+    /// `sk_rst_reason` value names of this kernel (from BTF).
+    rst_reason_names: HashMap<u32, String>,
     linger_ns: u64,
     max_conns: usize,
     ephemeral: (u16, u16),
@@ -169,7 +175,7 @@ impl Conn {
             FactKind::State { exiting, to, .. } => {
                 *exiting && matches!(to, TcpState::FinWait1 | TcpState::LastAck | TcpState::Close)
             }
-            FactKind::CloseCall { exiting, .. } | FactKind::RstSent { exiting } => *exiting,
+            FactKind::CloseCall { exiting, .. } | FactKind::RstSent { exiting, .. } => *exiting,
             _ => false,
         })
     }
@@ -228,6 +234,8 @@ impl Table {
             orphans: HashMap::new(),
             rst_log: VecDeque::new(),
             recent: VecDeque::new(),
+            pending_reasons: HashMap::new(),
+            rst_reason_names: HashMap::new(),
             linger_ns,
             max_conns,
             ephemeral,
@@ -237,6 +245,21 @@ impl Table {
 
     pub fn len(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Names for the kernel's `enum sk_rst_reason` values (see `kernel::btf_enum_names`).
+    pub fn set_rst_reason_names(&mut self, names: HashMap<u32, String>) {
+        self.rst_reason_names = names;
+    }
+
+    fn rst_reason(&self, r: Option<u32>) -> Option<String> {
+        let r = r?;
+        Some(
+            self.rst_reason_names
+                .get(&r)
+                .cloned()
+                .unwrap_or_else(|| format!("reason_{r}")),
+        )
     }
 
     pub fn is_empty(&self) -> bool {
@@ -350,11 +373,18 @@ impl Table {
                     }
                 }
             }
-            EventKind::SendReset { .. } => {
+            EventKind::SendReset { reason, .. } => {
+                let name = self.rst_reason(reason);
                 if ev.skaddr != 0 {
                     if let Some(c) = self.conns.get_mut(&ev.skaddr) {
-                        mark_rst_sent(c, ev.ts_ns, ev.exiting);
+                        mark_rst_sent(c, ev.ts_ns, ev.exiting, name);
                     }
+                } else if let (Some(t), Some(name)) = (ev.tuple, name) {
+                    // A reset for a segment that matched no socket; its packet follows.
+                    if self.pending_reasons.len() >= 1024 {
+                        self.pending_reasons.clear();
+                    }
+                    self.pending_reasons.insert(t, name);
                 }
             }
             EventKind::RecvReset => {
@@ -365,6 +395,7 @@ impl Table {
                             FactKind::RstReceived {
                                 ttl: 0,
                                 origin: RstOrigin::Untraced,
+                                sender_reason: None,
                             },
                         ) {
                             c.rst_in.push((i, None));
@@ -509,11 +540,17 @@ impl Table {
             .get(&sk)
             .is_some_and(|c| c.tuple.is_none_or(|ct| !ct.is_complete() || ct == t));
         if p.rst() && p.dir == Dir::Egress {
+            let reason = if tracked {
+                None
+            } else {
+                self.pending_reasons.remove(&t)
+            };
             self.rst_log.push_back(SentRst {
                 at_ns: ev.ts_ns,
                 tuple: t,
                 seq: p.seq,
                 from_conn: tracked,
+                reason,
             });
             while self.rst_log.len() > MAX_LOG
                 || self
@@ -557,7 +594,7 @@ impl Table {
                     c.push(ev.ts_ns, FactKind::FinSent);
                 }
                 if p.rst() {
-                    mark_rst_sent(c, ev.ts_ns, false);
+                    mark_rst_sent(c, ev.ts_ns, false, None);
                 }
             }
             Dir::Ingress => {
@@ -583,6 +620,7 @@ impl Table {
                                 f.kind = FactKind::RstReceived {
                                     ttl: p.ttl,
                                     origin: RstOrigin::Untraced,
+                                    sender_reason: None,
                                 };
                             }
                         }
@@ -592,6 +630,7 @@ impl Table {
                                 FactKind::RstReceived {
                                     ttl: p.ttl,
                                     origin: RstOrigin::Untraced,
+                                    sender_reason: None,
                                 },
                             ) {
                                 c.rst_in.push((i, Some(p.seq)));
@@ -681,7 +720,7 @@ impl Table {
         seq: Option<u32>,
         at_ns: u64,
         peer: bool,
-    ) -> RstOrigin {
+    ) -> (RstOrigin, Option<String>) {
         if let Some(t) = tuple {
             let sender = t.reversed();
             let sent = self.rst_log.iter().rev().find(|r| {
@@ -693,17 +732,18 @@ impl Table {
                     }
             });
             if let Some(r) = sent {
-                return if r.from_conn {
+                let origin = if r.from_conn {
                     RstOrigin::PeerSocket
                 } else {
                     RstOrigin::PeerKernel
                 };
+                return (origin, r.reason.clone());
             }
         }
         if peer {
-            RstOrigin::NotSentByPeer
+            (RstOrigin::NotSentByPeer, None)
         } else {
-            RstOrigin::Untraced
+            (RstOrigin::Untraced, None)
         }
     }
 
@@ -727,13 +767,19 @@ impl Table {
         });
         for (i, seq) in conn.rst_in.clone() {
             let at = conn.facts.get(i).map(|f| f.at_ns).unwrap_or(0);
-            let origin = self.rst_origin(conn.tuple, seq, at, peer.is_some());
+            let (origin, reason) = self.rst_origin(conn.tuple, seq, at, peer.is_some());
             if let Some(Fact {
-                kind: FactKind::RstReceived { origin: o, .. },
+                kind:
+                    FactKind::RstReceived {
+                        origin: o,
+                        sender_reason,
+                        ..
+                    },
                 ..
             }) = conn.facts.get_mut(i)
             {
                 *o = origin;
+                *sender_reason = reason;
             }
         }
         conn.facts.sort_by_key(|f| f.at_ns);
@@ -799,14 +845,29 @@ fn h2_summary(t: &H2Track) -> H2Summary {
     }
 }
 
-fn mark_rst_sent(c: &mut Conn, at_ns: u64, exiting: bool) {
+/// Records the first RST this socket sent; the segment and the tracepoint each add what
+/// they know (the tracepoint: the owner's state and the kernel's reason).
+fn mark_rst_sent(c: &mut Conn, at_ns: u64, exiting: bool, reason: Option<String>) {
     for f in &mut c.facts {
-        if let FactKind::RstSent { exiting: e } = &mut f.kind {
+        if let FactKind::RstSent {
+            exiting: e,
+            kernel_reason,
+        } = &mut f.kind
+        {
             *e |= exiting;
+            if kernel_reason.is_none() {
+                *kernel_reason = reason;
+            }
             return;
         }
     }
-    c.push(at_ns, FactKind::RstSent { exiting });
+    c.push(
+        at_ns,
+        FactKind::RstSent {
+            exiting,
+            kernel_reason: reason,
+        },
+    );
 }
 
 impl Default for Table {

@@ -506,3 +506,45 @@ fn listeners_do_not_become_connections() {
     tbl.on_event(&state(3, 0x5, l, Listen, Close));
     assert!(tbl.take_all_closed().is_empty());
 }
+
+#[test]
+fn no_socket_reset_carries_the_kernel_reason() {
+    use TcpState::*;
+    let mut tbl = Table::default();
+    tbl.set_rst_reason_names([(1, "NO_SOCKET".to_string())].into_iter().collect());
+    let ct = tuple("127.0.0.1:40100", "127.0.0.1:9");
+    tbl.on_event(&state(0, 0x77, ct, Close, SynSent));
+    tbl.on_event(&pkt(1, 0x77, ct, Dir::Egress, SYN, 500, 64));
+    // The kernel answers from no socket: tracepoint first, then the segment, from a control socket.
+    tbl.on_event(&base(
+        2,
+        0,
+        Some(ct.reversed()),
+        EventKind::SendReset {
+            state: Close,
+            reason: Some(1),
+        },
+    ));
+    tbl.on_event(&pkt(
+        2,
+        0xdead,
+        ct.reversed(),
+        Dir::Egress,
+        RST | ACK,
+        0,
+        64,
+    ));
+    tbl.on_event(&pkt(3, 0x77, ct, Dir::Ingress, RST | ACK, 0, 64));
+    tbl.on_event(&state(3, 0x77, ct, SynSent, Close));
+    let out = tbl.take_all_closed();
+    let c = only(&out, 0x77);
+    assert_eq!(c.verdict.reason, "connection_refused");
+    assert!(
+        c.conn.facts.iter().any(|f| matches!(
+            &f.kind,
+            FactKind::RstReceived { origin: RstOrigin::PeerKernel, sender_reason: Some(r), .. } if r == "NO_SOCKET"
+        )),
+        "{:?}",
+        c.conn.facts
+    );
+}

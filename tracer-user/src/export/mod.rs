@@ -99,14 +99,27 @@ fn evidence(c: &Closed) -> Vec<Value> {
                 put("what", json!("fin_received"));
                 put("ttl", json!(ttl));
             }
-            FactKind::RstSent { exiting } => {
+            FactKind::RstSent {
+                exiting,
+                kernel_reason,
+            } => {
                 put("what", json!("rst_sent"));
+                if let Some(r) = kernel_reason {
+                    put("kernel_reason", json!(r));
+                }
                 if *exiting {
                     put("owner_exiting", json!(true));
                 }
             }
-            FactKind::RstReceived { ttl, origin } => {
+            FactKind::RstReceived {
+                ttl,
+                origin,
+                sender_reason,
+            } => {
                 put("what", json!("rst_received"));
+                if let Some(r) = sender_reason {
+                    put("sender_kernel_reason", json!(r));
+                }
                 if *ttl != 0 {
                     put("ttl", json!(ttl));
                 }

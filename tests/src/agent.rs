@@ -79,7 +79,10 @@ impl Agent {
     pub fn start(netns: &[u64]) -> Result<Agent> {
         let agent = Self::spawn(&agent_bin(), &default_trace_args(netns), READY_TIMEOUT)?;
         if let Ok(want) = std::env::var("WHOCLOSED_PROBE_MODE") {
-            let got = agent.ready()["probe_mode"].as_str().unwrap_or("").to_string();
+            let got = agent.ready()["probe_mode"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
             if !want.is_empty() && want != "auto" && got != want {
                 bail!("asked for --probe-mode {want}, the agent reports probe_mode {got:?}");
             }

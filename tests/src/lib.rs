@@ -5,16 +5,21 @@
 //! * [`Agent`]: runs `whoclosed trace ...`, collects its NDJSON output, waits for objects.
 //! * [`Peer`]: drives the `wc-peer` helper binary (one process per TCP end) inside a
 //!   namespace, line by line.
+//! * [`h2peers`]: HTTP/2 peers (grpcio scripts in `tests/peers/`, nghttp2 tools).
 //!
 //! Everything needs root; see [`should_run`] for the skip policy (`WHOCLOSED_E2E=require`).
 
 mod agent;
 mod check;
+pub mod h2peers;
 mod peer;
 mod topology;
 
 pub use agent::{Agent, AgentExit, READY_TIMEOUT, STOP_TIMEOUT, agent_bin, default_trace_args};
 pub use check::{Expect, PEER_COMM, PidCheck, check_close, check_peer_link};
+pub use h2peers::{
+    DocRoot, GrpcClient, GrpcServer, Nghttpd, h2_tools_missing, h2load, nghttp_get, norm_addr,
+};
 pub use peer::{PEER_TIMEOUT, Peer};
 pub use topology::{AddrPlan, Topology, netns_inode};
 

@@ -211,10 +211,20 @@ pub struct Event {
     pub kind: EventKind,
 }
 
+/// Addresses are canonical: an IPv4-mapped IPv6 address (a dual-stack socket talking IPv4)
+/// becomes the IPv4 address, as the packets on the wire carry it. Tracepoints report such a
+/// socket in its IPv6 form and the packet hooks in IPv4 form; without this the two would not
+/// match.
 fn addr(family: u16, raw: &[u8; 16]) -> Option<IpAddr> {
     match family {
         AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
-        AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(*raw))),
+        AF_INET6 => {
+            let v6 = Ipv6Addr::from(*raw);
+            Some(match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            })
+        }
         _ => None,
     }
 }
@@ -444,6 +454,30 @@ mod tests {
             ev.tuple.expect("tuple").local.to_string(),
             "[fd00::1]:40000"
         );
+    }
+
+    #[test]
+    fn v4_mapped_addresses_become_ipv4() {
+        let mut r = RawEvent::zeroed();
+        r.kind = kind::STATE;
+        r.family = AF_INET6;
+        r.saddr = "::ffff:10.241.1.2"
+            .parse::<Ipv6Addr>()
+            .expect("addr")
+            .octets();
+        r.daddr = "::ffff:10.241.2.2"
+            .parse::<Ipv6Addr>()
+            .expect("addr")
+            .octets();
+        r.sport = 40000;
+        r.dport = 8080;
+        r.flags = flag::HAS_TUPLE;
+        let t = decode(&raw_bytes(&r))
+            .expect("decode")
+            .tuple
+            .expect("tuple");
+        assert_eq!(t.local.to_string(), "10.241.1.2:40000");
+        assert_eq!(t.remote.to_string(), "10.241.2.2:8080");
     }
 
     #[test]

@@ -429,7 +429,9 @@ fn h2_rules(t: &Timeline, tcp: &Verdict) -> Option<Verdict> {
                     ),
                 ));
             }
-            if g.code == 0 && is_idle(&g.debug) {
+            // grpc-go/Kitex say NO_ERROR "max_idle"/"idleTimeout"; grpc C-core (grpcio 1.85)
+            // says INTERNAL_ERROR "connection idle": the text decides, not the code.
+            if is_idle(&g.debug) {
                 let idle = g
                     .idle_ns
                     .map(|n| format!(" after {} without an open stream", secs(n)))
@@ -437,17 +439,19 @@ fn h2_rules(t: &Timeline, tcp: &Verdict) -> Option<Verdict> {
                 return Some(v(
                     format!("{who}_idle_timeout"),
                     format!(
-                        "the {who}'s max idle timer fired{idle} (GOAWAY NO_ERROR{debug}); expected behaviour: \
-                         let the client reconnect on demand, or raise max_connection_idle on the server"
+                        "the {who}'s max idle timer fired{idle} (GOAWAY {}{debug}); expected behaviour: \
+                         let the client reconnect on demand, or raise max_connection_idle on the server",
+                        code_name(g.code)
                     ),
                 ));
             }
-            if g.code == 0 && is_age(&g.debug) {
+            if is_age(&g.debug) {
                 return Some(v(
                     format!("{who}_max_age"),
                     format!(
-                        "the {who} reached its max connection age and drained the connection (GOAWAY NO_ERROR{debug}); \
-                         clients must retry on a new connection; raise max_connection_age(+grace) if that is too often"
+                        "the {who} reached its max connection age and drained the connection (GOAWAY {}{debug}); \
+                         clients must retry on a new connection; raise max_connection_age(+grace) if that is too often",
+                        code_name(g.code)
                     ),
                 ));
             }
@@ -490,6 +494,32 @@ fn h2_rules(t: &Timeline, tcp: &Verdict) -> Option<Verdict> {
         (tcp.tcp_initiator, role),
         (Initiator::Local, Role::Client) | (Initiator::Remote, Role::Server)
     );
+    // The client's keepalive gave up: its PING went unanswered and then either the kernel
+    // timed the socket out (grpc sets TCP_USER_TIMEOUT to the keepalive timeout) or the
+    // client closed it.
+    if let (Some(since), true) = (
+        h.unanswered_sent_since,
+        role == Role::Client && tcp.mechanism == Mechanism::Timeout,
+    ) {
+        if before_end(since) {
+            let path = if tcp.confidence == Confidence::High {
+                "the server socket was still open on this host, so the path dropped the packets"
+            } else {
+                "the path or the server stopped responding"
+            };
+            return Some(verdict(
+                ClosedBy::Client,
+                "client_keepalive_timeout",
+                tcp.tcp_initiator,
+                Mechanism::Timeout,
+                Confidence::High,
+                format!(
+                    "the client's keepalive PING went unanswered and its keepalive timeout (TCP_USER_TIMEOUT) \
+                     ended the connection; {path} (firewall DROP, blackhole route, stale NAT/conntrack entry)"
+                ),
+            ));
+        }
+    }
     if let (true, Some(since)) = (ended_by_client, client_unanswered) {
         if before_end(since) && tcp.closed_by != ClosedBy::Middlebox {
             let who = if role == Role::Client {

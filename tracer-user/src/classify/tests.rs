@@ -562,6 +562,47 @@ fn cases() -> Vec<Case> {
             confidence: K::High,
         },
         Case {
+            name: "grpc C-core idle: GOAWAY INTERNAL_ERROR connection idle",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![goaway(false, 100, 2, "connection idle")]),
+            ),
+            closed_by: C::Server,
+            reason: "server_idle_timeout",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::High,
+        },
+        Case {
+            name: "grpc keepalive on a blackholed path: unanswered PING, then the kernel's ETIMEDOUT",
+            timeline: with_h2(
+                tl(
+                    Role::Client,
+                    client_open(),
+                    vec![
+                        f(
+                            1_000,
+                            FactKind::Retransmit {
+                                state: S::Established,
+                            },
+                        ),
+                        f(2_440, FactKind::SocketError { errno: 110 }),
+                        st(2_440, S::Established, S::Close),
+                    ],
+                    peer(false, false),
+                ),
+                H2Summary {
+                    unanswered_sent_since: Some(1_000),
+                    ..synced(vec![])
+                },
+            ),
+            closed_by: C::Client,
+            reason: "client_keepalive_timeout",
+            initiator: I::Local,
+            mechanism: M::Timeout,
+            confidence: K::High,
+        },
+        Case {
             name: "Kitex idle timeout text",
             timeline: with_h2(
                 tl(Role::Client, client_open(), client_fin_after(200), None),

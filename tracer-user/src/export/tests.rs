@@ -325,3 +325,129 @@ fn filter_selects_by_port_addr_netns_pid() {
     );
     let _ = RST;
 }
+
+#[test]
+fn golden_grpc_idle_timeout_on_the_client() {
+    use crate::event::ProtoNote;
+    use TcpState::*;
+    let t = "10.241.1.2:40000 > 10.241.2.2:8080";
+    let h2 = |ts: u64, dir: Dir, head: [u8; 9], payload: &[u8]| {
+        ev(
+            ts,
+            3,
+            t,
+            EventKind::H2Frame {
+                dir,
+                seq: 0,
+                head,
+                payload: bytes::Bytes::copy_from_slice(payload),
+            },
+            0,
+            "",
+            false,
+        )
+    };
+    let mut goaway = vec![0, 0, 0, 1, 0, 0, 0, 2];
+    goaway.extend_from_slice(b"connection idle");
+    let mut tbl = Table::default();
+    for e in [
+        ev(
+            0,
+            3,
+            "10.241.1.2:0 > 10.241.2.2:8080",
+            EventKind::State {
+                old: Close,
+                new: SynSent,
+            },
+            77,
+            "python3",
+            false,
+        ),
+        ev(
+            MS,
+            3,
+            t,
+            EventKind::State {
+                old: SynSent,
+                new: Established,
+            },
+            0,
+            "",
+            false,
+        ),
+        ev(
+            2 * MS,
+            3,
+            t,
+            EventKind::H2Proto {
+                dir: Dir::Egress,
+                seq: 0,
+                note: ProtoNote::H2Preface,
+            },
+            0,
+            "",
+            false,
+        ),
+        h2(3 * MS, Dir::Egress, [0, 0, 20, 1, 0x4, 0, 0, 0, 1], &[]),
+        h2(3 * MS, Dir::Egress, [0, 0, 5, 0, 0x1, 0, 0, 0, 1], &[]),
+        h2(4 * MS, Dir::Ingress, [0, 0, 8, 1, 0x4, 0, 0, 0, 1], &[]),
+        h2(4 * MS, Dir::Ingress, [0, 0, 8, 1, 0x5, 0, 0, 0, 1], &[]),
+        h2(
+            2_004 * MS,
+            Dir::Ingress,
+            [0, 0, 23, 7, 0, 0, 0, 0, 0],
+            &goaway,
+        ),
+        ev(
+            2_004 * MS,
+            3,
+            t,
+            EventKind::State {
+                old: Established,
+                new: FinWait1,
+            },
+            77,
+            "python3",
+            false,
+        ),
+        ev(
+            2_004 * MS,
+            3,
+            t,
+            p(Dir::Egress, FIN | ACK, 500, 64),
+            0,
+            "",
+            false,
+        ),
+        ev(
+            2_005 * MS,
+            3,
+            t,
+            p(Dir::Ingress, FIN | ACK, 900, 63),
+            0,
+            "",
+            false,
+        ),
+        ev(
+            2_005 * MS,
+            3,
+            t,
+            EventKind::State {
+                old: FinWait2,
+                new: Close,
+            },
+            0,
+            "",
+            false,
+        ),
+    ] {
+        tbl.on_event(&e);
+    }
+    let out = tbl.take_all_closed();
+    assert_eq!(out.len(), 1);
+    let j = close_json(&out[0], &clock());
+    assert_eq!(j["verdict"]["reason"], "server_idle_timeout", "{j:#}");
+    assert_eq!(j["verdict"]["tcp_initiator"], "local", "{j:#}");
+    assert_eq!(j["h2"]["goaways"][0]["idle_ms"], 2000.0, "{j:#}");
+    golden("grpc_idle_timeout_client.json", &j);
+}

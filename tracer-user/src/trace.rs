@@ -62,7 +62,16 @@ impl<W: Write> Output<W> {
         }
         self.printed += 1;
         match self.format {
-            Format::Json => self.line(&export::close_json(c, &self.clock)),
+            Format::Json => {
+                serde_json::to_writer(
+                    &mut self.out,
+                    &export::CloseObject {
+                        closed: c,
+                        clock: &self.clock,
+                    },
+                )?;
+                self.out.write_all(b"\n")
+            }
             Format::Table => writeln!(self.out, "{}", export::close_line(c, &self.clock)),
         }
     }

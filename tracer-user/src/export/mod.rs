@@ -1,16 +1,20 @@
 //! Exporters: versioned NDJSON (one object per line, see docs/events.md) and a table view.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, SystemTime},
 };
 
-use serde_json::{Map, Value, json};
+use serde::{
+    Serialize, Serializer,
+    ser::{SerializeMap, SerializeSeq},
+};
+use serde_json::{Value, json};
 
 use crate::{
-    classify::{FactKind, PeerSummary},
+    classify::{Fact, FactKind, Role},
     conn::Closed,
-    event::errno_name,
+    event::{TcpState, errno_name},
 };
 
 /// Version of every JSON object whoclosed writes. Bumped on incompatible changes only.
@@ -65,16 +69,33 @@ fn ms(ns: u64) -> f64 {
     (ns as f64 / 1_000.0).round() / 1_000.0
 }
 
-fn evidence(c: &Closed) -> Vec<Value> {
-    let start = c.conn.first_ns;
-    let mut out = Vec::with_capacity(c.conn.facts.len());
-    for f in &c.conn.facts {
-        let mut o = Map::new();
-        o.insert("at_ms".into(), json!(ms(f.at_ns.saturating_sub(start))));
-        let mut put = |k: &str, v: Value| {
-            o.insert(k.into(), v);
-        };
-        match &f.kind {
+/// The `evidence` array, serialised straight from the facts (no intermediate `Value`:
+/// this runs for every ended socket and dominated the agent's CPU when it allocated).
+struct Evidence<'a>(&'a Closed);
+
+impl Serialize for Evidence<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.conn.facts.len()))?;
+        for f in &self.0.conn.facts {
+            seq.serialize_element(&EvidenceItem { c: self.0, f })?;
+        }
+        seq.end()
+    }
+}
+
+struct EvidenceItem<'a> {
+    c: &'a Closed,
+    f: &'a Fact,
+}
+
+impl Serialize for EvidenceItem<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry(
+            "at_ms",
+            &ms(self.f.at_ns.saturating_sub(self.c.conn.first_ns)),
+        )?;
+        match &self.f.kind {
             FactKind::State {
                 from,
                 to,
@@ -82,33 +103,37 @@ fn evidence(c: &Closed) -> Vec<Value> {
                 comm,
                 exiting,
             } => {
-                put("what", json!("state"));
-                put("from", json!(from.name()));
-                put("to", json!(to.name()));
+                m.serialize_entry("what", "state")?;
+                m.serialize_entry("from", from.name())?;
+                m.serialize_entry("to", to.name())?;
                 // Only transitions made by the owning process carry a meaningful task.
-                if matches!(to.name(), "SYN_SENT" | "FIN_WAIT1" | "LAST_ACK") || *exiting {
-                    put("pid", json!(pid));
-                    put("comm", json!(comm));
+                if matches!(
+                    to,
+                    TcpState::SynSent | TcpState::FinWait1 | TcpState::LastAck
+                ) || *exiting
+                {
+                    m.serialize_entry("pid", pid)?;
+                    m.serialize_entry("comm", comm)?;
                 }
                 if *exiting {
-                    put("owner_exiting", json!(true));
+                    m.serialize_entry("owner_exiting", &true)?;
                 }
             }
-            FactKind::FinSent => put("what", json!("fin_sent")),
+            FactKind::FinSent => m.serialize_entry("what", "fin_sent")?,
             FactKind::FinReceived { ttl } => {
-                put("what", json!("fin_received"));
-                put("ttl", json!(ttl));
+                m.serialize_entry("what", "fin_received")?;
+                m.serialize_entry("ttl", ttl)?;
             }
             FactKind::RstSent {
                 exiting,
                 kernel_reason,
             } => {
-                put("what", json!("rst_sent"));
+                m.serialize_entry("what", "rst_sent")?;
                 if let Some(r) = kernel_reason {
-                    put("kernel_reason", json!(r));
+                    m.serialize_entry("kernel_reason", r)?;
                 }
                 if *exiting {
-                    put("owner_exiting", json!(true));
+                    m.serialize_entry("owner_exiting", &true)?;
                 }
             }
             FactKind::RstReceived {
@@ -116,30 +141,30 @@ fn evidence(c: &Closed) -> Vec<Value> {
                 origin,
                 sender_reason,
             } => {
-                put("what", json!("rst_received"));
+                m.serialize_entry("what", "rst_received")?;
                 if let Some(r) = sender_reason {
-                    put("sender_kernel_reason", json!(r));
+                    m.serialize_entry("sender_kernel_reason", r)?;
                 }
                 if *ttl != 0 {
-                    put("ttl", json!(ttl));
+                    m.serialize_entry("ttl", ttl)?;
                 }
-                if let Some(b) = c.conn.ttl_baseline {
-                    put("ttl_baseline", json!(b));
+                if let Some(b) = self.c.conn.ttl_baseline {
+                    m.serialize_entry("ttl_baseline", &b)?;
                 }
-                put("origin", json!(origin));
+                m.serialize_entry("origin", origin)?;
             }
             FactKind::TtlChanged { ttl } => {
-                put("what", json!("ttl_changed"));
-                put("ttl", json!(ttl));
+                m.serialize_entry("what", "ttl_changed")?;
+                m.serialize_entry("ttl", ttl)?;
             }
             FactKind::Retransmit { state } => {
-                put("what", json!("retransmit"));
-                put("state", json!(state.name()));
+                m.serialize_entry("what", "retransmit")?;
+                m.serialize_entry("state", state.name())?;
             }
             FactKind::SocketError { errno } => {
-                put("what", json!("socket_error"));
-                put("errno", json!(errno));
-                put("error", json!(errno_name(*errno)));
+                m.serialize_entry("what", "socket_error")?;
+                m.serialize_entry("errno", errno)?;
+                m.serialize_entry("error", errno_name(*errno))?;
             }
             FactKind::GoAway {
                 sent,
@@ -147,30 +172,29 @@ fn evidence(c: &Closed) -> Vec<Value> {
                 last_stream_id,
                 debug,
             } => {
-                put(
+                m.serialize_entry(
                     "what",
-                    json!(if *sent {
+                    if *sent {
                         "goaway_sent"
                     } else {
                         "goaway_received"
-                    }),
-                );
-                put("error_code", json!(crate::h2::Reason(*code).to_string()));
-                put("last_stream_id", json!(last_stream_id));
-                put("debug", json!(debug));
+                    },
+                )?;
+                m.serialize_entry("error_code", &crate::h2::Reason(*code))?;
+                m.serialize_entry("last_stream_id", last_stream_id)?;
+                m.serialize_entry("debug", debug)?;
             }
             FactKind::CloseCall { pid, comm, exiting } => {
-                put("what", json!("close_call"));
-                put("pid", json!(pid));
-                put("comm", json!(comm));
+                m.serialize_entry("what", "close_call")?;
+                m.serialize_entry("pid", pid)?;
+                m.serialize_entry("comm", comm)?;
                 if *exiting {
-                    put("owner_exiting", json!(true));
+                    m.serialize_entry("owner_exiting", &true)?;
                 }
             }
         }
-        out.push(Value::Object(o));
+        m.end()
     }
-    out
 }
 
 fn opt_ms(ns: Option<u64>) -> Value {
@@ -226,58 +250,100 @@ fn h2_json(c: &Closed) -> Value {
     })
 }
 
-fn peer_json(p: &Option<PeerSummary>) -> Value {
-    match p {
-        None => Value::Null,
-        Some(p) => json!({
-            "id": p.id,
-            "pid": p.pid,
-            "comm": p.comm,
-            "netns": p.netns,
-            "exited": p.exited,
-        }),
+#[derive(Serialize)]
+struct PeerJson<'a> {
+    id: &'a str,
+    pid: Option<u32>,
+    comm: Option<&'a str>,
+    netns: Option<u32>,
+    exited: bool,
+}
+
+#[derive(Serialize)]
+struct ConnJson<'a> {
+    id: &'a str,
+    family: &'static str,
+    local: Option<SocketAddr>,
+    remote: Option<SocketAddr>,
+    role: Role,
+    preexisting: bool,
+    pid: Option<u32>,
+    comm: Option<&'a str>,
+    netns: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct StatsJson {
+    lifetime_ms: f64,
+    retransmits: u32,
+    ttl_baseline: Option<u8>,
+    facts_dropped: u32,
+}
+
+/// The `close` object for one ended socket, ready to serialise.
+pub struct CloseObject<'a> {
+    pub closed: &'a Closed,
+    pub clock: &'a Clock,
+}
+
+impl Serialize for CloseObject<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let c = self.closed;
+        let conn = &c.conn;
+        let closed = conn.closed_ns.unwrap_or(conn.first_ns);
+        let lifetime_from = conn.opened_ns.unwrap_or(conn.first_ns);
+        let family = match conn.tuple {
+            Some(t) if t.local.is_ipv4() => "ipv4",
+            Some(_) => "ipv6",
+            None => "unknown",
+        };
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("v", &SCHEMA_VERSION)?;
+        m.serialize_entry("type", "close")?;
+        m.serialize_entry("ts", &self.clock.rfc3339(closed))?;
+        m.serialize_entry(
+            "conn",
+            &ConnJson {
+                id: &conn.id,
+                family,
+                local: conn.tuple.map(|t| t.local),
+                remote: conn.tuple.map(|t| t.remote),
+                role: conn.role,
+                preexisting: conn.preexisting,
+                pid: c.owner.as_ref().map(|o| o.0),
+                comm: c.owner.as_ref().map(|o| o.1.as_str()),
+                netns: conn.netns,
+            },
+        )?;
+        m.serialize_entry("verdict", &c.verdict)?;
+        m.serialize_entry("evidence", &Evidence(c))?;
+        m.serialize_entry(
+            "stats",
+            &StatsJson {
+                lifetime_ms: ms(closed.saturating_sub(lifetime_from)),
+                retransmits: conn.retransmits,
+                ttl_baseline: conn.ttl_baseline,
+                facts_dropped: conn.facts_dropped,
+            },
+        )?;
+        m.serialize_entry("h2", &h2_json(c))?;
+        m.serialize_entry(
+            "peer",
+            &c.peer.as_ref().map(|p| PeerJson {
+                id: &p.id,
+                pid: p.pid,
+                comm: p.comm.as_deref(),
+                netns: p.netns,
+                exited: p.exited,
+            }),
+        )?;
+        m.end()
     }
 }
 
-/// The `close` object for one ended socket.
+/// The `close` object as a JSON value (tests and callers that edit it).
 pub fn close_json(c: &Closed, clock: &Clock) -> Value {
-    let conn = &c.conn;
-    let (family, local, remote) = match conn.tuple {
-        Some(t) => (
-            if t.local.is_ipv4() { "ipv4" } else { "ipv6" },
-            Value::String(t.local.to_string()),
-            Value::String(t.remote.to_string()),
-        ),
-        None => ("unknown", Value::Null, Value::Null),
-    };
-    let closed = conn.closed_ns.unwrap_or(conn.first_ns);
-    let lifetime_from = conn.opened_ns.unwrap_or(conn.first_ns);
-    json!({
-        "v": SCHEMA_VERSION,
-        "type": "close",
-        "ts": clock.rfc3339(closed),
-        "conn": {
-            "id": conn.id,
-            "family": family,
-            "local": local,
-            "remote": remote,
-            "role": conn.role,
-            "preexisting": conn.preexisting,
-            "pid": c.owner.as_ref().map(|o| o.0),
-            "comm": c.owner.as_ref().map(|o| o.1.clone()),
-            "netns": conn.netns,
-        },
-        "verdict": c.verdict,
-        "evidence": evidence(c),
-        "stats": {
-            "lifetime_ms": ms(closed.saturating_sub(lifetime_from)),
-            "retransmits": conn.retransmits,
-            "ttl_baseline": conn.ttl_baseline,
-            "facts_dropped": conn.facts_dropped,
-        },
-        "h2": h2_json(c),
-        "peer": peer_json(&c.peer),
-    })
+    serde_json::to_value(CloseObject { closed: c, clock }).unwrap_or(Value::Null)
 }
 
 pub const TABLE_HEADER: &str = "TIME                        ROLE    LOCAL                      REMOTE                     CLOSED_BY  REASON                    MECH     CONF    PROCESS";

@@ -662,6 +662,17 @@ struct SegInfo {
     di: usize,
 }
 
+/// A helper length older verifiers (5.10, 6.1) can prove is in `[1, mask + 1]`: they do not
+/// carry an earlier `n != 0` test into the size argument once LLVM has rewritten the
+/// comparisons. The volatile round trip stops LLVM from folding the masking away again.
+/// Callers guarantee `1 <= n <= mask + 1`.
+#[inline(always)]
+fn verifier_len(n: u32, mask: u32) -> u32 {
+    // SAFETY: reads a local.
+    let n = unsafe { read_volatile(&n) };
+    (n.wrapping_sub(1) & mask) + 1
+}
+
 #[inline(always)]
 fn before(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
@@ -912,10 +923,10 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
         let need = 9 - got;
         if avail < need {
             // The header continues in the next segment: buffer what is here.
-            let n = avail & 0x7;
-            if n == 0 || got + n > 8 {
+            if avail == 0 || avail > 7 || got + avail > 8 {
                 return;
             }
+            let n = verifier_len(avail, 0x7);
             // SAFETY: destination is inside the map value (`hdr` is 12 bytes, got+n <= 8).
             let ok = unsafe {
                 aya_ebpf::helpers::bpf_skb_load_bytes(
@@ -941,10 +952,10 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
             // Complete the buffered header in place (map value: variable offsets are fine
             // there, unlike on the stack).
             let g = (got & 0x7) as usize;
-            let n = need & 0xf;
-            if n == 0 || g + n as usize > 9 {
+            if need == 0 || need > 8 || g + need as usize > 9 {
                 return;
             }
+            let n = verifier_len(need, 0x7);
             // SAFETY: destination `hdr[g..g + n]` lies inside the 12-byte map value field.
             let ok = unsafe {
                 aya_ebpf::helpers::bpf_skb_load_bytes(
@@ -1010,7 +1021,8 @@ fn h2_frame(
     rec.head[..9].copy_from_slice(h);
     if capture {
         let n = body_avail.min(H2_CAPTURE as u32);
-        if n > 0 && n <= H2_CAPTURE as u32 {
+        if n > 0 {
+            let n = verifier_len(n, H2_CAPTURE as u32 - 1);
             // SAFETY: destination is the record's 64-byte payload and n <= 64.
             let ok = unsafe {
                 aya_ebpf::helpers::bpf_skb_load_bytes(

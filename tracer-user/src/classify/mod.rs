@@ -271,6 +271,14 @@ fn first_ending(t: &Timeline) -> Option<(u64, Ending)> {
             } => Ending::RemoteFin,
             FactKind::FinReceived { .. } => Ending::RemoteFin,
             FactKind::RstSent { .. } => Ending::LocalRst { exiting },
+            // A dying owner taking an open connection straight to CLOSE aborts it (the RST
+            // itself may be invisible: no packet hooks, no send_reset tracepoint before 6.10).
+            FactKind::State {
+                from: TcpState::Established | TcpState::CloseWait | TcpState::SynRecv,
+                to: TcpState::Close,
+                exiting: true,
+                ..
+            } => Ending::LocalRst { exiting: true },
             FactKind::RstReceived { ttl, origin, .. } => Ending::RemoteRst {
                 ttl: *ttl,
                 origin: *origin,

@@ -111,6 +111,8 @@ pub struct Table {
     pending_reasons: HashMap<Tuple, String>,
     /// `sk_rst_reason` value names of this kernel (from BTF).
     rst_reason_names: HashMap<u32, String>,
+    /// The packet hooks are attached: absence of a RST segment in the log means something.
+    packet_facts: bool,
     linger_ns: u64,
     max_conns: usize,
     ephemeral: (u16, u16),
@@ -236,6 +238,7 @@ impl Table {
             recent: VecDeque::new(),
             pending_reasons: HashMap::new(),
             rst_reason_names: HashMap::new(),
+            packet_facts: true,
             linger_ns,
             max_conns,
             ephemeral,
@@ -245,6 +248,11 @@ impl Table {
 
     pub fn len(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Whether packet facts are available (the cgroup_skb hooks attached).
+    pub fn set_packet_facts(&mut self, on: bool) {
+        self.packet_facts = on;
     }
 
     /// Names for the kernel's `enum sk_rst_reason` values (see `kernel::btf_enum_names`).
@@ -767,7 +775,21 @@ impl Table {
         });
         for (i, seq) in conn.rst_in.clone() {
             let at = conn.facts.get(i).map(|f| f.at_ns).unwrap_or(0);
-            let (origin, reason) = self.rst_origin(conn.tuple, seq, at, peer.is_some());
+            let (origin, reason) = if self.packet_facts {
+                self.rst_origin(conn.tuple, seq, at, peer.is_some())
+            } else {
+                // Without segments the peer's RST cannot be looked up, so its absence proves
+                // nothing; a peer socket that closed first most likely sent it.
+                let first = peer.as_ref().is_some_and(|p| p.closed_first);
+                (
+                    if first {
+                        RstOrigin::PeerSocket
+                    } else {
+                        RstOrigin::Untraced
+                    },
+                    None,
+                )
+            };
             if let Some(Fact {
                 kind:
                     FactKind::RstReceived {

@@ -548,3 +548,37 @@ fn no_socket_reset_carries_the_kernel_reason() {
         c.conn.facts
     );
 }
+
+#[test]
+fn without_packet_facts_a_missing_rst_segment_proves_nothing() {
+    use TcpState::*;
+    let mut tbl = Table::default();
+    tbl.set_packet_facts(false);
+    let ct = tuple("10.9.1.2:40000", "10.9.2.2:8080");
+    let st = ct.reversed();
+    for ev in [
+        by(state(0, 0x10, ct, Close, SynSent), 1, "client", false),
+        state(1, 0x20, st, Listen, SynRecv),
+        state(2, 0x10, ct, SynSent, Established),
+        state(2, 0x20, st, SynRecv, Established),
+        // The server dies with unread data; only tracepoints are available.
+        by(
+            state(50 * MS, 0x20, st, Established, Close),
+            2,
+            "server",
+            true,
+        ),
+        base(50 * MS + 5, 0x10, Some(ct), EventKind::RecvReset),
+        state(50 * MS + 6, 0x10, ct, Established, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    let out = tbl.take_all_closed();
+    let c = only(&out, 0x10);
+    assert_eq!(
+        (c.verdict.closed_by, c.verdict.reason.as_str()),
+        (ClosedBy::Server, "server_process_exit")
+    );
+    let s = only(&out, 0x20);
+    assert_eq!(s.verdict.reason, "server_process_exit");
+}

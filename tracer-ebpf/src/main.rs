@@ -12,6 +12,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_buf,
     },
     macros::{cgroup_skb, fentry, kprobe, map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -270,7 +271,11 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
     } else if new == TCP_SYN_SENT || (old == TCP_LISTEN && new == TCP_SYN_RECV) {
         // A connection whose first byte we will see: payload that is neither HTTP/2 nor TLS
         // at its start is "other", not "unsynced".
-        let _ = SK_PKT.insert(&sk, &FRESH, 0);
+        if SK_PKT.insert(&sk, &FRESH, 0).is_err() {
+            bump(counter::SKMAP_FAILS);
+            // Kept out of the per-packet programs: aya-log's record costs stack there.
+            debug!(ctx, "whoclosed: per-socket packet map insert failed");
+        }
     }
     emit(kind::STATE, |ev| {
         ev.skaddr = sk;
@@ -405,15 +410,10 @@ fn on_tcp_close(sk: u64) -> Option<()> {
         ev.family = family;
         ev.sport = sport;
         ev.dport = u16::from_be(dport_be);
-        if family == AF_INET {
-            if let (Some(s), Some(d)) = (
-                kread::<[u8; 4]>(sk + SKC_RCV_SADDR),
-                kread::<[u8; 4]>(sk + SKC_DADDR),
-            ) {
-                ev.saddr[..4].copy_from_slice(&s);
-                ev.daddr[..4].copy_from_slice(&d);
-                ev.flags |= flag::HAS_TUPLE;
-            }
+        // Straight into the event: no Option pairs, whose spilled discriminants 5.10/6.1
+        // verifiers lose track of (they then reject a path that cannot be taken).
+        let (so, dof, len) = if family == AF_INET {
+            (SKC_RCV_SADDR, SKC_DADDR, 4usize)
         } else if family == AF_INET6 {
             // SAFETY: plain static reads.
             let (os, od) = unsafe {
@@ -422,15 +422,23 @@ fn on_tcp_close(sk: u64) -> Option<()> {
                     read_volatile(&CONFIG.off_v6_daddr),
                 )
             };
-            if os != u32::MAX && od != u32::MAX {
-                if let (Some(s), Some(d)) = (
-                    kread::<[u8; 16]>(sk + os as u64),
-                    kread::<[u8; 16]>(sk + od as u64),
-                ) {
-                    ev.saddr = s;
-                    ev.daddr = d;
-                    ev.flags |= flag::HAS_TUPLE;
-                }
+            if os == u32::MAX || od == u32::MAX {
+                (0, 0, 0)
+            } else {
+                (os as u64, od as u64, 16usize)
+            }
+        } else {
+            (0, 0, 0)
+        };
+        if len == 4 || len == 16 {
+            // SAFETY: checked kernel reads into the event's own buffers.
+            let ok = unsafe {
+                bpf_probe_read_kernel_buf((sk + so) as *const u8, &mut ev.saddr[..len]).is_ok()
+                    && bpf_probe_read_kernel_buf((sk + dof) as *const u8, &mut ev.daddr[..len])
+                        .is_ok()
+            };
+            if ok {
+                ev.flags |= flag::HAS_TUPLE;
             }
         }
         set_netns(ev, sk);
@@ -567,7 +575,6 @@ fn handle_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
             }
             if SK_PKT.insert(&sk, &fresh, 0).is_err() {
                 bump(counter::SKMAP_FAILS);
-                debug!(ctx, "whoclosed: per-socket packet map insert failed");
             }
             SK_PKT.get_ptr_mut(&sk)?
         }
@@ -635,6 +642,23 @@ fn emit_packet(seg: &Seg, th: &[u8; 20], sk: u64, evflags: u8, payload_len: u32)
 // ---------------------------------------------------------------------------------------------
 
 const PREFACE: [u8; 24] = *b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The preface as three native-endian words: comparing arrays would call memcmp, a stack
+/// frame of its own that older kernels count against the 512-byte budget.
+const PREFACE_WORDS: [u64; 3] = [preface_word(0), preface_word(8), preface_word(16)];
+
+const fn preface_word(i: usize) -> u64 {
+    let p = PREFACE;
+    u64::from_ne_bytes([
+        p[i],
+        p[i + 1],
+        p[i + 2],
+        p[i + 3],
+        p[i + 4],
+        p[i + 5],
+        p[i + 6],
+        p[i + 7],
+    ])
+}
 /// Frame headers walked per segment; a segment with more small frames than this loses sync
 /// honestly (reported) rather than looping unboundedly.
 const MAX_FRAMES_PER_SEG: usize = 12;
@@ -822,8 +846,8 @@ fn first_payload(
     }
     let off = seg.poff as usize;
     if seg.plen >= 24 {
-        if let Ok(b) = ctx.load::<[u8; 24]>(off) {
-            if b == PREFACE {
+        if let Ok(w) = ctx.load::<[u64; 3]>(off) {
+            if w[0] == PREFACE_WORDS[0] && w[1] == PREFACE_WORDS[1] && w[2] == PREFACE_WORDS[2] {
                 d.sync = sync::SYNCED;
                 d.next_hdr = seg.seq.wrapping_add(24);
                 emit_proto(seg.sk, di, seg.seq, proto::H2_PREFACE);
@@ -906,7 +930,6 @@ fn resync(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) -> bo
 #[inline(always)]
 fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
     for _ in 0..MAX_FRAMES_PER_SEG {
-        let mut h = [0u8; 9];
         // Offset (in this segment) of the first byte of the header still to read.
         let (hdr_start, got) = if d.hdr_have != 0 {
             // A header split across segments: its first bytes are buffered.
@@ -941,13 +964,15 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
             }
             return;
         }
-        if got == 0 {
+        // Built by value in both branches: a zero-initialised array would be a memset call,
+        // a 32-byte stack frame of its own on kernels before 6.x's frame accounting.
+        let h: [u8; 9] = if got == 0 {
             let Ok(full) =
                 ctx.load::<[u8; 9]>((seg.poff.wrapping_add(hdr_start) & 0xffff) as usize)
             else {
                 return;
             };
-            h = full;
+            full
         } else {
             // Complete the buffered header in place (map value: variable offsets are fine
             // there, unlike on the stack).
@@ -969,8 +994,9 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
             if !ok {
                 return;
             }
-            h.copy_from_slice(&d.hdr[..9]);
-        }
+            let b = &d.hdr;
+            [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8]]
+        };
         let len = u32::from_be_bytes([0, h[0], h[1], h[2]]);
         let frame_seq = d.next_hdr;
         // Payload bytes of this frame present in this segment.

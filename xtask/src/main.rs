@@ -68,10 +68,22 @@ const DEB_PACKAGES: &[&str] = &[
     "nghttp2-client",
     "nghttp2-server",
     "python3-venv",
+    // The HTTP/2 tests check each scenario's wire facts in a capture too.
+    "tcpdump",
+    "tshark",
+    // `cargo xtask vm`: stock Debian kernels under QEMU (see xtask/src/vm.rs).
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "xz-utils",
+    "zstd",
+    "binutils",
+    "debian-archive-keyring",
 ];
 
-/// grpcio for the HTTP/2 end-to-end peers, from PyPI (Debian's 1.51 behaves differently).
-const GRPCIO: &str = "grpcio==1.85.1";
+/// Python requirements of the HTTP/2 end-to-end peers (grpcio from PyPI, pinned: the tests
+/// assert that release's GOAWAY debug texts; Debian's 1.51 behaves differently).
+const PEER_REQUIREMENTS: &str = "tests/peers/requirements.txt";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -245,10 +257,16 @@ pub fn venv_dir() -> PathBuf {
     home.join(".cache/whoclosed/venv")
 }
 
-fn setup_venv() -> Result<()> {
+fn setup_venv(root: &Path) -> Result<()> {
     let venv = venv_dir();
     let python = venv.join("bin/python3");
-    let want = GRPCIO.trim_start_matches("grpcio==");
+    let reqs = root.join(PEER_REQUIREMENTS);
+    let text =
+        std::fs::read_to_string(&reqs).with_context(|| format!("reading {}", reqs.display()))?;
+    let want = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("grpcio=="))
+        .with_context(|| format!("{} pins no grpcio version", reqs.display()))?;
     let have = output(Command::new(&python).args(["-c", "import grpc; print(grpc.__version__)"]));
     if have.as_deref().map(str::trim) == Some(want) {
         return Ok(());
@@ -257,18 +275,18 @@ fn setup_venv() -> Result<()> {
         eprintln!("xtask: creating the Python venv {}", venv.display());
         run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
     }
-    eprintln!("xtask: installing {GRPCIO} into {}", venv.display());
-    run(Command::new(venv.join("bin/pip")).args([
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        GRPCIO,
-    ]))
+    eprintln!(
+        "xtask: installing the test peers' Python requirements into {}",
+        venv.display()
+    );
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(&reqs))
 }
 
 fn setup() -> Result<()> {
     setup_debs()?;
-    setup_venv()?;
+    setup_venv(&workspace_root())?;
     let sysroot = nightly_sysroot()?;
     setup_rust_src()?;
     setup_bpf_linker(&sysroot)?;

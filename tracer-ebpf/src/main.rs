@@ -783,11 +783,7 @@ fn h2_segment(ctx: &SkBuffContext, st: &mut PktState, seg: &SegInfo) {
             start_off = d.end.wrapping_sub(seg.seq);
         } else if before(d.end, seg.seq) && d.sync == sync::SYNCED && before(d.next_hdr, seg.seq) {
             // Bytes that held a frame header were never seen here.
-            d.sync = sync::UNSYNCED;
-            d.hdr_have = 0;
-            d.tries = 0;
-            bump(counter::H2_DESYNCS);
-            emit_proto(seg.sk, di, seg.seq, proto::DESYNC);
+            desync(d, seg, di);
         }
     }
     d.end = seg_end;
@@ -926,9 +922,25 @@ fn resync(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) -> bo
     false
 }
 
+/// Frame boundaries are lost for this direction: report it and fall back to resync.
+#[inline(always)]
+fn desync(d: &mut DirState, seg: &SegInfo, di: usize) {
+    d.sync = sync::UNSYNCED;
+    d.hdr_have = 0;
+    d.tries = 0;
+    bump(counter::H2_DESYNCS);
+    emit_proto(seg.sk, di, seg.seq, proto::DESYNC);
+}
+
 /// Walks the frame headers that start inside this segment.
 #[inline(always)]
 fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
+    // A header behind a contiguous segment's start was never walked (the previous segment
+    // held more frames than one pass takes): boundaries are lost, say so.
+    if d.hdr_have == 0 && before(d.next_hdr, seg.seq) {
+        desync(d, seg, di);
+        return;
+    }
     for _ in 0..MAX_FRAMES_PER_SEG {
         // Offset (in this segment) of the first byte of the header still to read.
         let (hdr_start, got) = if d.hdr_have != 0 {
@@ -1005,6 +1017,11 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
         h2_frame(ctx, seg, di, frame_seq, &h, body_off, body_avail.min(len));
         bump(counter::H2_FRAMES);
         d.next_hdr = frame_seq.wrapping_add(9).wrapping_add(len);
+    }
+    // Still a header inside this segment after the bounded pass: too many frames in one
+    // segment to follow here.
+    if d.hdr_have == 0 && d.next_hdr.wrapping_sub(seg.seq) < seg.plen {
+        desync(d, seg, di);
     }
 }
 

@@ -1283,7 +1283,8 @@ impl Matrix {
         writeln!(
             s,
             "Wall-clock seconds on the host per boot (QEMU start to power-off, boot itself \
-             about 3-5 s). The report boot runs six agent starts; *ready* is the time from \
+             about 3-5 s; the same boot varies by a third with the load of the host). The \
+             report boot runs six agent starts; *ready* is the time from \
              starting `whoclosed trace` to its `ready` line inside the guest.\n"
         )?;
         write!(s, "| kernel | report boot | ready (")?;

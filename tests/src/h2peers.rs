@@ -13,15 +13,14 @@
 //! Note: grpcio (C-core) opens AF_INET6 dual-stack sockets even for IPv4 addresses, so the
 //! kernel sees `[::ffff:10.241.1.2]:port`; [`norm_addr`] folds that to `10.241.1.2:port`.
 
-use crate::wait_until;
+use crate::{lineproc::LineProc, wait_until};
 use anyhow::{Context, Result, anyhow, bail};
 use std::fmt::Display;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,7 +32,6 @@ pub const GRPCIO_REQUIREMENT: &str = "grpcio==1.85.1";
 pub const GRPCIO_VERSION: &str = "1.85.1";
 /// Default bound for one command of a Python peer.
 pub const H2_PEER_TIMEOUT: Duration = Duration::from_secs(15);
-const STDERR_KEEP: usize = 64 * 1024;
 
 /// `$WHOCLOSED_VENV`, else `$HOME/.cache/whoclosed/venv`.
 pub fn venv_dir() -> PathBuf {
@@ -144,193 +142,6 @@ pub fn norm_addr(s: &str) -> String {
 /// grpc address syntax for a socket address (`10.241.2.2:50051`, `[fd00::2]:50051`).
 fn grpc_target(addr: SocketAddr) -> String {
     addr.to_string()
-}
-
-/// A line-protocol child process inside a namespace (`pid <n>` first, then one response
-/// line per command). Killed on drop.
-pub struct LineProc {
-    name: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-    stderr_done: Receiver<()>,
-    pid: u32,
-    transcript: Vec<String>,
-    dead: bool,
-}
-
-impl LineProc {
-    /// `ip netns exec <ns> <prog> <args...>`; returns once `pid <n>` was printed.
-    pub fn spawn(name: &str, ns: &str, prog: &Path, args: &[String]) -> Result<LineProc> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(prog)
-            .args(args)
-            .env("PYTHONUNBUFFERED", "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawning {name} in {ns}"))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr_pipe = child.stderr.take().expect("piped stderr");
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let (done_tx, stderr_done) = channel::<()>();
-        let echo = std::env::var_os("WHOCLOSED_E2E_VERBOSE").is_some();
-        let tag = name.to_string();
-        std::thread::spawn(move || {
-            let _done = done_tx;
-            for line in BufReader::new(stderr_pipe).lines() {
-                let Ok(line) = line else { break };
-                if echo {
-                    eprintln!("[{tag}] {line}");
-                }
-                let mut s = sink.lock().expect("stderr lock");
-                s.push_str(&line);
-                s.push('\n');
-                if s.len() > STDERR_KEEP {
-                    let cut = s.len() - STDERR_KEEP;
-                    let cut = (cut..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(0);
-                    s.drain(..cut);
-                }
-            }
-        });
-        let mut p = LineProc {
-            name: format!("{name} in {ns}"),
-            stdin: child.stdin.take(),
-            child,
-            lines: rx,
-            stderr,
-            stderr_done,
-            pid: 0,
-            transcript: Vec::new(),
-            dead: false,
-        };
-        let line = p.expect_line("pid", H2_PEER_TIMEOUT)?;
-        p.pid = line
-            .strip_prefix("pid ")
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| anyhow!("{}: bad pid line {line:?}", p.name))?;
-        Ok(p)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    /// Next stdout line, bounded by `timeout`.
-    pub fn next_line(&mut self, timeout: Duration) -> Result<String> {
-        match self.lines.recv_timeout(timeout) {
-            Ok(l) => {
-                self.transcript.push(format!("< {l}"));
-                Ok(l)
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                Err(self.fail(&format!("no output within {timeout:?}")))
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                let _ = self.stderr_done.recv_timeout(Duration::from_secs(2));
-                Err(self.fail("process closed its stdout (exited?)"))
-            }
-        }
-    }
-
-    /// Next line must be `word` or start with `word `.
-    pub fn expect_line(&mut self, word: &str, timeout: Duration) -> Result<String> {
-        let line = self.next_line(timeout)?;
-        if line == word || line.starts_with(&format!("{word} ")) {
-            Ok(line)
-        } else {
-            Err(self.fail(&format!("expected `{word} ...`, got {line:?}")))
-        }
-    }
-
-    /// Sends one command line, returns the raw response line (may be `error ...`).
-    pub fn request(&mut self, cmd: &str, timeout: Duration) -> Result<String> {
-        self.transcript.push(format!("> {cmd}"));
-        let stdin = self
-            .stdin
-            .as_mut()
-            .ok_or_else(|| anyhow!("stdin already closed"))?;
-        if let Err(e) = writeln!(stdin, "{cmd}").and_then(|_| stdin.flush()) {
-            return Err(self.fail(&format!("writing command {cmd:?}: {e}")));
-        }
-        self.next_line(timeout)
-    }
-
-    /// Sends `cmd`; the response must start with `word`.
-    pub fn command(&mut self, cmd: &str, word: &str, timeout: Duration) -> Result<String> {
-        let line = self.request(cmd, timeout)?;
-        if line == word || line.starts_with(&format!("{word} ")) {
-            Ok(line)
-        } else {
-            Err(self.fail(&format!("`{cmd}`: expected `{word} ...`, got {line:?}")))
-        }
-    }
-
-    /// `exit` and reap.
-    pub fn exit(&mut self) -> Result<()> {
-        self.command("exit", "bye", H2_PEER_TIMEOUT)?;
-        self.reap();
-        Ok(())
-    }
-
-    /// SIGKILL and reap.
-    pub fn kill9(&mut self) {
-        if !self.dead && self.pid != 0 {
-            // SAFETY: kill(2) on the process we spawned (not reaped yet, pid still ours).
-            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
-        }
-        self.reap();
-    }
-
-    fn reap(&mut self) {
-        if !self.dead {
-            self.stdin = None;
-            let _ = self.child.wait();
-            self.dead = true;
-        }
-    }
-
-    /// Captured stderr (last 64 KiB).
-    pub fn stderr(&self) -> String {
-        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    /// An error carrying the transcript and stderr.
-    pub fn fail(&self, what: &str) -> anyhow::Error {
-        anyhow!(
-            "{} (pid {}): {what}\ntranscript:\n  {}\nstderr:\n{}",
-            self.name,
-            self.pid,
-            self.transcript.join("\n  "),
-            self.stderr().trim()
-        )
-    }
-}
-
-impl Drop for LineProc {
-    fn drop(&mut self) {
-        if !self.dead {
-            if self.pid != 0 {
-                // SAFETY: kill(2) on the process we spawned (not reaped yet, pid still ours).
-                unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
-            }
-            let _ = self.child.kill();
-            self.reap();
-        }
-    }
 }
 
 fn opt_args<K: Display, V: Display>(opts: &[(K, V)]) -> Vec<String> {

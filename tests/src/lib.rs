@@ -12,6 +12,7 @@
 mod agent;
 mod check;
 pub mod h2peers;
+mod lineproc;
 mod peer;
 mod topology;
 

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound for the agent to exit after SIGINT.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-const STDERR_KEEP: usize = 64 * 1024;
 
 /// `$WHOCLOSED_BIN`, else `<workspace>/target/debug/whoclosed`. Never built by the harness.
 pub fn agent_bin() -> PathBuf {
@@ -123,27 +122,8 @@ impl Agent {
                 }
             }
         });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let echo = std::env::var_os("WHOCLOSED_E2E_VERBOSE").is_some();
-        let (done_tx, stderr_done) = channel::<()>();
-        std::thread::spawn(move || {
-            let _done = done_tx; // dropped (disconnecting `stderr_done`) at stderr EOF
-            for line in BufReader::new(stderr_pipe).lines() {
-                let Ok(line) = line else { break };
-                if echo {
-                    eprintln!("[whoclosed] {line}");
-                }
-                let mut s = sink.lock().expect("stderr lock");
-                s.push_str(&line);
-                s.push('\n');
-                if s.len() > STDERR_KEEP {
-                    let cut = s.len() - STDERR_KEEP;
-                    let cut = (cut..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(0);
-                    s.drain(..cut);
-                }
-            }
-        });
+        let (stderr, stderr_done) =
+            crate::lineproc::capture_stderr(stderr_pipe, "whoclosed".into());
         let mut agent = Agent {
             child,
             cmdline,

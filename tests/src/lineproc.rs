@@ -52,28 +52,7 @@ impl LineProc {
                 }
             }
         });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let (done_tx, stderr_done) = channel::<()>();
-        let echo = std::env::var_os("WHOCLOSED_E2E_VERBOSE").is_some();
-        let tag = name.to_string();
-        std::thread::spawn(move || {
-            let _done = done_tx;
-            for line in BufReader::new(stderr_pipe).lines() {
-                let Ok(line) = line else { break };
-                if echo {
-                    eprintln!("[{tag}] {line}");
-                }
-                let mut s = sink.lock().expect("stderr lock");
-                s.push_str(&line);
-                s.push('\n');
-                if s.len() > STDERR_KEEP {
-                    let cut = s.len() - STDERR_KEEP;
-                    let cut = (cut..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(0);
-                    s.drain(..cut);
-                }
-            }
-        });
+        let (stderr, stderr_done) = capture_stderr(stderr_pipe, name.to_string());
         let mut p = LineProc {
             name: format!("{name} in {ns}"),
             stdin: child.stdin.take(),
@@ -202,4 +181,34 @@ impl Drop for LineProc {
             self.reap();
         }
     }
+}
+
+/// Collects a child's stderr (last 64 KiB) on a thread, echoing it as `[tag] line` when
+/// `WHOCLOSED_E2E_VERBOSE` is set. The receiver disconnects once stderr reached EOF.
+pub(crate) fn capture_stderr(
+    pipe: impl std::io::Read + Send + 'static,
+    tag: String,
+) -> (Arc<Mutex<String>>, Receiver<()>) {
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let sink = stderr.clone();
+    let (done_tx, done) = channel::<()>();
+    let echo = std::env::var_os("WHOCLOSED_E2E_VERBOSE").is_some();
+    std::thread::spawn(move || {
+        let _done = done_tx; // dropped (disconnecting `done`) at stderr EOF
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if echo {
+                eprintln!("[{tag}] {line}");
+            }
+            let mut s = sink.lock().expect("stderr lock");
+            s.push_str(&line);
+            s.push('\n');
+            if s.len() > STDERR_KEEP {
+                let cut = s.len() - STDERR_KEEP;
+                let cut = (cut..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+                s.drain(..cut);
+            }
+        }
+    });
+    (stderr, done)
 }

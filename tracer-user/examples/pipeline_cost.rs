@@ -7,7 +7,7 @@
 use std::{net::SocketAddr, time::SystemTime};
 use tracer_common::tcp_flag::*;
 use tracer_user::{
-    conn::Table,
+    conn::{Table, TableConfig},
     event::*,
     export::{Clock, CloseObject},
 };
@@ -161,7 +161,11 @@ fn main() {
             ev(ts, s, st, EventKind::Destroy),
         ]);
     }
-    let mut tbl = Table::new(0, 1 << 20, (32768, 60999));
+    let mut tbl = Table::new(TableConfig {
+        linger_ns: 0,
+        max_conns: 1 << 20,
+        ..TableConfig::default()
+    });
     let clock = Clock::fixed(0, SystemTime::UNIX_EPOCH);
     let t0 = cpu();
     let mut closed = Vec::new();

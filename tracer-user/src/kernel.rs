@@ -272,41 +272,60 @@ impl BtfOffsets {
     }
 }
 
-/// Resolves [`BtfOffsets`] from `/sys/kernel/btf/vmlinux`. Each offset is independent:
-/// a missing one disables only the fact that needs it.
-pub fn btf_offsets(path: &Path) -> Result<BtfOffsets, String> {
-    let btf = btf_rs::Btf::from_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let off = |s: &str, p: &[&str]| member_offset(&btf, s, p);
-    Ok(BtfOffsets {
-        sk_net: off("sock", &["__sk_common", "skc_net"]),
-        net_inum: off("net", &["ns", "inum"]),
-        v6_saddr: off("sock", &["__sk_common", "skc_v6_rcv_saddr"]),
-        v6_daddr: off("sock", &["__sk_common", "skc_v6_daddr"]),
-        task_flags: off("task_struct", &["flags"]),
-    })
+/// Kernel BTF (`/sys/kernel/btf/vmlinux`), parsed once and asked for everything the agent
+/// needs from it: struct member offsets for the programs, enum value names for the table.
+pub struct KernelBtf {
+    btf: btf_rs::Btf,
 }
 
-/// Names of an enum's values from kernel BTF, with a common prefix removed
-/// (`sk_rst_reason`: `SK_RST_REASON_TCP_ABORT_ON_CLOSE` -> `TCP_ABORT_ON_CLOSE`).
-/// The numbering of such enums changes between kernel versions, so it is never hard-coded.
-pub fn btf_enum_names(path: &Path, name: &str, prefix: &str) -> HashMap<u32, String> {
-    let mut out = HashMap::new();
-    let Ok(btf) = btf_rs::Btf::from_file(path) else {
-        return out;
-    };
-    let Ok(types) = btf.resolve_types_by_name(name) else {
-        return out;
-    };
-    for t in types {
-        if let btf_rs::Type::Enum(e) = t {
-            for m in &e.members {
-                if let Ok(n) = btf.resolve_name(m) {
-                    out.insert(m.val(), n.strip_prefix(prefix).unwrap_or(&n).to_string());
+/// Where the running kernel exposes its BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+impl KernelBtf {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        btf_rs::Btf::from_file(path)
+            .map(|btf| KernelBtf { btf })
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Resolves [`BtfOffsets`]. Each offset is independent: a missing one disables only the
+    /// fact that needs it.
+    pub fn offsets(&self) -> BtfOffsets {
+        let off = |s: &str, p: &[&str]| member_offset(&self.btf, s, p);
+        BtfOffsets {
+            sk_net: off("sock", &["__sk_common", "skc_net"]),
+            net_inum: off("net", &["ns", "inum"]),
+            v6_saddr: off("sock", &["__sk_common", "skc_v6_rcv_saddr"]),
+            v6_daddr: off("sock", &["__sk_common", "skc_v6_daddr"]),
+            task_flags: off("task_struct", &["flags"]),
+        }
+    }
+
+    /// Names of an enum's values, with a common prefix removed (`sk_rst_reason`:
+    /// `SK_RST_REASON_TCP_ABORT_ON_CLOSE` -> `TCP_ABORT_ON_CLOSE`). The numbering of such
+    /// enums changes between kernel versions, so it is never hard-coded. Empty when the
+    /// kernel has no such enum.
+    pub fn enum_names(&self, name: &str, prefix: &str) -> HashMap<u32, String> {
+        let mut out = HashMap::new();
+        let Ok(types) = self.btf.resolve_types_by_name(name) else {
+            return out;
+        };
+        for t in types {
+            if let btf_rs::Type::Enum(e) = t {
+                for m in &e.members {
+                    if let Ok(n) = self.btf.resolve_name(m) {
+                        out.insert(m.val(), n.strip_prefix(prefix).unwrap_or(&n).to_string());
+                    }
                 }
             }
         }
+        out
     }
-    out
+
+    /// Names of this kernel's `enum sk_rst_reason` values (6.10+).
+    pub fn rst_reason_names(&self) -> HashMap<u32, String> {
+        self.enum_names("sk_rst_reason", "SK_RST_REASON_")
+    }
 }
 
 /// Byte offset of `path` (member names, descending into nested structs) inside struct
@@ -506,12 +525,13 @@ print fmt: \"family=%s\"
 
     #[test]
     fn btf_offsets_resolve_on_this_kernel_when_btf_exists() {
-        let path = Path::new("/sys/kernel/btf/vmlinux");
+        let path = Path::new(VMLINUX_BTF);
         if !path.exists() {
             eprintln!("skipped: {} not present on this kernel", path.display());
             return;
         }
-        let o = btf_offsets(path).expect("parse vmlinux BTF");
+        let btf = KernelBtf::load(path).expect("parse vmlinux BTF");
+        let o = btf.offsets();
         // skc_net follows the address pair, hash, ports, family/state, bound_dev_if,
         // bind node and prot pointer in every kernel since 4.x: it is never at offset 0.
         assert!(o.sk_net.is_some_and(|v| v > 0 && v < 128), "{o:?}");
@@ -519,7 +539,7 @@ print fmt: \"family=%s\"
         assert!(o.task_flags.is_some(), "{o:?}");
         assert!(o.v6_daddr.is_some() && o.v6_saddr.is_some(), "{o:?}");
         // sk_rst_reason exists from 6.10 on; when it does, value 1 is NO_SOCKET.
-        let names = btf_enum_names(path, "sk_rst_reason", "SK_RST_REASON_");
+        let names = btf.rst_reason_names();
         if !names.is_empty() {
             assert_eq!(
                 names.get(&1).map(String::as_str),

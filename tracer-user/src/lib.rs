@@ -10,4 +10,5 @@ pub mod export;
 pub mod h2;
 pub mod kernel;
 pub mod probes;
+pub mod timeline;
 pub mod trace;

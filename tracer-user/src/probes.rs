@@ -2,7 +2,7 @@
 //! hook that the kernel refuses is recorded in the [`ProbeReport`] and logged, never fatal.
 //! Only `sock:inet_sock_set_state` is indispensable.
 
-use std::{fs::File, path::Path};
+use std::{collections::HashMap, fs::File, path::Path};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
@@ -14,7 +14,7 @@ use log::{info, warn};
 use serde::Serialize;
 use tracer_common::{Config, counter};
 
-use crate::kernel;
+use crate::kernel::{self, KernelBtf};
 
 /// How `tcp_close()` is observed. `Tracepoint` means: not at all, state changes only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -71,6 +71,10 @@ pub struct ProbeReport {
     pub cgroup: Option<String>,
     pub ringbuf_bytes: u32,
     pub programs: Vec<ProgramStatus>,
+    /// Names of this kernel's `sk_rst_reason` values, from BTF (empty without BTF or
+    /// before 6.10). Not part of the printed report.
+    #[serde(skip)]
+    pub rst_reason_names: HashMap<u32, String>,
 }
 
 pub struct LoadOptions {
@@ -83,7 +87,7 @@ pub struct Probes {
     pub ebpf: Ebpf,
     pub report: ProbeReport,
     /// Kernel-side log records (aya-log). Must outlive the programs that write to its map.
-    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pub logger: Option<Logger>,
 }
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -116,24 +120,84 @@ fn err_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Loads the object and attaches every hook the kernel allows, in named steps: check the
+/// options, read the tracepoint layouts, read kernel BTF (once), load the object, attach
+/// the tracepoints, the tcp_close hook and the packet hooks, then report.
 pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
-    if !opts.ringbuf_bytes.is_power_of_two() || opts.ringbuf_bytes < 4096 {
-        bail!(
-            "ring buffer size must be a power of two of at least 4096 bytes, got {}",
-            opts.ringbuf_bytes
-        );
-    }
+    check_ringbuf_size(opts.ringbuf_bytes)?;
     raise_memlock();
     let tracefs = kernel::ensure_tracefs().context("tracepoints need tracefs")?;
 
     let mut programs = Vec::new();
     let mut config = Config::empty();
-    let mut usable_tp = Vec::new();
+    let usable_tp = read_tracepoint_layouts(&tracefs, &mut config, &mut programs)?;
+    let btf = load_kernel_btf();
+    let offsets = btf.as_ref().map(KernelBtf::offsets).unwrap_or_default();
+    offsets.apply(&mut config);
+    let rst_reason_names = btf
+        .as_ref()
+        .map(KernelBtf::rst_reason_names)
+        .unwrap_or_default();
+    drop(btf);
+
+    let (mut ebpf, logger) = load_object(&config, opts.ringbuf_bytes)?;
+    attach_tracepoints(&mut ebpf, &usable_tp, &mut programs)?;
+    let probe_mode = attach_close_hook(&mut ebpf, opts.mode, &mut programs)?;
+    let packets = if opts.packets {
+        attach_packet_hooks(&mut ebpf, &mut programs)
+    } else {
+        skip_packet_hooks(&mut programs);
+        PacketHooks::default()
+    };
+
+    let report = ProbeReport {
+        requested_mode: opts.mode,
+        probe_mode,
+        kernel: kernel_release(),
+        tracefs: tracefs.display().to_string(),
+        btf: Path::new(kernel::VMLINUX_BTF).exists(),
+        netns_ids: offsets.sk_net.is_some() && offsets.net_inum.is_some(),
+        exit_detection: offsets.task_flags.is_some(),
+        packet_facts: packets.attached,
+        cgroup: packets.cgroup,
+        ringbuf_bytes: opts.ringbuf_bytes,
+        programs,
+        rst_reason_names,
+    };
+    info!(
+        "probe mode {} (requested {}), packet facts {}, kernel {}",
+        report.probe_mode.name(),
+        report.requested_mode.name(),
+        if report.packet_facts { "on" } else { "off" },
+        report.kernel
+    );
+    Ok(Probes {
+        ebpf,
+        report,
+        logger,
+    })
+}
+
+fn check_ringbuf_size(bytes: u32) -> anyhow::Result<()> {
+    if !bytes.is_power_of_two() || bytes < 4096 {
+        bail!("ring buffer size must be a power of two of at least 4096 bytes, got {bytes}");
+    }
+    Ok(())
+}
+
+/// Reads each tracepoint's record layout into `config`; returns the usable ones. Only the
+/// core tracepoint is indispensable.
+fn read_tracepoint_layouts(
+    tracefs: &Path,
+    config: &mut Config,
+    programs: &mut Vec<ProgramStatus>,
+) -> anyhow::Result<Vec<&'static kernel::TracepointSpec>> {
+    let mut usable = Vec::new();
     for spec in kernel::TRACEPOINTS {
-        match kernel::tracepoint_layout(&tracefs, spec) {
+        match kernel::tracepoint_layout(tracefs, spec) {
             Ok(layout) => {
                 config.tp[spec.slot] = layout;
-                usable_tp.push(spec);
+                usable.push(spec);
             }
             Err(e) if spec.name == "inet_sock_set_state" => {
                 return Err(anyhow!(e).context("the core tracepoint is unusable on this kernel"));
@@ -147,28 +211,37 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
             }),
         }
     }
+    Ok(usable)
+}
 
-    let btf_path = Path::new("/sys/kernel/btf/vmlinux");
-    let offsets = if btf_path.exists() {
-        match kernel::btf_offsets(btf_path) {
-            Ok(o) => o,
-            Err(e) => {
-                warn!("kernel BTF unreadable ({e}); netns ids and exit detection disabled");
-                kernel::BtfOffsets::default()
-            }
-        }
-    } else {
+/// Kernel BTF, parsed once; `None` (with a warning) when absent or unreadable.
+fn load_kernel_btf() -> Option<KernelBtf> {
+    let path = Path::new(kernel::VMLINUX_BTF);
+    if !path.exists() {
         warn!(
-            "no kernel BTF at {}; netns ids and exit detection disabled",
-            btf_path.display()
+            "no kernel BTF at {}; netns ids, exit detection and RST reason names disabled",
+            path.display()
         );
-        kernel::BtfOffsets::default()
-    };
-    offsets.apply(&mut config);
+        return None;
+    }
+    match KernelBtf::load(path) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            warn!(
+                "kernel BTF unreadable ({e}); netns ids, exit detection and RST reason names disabled"
+            );
+            None
+        }
+    }
+}
 
+/// The reader of kernel-side log records (aya-log).
+pub type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+fn load_object(config: &Config, ringbuf_bytes: u32) -> anyhow::Result<(Ebpf, Option<Logger>)> {
     let mut ebpf = EbpfLoader::new()
-        .override_global("CONFIG", &config, true)
-        .map_max_entries("EVENTS", opts.ringbuf_bytes)
+        .override_global("CONFIG", config, true)
+        .map_max_entries("EVENTS", ringbuf_bytes)
         .load(OBJECT)
         .context("loading the eBPF object")?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -179,8 +252,15 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
             None
         }
     };
+    Ok((ebpf, logger))
+}
 
-    for spec in usable_tp {
+fn attach_tracepoints(
+    ebpf: &mut Ebpf,
+    usable: &[&'static kernel::TracepointSpec],
+    programs: &mut Vec<ProgramStatus>,
+) -> anyhow::Result<()> {
+    for spec in usable {
         let target = format!("{}:{}", spec.category, spec.name);
         let res = (|| -> anyhow::Result<()> {
             let p: &mut TracePoint = ebpf
@@ -214,92 +294,76 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
             }
         }
     }
+    Ok(())
+}
 
-    let probe_mode = attach_close_hook(&mut ebpf, opts.mode, &mut programs)?;
+/// What the packet hooks gave: `attached` only when both directions are.
+#[derive(Default)]
+struct PacketHooks {
+    attached: bool,
+    cgroup: Option<String>,
+}
 
-    let mut cgroup = None;
-    let mut packet_facts = false;
-    if opts.packets {
-        match kernel::cgroup2_root() {
-            Ok(root) => {
-                let mut all = true;
-                for (program, attach) in [
-                    ("skb_ingress", CgroupSkbAttachType::Ingress),
-                    ("skb_egress", CgroupSkbAttachType::Egress),
-                ] {
-                    let res = attach_cgroup_skb(&mut ebpf, program, &root, attach);
-                    if let Err(e) = &res {
-                        warn!(
-                            "cgroup_skb {program} unavailable: {}",
-                            err_chain(e.as_ref())
-                        );
-                        all = false;
-                    }
-                    programs.push(ProgramStatus {
-                        program,
-                        kind: "cgroup_skb",
-                        target: root.display().to_string(),
-                        status: if res.is_ok() {
-                            Status::Attached
-                        } else {
-                            Status::Failed
-                        },
-                        error: res.err().map(|e| err_chain(e.as_ref())),
-                    });
-                }
-                packet_facts = all;
-                cgroup = Some(root.display().to_string());
+const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    ("skb_ingress", CgroupSkbAttachType::Ingress),
+    ("skb_egress", CgroupSkbAttachType::Egress),
+];
+
+fn attach_packet_hooks(ebpf: &mut Ebpf, programs: &mut Vec<ProgramStatus>) -> PacketHooks {
+    let root = match kernel::cgroup2_root() {
+        Ok(root) => root,
+        Err(e) => {
+            warn!("{e}; FIN/RST direction and TTL evidence disabled");
+            for (program, _) in SKB_PROGRAMS {
+                programs.push(ProgramStatus {
+                    program,
+                    kind: "cgroup_skb",
+                    target: "-".into(),
+                    status: Status::Failed,
+                    error: Some(e.to_string()),
+                });
             }
-            Err(e) => {
-                warn!("{e}; FIN/RST direction and TTL evidence disabled");
-                for program in ["skb_ingress", "skb_egress"] {
-                    programs.push(ProgramStatus {
-                        program,
-                        kind: "cgroup_skb",
-                        target: "-".into(),
-                        status: Status::Failed,
-                        error: Some(e.to_string()),
-                    });
-                }
-            }
+            return PacketHooks::default();
         }
-    } else {
-        for program in ["skb_ingress", "skb_egress"] {
-            programs.push(ProgramStatus {
-                program,
-                kind: "cgroup_skb",
-                target: "-".into(),
-                status: Status::Skipped,
-                error: Some("disabled by --no-packets".into()),
-            });
-        }
-    }
-
-    let report = ProbeReport {
-        requested_mode: opts.mode,
-        probe_mode,
-        kernel: kernel_release(),
-        tracefs: tracefs.display().to_string(),
-        btf: btf_path.exists(),
-        netns_ids: offsets.sk_net.is_some() && offsets.net_inum.is_some(),
-        exit_detection: offsets.task_flags.is_some(),
-        packet_facts,
-        cgroup,
-        ringbuf_bytes: opts.ringbuf_bytes,
-        programs,
     };
-    info!(
-        "probe mode {} (requested {}), packet facts {}, kernel {}",
-        report.probe_mode.name(),
-        report.requested_mode.name(),
-        if report.packet_facts { "on" } else { "off" },
-        report.kernel
-    );
-    Ok(Probes {
-        ebpf,
-        report,
-        logger,
-    })
+    let mut all = true;
+    for (program, attach) in SKB_PROGRAMS {
+        let res = attach_cgroup_skb(ebpf, program, &root, attach);
+        if let Err(e) = &res {
+            warn!(
+                "cgroup_skb {program} unavailable: {}",
+                err_chain(e.as_ref())
+            );
+            all = false;
+        }
+        programs.push(ProgramStatus {
+            program,
+            kind: "cgroup_skb",
+            target: root.display().to_string(),
+            status: if res.is_ok() {
+                Status::Attached
+            } else {
+                Status::Failed
+            },
+            error: res.err().map(|e| err_chain(e.as_ref())),
+        });
+    }
+    PacketHooks {
+        attached: all,
+        cgroup: Some(root.display().to_string()),
+    }
+}
+
+fn skip_packet_hooks(programs: &mut Vec<ProgramStatus>) {
+    for (program, _) in SKB_PROGRAMS {
+        programs.push(ProgramStatus {
+            program,
+            kind: "cgroup_skb",
+            target: "-".into(),
+            status: Status::Skipped,
+            error: Some("disabled by --no-packets".into()),
+        });
+    }
 }
 
 fn attach_cgroup_skb(
@@ -449,6 +513,10 @@ pub struct CounterSnapshot {
     pub packets: u64,
     pub skmap_fails: u64,
     pub read_errors: u64,
+    /// HTTP/2 frame headers the kernel walked.
+    pub h2_frames: u64,
+    /// HTTP/2 directions whose frame sync the kernel lost (capture gap).
+    pub h2_desyncs: u64,
 }
 
 impl Counters {
@@ -464,6 +532,8 @@ impl Counters {
             packets: per_cpu(counter::PACKETS)?.iter().sum(),
             skmap_fails: per_cpu(counter::SKMAP_FAILS)?.iter().sum(),
             read_errors: per_cpu(counter::READ_ERRORS)?.iter().sum(),
+            h2_frames: per_cpu(counter::H2_FRAMES)?.iter().sum(),
+            h2_desyncs: per_cpu(counter::H2_DESYNCS)?.iter().sum(),
         })
     }
 }

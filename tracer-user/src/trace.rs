@@ -9,17 +9,17 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use log::{info, warn};
-use serde_json::json;
+use serde::Serialize;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
 };
 
 use crate::{
-    conn::{Closed, Table, ephemeral_range},
+    conn::{Closed, Table, TableConfig, ephemeral_range},
     event,
-    export::{self, Clock, Filter, SCHEMA_VERSION},
-    probes::{self, LoadOptions, ProbeMode},
+    export::{self, Clock, Drops, Filter, Ready, Stats},
+    probes::{self, Counters, LoadOptions, Logger, ProbeMode, ProbeReport, Probes},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -39,6 +39,18 @@ pub struct TraceOptions {
     pub probe_report: bool,
 }
 
+/// The table's configuration: the options, and what the probes actually attached (packet
+/// facts only when both packet hooks did, whatever was asked) and read from kernel BTF.
+pub fn table_config(opts: &TraceOptions, report: &ProbeReport) -> TableConfig {
+    TableConfig {
+        linger_ns: u64::try_from(opts.linger.as_nanos()).unwrap_or(u64::MAX),
+        max_conns: opts.max_conns,
+        ephemeral: ephemeral_range(),
+        packet_facts: report.packet_facts,
+        rst_reason_names: report.rst_reason_names.clone(),
+    }
+}
+
 struct Output<W: Write> {
     out: W,
     format: Format,
@@ -48,7 +60,12 @@ struct Output<W: Write> {
 }
 
 impl<W: Write> Output<W> {
-    fn line(&mut self, v: &serde_json::Value) -> io::Result<()> {
+    fn now(&self) -> String {
+        self.clock.rfc3339(export::monotonic_ns())
+    }
+
+    /// One JSON record (not printed with `-o table`).
+    fn record(&mut self, v: &impl Serialize) -> io::Result<()> {
         if self.format == Format::Json {
             serde_json::to_writer(&mut self.out, v)?;
             self.out.write_all(b"\n")?;
@@ -75,10 +92,15 @@ impl<W: Write> Output<W> {
             Format::Table => writeln!(self.out, "{}", export::close_line(c, &self.clock)),
         }
     }
+
+    fn all(&mut self, closed: Vec<Closed>) -> io::Result<()> {
+        closed.iter().try_for_each(|c| self.closed(c))
+    }
 }
 
 struct Loop {
     table: Table,
+    counters: Counters,
     decode_errors: u64,
     last_drops: u64,
 }
@@ -93,9 +115,7 @@ impl Loop {
             match event::decode(&item) {
                 Ok(ev) => {
                     log::trace!("{ev:?}");
-                    for c in self.table.on_event(&ev) {
-                        out.closed(&c)?;
-                    }
+                    out.all(self.table.on_event(&ev))?;
                 }
                 Err(e) => {
                     self.decode_errors += 1;
@@ -107,41 +127,88 @@ impl Loop {
         }
         Ok(())
     }
+
+    /// Reports ring-buffer losses since the last check.
+    fn check_drops<W: Write>(&mut self, out: &mut Output<W>) -> io::Result<()> {
+        match self.counters.snapshot() {
+            Ok(s) if s.ringbuf_drops > self.last_drops => {
+                let new = s.ringbuf_drops - self.last_drops;
+                warn!(
+                    "ring buffer full: {new} kernel events lost ({} in total); raise --ringbuf-kib",
+                    s.ringbuf_drops
+                );
+                out.record(&Drops::new(out.now(), new, &s))?;
+                self.last_drops = s.ringbuf_drops;
+            }
+            Ok(_) => {}
+            Err(e) => warn!("reading kernel counters: {e}"),
+        }
+        Ok(())
+    }
+
+    /// Shutdown: what is still in the ring buffer, every socket that already closed, then
+    /// the `stats` record.
+    fn flush<W: Write>(
+        &mut self,
+        rb: &mut RingBuf<MapData>,
+        out: &mut Output<W>,
+    ) -> io::Result<()> {
+        self.drain(rb, out)?;
+        out.all(self.table.take_all_closed())?;
+        let kernel = self.counters.snapshot().unwrap_or_default();
+        if kernel.ringbuf_drops > 0 {
+            warn!(
+                "{} kernel events were lost to a full ring buffer",
+                kernel.ringbuf_drops
+            );
+        }
+        let stats = Stats::new(
+            out.now(),
+            out.printed,
+            self.table.len(),
+            self.decode_errors,
+            &self.table.stats,
+            &kernel,
+        );
+        out.record(&stats)?;
+        out.out.flush()
+    }
 }
 
-fn is_broken_pipe(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::BrokenPipe
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<io::Error>()
+        .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
 }
 
-pub async fn run(opts: TraceOptions) -> anyhow::Result<()> {
+fn warn_unless_root() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         warn!(
             "not running as root: loading eBPF programs needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
         );
     }
-    let mut probes = probes::load(&LoadOptions {
-        mode: opts.mode,
-        ringbuf_bytes: opts.ringbuf_bytes,
-        packets: opts.packets,
-    })
-    .context("attaching the probes (whoclosed trace must run as root)")?;
+}
 
-    let stdout = io::stdout();
-    if opts.probe_report {
-        let mut lock = stdout.lock();
-        serde_json::to_writer_pretty(&mut lock, &probes.report)?;
-        writeln!(lock)?;
-        return Ok(());
-    }
+fn print_probe_report(probes: &Probes) -> anyhow::Result<()> {
+    let mut lock = io::stdout().lock();
+    serde_json::to_writer_pretty(&mut lock, &probes.report)?;
+    writeln!(lock)?;
+    Ok(())
+}
 
+/// The ring buffer, polled by the runtime.
+type Events = AsyncFd<RingBuf<MapData>>;
+/// The kernel log buffer, polled by the runtime.
+type KernelLog = AsyncFd<Logger>;
+
+/// The ring buffer and the kernel log buffer, registered with the runtime.
+fn poll_sources(probes: &mut Probes) -> anyhow::Result<(Events, Option<KernelLog>)> {
     let rb = probes.take_ringbuf()?;
-    let counters = probes.take_counters()?;
     // SAFETY: RingBuf and EbpfLogger own their map file descriptors for as long as they
     // live and always return the same one, which is what AsyncFd requires.
-    let mut rb = unsafe { AsyncFd::register_with_interest(rb, Interest::READABLE) }
+    let rb = unsafe { AsyncFd::register_with_interest(rb, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e))?;
-    let mut logger = match probes.logger.take() {
+    let logger = match probes.logger.take() {
         // SAFETY: as above.
         Some(l) => Some(
             unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
@@ -149,131 +216,143 @@ pub async fn run(opts: TraceOptions) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    Ok((rb, logger))
+}
 
-    let clock = Clock::now();
-    let mut out = Output {
-        out: io::BufWriter::new(stdout.lock()),
-        format: opts.format,
-        filter: opts.filter.clone(),
-        clock,
-        printed: 0,
-    };
-    let report = &probes.report;
-    match opts.format {
-        Format::Json => out.line(&json!({
-            "v": SCHEMA_VERSION,
-            "type": "ready",
-            "ts": clock.rfc3339(export::monotonic_ns()),
-            "probe_mode": report.probe_mode,
-            "packet_facts": report.packet_facts,
-            "netns_ids": report.netns_ids,
-            "exit_detection": report.exit_detection,
-            "kernel": report.kernel,
-        }))?,
-        Format::Table => writeln!(out.out, "{}", export::TABLE_HEADER)?,
-    }
-    out.out.flush()?;
-
-    let linger_ns = u64::try_from(opts.linger.as_nanos()).unwrap_or(u64::MAX);
-    let mut table = Table::new(linger_ns, opts.max_conns, ephemeral_range());
-    table.set_rst_reason_names(crate::kernel::btf_enum_names(
-        std::path::Path::new("/sys/kernel/btf/vmlinux"),
-        "sk_rst_reason",
-        "SK_RST_REASON_",
-    ));
-    let mut state = Loop {
-        table,
-        decode_errors: 0,
-        last_drops: 0,
-    };
+/// Reads events until SIGINT or SIGTERM.
+async fn event_loop<W: Write>(
+    state: &mut Loop,
+    rb: &mut Events,
+    logger: &mut Option<KernelLog>,
+    out: &mut Output<W>,
+) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut drops_tick = tokio::time::interval(Duration::from_secs(1));
     info!("tracing; Ctrl-C to stop");
-
-    let result: anyhow::Result<()> = async {
-        loop {
-            tokio::select! {
-                guard = rb.readable_mut() => {
-                    let mut guard = guard?;
-                    state.drain(guard.get_inner_mut(), &mut out)?;
-                    guard.clear_ready();
-                }
-                guard = async {
-                    match logger.as_mut() {
-                        Some(l) => l.readable_mut().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    let mut guard = guard?;
-                    guard.get_inner_mut().flush();
-                    guard.clear_ready();
-                }
-                _ = tick.tick() => {
-                    for c in state.table.take_due(export::monotonic_ns()) {
-                        out.closed(&c)?;
-                    }
-                    out.out.flush()?;
-                }
-                _ = drops_tick.tick() => {
-                    match counters.snapshot() {
-                        Ok(s) if s.ringbuf_drops > state.last_drops => {
-                            let new = s.ringbuf_drops - state.last_drops;
-                            warn!("ring buffer full: {new} kernel events lost ({} in total); raise --ringbuf-kib", s.ringbuf_drops);
-                            out.line(&json!({
-                                "v": SCHEMA_VERSION,
-                                "type": "drops",
-                                "ts": clock.rfc3339(export::monotonic_ns()),
-                                "ringbuf_drops": new,
-                                "ringbuf_drops_total": s.ringbuf_drops,
-                                "per_cpu": s.ringbuf_drops_per_cpu,
-                            }))?;
-                            state.last_drops = s.ringbuf_drops;
-                        }
-                        Ok(_) => {}
-                        Err(e) => warn!("reading kernel counters: {e}"),
-                    }
-                }
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
+    loop {
+        tokio::select! {
+            guard = rb.readable_mut() => {
+                let mut guard = guard?;
+                state.drain(guard.get_inner_mut(), out)?;
+                guard.clear_ready();
             }
+            guard = async {
+                match logger.as_mut() {
+                    Some(l) => l.readable_mut().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let mut guard = guard?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                out.all(state.table.take_due(export::monotonic_ns()))?;
+                out.out.flush()?;
+            }
+            _ = drops_tick.tick() => state.check_drops(out)?,
+            _ = sigint.recv() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
         }
-        Ok(())
     }
-    .await;
-    if let Err(e) = &result {
-        if e.downcast_ref::<io::Error>().is_some_and(is_broken_pipe) {
-            return Ok(());
-        }
-        return result;
+}
+
+pub async fn run(opts: TraceOptions) -> anyhow::Result<()> {
+    warn_unless_root();
+    let mut probes = probes::load(&LoadOptions {
+        mode: opts.mode,
+        ringbuf_bytes: opts.ringbuf_bytes,
+        packets: opts.packets,
+    })
+    .context("attaching the probes (whoclosed trace must run as root)")?;
+    if opts.probe_report {
+        return print_probe_report(&probes);
     }
 
-    // Flush: what is still in the ring buffer, then every socket that already closed.
-    state.drain(rb.get_mut(), &mut out)?;
-    for c in state.table.take_all_closed() {
-        out.closed(&c)?;
+    let (mut rb, mut logger) = poll_sources(&mut probes)?;
+    let mut state = Loop {
+        table: Table::new(table_config(&opts, &probes.report)),
+        counters: probes.take_counters()?,
+        decode_errors: 0,
+        last_drops: 0,
+    };
+    let stdout = io::stdout();
+    let mut out = Output {
+        out: io::BufWriter::new(stdout.lock()),
+        format: opts.format,
+        filter: opts.filter,
+        clock: Clock::now(),
+        printed: 0,
+    };
+    match opts.format {
+        Format::Json => out.record(&Ready::new(out.now(), &probes.report))?,
+        Format::Table => writeln!(out.out, "{}", export::TABLE_HEADER)?,
     }
-    let kernel = counters.snapshot().unwrap_or_default();
-    if kernel.ringbuf_drops > 0 {
-        warn!(
-            "{} kernel events were lost to a full ring buffer",
-            kernel.ringbuf_drops
-        );
-    }
-    out.line(&json!({
-        "v": SCHEMA_VERSION,
-        "type": "stats",
-        "ts": clock.rfc3339(export::monotonic_ns()),
-        "printed": out.printed,
-        "open_connections": state.table.len(),
-        "decode_errors": state.decode_errors,
-        "table": state.table.stats,
-        "kernel": kernel,
-    }))?;
     out.out.flush()?;
+
+    match event_loop(&mut state, &mut rb, &mut logger, &mut out).await {
+        Err(e) if is_broken_pipe(&e) => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(()) => {}
+    }
+    state.flush(rb.get_mut(), &mut out)?;
     info!("detaching probes");
     drop(rb);
+    // The programs detach first: the logger must outlive what writes to its map.
     drop(probes);
+    drop(logger);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(packet_facts: bool) -> ProbeReport {
+        ProbeReport {
+            requested_mode: ProbeMode::Auto,
+            probe_mode: ProbeMode::Tracepoint,
+            kernel: "test".into(),
+            tracefs: "/sys/kernel/tracing".into(),
+            btf: true,
+            netns_ids: true,
+            exit_detection: true,
+            packet_facts,
+            cgroup: None,
+            ringbuf_bytes: 4096,
+            programs: Vec::new(),
+            rst_reason_names: [(1, "NO_SOCKET".to_string())].into_iter().collect(),
+        }
+    }
+
+    fn options(packets: bool) -> TraceOptions {
+        TraceOptions {
+            format: Format::Json,
+            filter: Filter::default(),
+            linger: Duration::from_millis(300),
+            mode: ProbeMode::Auto,
+            ringbuf_bytes: 4096,
+            packets,
+            max_conns: 7,
+            probe_report: false,
+        }
+    }
+
+    #[test]
+    fn table_config_takes_packet_facts_from_what_attached() {
+        // --no-packets: nothing attached.
+        assert!(!table_config(&options(false), &report(false)).packet_facts);
+        // Asked for, but the hooks failed (cgroup v1 node): still off.
+        assert!(!table_config(&options(true), &report(false)).packet_facts);
+        let cfg = table_config(&options(true), &report(true));
+        assert!(cfg.packet_facts);
+        assert_eq!(cfg.linger_ns, 300_000_000);
+        assert_eq!(cfg.max_conns, 7);
+        assert_eq!(
+            cfg.rst_reason_names.get(&1).map(String::as_str),
+            Some("NO_SOCKET")
+        );
+    }
 }

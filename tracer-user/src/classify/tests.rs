@@ -1,7 +1,11 @@
 //! Table-driven classifier tests: one named case per rule.
 
 use super::*;
-use crate::event::TcpState as S;
+use crate::{
+    event::{ECONNREFUSED, ECONNRESET, ETIMEDOUT, TcpState as S},
+    h2::Reason as ErrorCode,
+    timeline::*,
+};
 
 fn st(at: u64, from: S, to: S) -> Fact {
     Fact {
@@ -62,17 +66,19 @@ fn with_h2(mut t: Timeline, h2: H2Summary) -> Timeline {
     t
 }
 
-fn goaway(sent: bool, at_ns: u64, code: u32, debug: &str) -> GoAwaySummary {
-    GoAwaySummary {
+fn goaway(sent: bool, at_ns: u64, code: u32, debug: &str) -> GoAway {
+    GoAway {
         sent,
         at_ns,
-        code,
+        code: ErrorCode(code),
+        last_stream_id: 0,
         debug: debug.into(),
+        debug_truncated: false,
         idle_ns: Some(1_000_000_000),
     }
 }
 
-fn synced(goaways: Vec<GoAwaySummary>) -> H2Summary {
+fn synced(goaways: Vec<GoAway>) -> H2Summary {
     H2Summary {
         synced: true,
         goaways,

@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use crate::{
     event::{Dir, ProtoNote},
-    h2::{self, Frame, Head, Reason},
+    h2::{self, Frame, Head},
+    timeline::GoAway,
 };
 
 const MAX_GOAWAYS: usize = 8;
@@ -26,19 +27,6 @@ pub enum H2State {
     Unsynced,
     NotH2,
     Tls,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GoAwayRec {
-    /// `Egress`: this socket sent it.
-    pub dir: Dir,
-    pub at_ns: u64,
-    pub reason: Reason,
-    pub last_stream_id: u32,
-    pub debug: String,
-    pub debug_truncated: bool,
-    /// How long the connection had no open stream when the GOAWAY went out.
-    pub idle_ns: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -92,7 +80,7 @@ pub struct H2Track {
     pub desyncs: u32,
     pub parse_errors: u32,
     pub frames: u64,
-    pub goaways: Vec<GoAwayRec>,
+    pub goaways: Vec<GoAway>,
     /// PINGs this socket sent, and those it received.
     pub ping_sent: PingSide,
     pub ping_received: PingSide,
@@ -160,7 +148,7 @@ impl H2Track {
         dir: Dir,
         head: &[u8; 9],
         payload: &Bytes,
-    ) -> Option<&GoAwayRec> {
+    ) -> Option<&GoAway> {
         let head = match Head::parse(head) {
             Ok(h) => h,
             Err(_) => {
@@ -231,10 +219,10 @@ impl H2Track {
                     } else {
                         None
                     };
-                    self.goaways.push(GoAwayRec {
-                        dir,
+                    self.goaways.push(GoAway {
+                        sent: mine,
                         at_ns,
-                        reason: g.reason,
+                        code: g.reason,
                         last_stream_id: g.last_stream_id,
                         debug: g.debug_text(),
                         debug_truncated: g.debug_truncated,
@@ -287,6 +275,7 @@ impl H2Track {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::h2::Reason;
 
     fn frame(len: u32, kind: u8, flags: u8, stream: u32) -> [u8; 9] {
         let l = len.to_be_bytes();
@@ -312,7 +301,7 @@ mod tests {
             .cloned()
             .expect("goaway");
         assert_eq!(
-            (g.reason, g.last_stream_id, g.debug.as_str()),
+            (g.code, g.last_stream_id, g.debug.as_str()),
             (Reason::NO_ERROR, 0x7fff_ffff, "max_idle")
         );
         assert_eq!(g.idle_ns, Some(1_000));

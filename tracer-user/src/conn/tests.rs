@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 
 use super::*;
 use crate::{
-    classify::{ClosedBy, Initiator, Mechanism},
-    event::{ECONNRESET, ETIMEDOUT},
+    classify::{self, ClosedBy, Initiator, Mechanism},
+    event::{Dir, ECONNRESET, ETIMEDOUT, Packet, TcpState},
+    timeline::RstOrigin,
 };
 use tracer_common::tcp_flag::{ACK, FIN, RST, SYN};
 
@@ -434,7 +435,11 @@ fn address_reuse_finishes_the_old_connection() {
 #[test]
 fn preexisting_connection_gets_inferred_role() {
     use TcpState::*;
-    let mut tbl = Table::new(0, 16, (32768, 60999));
+    let mut tbl = Table::new(TableConfig {
+        linger_ns: 0,
+        max_conns: 16,
+        ..TableConfig::default()
+    });
     let t = tuple("10.0.0.1:45000", "10.0.0.2:443");
     tbl.on_event(&by(
         state(0, 0x42, t, Established, FinWait1),
@@ -458,7 +463,11 @@ fn preexisting_connection_gets_inferred_role() {
 #[test]
 fn table_full_counts_dropped_connections() {
     use TcpState::*;
-    let mut tbl = Table::new(0, 1, (32768, 60999));
+    let mut tbl = Table::new(TableConfig {
+        linger_ns: 0,
+        max_conns: 1,
+        ..TableConfig::default()
+    });
     tbl.on_event(&state(
         0,
         1,
@@ -510,8 +519,10 @@ fn listeners_do_not_become_connections() {
 #[test]
 fn no_socket_reset_carries_the_kernel_reason() {
     use TcpState::*;
-    let mut tbl = Table::default();
-    tbl.set_rst_reason_names([(1, "NO_SOCKET".to_string())].into_iter().collect());
+    let mut tbl = Table::new(TableConfig {
+        rst_reason_names: [(1, "NO_SOCKET".to_string())].into_iter().collect(),
+        ..TableConfig::default()
+    });
     let ct = tuple("127.0.0.1:40100", "127.0.0.1:9");
     tbl.on_event(&state(0, 0x77, ct, Close, SynSent));
     tbl.on_event(&pkt(1, 0x77, ct, Dir::Egress, SYN, 500, 64));
@@ -552,8 +563,10 @@ fn no_socket_reset_carries_the_kernel_reason() {
 #[test]
 fn without_packet_facts_a_missing_rst_segment_proves_nothing() {
     use TcpState::*;
-    let mut tbl = Table::default();
-    tbl.set_packet_facts(false);
+    let mut tbl = Table::new(TableConfig {
+        packet_facts: false,
+        ..TableConfig::default()
+    });
     let ct = tuple("10.9.1.2:40000", "10.9.2.2:8080");
     let st = ct.reversed();
     for ev in [
@@ -581,4 +594,134 @@ fn without_packet_facts_a_missing_rst_segment_proves_nothing() {
     );
     let s = only(&out, 0x20);
     assert_eq!(s.verdict.reason, "server_process_exit");
+}
+
+/// The event stream of a peer that reset the connection only when it died, as tracepoints
+/// alone show it: no segments at all.
+fn tracepoint_only_stream(peer_dies: bool) -> Vec<Event> {
+    use TcpState::*;
+    let ct = tuple("10.9.1.2:40000", "10.9.2.2:8080");
+    let st = ct.reversed();
+    let mut evs = vec![
+        by(state(0, 0x10, ct, Close, SynSent), 1, "client", false),
+        state(1, 0x20, st, Listen, SynRecv),
+        state(2, 0x10, ct, SynSent, Established),
+        state(2, 0x20, st, SynRecv, Established),
+    ];
+    if peer_dies {
+        // The server closes with FIN first, then dies much later (not a reset).
+        evs.push(by(
+            state(10 * MS, 0x20, st, Established, FinWait1),
+            2,
+            "server",
+            false,
+        ));
+        evs.push(state(11 * MS, 0x10, ct, Established, CloseWait));
+        evs.push(state(12 * MS, 0x20, st, FinWait1, FinWait2));
+        evs.push(state(13 * MS, 0x20, st, FinWait2, Close));
+    }
+    evs.push(base(50 * MS, 0x10, Some(ct), EventKind::RecvReset));
+    evs.push(state(50 * MS + 1, 0x10, ct, Established, Close));
+    evs
+}
+
+#[test]
+fn without_packet_facts_a_rst_from_a_live_peer_is_not_a_proven_middlebox() {
+    for packet_facts in [true, false] {
+        let mut tbl = Table::new(TableConfig {
+            packet_facts,
+            ..TableConfig::default()
+        });
+        for ev in tracepoint_only_stream(false) {
+            tbl.on_event(&ev);
+        }
+        let out = tbl.take_all_closed();
+        let c = only(&out, 0x10);
+        if packet_facts {
+            // With the hooks attached, a RST segment nobody here sent was forged.
+            assert_eq!(c.verdict.reason, "middlebox_reset");
+            assert_eq!(c.verdict.confidence, classify::Confidence::High);
+        } else {
+            // Without them nothing says who sent it.
+            assert_eq!(
+                (c.verdict.closed_by, c.verdict.reason.as_str()),
+                (ClosedBy::Server, "server_reset")
+            );
+            assert_eq!(c.verdict.confidence, classify::Confidence::Low);
+        }
+    }
+}
+
+#[test]
+fn without_packet_facts_a_peer_that_closed_first_without_reset_is_not_the_sender() {
+    let mut tbl = Table::new(TableConfig {
+        packet_facts: false,
+        ..TableConfig::default()
+    });
+    for ev in tracepoint_only_stream(true) {
+        tbl.on_event(&ev);
+    }
+    let out = tbl.take_all_closed();
+    let c = only(&out, 0x10);
+    assert!(
+        c.conn.facts.iter().any(|f| matches!(
+            f.kind,
+            FactKind::RstReceived {
+                origin: RstOrigin::Untraced,
+                ..
+            }
+        )),
+        "{:?}",
+        c.conn.facts
+    );
+    // The FIN came first: the verdict rests on it, not on the unexplained RST.
+    assert_eq!(c.verdict.reason, "server_close");
+}
+
+#[test]
+fn without_packet_facts_the_peer_record_of_its_reset_proves_the_sender() {
+    use TcpState::*;
+    let mut tbl = Table::new(TableConfig {
+        packet_facts: false,
+        ..TableConfig::default()
+    });
+    let ct = tuple("10.9.1.2:40000", "10.9.2.2:8080");
+    let st = ct.reversed();
+    for ev in [
+        by(state(0, 0x10, ct, Close, SynSent), 1, "client", false),
+        state(1, 0x20, st, Listen, SynRecv),
+        state(2, 0x10, ct, SynSent, Established),
+        state(2, 0x20, st, SynRecv, Established),
+        // The server application aborts (SO_LINGER 0): its own send_reset tracepoint.
+        by(
+            base(
+                40 * MS,
+                0x20,
+                Some(st),
+                EventKind::SendReset {
+                    state: Established,
+                    reason: None,
+                },
+            ),
+            2,
+            "server",
+            false,
+        ),
+        by(
+            state(40 * MS, 0x20, st, Established, Close),
+            2,
+            "server",
+            false,
+        ),
+        base(40 * MS + 5, 0x10, Some(ct), EventKind::RecvReset),
+        state(40 * MS + 6, 0x10, ct, Established, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    let out = tbl.take_all_closed();
+    let c = only(&out, 0x10);
+    assert_eq!(
+        (c.verdict.closed_by, c.verdict.reason.as_str()),
+        (ClosedBy::Server, "server_abort")
+    );
 }

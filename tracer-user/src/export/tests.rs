@@ -7,11 +7,13 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use serde_json::Value;
+
 use super::*;
 use crate::{
-    classify::Role,
     conn::Table,
     event::{Dir, Event, EventKind, Packet, TcpState, Tuple},
+    timeline::Role,
 };
 use tracer_common::tcp_flag::{ACK, FIN, RST, SYN};
 

@@ -1,0 +1,96 @@
+//! The first signal that ended a connection, and small questions about a timeline that
+//! several rules ask.
+
+use crate::{
+    event::{ETIMEDOUT, TcpState},
+    timeline::{FactKind, RstOrigin, Timeline},
+};
+
+/// The first signal that ended the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Ending {
+    LocalFin { exiting: bool },
+    RemoteFin,
+    LocalRst { exiting: bool },
+    RemoteRst { ttl: u8, origin: RstOrigin },
+    Timeout { errno: i32 },
+}
+
+pub(super) fn first_ending(t: &Timeline) -> Option<(u64, Ending)> {
+    let exiting = t.local_exit();
+    let mut retransmits = 0u32;
+    for f in &t.facts {
+        let e = match &f.kind {
+            FactKind::FinSent => Ending::LocalFin { exiting },
+            FactKind::State {
+                from: TcpState::Established,
+                to: TcpState::FinWait1,
+                ..
+            } => Ending::LocalFin { exiting },
+            FactKind::State {
+                from: TcpState::Established | TcpState::SynRecv,
+                to: TcpState::CloseWait,
+                ..
+            } => Ending::RemoteFin,
+            FactKind::FinReceived { .. } => Ending::RemoteFin,
+            FactKind::RstSent { .. } => Ending::LocalRst { exiting },
+            // A dying owner taking an open connection straight to CLOSE aborts it (the RST
+            // itself may be invisible: no packet hooks, no send_reset tracepoint before 6.10).
+            FactKind::State {
+                from: TcpState::Established | TcpState::CloseWait | TcpState::SynRecv,
+                to: TcpState::Close,
+                exiting: true,
+                ..
+            } => Ending::LocalRst { exiting: true },
+            FactKind::RstReceived { ttl, origin, .. } => Ending::RemoteRst {
+                ttl: *ttl,
+                origin: *origin,
+            },
+            FactKind::Retransmit { .. } => {
+                retransmits += 1;
+                continue;
+            }
+            FactKind::SocketError { errno } if *errno == ETIMEDOUT => {
+                Ending::Timeout { errno: *errno }
+            }
+            // Without the error-report hook, a close after unanswered retransmissions is
+            // still a timeout.
+            FactKind::State {
+                to: TcpState::Close,
+                ..
+            } if retransmits > 0 => Ending::Timeout { errno: ETIMEDOUT },
+            _ => continue,
+        };
+        return Some((f.at_ns, e));
+    }
+    None
+}
+
+pub(super) fn reached_established(t: &Timeline) -> bool {
+    t.role_inferred
+        || t.facts.iter().any(|f| {
+            matches!(
+                &f.kind,
+                FactKind::State {
+                    to: TcpState::Established,
+                    ..
+                } | FactKind::State {
+                    from: TcpState::Established,
+                    ..
+                }
+            )
+        })
+}
+
+pub(super) fn errno_seen(t: &Timeline, errno: i32) -> bool {
+    t.facts
+        .iter()
+        .any(|f| matches!(f.kind, FactKind::SocketError { errno: e } if e == errno))
+}
+
+pub(super) fn retransmits(t: &Timeline) -> usize {
+    t.facts
+        .iter()
+        .filter(|f| matches!(f.kind, FactKind::Retransmit { .. }))
+        .count()
+}

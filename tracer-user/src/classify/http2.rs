@@ -1,0 +1,225 @@
+//! Layer-7 rules: who decided to end an HTTP/2 connection, whoever sent the first FIN/RST.
+
+use super::{
+    Cause, ClosedBy, Confidence, Initiator, Mechanism, Party, Reason, Verdict,
+    ending::first_ending, verdict::verdict,
+};
+use crate::{
+    h2::Reason as ErrorCode,
+    timeline::{GoAway, H2Summary, Role, Timeline},
+};
+
+fn is_idle(debug: &str) -> bool {
+    debug.to_ascii_lowercase().contains("idle")
+}
+
+fn is_age(debug: &str) -> bool {
+    let d = debug.to_ascii_lowercase();
+    d.contains("max_age") || d.contains("agetimeout") || d.contains("connection_age") || d == "age"
+}
+
+fn secs(ns: u64) -> String {
+    let s = ns as f64 / 1e9;
+    if s >= 10.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+/// The HTTP/2 verdict, when the HTTP/2 evidence decides who ended the connection.
+pub(super) fn rules(t: &Timeline, tcp: &Verdict) -> Option<Verdict> {
+    let h = t.h2.as_ref()?;
+    let ending_at = first_ending(t).map(|(at, _)| at);
+    let before_end = |at: u64| ending_at.is_none_or(|e| at <= e);
+    if let Some(g) = h.goaways.iter().find(|g| before_end(g.at_ns)) {
+        return Some(goaway(t, h, tcp, g));
+    }
+    if !h.synced {
+        return None;
+    }
+    keepalive(t, h, tcp, before_end).or_else(|| close_without_goaway(tcp))
+}
+
+/// PINGs from the client side that went unanswered, and their cadence.
+fn client_pings(role: Role, h: &H2Summary) -> (Option<u64>, Option<u64>) {
+    match role {
+        Role::Client | Role::Unknown => (h.unanswered_sent_since, h.ping_interval_sent_ns),
+        Role::Server => (h.unanswered_received_since, h.ping_interval_received_ns),
+    }
+}
+
+/// The first GOAWAY before the TCP ending names the side that decided.
+fn goaway(t: &Timeline, h: &H2Summary, tcp: &Verdict, g: &GoAway) -> Verdict {
+    let role = t.role;
+    let mechanism = match tcp.mechanism {
+        Mechanism::Fin => Mechanism::GoawayThenFin,
+        Mechanism::Rst => Mechanism::GoawayThenRst,
+        Mechanism::Timeout => Mechanism::GoawayThenTimeout,
+        m => m,
+    };
+    let (client_unanswered, client_interval) = client_pings(role, h);
+    // Which side sent it: this socket when `sent`, else the peer.
+    let from_local = g.sent;
+    let sender_role = if from_local { role } else { role.opposite() };
+    let who = Party::of(role, from_local);
+    let debug = if g.debug.is_empty() {
+        String::new()
+    } else {
+        format!(" \"{}\"", g.debug)
+    };
+    let closed_by: ClosedBy = sender_role.into();
+    let v = |cause: Cause, hint: String| {
+        verdict(
+            closed_by,
+            Reason::By(who, cause),
+            tcp.tcp_initiator,
+            mechanism,
+            Confidence::High,
+            hint,
+        )
+    };
+    let code = g.code;
+    if sender_role == Role::Server || (role == Role::Unknown && !from_local) {
+        if code == ErrorCode::ENHANCE_YOUR_CALM && g.debug.contains("too_many_pings") {
+            let every = client_interval
+                .map(|n| format!("every {} ms", n / 1_000_000))
+                .unwrap_or_else(|| "too often".into());
+            return v(
+                Cause::TooManyPings,
+                format!(
+                    "the {who} sent GOAWAY ENHANCE_YOUR_CALM{debug}: the client sent keepalive PINGs {every}, \
+                     more often than the server's enforcement allows (grpc: \
+                     min_ping_interval_without_data_ms / EnforcementPolicy.MinTime, permit_without_stream); \
+                     raise the client's keepalive time above the server's minimum or relax the server policy"
+                ),
+            );
+        }
+        // grpc-go/Kitex say NO_ERROR "max_idle"/"idleTimeout"; grpc C-core (grpcio 1.85)
+        // says INTERNAL_ERROR "connection idle": the text decides, not the code.
+        if is_idle(&g.debug) {
+            let idle = g
+                .idle_ns
+                .map(|n| format!(" after {} without an open stream", secs(n)))
+                .unwrap_or_default();
+            return v(
+                Cause::IdleTimeout,
+                format!(
+                    "the {who}'s max idle timer fired{idle} (GOAWAY {code}{debug}); expected behaviour: \
+                     let the client reconnect on demand, or raise max_connection_idle on the server"
+                ),
+            );
+        }
+        if is_age(&g.debug) {
+            return v(
+                Cause::MaxAge,
+                format!(
+                    "the {who} reached its max connection age and drained the connection (GOAWAY {code}{debug}); \
+                     clients must retry on a new connection; raise max_connection_age(+grace) if that is too often"
+                ),
+            );
+        }
+        return v(
+            Cause::Goaway,
+            format!("the {who} sent GOAWAY {code}{debug}; check the {who}'s logs around this time"),
+        );
+    }
+    // The client sent the GOAWAY.
+    if let Some(since) = client_unanswered.filter(|s| *s <= g.at_ns) {
+        return verdict(
+            closed_by,
+            Reason::By(who, Cause::KeepaliveTimeout),
+            tcp.tcp_initiator,
+            Mechanism::PingTimeout,
+            Confidence::High,
+            format!(
+                "the {who}'s keepalive PING went unanswered for {} and it gave up on the connection: \
+                 the server or the path stopped responding (blackhole, stale NAT/conntrack entry, \
+                 overloaded server)",
+                secs(g.at_ns.saturating_sub(since))
+            ),
+        );
+    }
+    v(
+        Cause::Goaway,
+        format!(
+            "the {who} ended the connection with GOAWAY {code}{debug} (e.g. it closed its channel)"
+        ),
+    )
+}
+
+/// The client's keepalive gave up: its PING went unanswered and then either the kernel
+/// timed the socket out (grpc sets TCP_USER_TIMEOUT to the keepalive timeout) or the
+/// client closed it.
+fn keepalive(
+    t: &Timeline,
+    h: &H2Summary,
+    tcp: &Verdict,
+    before_end: impl Fn(u64) -> bool,
+) -> Option<Verdict> {
+    let role = t.role;
+    let (client_unanswered, _) = client_pings(role, h);
+    let ended_by_client = matches!(
+        (tcp.tcp_initiator, role),
+        (Initiator::Local, Role::Client) | (Initiator::Remote, Role::Server)
+    );
+    if let (Some(since), true) = (
+        h.unanswered_sent_since,
+        role == Role::Client && tcp.mechanism == Mechanism::Timeout,
+    ) {
+        if before_end(since) {
+            let path = if tcp.confidence == Confidence::High {
+                "the server socket was still open on this host, so the path dropped the packets"
+            } else {
+                "the path or the server stopped responding"
+            };
+            return Some(verdict(
+                ClosedBy::Client,
+                Reason::By(Party::Client, Cause::KeepaliveTimeout),
+                tcp.tcp_initiator,
+                Mechanism::Timeout,
+                Confidence::High,
+                format!(
+                    "the client's keepalive PING went unanswered and its keepalive timeout (TCP_USER_TIMEOUT) \
+                     ended the connection; {path} (firewall DROP, blackhole route, stale NAT/conntrack entry)"
+                ),
+            ));
+        }
+    }
+    if let (true, Some(since)) = (ended_by_client, client_unanswered) {
+        if before_end(since) && tcp.closed_by != ClosedBy::Middlebox {
+            let who = Party::of(role, role == Role::Client);
+            return Some(verdict(
+                ClosedBy::Client,
+                Reason::By(who, Cause::KeepaliveTimeout),
+                tcp.tcp_initiator,
+                Mechanism::PingTimeout,
+                Confidence::High,
+                format!(
+                    "the {who}'s keepalive PING went unanswered and it closed the connection: the server or \
+                     the path stopped responding (blackhole, stale NAT/conntrack entry, overloaded server)"
+                ),
+            ));
+        }
+    }
+    None
+}
+
+/// A synced HTTP/2 connection the server ended at the TCP level, with no GOAWAY first.
+fn close_without_goaway(tcp: &Verdict) -> Option<Verdict> {
+    let process_exit = matches!(tcp.reason, Reason::By(_, Cause::ProcessExit));
+    (tcp.closed_by == ClosedBy::Server
+        && matches!(tcp.mechanism, Mechanism::Fin | Mechanism::Rst)
+        && !process_exit)
+        .then(|| {
+            verdict(
+                ClosedBy::Server,
+                Reason::ServerCloseNoGoaway,
+                tcp.tcp_initiator,
+                tcp.mechanism,
+                Confidence::Medium,
+                "the server side closed the HTTP/2 connection without a GOAWAY: an abrupt close (crash, \
+                 kill, hard timeout) or a proxy/LB in front of the server ending it; check both",
+            )
+        })
+}

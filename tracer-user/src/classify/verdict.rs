@@ -1,0 +1,322 @@
+//! What the classifier answers: who ended the connection, why (a typed reason with a stable
+//! name), how, and how sure.
+
+use std::fmt;
+
+use serde::{Serialize, Serializer};
+
+use crate::timeline::Role;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClosedBy {
+    Client,
+    Server,
+    Middlebox,
+    Unknown,
+}
+
+impl From<Role> for ClosedBy {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Client => ClosedBy::Client,
+            Role::Server => ClosedBy::Server,
+            Role::Unknown => ClosedBy::Unknown,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Initiator {
+    Local,
+    Remote,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mechanism {
+    Fin,
+    Rst,
+    Timeout,
+    /// An HTTP/2 GOAWAY, then the TCP close.
+    GoawayThenFin,
+    GoawayThenRst,
+    GoawayThenTimeout,
+    /// Keepalive PINGs went unanswered and the pinging side closed.
+    PingTimeout,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Confidence {
+    Low,
+    Medium,
+    High,
+}
+
+impl Confidence {
+    pub(crate) fn lower(self) -> Self {
+        match self {
+            Confidence::High => Confidence::Medium,
+            _ => Confidence::Low,
+        }
+    }
+}
+
+/// A side of the connection as a reason names it: by role when the role is known, else
+/// from this socket's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Party {
+    Client,
+    Server,
+    Local,
+    Remote,
+}
+
+impl Party {
+    /// `local`: this socket's side, else the other one.
+    pub fn of(role: Role, local: bool) -> Party {
+        match (role, local) {
+            (Role::Unknown, true) => Party::Local,
+            (Role::Unknown, false) => Party::Remote,
+            (Role::Client, true) | (Role::Server, false) => Party::Client,
+            (Role::Server, true) | (Role::Client, false) => Party::Server,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Party::Client => "client",
+            Party::Server => "server",
+            Party::Local => "local",
+            Party::Remote => "remote",
+        }
+    }
+}
+
+impl fmt::Display for Party {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// What a [`Party`] did to end the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// Closed it (first FIN).
+    Close,
+    /// Its process exited and the kernel closed or reset the socket.
+    ProcessExit,
+    /// Its socket reset the connection.
+    Abort,
+    /// Its kernel had no socket for the connection and answered with RST.
+    NoSocket,
+    /// A RST from its direction whose sender cannot be proven.
+    Reset,
+    /// An HTTP/2 GOAWAY with no more specific reason.
+    Goaway,
+    IdleTimeout,
+    MaxAge,
+    TooManyPings,
+    KeepaliveTimeout,
+}
+
+const CAUSES: usize = 10;
+
+impl Cause {
+    fn index(self) -> usize {
+        match self {
+            Cause::Close => 0,
+            Cause::ProcessExit => 1,
+            Cause::Abort => 2,
+            Cause::NoSocket => 3,
+            Cause::Reset => 4,
+            Cause::Goaway => 5,
+            Cause::IdleTimeout => 6,
+            Cause::MaxAge => 7,
+            Cause::TooManyPings => 8,
+            Cause::KeepaliveTimeout => 9,
+        }
+    }
+}
+
+/// `<party>_<cause>`, written out so the names are `&'static str` and greppable.
+const PARTY_REASONS: [[&str; CAUSES]; 4] = [
+    [
+        "client_close",
+        "client_process_exit",
+        "client_abort",
+        "client_no_socket",
+        "client_reset",
+        "client_goaway",
+        "client_idle_timeout",
+        "client_max_age",
+        "client_too_many_pings",
+        "client_keepalive_timeout",
+    ],
+    [
+        "server_close",
+        "server_process_exit",
+        "server_abort",
+        "server_no_socket",
+        "server_reset",
+        "server_goaway",
+        "server_idle_timeout",
+        "server_max_age",
+        "server_too_many_pings",
+        "server_keepalive_timeout",
+    ],
+    [
+        "local_close",
+        "local_process_exit",
+        "local_abort",
+        "local_no_socket",
+        "local_reset",
+        "local_goaway",
+        "local_idle_timeout",
+        "local_max_age",
+        "local_too_many_pings",
+        "local_keepalive_timeout",
+    ],
+    [
+        "remote_close",
+        "remote_process_exit",
+        "remote_abort",
+        "remote_no_socket",
+        "remote_reset",
+        "remote_goaway",
+        "remote_idle_timeout",
+        "remote_max_age",
+        "remote_too_many_pings",
+        "remote_keepalive_timeout",
+    ],
+];
+
+/// The verdict's reason code. Its string form ([`Reason::as_str`]) is part of the JSON
+/// schema (docs/events.md) and never changes for an existing reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// `<party>_<cause>`, e.g. `server_process_exit`.
+    By(Party, Cause),
+    /// The server closed an HTTP/2 connection without a GOAWAY.
+    ServerCloseNoGoaway,
+    MiddleboxReset,
+    RetransmissionTimeout,
+    KeepaliveTimeout,
+    ConnectRejected,
+    ConnectionRefused,
+    ConnectTimeout,
+    HandshakeFailed,
+    Unknown,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::By(p, c) => {
+                let row = match p {
+                    Party::Client => 0,
+                    Party::Server => 1,
+                    Party::Local => 2,
+                    Party::Remote => 3,
+                };
+                PARTY_REASONS[row][c.index()]
+            }
+            Reason::ServerCloseNoGoaway => "server_close_no_goaway",
+            Reason::MiddleboxReset => "middlebox_reset",
+            Reason::RetransmissionTimeout => "retransmission_timeout",
+            Reason::KeepaliveTimeout => "keepalive_timeout",
+            Reason::ConnectRejected => "connect_rejected",
+            Reason::ConnectionRefused => "connection_refused",
+            Reason::ConnectTimeout => "connect_timeout",
+            Reason::HandshakeFailed => "handshake_failed",
+            Reason::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl Serialize for Reason {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for Reason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub closed_by: ClosedBy,
+    pub reason: Reason,
+    pub tcp_initiator: Initiator,
+    pub mechanism: Mechanism,
+    pub confidence: Confidence,
+    pub hint: String,
+}
+
+pub(super) fn verdict(
+    closed_by: ClosedBy,
+    reason: Reason,
+    tcp_initiator: Initiator,
+    mechanism: Mechanism,
+    confidence: Confidence,
+    hint: impl Into<String>,
+) -> Verdict {
+    Verdict {
+        closed_by,
+        reason,
+        tcp_initiator,
+        mechanism,
+        confidence,
+        hint: hint.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL_CAUSES: [(Cause, &str); CAUSES] = [
+        (Cause::Close, "close"),
+        (Cause::ProcessExit, "process_exit"),
+        (Cause::Abort, "abort"),
+        (Cause::NoSocket, "no_socket"),
+        (Cause::Reset, "reset"),
+        (Cause::Goaway, "goaway"),
+        (Cause::IdleTimeout, "idle_timeout"),
+        (Cause::MaxAge, "max_age"),
+        (Cause::TooManyPings, "too_many_pings"),
+        (Cause::KeepaliveTimeout, "keepalive_timeout"),
+    ];
+
+    #[test]
+    fn party_reason_names_are_party_then_cause() {
+        for p in [Party::Client, Party::Server, Party::Local, Party::Remote] {
+            for (c, name) in ALL_CAUSES {
+                assert_eq!(Reason::By(p, c).as_str(), format!("{p}_{name}"));
+            }
+        }
+    }
+
+    #[test]
+    fn reason_serialises_as_its_name() {
+        let v = serde_json::to_value(Reason::By(Party::Server, Cause::ProcessExit)).unwrap();
+        assert_eq!(v, "server_process_exit");
+        assert_eq!(
+            serde_json::to_value(Reason::MiddleboxReset).unwrap(),
+            "middlebox_reset"
+        );
+    }
+}

@@ -1,0 +1,83 @@
+//! Finishing: a closed socket lingers for late evidence, then the cross-socket facts are
+//! resolved (peer, RST origins) and the classifier gives its verdict.
+
+use super::{
+    Closed, Table,
+    h2::{H2State, H2Track},
+};
+use crate::{
+    classify,
+    timeline::{H2Summary, Timeline},
+};
+
+impl Table {
+    /// Connections whose linger period is over at `now_ns` (CLOCK_MONOTONIC).
+    pub fn take_due(&mut self, now_ns: u64) -> Vec<Closed> {
+        let linger = self.cfg.linger_ns;
+        let due: Vec<u64> = self
+            .conns
+            .values()
+            .filter(|c| {
+                c.closed_ns
+                    .is_some_and(|t| t.saturating_add(linger) <= now_ns)
+            })
+            .map(|c| c.skaddr)
+            .collect();
+        let mut out: Vec<Closed> = due.into_iter().filter_map(|sk| self.finish(sk)).collect();
+        out.sort_by_key(|c| c.conn.closed_ns);
+        out
+    }
+
+    /// Every connection that has closed, whatever its linger (shutdown flush).
+    pub fn take_all_closed(&mut self) -> Vec<Closed> {
+        self.take_due(u64::MAX)
+    }
+
+    /// Removes a connection, resolves cross-socket evidence and classifies it.
+    pub(super) fn finish(&mut self, sk: u64) -> Option<Closed> {
+        let mut conn = self.conns.remove(&sk)?;
+        if let Some(t) = conn.tuple {
+            self.unindex(sk, t);
+        }
+        let peer = self.find_peer(&conn).map(|(mut s, closed)| {
+            s.closed_first = match (closed, conn.closed_ns) {
+                (Some(p), Some(me)) => p <= me,
+                _ => false,
+            };
+            s
+        });
+        self.resolve_received_rsts(&mut conn, peer.as_ref());
+        conn.facts.sort_by_key(|f| f.at_ns);
+        let timeline = Timeline {
+            role: conn.role,
+            role_inferred: conn.role_inferred,
+            facts: conn.facts.clone(),
+            peer: peer.clone(),
+            ttl_baseline: conn.ttl_baseline,
+            h2: conn.h2.as_ref().map(h2_summary),
+        };
+        let verdict = classify::classify(&timeline);
+        self.remember(&conn);
+        self.stats.conns_closed += 1;
+        self.stats.facts_dropped += u64::from(conn.facts_dropped);
+        let owner = conn.owner();
+        Some(Closed {
+            conn,
+            verdict,
+            peer,
+            owner,
+        })
+    }
+}
+
+/// The classifier's view of the HTTP/2 state.
+fn h2_summary(t: &H2Track) -> H2Summary {
+    H2Summary {
+        synced: t.state == H2State::Synced,
+        goaways: t.goaways.clone(),
+        ping_interval_sent_ns: t.ping_sent.median_interval_ns(),
+        ping_interval_received_ns: t.ping_received.median_interval_ns(),
+        unanswered_sent_since: t.ping_sent.oldest_unanswered_ns(),
+        unanswered_received_since: t.ping_received.oldest_unanswered_ns(),
+    }
+}

@@ -1,0 +1,162 @@
+//! State changes and the other per-socket lifecycle events: opening (active, passive, or
+//! met mid-life), retransmissions, close() calls, destruction and error reports.
+
+use super::{Closed, Conn, Table};
+use crate::{
+    event::{Event, TcpState},
+    timeline::{FactKind, Role},
+};
+
+impl Table {
+    /// Creates the connection for `sk`, first finishing any older one at the same address
+    /// (the kernel reuses freed socket memory).
+    pub(super) fn open(
+        &mut self,
+        ev: &Event,
+        role: Role,
+        preexisting: bool,
+        out: &mut Vec<Closed>,
+    ) -> bool {
+        if self.conns.contains_key(&ev.skaddr) {
+            if let Some(c) = self.finish(ev.skaddr) {
+                out.push(c);
+            }
+        }
+        if self.conns.len() >= self.cfg.max_conns {
+            self.stats.conns_dropped += 1;
+            return false;
+        }
+        let mut conn = Conn::new(ev.skaddr, ev.ts_ns, role, preexisting);
+        if let Some(o) = self.orphans.remove(&ev.skaddr) {
+            conn.ttl_baseline = o.ttl_in;
+            conn.egress_seq0 = o.egress_seq0;
+            conn.ingress_seq0 = o.ingress_seq0;
+        }
+        self.conns.insert(ev.skaddr, conn);
+        self.stats.conns_opened += 1;
+        true
+    }
+
+    /// Makes sure a connection exists for an event about an already-open socket.
+    pub(super) fn ensure(&mut self, ev: &Event, out: &mut Vec<Closed>) -> bool {
+        if ev.skaddr == 0 || self.listeners.contains(&ev.skaddr) {
+            return false;
+        }
+        if self.conns.contains_key(&ev.skaddr) {
+            return true;
+        }
+        let role = self.infer_role(ev.tuple);
+        self.open(ev, role, true, out)
+    }
+
+    pub(super) fn on_state(
+        &mut self,
+        ev: &Event,
+        old: TcpState,
+        new: TcpState,
+        out: &mut Vec<Closed>,
+    ) {
+        let sk = ev.skaddr;
+        if new == TcpState::Listen {
+            if let Some(c) = self.finish(sk) {
+                out.push(c);
+            }
+            self.listeners.insert(sk);
+            return;
+        }
+        if old == TcpState::Listen {
+            self.listeners.remove(&sk);
+            // A passive open: the child socket of a listener.
+            if new != TcpState::SynRecv || !self.open(ev, Role::Server, false, out) {
+                return;
+            }
+        } else if new == TcpState::SynSent {
+            if !self.open(ev, Role::Client, false, out) {
+                return;
+            }
+        } else if !self.ensure(ev, out) {
+            return;
+        }
+        let Some(c) = self.conns.get_mut(&sk) else {
+            return;
+        };
+        c.state = new;
+        c.push(
+            ev.ts_ns,
+            FactKind::State {
+                from: old,
+                to: new,
+                pid: ev.pid,
+                comm: ev.comm.clone(),
+                exiting: ev.exiting,
+            },
+        );
+        if new == TcpState::Established && c.opened_ns.is_none() {
+            c.opened_ns = Some(ev.ts_ns);
+        }
+        if new == TcpState::Close && c.closed_ns.is_none() {
+            c.closed_ns = Some(ev.ts_ns);
+        }
+    }
+
+    pub(super) fn on_retransmit(&mut self, ev: &Event, state: TcpState, out: &mut Vec<Closed>) {
+        if self.ensure(ev, out) {
+            if let Some(c) = self.conns.get_mut(&ev.skaddr) {
+                c.retransmits += 1;
+                c.push(ev.ts_ns, FactKind::Retransmit { state });
+            }
+        }
+    }
+
+    pub(super) fn on_close_call(&mut self, ev: &Event, state: TcpState, out: &mut Vec<Closed>) {
+        if matches!(state, TcpState::Listen) {
+            return;
+        }
+        if self.ensure(ev, out) {
+            if let Some(c) = self.conns.get_mut(&ev.skaddr) {
+                c.push(
+                    ev.ts_ns,
+                    FactKind::CloseCall {
+                        pid: ev.pid,
+                        comm: ev.comm.clone(),
+                        exiting: ev.exiting,
+                    },
+                );
+            }
+        }
+    }
+
+    pub(super) fn on_destroy(&mut self, ev: &Event) {
+        if let Some(c) = self.conns.get_mut(&ev.skaddr) {
+            if c.closed_ns.is_none() {
+                c.closed_ns = Some(ev.ts_ns);
+                c.state = TcpState::Close;
+            }
+        }
+        self.listeners.remove(&ev.skaddr);
+    }
+
+    /// The error report carries a tuple, not a socket. The kernel reports the error right
+    /// after (6.x) or right before (older) the socket's CLOSE transition, in the same context,
+    /// so among sockets with that tuple the one this CPU touched last is the one.
+    pub(super) fn on_error(&mut self, ev: &Event, errno: i32) {
+        let Some(t) = ev.tuple else {
+            self.stats.errors_unmatched += 1;
+            return;
+        };
+        let best = self
+            .by_tuple
+            .get(&t)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| self.conns.get(s))
+            .max_by_key(|c| (c.last_cpu == ev.cpu, c.last_ns))
+            .map(|c| c.skaddr);
+        match best.and_then(|sk| self.conns.get_mut(&sk)) {
+            Some(c) => {
+                c.push(ev.ts_ns, FactKind::SocketError { errno });
+            }
+            None => self.stats.errors_unmatched += 1,
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Segment facts from the cgroup_skb hooks: FIN direction, TTL, the first sequence numbers
+//! (to pair the two ends of a local connection) and RST segments.
+
+use super::Table;
+use crate::{
+    event::{Dir, Event, Packet},
+    timeline::FactKind,
+};
+
+const MAX_ORPHANS: usize = 65_536;
+
+/// First-segment facts of a socket the table has not met yet.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Orphan {
+    pub ttl_in: Option<u8>,
+    pub egress_seq0: Option<u32>,
+    pub ingress_seq0: Option<u32>,
+}
+
+impl Table {
+    pub(super) fn on_packet(&mut self, ev: &Event, p: &Packet) {
+        let sk = ev.skaddr;
+        let Some(t) = ev.tuple else { return };
+        let tracked = self
+            .conns
+            .get(&sk)
+            .is_some_and(|c| c.tuple.is_none_or(|ct| !ct.is_complete() || ct == t));
+        if p.rst() && p.dir == Dir::Egress {
+            self.log_sent_rst(ev.ts_ns, t, p.seq, tracked);
+        }
+        if !tracked {
+            self.keep_orphan(sk, p);
+            return;
+        }
+        let Some(c) = self.conns.get_mut(&sk) else {
+            return;
+        };
+        match p.dir {
+            Dir::Egress => {
+                c.egress_seq0.get_or_insert(p.seq);
+                if p.fin() && !c.has(|k| matches!(k, FactKind::FinSent)) {
+                    c.push(ev.ts_ns, FactKind::FinSent);
+                }
+                if p.rst() {
+                    super::rst::mark_rst_sent(c, ev.ts_ns, false, None);
+                }
+            }
+            Dir::Ingress => {
+                c.ingress_seq0.get_or_insert(p.seq);
+                if !p.rst() && c.ttl_baseline.is_none() {
+                    c.ttl_baseline = Some(p.ttl);
+                }
+                if p.ttl_changed && !p.rst() {
+                    c.push(ev.ts_ns, FactKind::TtlChanged { ttl: p.ttl });
+                }
+                if p.fin() && !c.has(|k| matches!(k, FactKind::FinReceived { .. })) {
+                    c.push(ev.ts_ns, FactKind::FinReceived { ttl: p.ttl });
+                }
+                if p.rst() {
+                    super::rst::rst_segment_received(c, ev.ts_ns, p);
+                }
+            }
+        }
+    }
+
+    /// Listener traffic (handshakes) or a socket we have not met yet: keep the first-segment
+    /// facts until its first lifecycle event arrives.
+    fn keep_orphan(&mut self, sk: u64, p: &Packet) {
+        if self.listeners.contains(&sk) || p.syn() || sk == 0 {
+            return;
+        }
+        if self.orphans.len() >= MAX_ORPHANS {
+            self.orphans.clear();
+        }
+        let o = self.orphans.entry(sk).or_default();
+        match p.dir {
+            Dir::Egress => {
+                o.egress_seq0.get_or_insert(p.seq);
+            }
+            Dir::Ingress => {
+                o.ingress_seq0.get_or_insert(p.seq);
+                if !p.rst() {
+                    o.ttl_in.get_or_insert(p.ttl);
+                }
+            }
+        }
+    }
+}

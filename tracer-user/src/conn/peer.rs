@@ -1,0 +1,102 @@
+//! Peer matching: the other end of a connection when it is a socket on this host too,
+//! live or recently finished. The reversed tuple must match and the sequence spaces line
+//! up; without sequence numbers only an unambiguous candidate counts.
+
+use super::{Conn, LOG_WINDOW_NS, MAX_LOG, Table};
+use crate::{event::Tuple, timeline::PeerSummary};
+
+/// Two sockets are each other's peer when their sequence spaces line up within this.
+const SEQ_WINDOW: u32 = 1 << 24;
+
+/// What remains of a finished connection, for its peer's verdict.
+#[derive(Clone, Debug)]
+pub(super) struct Recent {
+    at_ns: u64,
+    tuple: Tuple,
+    egress_seq0: Option<u32>,
+    ingress_seq0: Option<u32>,
+    summary: PeerSummary,
+    closed_ns: Option<u64>,
+}
+
+fn seq_near(a: u32, b: u32) -> bool {
+    a.wrapping_sub(b) < SEQ_WINDOW || b.wrapping_sub(a) < SEQ_WINDOW
+}
+
+/// `Some(true)`: the sequence spaces of `conn` and a candidate with these first sequence
+/// numbers line up; `Some(false)`: they cannot be peers; `None`: nothing to compare.
+fn compatible(conn: &Conn, eg: Option<u32>, ing: Option<u32>) -> Option<bool> {
+    let a = match (conn.egress_seq0, ing) {
+        (Some(x), Some(y)) => Some(seq_near(x, y)),
+        _ => None,
+    };
+    let b = match (eg, conn.ingress_seq0) {
+        (Some(x), Some(y)) => Some(seq_near(x, y)),
+        _ => None,
+    };
+    match (a, b) {
+        (Some(false), _) | (_, Some(false)) => Some(false),
+        (None, None) => None,
+        _ => Some(true),
+    }
+}
+
+impl Table {
+    /// The peer of `conn` and when it closed, if it is on this host.
+    pub(super) fn find_peer(&self, conn: &Conn) -> Option<(PeerSummary, Option<u64>)> {
+        let t = conn.tuple?;
+        if !t.is_complete() {
+            return None;
+        }
+        let want = t.reversed();
+        let mut unsure: Vec<(PeerSummary, Option<u64>)> = Vec::new();
+        for sk in self.by_tuple.get(&want).into_iter().flatten() {
+            let Some(p) = self.conns.get(sk) else {
+                continue;
+            };
+            if p.skaddr == conn.skaddr {
+                continue;
+            }
+            match compatible(conn, p.egress_seq0, p.ingress_seq0) {
+                Some(true) => return Some((p.summary(), p.closed_ns)),
+                Some(false) => {}
+                None => unsure.push((p.summary(), p.closed_ns)),
+            }
+        }
+        for r in self.recent.iter().rev().filter(|r| r.tuple == want) {
+            match compatible(conn, r.egress_seq0, r.ingress_seq0) {
+                Some(true) => return Some((r.summary.clone(), r.closed_ns)),
+                Some(false) => {}
+                None => unsure.push((r.summary.clone(), r.closed_ns)),
+            }
+        }
+        // Without sequence numbers only an unambiguous match counts.
+        if unsure.len() == 1 {
+            unsure.pop()
+        } else {
+            None
+        }
+    }
+
+    /// Keeps what the peer of a finished connection will need.
+    pub(super) fn remember(&mut self, conn: &Conn) {
+        let Some(t) = conn.tuple else { return };
+        let at = conn.closed_ns.unwrap_or(conn.first_ns);
+        self.recent.push_back(Recent {
+            at_ns: at,
+            tuple: t,
+            egress_seq0: conn.egress_seq0,
+            ingress_seq0: conn.ingress_seq0,
+            summary: conn.summary(),
+            closed_ns: conn.closed_ns,
+        });
+        while self.recent.len() > MAX_LOG
+            || self
+                .recent
+                .front()
+                .is_some_and(|r| at.saturating_sub(r.at_ns) > LOG_WINDOW_NS)
+        {
+            self.recent.pop_front();
+        }
+    }
+}

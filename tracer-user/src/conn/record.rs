@@ -1,0 +1,145 @@
+//! One socket's record: what the table knows about it, and the questions asked of it
+//! (owner, exit, summary for its peer's verdict).
+
+use crate::{
+    event::{TcpState, Tuple},
+    timeline::{Fact, FactKind, PeerSummary, Role},
+};
+
+use super::h2::H2Track;
+
+/// Facts kept per connection; later ones are counted, not stored.
+pub const MAX_FACTS: usize = 128;
+
+#[derive(Clone, Debug)]
+pub struct Conn {
+    pub id: String,
+    pub skaddr: u64,
+    pub tuple: Option<Tuple>,
+    pub netns: Option<u32>,
+    pub role: Role,
+    pub role_inferred: bool,
+    pub preexisting: bool,
+    pub first_ns: u64,
+    pub opened_ns: Option<u64>,
+    pub closed_ns: Option<u64>,
+    pub state: TcpState,
+    pub facts: Vec<Fact>,
+    pub facts_dropped: u32,
+    pub ttl_baseline: Option<u8>,
+    pub egress_seq0: Option<u32>,
+    pub ingress_seq0: Option<u32>,
+    pub retransmits: u32,
+    /// HTTP/2 state, once any payload of this socket was classified.
+    pub h2: Option<H2Track>,
+    /// CPU and time of the last event about this socket (to place tuple-only error reports).
+    pub(super) last_cpu: u32,
+    pub(super) last_ns: u64,
+    /// Received RSTs: index into `facts` and the segment's sequence number if seen.
+    pub(super) rst_in: Vec<(usize, Option<u32>)>,
+}
+
+fn make_id(skaddr: u64, first_ns: u64) -> String {
+    use std::hash::{Hash, Hasher};
+    // Not the raw kernel address: ids end up in logs and must not leak kernel layout.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (skaddr, first_ns).hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+impl Conn {
+    pub(super) fn new(skaddr: u64, at_ns: u64, role: Role, preexisting: bool) -> Self {
+        Conn {
+            id: make_id(skaddr, at_ns),
+            skaddr,
+            tuple: None,
+            netns: None,
+            role,
+            role_inferred: preexisting,
+            preexisting,
+            first_ns: at_ns,
+            opened_ns: (!preexisting).then_some(at_ns),
+            closed_ns: None,
+            state: TcpState::Close,
+            facts: Vec::new(),
+            facts_dropped: 0,
+            ttl_baseline: None,
+            egress_seq0: None,
+            ingress_seq0: None,
+            retransmits: 0,
+            h2: None,
+            last_cpu: u32::MAX,
+            last_ns: 0,
+            rst_in: Vec::new(),
+        }
+    }
+
+    pub(super) fn push(&mut self, at_ns: u64, kind: FactKind) -> Option<usize> {
+        if self.facts.len() >= MAX_FACTS {
+            self.facts_dropped += 1;
+            return None;
+        }
+        self.facts.push(Fact { at_ns, kind });
+        Some(self.facts.len() - 1)
+    }
+
+    pub(super) fn has(&self, pred: impl Fn(&FactKind) -> bool) -> bool {
+        self.facts.iter().any(|f| pred(&f.kind))
+    }
+
+    /// The owner closed the socket while exiting (crash, kill, exit without close).
+    pub fn exited(&self) -> bool {
+        self.facts.iter().any(|f| f.kind.is_exit_close())
+    }
+
+    /// The owning process, from facts that only happen in the owner's context: connect(),
+    /// close()/shutdown() and the tcp_close hook.
+    pub fn owner(&self) -> Option<(u32, String)> {
+        let from_proc = self.facts.iter().find_map(|f| match &f.kind {
+            FactKind::CloseCall { pid, comm, .. } if *pid != 0 => Some((*pid, comm.clone())),
+            FactKind::State {
+                to: TcpState::SynSent | TcpState::FinWait1 | TcpState::LastAck,
+                pid,
+                comm,
+                ..
+            } if *pid != 0 => Some((*pid, comm.clone())),
+            _ => None,
+        });
+        if from_proc.is_some() {
+            return from_proc;
+        }
+        // A close that reset the connection runs in the closing process too; a close caused
+        // by a received RST or a timeout does not, so only trust it when we sent the RST.
+        if self.has(|k| matches!(k, FactKind::RstSent { .. })) {
+            return self.facts.iter().find_map(|f| match &f.kind {
+                FactKind::State {
+                    to: TcpState::Close,
+                    pid,
+                    comm,
+                    ..
+                } if *pid != 0 => Some((*pid, comm.clone())),
+                _ => None,
+            });
+        }
+        None
+    }
+
+    /// What this socket's peer needs to know about it.
+    pub(super) fn summary(&self) -> PeerSummary {
+        let owner = self.owner();
+        PeerSummary {
+            id: self.id.clone(),
+            pid: owner.as_ref().map(|o| o.0),
+            comm: owner.map(|o| o.1),
+            exited: self.exited(),
+            closed_first: false,
+            netns: self.netns,
+            reset_at_ns: self
+                .facts
+                .iter()
+                .filter(|f| f.kind.is_own_reset())
+                .map(|f| f.at_ns)
+                .min(),
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! The `close` object: one ended socket, its verdict, the evidence it rests on, its stats,
+//! its HTTP/2 state and its peer.
+
+use std::net::SocketAddr;
+
+use serde::{
+    Serialize, Serializer,
+    ser::{SerializeMap, SerializeSeq},
+};
+use serde_json::{Value, json};
+
+use super::{Clock, SCHEMA_VERSION, ms};
+use crate::{
+    conn::Closed,
+    event::{TcpState, errno_name},
+    timeline::{Fact, FactKind, Role},
+};
+
+/// The `evidence` array, serialised straight from the facts (no intermediate `Value`:
+/// this runs for every ended socket and dominated the agent's CPU when it allocated).
+struct Evidence<'a>(&'a Closed);
+
+impl Serialize for Evidence<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.conn.facts.len()))?;
+        for f in &self.0.conn.facts {
+            seq.serialize_element(&EvidenceItem { c: self.0, f })?;
+        }
+        seq.end()
+    }
+}
+
+struct EvidenceItem<'a> {
+    c: &'a Closed,
+    f: &'a Fact,
+}
+
+impl Serialize for EvidenceItem<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry(
+            "at_ms",
+            &ms(self.f.at_ns.saturating_sub(self.c.conn.first_ns)),
+        )?;
+        match &self.f.kind {
+            FactKind::State {
+                from,
+                to,
+                pid,
+                comm,
+                exiting,
+            } => {
+                m.serialize_entry("what", "state")?;
+                m.serialize_entry("from", from.name())?;
+                m.serialize_entry("to", to.name())?;
+                // Only transitions made by the owning process carry a meaningful task.
+                if matches!(
+                    to,
+                    TcpState::SynSent | TcpState::FinWait1 | TcpState::LastAck
+                ) || *exiting
+                {
+                    m.serialize_entry("pid", pid)?;
+                    m.serialize_entry("comm", comm)?;
+                }
+                if *exiting {
+                    m.serialize_entry("owner_exiting", &true)?;
+                }
+            }
+            FactKind::FinSent => m.serialize_entry("what", "fin_sent")?,
+            FactKind::FinReceived { ttl } => {
+                m.serialize_entry("what", "fin_received")?;
+                m.serialize_entry("ttl", ttl)?;
+            }
+            FactKind::RstSent {
+                exiting,
+                kernel_reason,
+            } => {
+                m.serialize_entry("what", "rst_sent")?;
+                if let Some(r) = kernel_reason {
+                    m.serialize_entry("kernel_reason", r)?;
+                }
+                if *exiting {
+                    m.serialize_entry("owner_exiting", &true)?;
+                }
+            }
+            FactKind::RstReceived {
+                ttl,
+                origin,
+                sender_reason,
+            } => {
+                m.serialize_entry("what", "rst_received")?;
+                if let Some(r) = sender_reason {
+                    m.serialize_entry("sender_kernel_reason", r)?;
+                }
+                if *ttl != 0 {
+                    m.serialize_entry("ttl", ttl)?;
+                }
+                if let Some(b) = self.c.conn.ttl_baseline {
+                    m.serialize_entry("ttl_baseline", &b)?;
+                }
+                m.serialize_entry("origin", origin)?;
+            }
+            FactKind::TtlChanged { ttl } => {
+                m.serialize_entry("what", "ttl_changed")?;
+                m.serialize_entry("ttl", ttl)?;
+            }
+            FactKind::Retransmit { state } => {
+                m.serialize_entry("what", "retransmit")?;
+                m.serialize_entry("state", state.name())?;
+            }
+            FactKind::SocketError { errno } => {
+                m.serialize_entry("what", "socket_error")?;
+                m.serialize_entry("errno", errno)?;
+                m.serialize_entry("error", errno_name(*errno))?;
+            }
+            FactKind::GoAway(g) => {
+                m.serialize_entry(
+                    "what",
+                    if g.sent {
+                        "goaway_sent"
+                    } else {
+                        "goaway_received"
+                    },
+                )?;
+                m.serialize_entry("error_code", &g.code)?;
+                m.serialize_entry("last_stream_id", &g.last_stream_id)?;
+                m.serialize_entry("debug", &g.debug)?;
+            }
+            FactKind::CloseCall { pid, comm, exiting } => {
+                m.serialize_entry("what", "close_call")?;
+                m.serialize_entry("pid", pid)?;
+                m.serialize_entry("comm", comm)?;
+                if *exiting {
+                    m.serialize_entry("owner_exiting", &true)?;
+                }
+            }
+        }
+        m.end()
+    }
+}
+
+fn opt_ms(ns: Option<u64>) -> Value {
+    ns.map(|n| json!(ms(n))).unwrap_or(Value::Null)
+}
+
+/// The `h2` object: `null` when no payload of the socket was ever classified.
+fn h2_json(c: &Closed) -> Value {
+    let Some(h) = &c.conn.h2 else {
+        return Value::Null;
+    };
+    let start = c.conn.first_ns;
+    let closed = c.conn.closed_ns.unwrap_or(start);
+    let goaways: Vec<Value> = h
+        .goaways
+        .iter()
+        .map(|g| {
+            json!({
+                "dir": if g.sent { "sent" } else { "received" },
+                "at_ms": ms(g.at_ns.saturating_sub(start)),
+                "error_code": g.code.to_string(),
+                "code": g.code.0,
+                "last_stream_id": g.last_stream_id,
+                "debug": g.debug,
+                "debug_truncated": g.debug_truncated,
+                "idle_ms": opt_ms(g.idle_ns),
+            })
+        })
+        .collect();
+    json!({
+        "state": h.state,
+        "preface_seen": h.preface_seen,
+        "frames": h.frames,
+        "parse_errors": h.parse_errors,
+        "desyncs": h.desyncs,
+        "goaways": goaways,
+        "pings": {
+            "sent": h.ping_sent.pings,
+            "received": h.ping_received.pings,
+            "acks_sent": h.ping_sent.acks,
+            "acks_received": h.ping_received.acks,
+            "unanswered_sent": h.ping_sent.unanswered(),
+            "unanswered_received": h.ping_received.unanswered(),
+            "min_interval_ms_sent": opt_ms(h.ping_sent.min_interval_ns()),
+            "min_interval_ms_received": opt_ms(h.ping_received.min_interval_ns()),
+            "median_interval_ms_sent": opt_ms(h.ping_sent.median_interval_ns()),
+            "median_interval_ms_received": opt_ms(h.ping_received.median_interval_ns()),
+        },
+        "rst_streams": { "sent": h.rst_sent, "received": h.rst_received },
+        "streams_open_at_close": h.open_streams(),
+        "max_open_streams": h.max_open_streams,
+        "idle_before_close_ms": opt_ms(h.idle_since_ns.map(|t| closed.saturating_sub(t))),
+    })
+}
+
+#[derive(Serialize)]
+struct PeerJson<'a> {
+    id: &'a str,
+    pid: Option<u32>,
+    comm: Option<&'a str>,
+    netns: Option<u32>,
+    exited: bool,
+}
+
+#[derive(Serialize)]
+struct ConnJson<'a> {
+    id: &'a str,
+    family: &'static str,
+    local: Option<SocketAddr>,
+    remote: Option<SocketAddr>,
+    role: Role,
+    preexisting: bool,
+    pid: Option<u32>,
+    comm: Option<&'a str>,
+    netns: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct StatsJson {
+    lifetime_ms: f64,
+    retransmits: u32,
+    ttl_baseline: Option<u8>,
+    facts_dropped: u32,
+}
+
+/// The `close` object for one ended socket, ready to serialise.
+pub struct CloseObject<'a> {
+    pub closed: &'a Closed,
+    pub clock: &'a Clock,
+}
+
+impl Serialize for CloseObject<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let c = self.closed;
+        let conn = &c.conn;
+        let closed = conn.closed_ns.unwrap_or(conn.first_ns);
+        let lifetime_from = conn.opened_ns.unwrap_or(conn.first_ns);
+        let family = match conn.tuple {
+            Some(t) if t.local.is_ipv4() => "ipv4",
+            Some(_) => "ipv6",
+            None => "unknown",
+        };
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("v", &SCHEMA_VERSION)?;
+        m.serialize_entry("type", "close")?;
+        m.serialize_entry("ts", &self.clock.rfc3339(closed))?;
+        m.serialize_entry(
+            "conn",
+            &ConnJson {
+                id: &conn.id,
+                family,
+                local: conn.tuple.map(|t| t.local),
+                remote: conn.tuple.map(|t| t.remote),
+                role: conn.role,
+                preexisting: conn.preexisting,
+                pid: c.owner.as_ref().map(|o| o.0),
+                comm: c.owner.as_ref().map(|o| o.1.as_str()),
+                netns: conn.netns,
+            },
+        )?;
+        m.serialize_entry("verdict", &c.verdict)?;
+        m.serialize_entry("evidence", &Evidence(c))?;
+        m.serialize_entry(
+            "stats",
+            &StatsJson {
+                lifetime_ms: ms(closed.saturating_sub(lifetime_from)),
+                retransmits: conn.retransmits,
+                ttl_baseline: conn.ttl_baseline,
+                facts_dropped: conn.facts_dropped,
+            },
+        )?;
+        m.serialize_entry("h2", &h2_json(c))?;
+        m.serialize_entry(
+            "peer",
+            &c.peer.as_ref().map(|p| PeerJson {
+                id: &p.id,
+                pid: p.pid,
+                comm: p.comm.as_deref(),
+                netns: p.netns,
+                exited: p.exited,
+            }),
+        )?;
+        m.end()
+    }
+}
+
+/// The `close` object as a JSON value (tests and callers that edit it).
+pub fn close_json(c: &Closed, clock: &Clock) -> Value {
+    serde_json::to_value(CloseObject { closed: c, clock }).unwrap_or(Value::Null)
+}

@@ -1,0 +1,35 @@
+//! `-o table`: one human-readable line per ended socket.
+
+use serde_json::{Value, json};
+
+use super::Clock;
+use crate::conn::Closed;
+
+pub const TABLE_HEADER: &str = "TIME                        ROLE    LOCAL                      REMOTE                     CLOSED_BY  REASON                    MECH     CONF    PROCESS";
+
+/// One human-readable line for `-o table`.
+pub fn close_line(c: &Closed, clock: &Clock) -> String {
+    let (l, r) = match c.conn.tuple {
+        Some(t) => (t.local.to_string(), t.remote.to_string()),
+        None => ("?".into(), "?".into()),
+    };
+    let v = &c.verdict;
+    let val = |x: Value| x.as_str().unwrap_or("?").to_string();
+    let proc_ = c
+        .owner
+        .as_ref()
+        .map(|(p, n)| format!("{n}({p})"))
+        .unwrap_or_else(|| "-".into());
+    format!(
+        "{:<27} {:<7} {:<26} {:<26} {:<10} {:<25} {:<8} {:<7} {}",
+        clock.rfc3339(c.conn.closed_ns.unwrap_or(c.conn.first_ns)),
+        c.conn.role.name(),
+        l,
+        r,
+        val(json!(v.closed_by)),
+        v.reason,
+        val(json!(v.mechanism)),
+        val(json!(v.confidence)),
+        proc_
+    )
+}

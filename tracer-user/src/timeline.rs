@@ -1,0 +1,190 @@
+//! The vocabulary shared by the connection table ([`crate::conn`]), which writes timelines,
+//! and the classifier ([`crate::classify`]), which reads them: roles, facts, where a received
+//! RST came from, the one typed GOAWAY, and what the peer socket did.
+
+use serde::Serialize;
+
+use crate::{event::TcpState, h2::Reason as ErrorCode};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Client,
+    Server,
+    Unknown,
+}
+
+impl Role {
+    pub fn opposite(self) -> Role {
+        match self {
+            Role::Client => Role::Server,
+            Role::Server => Role::Client,
+            Role::Unknown => Role::Unknown,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Server => "server",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// Who a received RST came from, as far as this host can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RstOrigin {
+    /// The peer socket (on this host) sent it.
+    PeerSocket,
+    /// The peer's kernel sent it for a segment that matched no socket there.
+    PeerKernel,
+    /// The peer is traced on this host and sent no such RST: something in between forged it.
+    NotSentByPeer,
+    /// The peer is not on this host (or its RSTs cannot be seen); only TTL can hint at the
+    /// sender.
+    Untraced,
+}
+
+/// An HTTP/2 GOAWAY this socket sent or received: the one shape the HTTP/2 tracker records,
+/// the timeline carries as a fact, the classifier reads and the exporter prints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoAway {
+    /// This socket sent it (egress); otherwise it received it.
+    pub sent: bool,
+    /// CLOCK_MONOTONIC.
+    pub at_ns: u64,
+    pub code: ErrorCode,
+    pub last_stream_id: u32,
+    /// Debug data as text (lossy UTF-8), possibly cut short by the kernel's capture.
+    pub debug: String,
+    pub debug_truncated: bool,
+    /// How long the connection had no open stream when it was sent.
+    pub idle_ns: Option<u64>,
+}
+
+/// One fact of a connection's timeline. `at_ns` is CLOCK_MONOTONIC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fact {
+    pub at_ns: u64,
+    pub kind: FactKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FactKind {
+    State {
+        from: TcpState,
+        to: TcpState,
+        pid: u32,
+        comm: String,
+        exiting: bool,
+    },
+    FinSent,
+    FinReceived {
+        ttl: u8,
+    },
+    /// A RST left this socket (egress segment or the kernel's send_reset for it), with the
+    /// kernel's `sk_rst_reason` when the kernel reports one (6.10+).
+    RstSent {
+        exiting: bool,
+        kernel_reason: Option<String>,
+    },
+    /// `sender_reason`: the reason the sender's kernel gave, when that kernel is this host's.
+    RstReceived {
+        ttl: u8,
+        origin: RstOrigin,
+        sender_reason: Option<String>,
+    },
+    TtlChanged {
+        ttl: u8,
+    },
+    Retransmit {
+        state: TcpState,
+    },
+    SocketError {
+        errno: i32,
+    },
+    CloseCall {
+        pid: u32,
+        comm: String,
+        exiting: bool,
+    },
+    GoAway(GoAway),
+}
+
+impl FactKind {
+    /// A step of closing done by an exiting owner (crash, kill, exit without close).
+    pub fn is_exit_close(&self) -> bool {
+        match self {
+            FactKind::State { exiting, to, .. } => {
+                *exiting && matches!(to, TcpState::FinWait1 | TcpState::LastAck | TcpState::Close)
+            }
+            FactKind::CloseCall { exiting, .. } | FactKind::RstSent { exiting, .. } => *exiting,
+            _ => false,
+        }
+    }
+
+    /// The socket itself reset the connection: a RST it sent, or a dying owner taking an
+    /// open connection straight to CLOSE (which the kernel does with a RST).
+    pub fn is_own_reset(&self) -> bool {
+        matches!(
+            self,
+            FactKind::RstSent { .. }
+                | FactKind::State {
+                    from: TcpState::Established | TcpState::CloseWait | TcpState::SynRecv,
+                    to: TcpState::Close,
+                    exiting: true,
+                    ..
+                }
+        )
+    }
+}
+
+/// The HTTP/2 facts the classifier uses.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct H2Summary {
+    pub synced: bool,
+    pub goaways: Vec<GoAway>,
+    /// Median interval of the PINGs this socket sent / received.
+    pub ping_interval_sent_ns: Option<u64>,
+    pub ping_interval_received_ns: Option<u64>,
+    /// Since when a PING this socket sent (received) has gone unanswered, if one has.
+    pub unanswered_sent_since: Option<u64>,
+    pub unanswered_received_since: Option<u64>,
+}
+
+/// What the peer socket did, when the peer is on this host too.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct PeerSummary {
+    pub id: String,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// Its owner was exiting when it closed (crash, kill -9, exit without close).
+    pub exited: bool,
+    /// It reached TCP_CLOSE before our socket did.
+    pub closed_first: bool,
+    pub netns: Option<u32>,
+    /// When its own record shows it reset the connection (see [`FactKind::is_own_reset`]).
+    pub reset_at_ns: Option<u64>,
+}
+
+/// Everything the classifier needs about one socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timeline {
+    pub role: Role,
+    /// The role was inferred (the connection was open before the agent started).
+    pub role_inferred: bool,
+    pub facts: Vec<Fact>,
+    pub peer: Option<PeerSummary>,
+    /// TTL / hop limit of ordinary segments from the peer (first ingress segment).
+    pub ttl_baseline: Option<u8>,
+    /// HTTP/2 evidence, when the connection carried HTTP/2 (or was checked for it).
+    pub h2: Option<H2Summary>,
+}
+
+impl Timeline {
+    /// Was the local owner exiting when it closed?
+    pub fn local_exit(&self) -> bool {
+        self.facts.iter().any(|f| f.kind.is_exit_close())
+    }
+}

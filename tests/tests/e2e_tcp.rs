@@ -461,3 +461,85 @@ fn identical_addresses_in_two_namespace_sets() {
     assert_eq!(ids.len(), 4, "conn ids must be distinct: {ids:?}");
     stop(agent);
 }
+
+/// Case 3 with `--no-packets` (as on a node where the cgroup_skb hooks cannot attach): the
+/// configuration must reach the connection table, so the absence of a RST segment proves
+/// nothing. The RST of the killed server is never `middlebox_reset`, and a `high` verdict
+/// rests only on the server socket's own record (its reset or its owner's exit).
+#[test]
+fn server_process_killed_without_packet_facts() {
+    if !prelude("server_process_killed_without_packet_facts") {
+        return;
+    }
+    let t = Topology::new().expect("topology");
+    let mut args = tests::default_trace_args(&t.inodes().expect("inodes"));
+    args.push("--no-packets".into());
+    let mut agent = match Agent::spawn(&agent_bin(), &args, tests::READY_TIMEOUT) {
+        Ok(a) => a,
+        Err(e) => panic!("starting the agent: {e:#}"),
+    };
+    assert_eq!(
+        agent.ready()["packet_facts"],
+        false,
+        "--no-packets must report packet_facts false: {}",
+        agent.ready()
+    );
+    let mut conn = Conn::open(&t, false);
+    conn.client.send(2000).expect("client send");
+    conn.server
+        .wait_recvq(2000)
+        .expect("data sits unread at the server");
+    conn.server.kill9().expect("kill -9 server");
+    conn.client
+        .expect_error("read 1", "reset", Duration::from_secs(10))
+        .expect("client gets the RST");
+    conn.client.close().expect("client close");
+
+    let s = conn.server_verdict(&mut agent);
+    check(
+        &s,
+        &Expect {
+            pid: PidCheck::Exact(conn.server.pid()),
+            closed_by: Some("server"),
+            reason: Some("server_process_exit"),
+            tcp_initiator: Some("local"),
+            mechanism: Some("rst"),
+            ..conn.server_expect()
+        },
+    );
+    let c = conn.client_verdict(&mut agent);
+    check(
+        &c,
+        &Expect {
+            closed_by: Some("server"),
+            tcp_initiator: Some("remote"),
+            mechanism: Some("rst"),
+            ..conn.client_expect()
+        },
+    );
+    let evidence = c["evidence"].as_array().cloned().unwrap_or_default();
+    let origins: Vec<&Value> = evidence
+        .iter()
+        .filter(|f| f["what"] == "rst_received")
+        .map(|f| &f["origin"])
+        .collect();
+    assert!(
+        !origins.is_empty() && origins.iter().all(|o| *o != "not_sent_by_peer"),
+        "without packet facts a RST is never proven forged: {origins:?}\n{c:#}"
+    );
+    if c["verdict"]["confidence"] == "high" {
+        // Proven only by the server socket's own record of its reset and its owner's exit.
+        assert_eq!(c["verdict"]["reason"], "server_process_exit", "{c:#}");
+        assert!(origins.iter().all(|o| *o == "peer_socket"), "{c:#}");
+        let own_reset = s["evidence"].as_array().is_some_and(|e| {
+            e.iter()
+                .any(|f| f["what"] == "rst_sent" || f["owner_exiting"] == true)
+        });
+        assert!(own_reset, "high without the server's own reset: {s:#}");
+        assert_eq!(c["peer"]["exited"], true, "{c:#}");
+    } else {
+        assert_eq!(c["verdict"]["reason"], "server_reset", "{c:#}");
+    }
+    check_pair(&c, &s);
+    stop(agent);
+}

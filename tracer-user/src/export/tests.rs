@@ -235,6 +235,15 @@ fn golden_ipv4_middlebox_reset() {
         line.contains("middlebox") && line.contains("middlebox_reset") && line.contains("app(42)"),
         "{line}"
     );
+    // Columns line up with the header: the reason is padded like every other column.
+    for (col, want) in [("REASON", "middlebox_reset"), ("MECH", "rst"), ("CONF", "")] {
+        let at = TABLE_HEADER.find(col).expect("column in header");
+        assert!(
+            line.get(at..).is_some_and(|rest| rest.starts_with(want)
+                && !line[..at].ends_with(|c: char| !c.is_whitespace())),
+            "{col} misplaced:\n{TABLE_HEADER}\n{line}"
+        );
+    }
 }
 
 #[test]

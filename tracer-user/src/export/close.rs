@@ -1,17 +1,17 @@
 //! The `close` object: one ended socket, its verdict, the evidence it rests on, its stats,
 //! its HTTP/2 state and its peer.
 
-use std::net::SocketAddr;
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use serde::{
     Serialize, Serializer,
     ser::{SerializeMap, SerializeSeq},
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{Clock, SCHEMA_VERSION, ms};
 use crate::{
-    conn::Closed,
+    conn::{Closed, h2::H2State},
     event::{TcpState, errno_name},
     timeline::{Fact, FactKind, Role},
 };
@@ -139,56 +139,102 @@ impl Serialize for EvidenceItem<'_> {
     }
 }
 
-fn opt_ms(ns: Option<u64>) -> Value {
-    ns.map(|n| json!(ms(n))).unwrap_or(Value::Null)
+fn opt_ms(ns: Option<u64>) -> Option<f64> {
+    ns.map(ms)
 }
 
-/// The `h2` object: `null` when no payload of the socket was ever classified.
-fn h2_json(c: &Closed) -> Value {
-    let Some(h) = &c.conn.h2 else {
-        return Value::Null;
-    };
+#[derive(Serialize)]
+struct GoAwayJson<'a> {
+    dir: &'static str,
+    at_ms: f64,
+    error_code: String,
+    code: u32,
+    last_stream_id: u32,
+    debug: &'a str,
+    debug_truncated: bool,
+    idle_ms: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct PingsJson {
+    sent: u32,
+    received: u32,
+    acks_sent: u32,
+    acks_received: u32,
+    unanswered_sent: usize,
+    unanswered_received: usize,
+    min_interval_ms_sent: Option<f64>,
+    min_interval_ms_received: Option<f64>,
+    median_interval_ms_sent: Option<f64>,
+    median_interval_ms_received: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct RstStreamsJson<'a> {
+    sent: &'a BTreeMap<String, u32>,
+    received: &'a BTreeMap<String, u32>,
+}
+
+/// The `h2` object (`null` when no payload of the socket was ever classified).
+#[derive(Serialize)]
+struct H2Json<'a> {
+    state: H2State,
+    preface_seen: bool,
+    frames: u64,
+    parse_errors: u32,
+    desyncs: u32,
+    goaways: Vec<GoAwayJson<'a>>,
+    pings: PingsJson,
+    rst_streams: RstStreamsJson<'a>,
+    streams_open_at_close: usize,
+    max_open_streams: usize,
+    idle_before_close_ms: Option<f64>,
+}
+
+fn h2_json(c: &Closed) -> Option<H2Json<'_>> {
+    let h = c.conn.h2.as_ref()?;
     let start = c.conn.first_ns;
     let closed = c.conn.closed_ns.unwrap_or(start);
-    let goaways: Vec<Value> = h
+    let goaways = h
         .goaways
         .iter()
-        .map(|g| {
-            json!({
-                "dir": if g.sent { "sent" } else { "received" },
-                "at_ms": ms(g.at_ns.saturating_sub(start)),
-                "error_code": g.code.to_string(),
-                "code": g.code.0,
-                "last_stream_id": g.last_stream_id,
-                "debug": g.debug,
-                "debug_truncated": g.debug_truncated,
-                "idle_ms": opt_ms(g.idle_ns),
-            })
+        .map(|g| GoAwayJson {
+            dir: if g.sent { "sent" } else { "received" },
+            at_ms: ms(g.at_ns.saturating_sub(start)),
+            error_code: g.code.to_string(),
+            code: g.code.0,
+            last_stream_id: g.last_stream_id,
+            debug: &g.debug,
+            debug_truncated: g.debug_truncated,
+            idle_ms: opt_ms(g.idle_ns),
         })
         .collect();
-    json!({
-        "state": h.state,
-        "preface_seen": h.preface_seen,
-        "frames": h.frames,
-        "parse_errors": h.parse_errors,
-        "desyncs": h.desyncs,
-        "goaways": goaways,
-        "pings": {
-            "sent": h.ping_sent.pings,
-            "received": h.ping_received.pings,
-            "acks_sent": h.ping_sent.acks,
-            "acks_received": h.ping_received.acks,
-            "unanswered_sent": h.ping_sent.unanswered(),
-            "unanswered_received": h.ping_received.unanswered(),
-            "min_interval_ms_sent": opt_ms(h.ping_sent.min_interval_ns()),
-            "min_interval_ms_received": opt_ms(h.ping_received.min_interval_ns()),
-            "median_interval_ms_sent": opt_ms(h.ping_sent.median_interval_ns()),
-            "median_interval_ms_received": opt_ms(h.ping_received.median_interval_ns()),
+    Some(H2Json {
+        state: h.state,
+        preface_seen: h.preface_seen,
+        frames: h.frames,
+        parse_errors: h.parse_errors,
+        desyncs: h.desyncs,
+        goaways,
+        pings: PingsJson {
+            sent: h.ping_sent.pings,
+            received: h.ping_received.pings,
+            acks_sent: h.ping_sent.acks,
+            acks_received: h.ping_received.acks,
+            unanswered_sent: h.ping_sent.unanswered(),
+            unanswered_received: h.ping_received.unanswered(),
+            min_interval_ms_sent: opt_ms(h.ping_sent.min_interval_ns()),
+            min_interval_ms_received: opt_ms(h.ping_received.min_interval_ns()),
+            median_interval_ms_sent: opt_ms(h.ping_sent.median_interval_ns()),
+            median_interval_ms_received: opt_ms(h.ping_received.median_interval_ns()),
         },
-        "rst_streams": { "sent": h.rst_sent, "received": h.rst_received },
-        "streams_open_at_close": h.open_streams(),
-        "max_open_streams": h.max_open_streams,
-        "idle_before_close_ms": opt_ms(h.idle_since_ns.map(|t| closed.saturating_sub(t))),
+        rst_streams: RstStreamsJson {
+            sent: &h.rst_sent,
+            received: &h.rst_received,
+        },
+        streams_open_at_close: h.open_streams(),
+        max_open_streams: h.max_open_streams,
+        idle_before_close_ms: opt_ms(h.idle_since_ns.map(|t| closed.saturating_sub(t))),
     })
 }
 

@@ -541,5 +541,24 @@ fn server_process_killed_without_packet_facts() {
         assert_eq!(c["verdict"]["reason"], "server_reset", "{c:#}");
     }
     check_pair(&c, &s);
-    stop(agent);
+    let exit = match agent.stop() {
+        Ok(e) => e,
+        Err(e) => panic!("stopping the agent: {e:#}"),
+    };
+    // Every kernel counter is exported, the HTTP/2 ones included.
+    let stats = exit
+        .objects
+        .iter()
+        .find(|o| o["type"] == "stats")
+        .unwrap_or_else(|| panic!("no stats line: {:#?}", exit.objects));
+    for counter in ["events", "packets", "h2_frames", "h2_desyncs"] {
+        assert!(
+            stats["kernel"][counter].is_u64(),
+            "stats.kernel.{counter} missing: {stats:#}"
+        );
+    }
+    assert_eq!(
+        stats["kernel"]["packets"], 0,
+        "--no-packets inspected segments: {stats:#}"
+    );
 }

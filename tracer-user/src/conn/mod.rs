@@ -5,7 +5,7 @@
 //! evidence and asks the classifier for a verdict.
 //!
 //! By concern: this file holds the table, its configuration and the event dispatch;
-//! [`record`] one socket's record; `lifecycle` state changes, closes and errors; `packets`
+//! `record` one socket's record; `lifecycle` state changes, closes and errors; `packets`
 //! segment facts; `rst` where RSTs came from; `peer` matching the two ends of a local
 //! connection; `finish` linger, cross-socket resolution and classification; [`h2`] the
 //! HTTP/2 tracker.
@@ -15,7 +15,7 @@ pub mod h2;
 mod lifecycle;
 mod packets;
 mod peer;
-pub mod record;
+mod record;
 mod rst;
 
 use std::collections::{HashMap, HashSet, VecDeque};

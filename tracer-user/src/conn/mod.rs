@@ -118,10 +118,6 @@ impl Table {
         }
     }
 
-    pub fn config(&self) -> &TableConfig {
-        &self.cfg
-    }
-
     pub fn len(&self) -> usize {
         self.conns.len()
     }

@@ -46,7 +46,7 @@ fn pk(dir: Dir, flags: u8, seq: u32) -> EventKind {
         ttl_changed: false,
     })
 }
-fn main() {
+fn main() -> std::io::Result<()> {
     use TcpState::*;
     let n = 100_000u64;
     let mut evs = Vec::new();
@@ -183,10 +183,9 @@ fn main() {
         let s = serde_json::to_vec(&CloseObject {
             closed: c,
             clock: &clock,
-        })
-        .expect("serialise");
+        })?;
         bytes += s.len();
-        std::io::Write::write_all(&mut sink, &s).expect("sink");
+        std::io::Write::write_all(&mut sink, &s)?;
     }
     let t2 = cpu();
     println!(
@@ -197,4 +196,5 @@ fn main() {
         (t2 - t1) * 1e6 / closed.len() as f64,
         bytes / closed.len()
     );
+    Ok(())
 }

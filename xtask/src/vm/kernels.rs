@@ -416,7 +416,9 @@ fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<()> {
                 Ok(c) => c,
                 Err(_) => break, // tool missing: try the next format
             };
-            let mut stdin = child.stdin.take().expect("piped stdin");
+            let Some(mut stdin) = child.stdin.take() else {
+                break; // no pipe to feed: treat like a missing tool
+            };
             let tail = data[off..].to_vec();
             let writer = std::thread::spawn(move || {
                 let _ = stdin.write_all(&tail);

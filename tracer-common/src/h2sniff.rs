@@ -182,7 +182,11 @@ pub fn plausible_header(h: &[u8; HEADER_LEN], max_frame_size: u32) -> bool {
         }
         t::PRIORITY => (0, 0, len == 5),
         t::RST_STREAM => (0, 0, len == 4),
-        t::SETTINGS => (ACK, 1, len % 6 == 0 && (flags & ACK == 0 || len == 0)),
+        t::SETTINGS => (
+            ACK,
+            1,
+            len.is_multiple_of(6) && (flags & ACK == 0 || len == 0),
+        ),
         t::PUSH_PROMISE => (END_HEADERS | PADDED, 0, len >= 4 + pad),
         t::PING => (ACK, 1, len == 8),
         t::GOAWAY => (0, 1, len >= 8),

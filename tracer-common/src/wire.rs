@@ -315,8 +315,8 @@ const _: () = {
     assert!(offset_of!(H2NoteRecord, _pad) == 30);
 
     // Sizes fit the header's u16 and keep ring-buffer records 8-byte aligned.
-    assert!(LIFECYCLE_SIZE % 8 == 0 && PACKET_SIZE % 8 == 0);
-    assert!(H2_FRAME_SIZE % 8 == 0 && H2_NOTE_SIZE % 8 == 0);
+    assert!(LIFECYCLE_SIZE.is_multiple_of(8) && PACKET_SIZE.is_multiple_of(8));
+    assert!(H2_FRAME_SIZE.is_multiple_of(8) && H2_NOTE_SIZE.is_multiple_of(8));
 };
 
 /// A record type: a fixed size and a [`Header`] at offset 0. Used by the kernel's one

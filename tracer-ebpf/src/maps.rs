@@ -23,7 +23,8 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::C
 #[map]
 pub static SK_PKT: LruHashMap<u64, PktState> = LruHashMap::with_max_entries(65536, 0);
 
-/// Adds one to a per-CPU counter.
+/// Adds one to a per-CPU counter. Each call site says, in a `// exported as …` comment,
+/// the name of the agent's counter (`whoclosed stats`, metrics) that carries it.
 #[inline(always)]
 pub fn bump(idx: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(idx) {

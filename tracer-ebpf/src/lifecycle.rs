@@ -37,11 +37,15 @@ pub fn try_set_state(ctx: &TracePointContext) -> Option<()> {
     let old: i32 = read_field(ctx, t, field::OLDSTATE)?;
     let new: i32 = read_field(ctx, t, field::NEWSTATE)?;
     if new == TCP_CLOSE {
-        let _ = SK_PKT.remove(&sk);
+        let _ = SK_PKT.remove(sk);
     } else if new == TCP_SYN_SENT || (old == TCP_LISTEN && new == TCP_SYN_RECV) {
         // A connection whose first byte we will see: payload that is neither HTTP/2 nor TLS
         // at its start is "other", not "unsynced".
-        if SK_PKT.insert(&sk, &FRESH, 0).is_err() {
+        // By reference on purpose: `&FRESH` is promoted to read-only data, a value would be
+        // a 56-byte copy on this program's stack.
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        let inserted = SK_PKT.insert(sk, &FRESH, 0);
+        if inserted.is_err() {
             bump(counter::SKMAP_FAILS); // exported as `skmap_fails`
             // Kept out of the per-packet programs: aya-log's record costs stack there.
             debug!(ctx, "whoclosed: per-socket packet map insert failed");
@@ -90,7 +94,7 @@ pub fn try_sk_event(ctx: &TracePointContext, t: usize, k: u8) -> Option<()> {
     let sk: u64 = read_field(ctx, t, field::SKADDR)?;
     let cookie: u64 = read_field(ctx, t, field::COOKIE).unwrap_or(0);
     if k == kind::DESTROY {
-        let _ = SK_PKT.remove(&sk);
+        let _ = SK_PKT.remove(sk);
     }
     emit(k, sk, |ev: &mut LifecycleRecord| {
         ev.cookie = cookie;

@@ -98,17 +98,17 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
 
     let dir_bit: u8 = if ingress { seen::INGRESS } else { seen::EGRESS };
     let mut evflags: u8 = if ingress { flag::INGRESS } else { 0 };
-    let st = match SK_PKT.get_ptr_mut(&sk) {
+    let st = match SK_PKT.get_ptr_mut(sk) {
         Some(st) => st,
         None => {
             let mut fresh = FRESH;
             if tcp_flags & tcp_flag::SYN == 0 {
                 fresh.seen = 0;
             }
-            if SK_PKT.insert(&sk, &fresh, 0).is_err() {
+            if SK_PKT.insert(sk, fresh, 0).is_err() {
                 bump(counter::SKMAP_FAILS); // exported as `skmap_fails`
             }
-            SK_PKT.get_ptr_mut(&sk)?
+            SK_PKT.get_ptr_mut(sk)?
         }
     };
     // SAFETY: map value pointer, valid for this program run.

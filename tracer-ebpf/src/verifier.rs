@@ -10,11 +10,11 @@
 //! - **No `Option` pairs carried across helper calls** (5.10, 6.1): their discriminants are
 //!   spilled to the stack and these verifiers lose track of them, then reject a path that
 //!   cannot be taken (the tcp_close handler writes straight into the record instead).
-//! - **Variable offsets only into map values or ring-buffer records, not the stack** (5.10,
-//!   6.1 reject variable-offset stack writes for helpers): split frame headers are buffered
-//!   in the per-socket map value.
+//! - **Variable offsets only into map values or ring-buffer records, not the stack** (5.10:
+//!   helpers get no variable-offset stack pointers before 5.12): split frame headers are
+//!   buffered in the per-socket map value.
 //! - **Packet offsets masked to 16 bits** before `bpf_skb_load_bytes` ([`pkt_off`]), so
-//!   the verifier sees a bounded scalar whatever LLVM did to the arithmetic (all kernels).
+//!   the offset argument is a bounded scalar whatever LLVM did to the arithmetic before it.
 
 use core::ptr::read_volatile;
 

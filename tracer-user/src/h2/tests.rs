@@ -745,3 +745,42 @@ fn fixture_nghttpd_ping_and_goaway() {
     assert_eq!(cut.debug_text(), "WINDOW_UPDATE");
     assert!(cut.debug_truncated);
 }
+
+/// The kernel's plausibility rule (`tracer_common::h2sniff`) and this parser agree on every
+/// type, flag byte, a spread of lengths and stream identifiers: a header is plausible
+/// exactly when its type is known, the reserved bit and undefined flags are clear, it fits
+/// the cap, and `parse_frame` raises no header-level error.
+#[test]
+fn sniff_rule_agrees_with_parser_exhaustively() {
+    let lengths = [0u32, 1, 3, 4, 5, 6, 7, 8, 9, 12, 16_384, 16_385, MAX_LENGTH];
+    let streams = [0u32, 1, 3, 0x8000_0000, 0x8000_0001];
+    let capture = [0u8; 64];
+    let mut plausible_count = 0;
+    for kind in 0u8..=11 {
+        for flags in 0u8..=255 {
+            for &length in &lengths {
+                for &stream in &streams {
+                    let [_, l0, l1, l2] = length.to_be_bytes();
+                    let [s0, s1, s2, s3] = stream.to_be_bytes();
+                    let wire = [l0, l1, l2, kind, flags, s0, s1, s2, s3];
+                    let head = Head::parse(&wire).unwrap();
+                    let got = sniff::plausible_header(&wire, DEFAULT_MAX_FRAME_SIZE);
+                    let captured = &capture[..capture.len().min(length as usize)];
+                    let header_ok = !matches!(
+                        parse_frame(&head, captured),
+                        Err(Error::BadLength { .. } | Error::BadStreamId { .. })
+                    );
+                    let want = head.kind.is_known()
+                        && stream & 0x8000_0000 == 0
+                        && flags & !head.kind.defined_flags() == 0
+                        && length <= DEFAULT_MAX_FRAME_SIZE
+                        && header_ok;
+                    assert_eq!(got, want, "{wire:02x?}");
+                    plausible_count += usize::from(got);
+                }
+            }
+        }
+    }
+    // Not vacuous: hundreds of the combinations are plausible (477 when written).
+    assert!(plausible_count > 400, "{plausible_count}");
+}

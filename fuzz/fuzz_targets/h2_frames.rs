@@ -4,11 +4,15 @@
 //! "kernel capture" keeps and the `max_frame_size` given to `plausible_chain`. The bytes are
 //! checked as one chain (`plausible_chain`), then split into header + captured-payload
 //! records (`Head::parse`, `parse_frame`), each frame checked against its header.
+//!
+//! The sniffing rules are the kernel's own (`tracer_common::h2sniff`, re-exported as
+//! `h2::sniff`): every header is also checked against the agent's parser
+//! (`check_sniff_agrees`), and the kernel's bounded resync walk against the unbounded one.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tracer_user::h2::{
-    self, Error, Frame, HEADER_LEN, Head, Kind, MAX_LENGTH, STREAM_ID_MASK, flags,
+    self, Error, Frame, HEADER_LEN, Head, Kind, MAX_LENGTH, STREAM_ID_MASK, flags, sniff,
 };
 
 /// Payload bytes a record keeps: none, a few, one PING, the kernel's 64, everything.
@@ -43,6 +47,7 @@ fuzz_target!(|data: &[u8]| {
             }
         };
         check_head(&head, rest);
+        check_sniff_agrees(&head, rest, max_frame_size);
         let body = &rest[HEADER_LEN..];
         let in_frame = body.len().min(head.length as usize);
         let take = in_frame.min(capture);
@@ -67,8 +72,44 @@ fuzz_target!(|data: &[u8]| {
     }
     if h2::looks_like_tls(bytes) {
         assert!(bytes.len() >= 5);
+        assert!(!h2::may_be_preface(bytes));
+    }
+    if let Some(h) = bytes.first_chunk::<HEADER_LEN>() {
+        // A leading SETTINGS frame is a plausible header, and neither TLS nor the preface.
+        if sniff::is_leading_settings(h) {
+            assert!(sniff::plausible_header(h, sniff::RESYNC_MAX_FRAME_SIZE));
+            assert!(!h2::looks_like_tls(bytes) && !h2::may_be_preface(bytes));
+        }
     }
 });
+
+/// The shared plausibility rule against the agent's parser: a header is plausible exactly
+/// when its type is known, the reserved bit and undefined flags are clear, it fits
+/// `max_frame_size`, and `parse_frame` accepts it given its whole payload.
+fn check_sniff_agrees(head: &Head, wire: &[u8], max_frame_size: u32) {
+    let Some(h) = wire.first_chunk::<HEADER_LEN>() else {
+        return;
+    };
+    let plausible = sniff::plausible_header(h, max_frame_size);
+    assert_eq!(sniff::frame_len(h), head.length);
+    let framing_ok = head.kind.is_known()
+        && h[5] & 0x80 == 0
+        && head.flags & !head.kind.defined_flags() == 0
+        && head.length <= max_frame_size;
+    // Whether parse_frame accepts the header: its header-level errors (stream, length)
+    // do not depend on the payload; a short capture only adds `Truncated`.
+    let capture = [0u8; 64];
+    let capture = &capture[..capture.len().min(head.length as usize)];
+    let parses = !matches!(
+        h2::parse_frame(head, capture),
+        Err(Error::BadLength { .. } | Error::BadStreamId { .. })
+    );
+    assert_eq!(
+        plausible,
+        framing_ok && parses,
+        "h2sniff and parse_frame disagree on {h:02x?}"
+    );
+}
 
 fn check_head(head: &Head, wire: &[u8]) {
     assert!(head.length <= MAX_LENGTH);
@@ -226,4 +267,32 @@ fn check_chain(bytes: &[u8], max_frame_size: u32) {
     );
     let twice = [bytes, bytes].concat();
     assert_eq!(h2::plausible_chain(&twice, max_frame_size), Some(2 * n));
+    // The kernel's walk (at most RESYNC_CHAIN_FRAMES headers) accepts exactly the chains
+    // that are short enough.
+    assert_eq!(
+        kernel_resync(bytes, max_frame_size),
+        n <= sniff::RESYNC_CHAIN_FRAMES
+    );
+}
+
+/// The kernel's resync loop (`tracer-ebpf/src/h2walk.rs`), over a byte slice.
+fn kernel_resync(bytes: &[u8], max_frame_size: u32) -> bool {
+    let Ok(total) = u32::try_from(bytes.len()) else {
+        return false;
+    };
+    let mut off = 0u32;
+    for _ in 0..sniff::RESYNC_CHAIN_FRAMES {
+        if off as usize + HEADER_LEN > bytes.len() {
+            return false;
+        }
+        let h = bytes[off as usize..]
+            .first_chunk::<HEADER_LEN>()
+            .expect("length checked");
+        match sniff::chain_step(h, &mut off, total, max_frame_size) {
+            sniff::Chain::Complete => return true,
+            sniff::Chain::Broken => return false,
+            sniff::Chain::More => {}
+        }
+    }
+    false
 }

@@ -1,4 +1,8 @@
-//! Decoding of the kernel's [`RawEvent`] records into typed events.
+//! Decoding of the kernel's ring-buffer records (`tracer_common::wire`) into typed events.
+//!
+//! Every record is checked before it is read: its header's version must be this agent's
+//! [`WIRE_VERSION`], its kind known, its `size` the size of that kind, and the bytes the
+//! ring buffer handed over exactly that many.
 
 use std::{
     fmt,
@@ -8,20 +12,33 @@ use std::{
 use bytes::Bytes;
 use thiserror::Error;
 use tracer_common::{
-    AF_INET, AF_INET6, H2_RECORD_SIZE, H2Record, RAW_EVENT_SIZE, RawEvent, flag, kind, proto,
-    tcp_flag,
+    AF_INET, AF_INET6, Endpoints, H2FrameRecord, H2NoteRecord, Header, LifecycleRecord,
+    PacketRecord, WIRE_VERSION, flag, kind, proto, tcp_flag,
+    wire::{HEADER_SIZE, Record, record_size},
 };
 
+/// Why a ring-buffer record was not decoded.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("ring buffer record of {0} bytes is shorter than an event ({RAW_EVENT_SIZE})")]
+    #[error("ring buffer record of {0} bytes is shorter than the {HEADER_SIZE}-byte record header")]
     Short(usize),
-    #[error("unknown event kind {0}")]
+    #[error(
+        "kernel record format version {found}, this agent reads version {WIRE_VERSION}: the \
+         kernel programs and the agent come from different builds"
+    )]
+    Version { found: u8 },
+    #[error("unknown record kind {0}")]
     UnknownKind(u8),
-    #[error("HTTP/2 record of {0} bytes is shorter than {H2_RECORD_SIZE}")]
-    ShortH2(usize),
+    #[error("record of kind {kind} says it is {header} bytes, but that kind is {expected} bytes")]
+    SizeMismatch {
+        kind: u8,
+        header: u16,
+        expected: usize,
+    },
+    #[error("record of kind {kind} is {header} bytes, but the ring buffer handed over {got}")]
+    Truncated { kind: u8, header: u16, got: usize },
     #[error("unknown HTTP/2 protocol note {0}")]
-    UnknownProto(i32),
+    UnknownProto(u8),
 }
 
 /// What the kernel learned about a socket's payload (`H2_PROTO` records).
@@ -234,62 +251,71 @@ fn comm(raw: &[u8; 16]) -> String {
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
-/// Decodes one ring buffer record.
-pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
-    if bytes.len() < RAW_EVENT_SIZE {
+/// Reads a `T` from the start of `bytes` ([`check_header`] has matched the sizes already;
+/// the length is checked again here because the read depends on it).
+fn read_record<T: Record>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() < size_of::<T>() {
         return Err(DecodeError::Short(bytes.len()));
     }
-    // SAFETY: length checked above; RawEvent is plain data valid for any bit pattern, and
-    // read_unaligned makes no alignment assumption about the ring buffer slot.
-    let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) };
-    if raw.kind == kind::H2_FRAME || raw.kind == kind::H2_PROTO {
-        if bytes.len() < H2_RECORD_SIZE {
-            return Err(DecodeError::ShortH2(bytes.len()));
-        }
-        // SAFETY: as above, for the larger record.
-        let rec: H2Record = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<H2Record>()) };
-        return from_h2(&rec);
-    }
-    from_raw(&raw)
+    // SAFETY: length checked above; records are plain `#[repr(C)]` data valid for any bit
+    // pattern, and read_unaligned makes no alignment assumption about the slot.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-pub fn from_h2(rec: &H2Record) -> Result<Event, DecodeError> {
-    let b = &rec.base;
-    let dir = if b.flags & flag::INGRESS != 0 {
+/// Checks a record's header against the contract: version, kind, size.
+pub fn check_header(bytes: &[u8]) -> Result<Header, DecodeError> {
+    let Some(raw) = bytes.first_chunk::<HEADER_SIZE>() else {
+        return Err(DecodeError::Short(bytes.len()));
+    };
+    // SAFETY: `raw` is HEADER_SIZE bytes; Header is plain data valid for any bit pattern.
+    let hdr: Header = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast::<Header>()) };
+    if hdr.version != WIRE_VERSION {
+        return Err(DecodeError::Version { found: hdr.version });
+    }
+    let Some(expected) = record_size(hdr.kind) else {
+        return Err(DecodeError::UnknownKind(hdr.kind));
+    };
+    if usize::from(hdr.size) != expected {
+        return Err(DecodeError::SizeMismatch {
+            kind: hdr.kind,
+            header: hdr.size,
+            expected,
+        });
+    }
+    if bytes.len() != expected {
+        return Err(DecodeError::Truncated {
+            kind: hdr.kind,
+            header: hdr.size,
+            got: bytes.len(),
+        });
+    }
+    Ok(hdr)
+}
+
+/// Decodes one ring buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let hdr = check_header(bytes)?;
+    match hdr.kind {
+        kind::PACKET => Ok(from_packet(&read_record::<PacketRecord>(bytes)?)),
+        kind::H2_FRAME => Ok(from_h2_frame(&read_record::<H2FrameRecord>(bytes)?)),
+        kind::H2_NOTE => from_h2_note(&read_record::<H2NoteRecord>(bytes)?),
+        _ => from_lifecycle(&read_record::<LifecycleRecord>(bytes)?),
+    }
+}
+
+fn dir_of(flags: u8) -> Dir {
+    if flags & flag::INGRESS != 0 {
         Dir::Ingress
     } else {
         Dir::Egress
-    };
-    let kind = if b.kind == kind::H2_FRAME {
-        let mut head = [0u8; 9];
-        head.copy_from_slice(&rec.head[..9]);
-        let n = (b.payload_len as usize).min(rec.payload.len());
-        EventKind::H2Frame {
-            dir,
-            seq: b.seq,
-            head,
-            payload: Bytes::copy_from_slice(&rec.payload[..n]),
-        }
-    } else {
-        let note = match b.value {
-            proto::H2_PREFACE => ProtoNote::H2Preface,
-            proto::H2_SETTINGS_FIRST => ProtoNote::H2SettingsFirst,
-            proto::TLS => ProtoNote::Tls,
-            proto::OTHER => ProtoNote::Other,
-            proto::RESYNCED => ProtoNote::Resynced,
-            proto::DESYNC => ProtoNote::Desync,
-            proto::GAVE_UP => ProtoNote::GaveUp,
-            other => return Err(DecodeError::UnknownProto(other)),
-        };
-        EventKind::H2Proto {
-            dir,
-            seq: b.seq,
-            note,
-        }
-    };
-    Ok(Event {
-        ts_ns: b.ts_ns,
-        skaddr: b.skaddr,
+    }
+}
+
+/// An event with only the header's facts; the caller fills the rest.
+fn bare(hdr: &Header, kind: EventKind) -> Event {
+    Event {
+        ts_ns: hdr.ts_ns,
+        skaddr: hdr.skaddr,
         cookie: 0,
         pid: 0,
         tid: 0,
@@ -297,69 +323,108 @@ pub fn from_h2(rec: &H2Record) -> Result<Event, DecodeError> {
         exiting: false,
         netns: None,
         tuple: None,
-        cpu: b.cpu,
+        cpu: hdr.cpu,
         kind,
-    })
+    }
 }
 
-pub fn from_raw(raw: &RawEvent) -> Result<Event, DecodeError> {
-    let tuple = if raw.flags & flag::HAS_TUPLE != 0 {
-        match (addr(raw.family, &raw.saddr), addr(raw.family, &raw.daddr)) {
-            (Some(l), Some(r)) => Some(Tuple {
-                local: SocketAddr::new(l, raw.sport),
-                remote: SocketAddr::new(r, raw.dport),
-            }),
-            _ => None,
-        }
-    } else {
-        None
+fn tuple(flags: u8, ep: &Endpoints) -> Option<Tuple> {
+    if flags & flag::HAS_TUPLE == 0 {
+        return None;
+    }
+    match (addr(ep.family, &ep.saddr), addr(ep.family, &ep.daddr)) {
+        (Some(l), Some(r)) => Some(Tuple {
+            local: SocketAddr::new(l, ep.sport),
+            remote: SocketAddr::new(r, ep.dport),
+        }),
+        _ => None,
+    }
+}
+
+pub fn from_h2_frame(rec: &H2FrameRecord) -> Event {
+    let n = usize::from(rec.payload_len).min(rec.payload.len());
+    bare(
+        &rec.hdr,
+        EventKind::H2Frame {
+            dir: dir_of(rec.flags),
+            seq: rec.seq,
+            head: rec.head,
+            payload: Bytes::copy_from_slice(&rec.payload[..n]),
+        },
+    )
+}
+
+pub fn from_h2_note(rec: &H2NoteRecord) -> Result<Event, DecodeError> {
+    let note = match rec.note {
+        proto::H2_PREFACE => ProtoNote::H2Preface,
+        proto::H2_SETTINGS_FIRST => ProtoNote::H2SettingsFirst,
+        proto::TLS => ProtoNote::Tls,
+        proto::OTHER => ProtoNote::Other,
+        proto::RESYNCED => ProtoNote::Resynced,
+        proto::DESYNC => ProtoNote::Desync,
+        proto::GAVE_UP => ProtoNote::GaveUp,
+        other => return Err(DecodeError::UnknownProto(other)),
     };
-    let kind = match raw.kind {
+    Ok(bare(
+        &rec.hdr,
+        EventKind::H2Proto {
+            dir: dir_of(rec.flags),
+            seq: rec.seq,
+            note,
+        },
+    ))
+}
+
+pub fn from_packet(rec: &PacketRecord) -> Event {
+    let mut ev = bare(
+        &rec.hdr,
+        EventKind::Packet(Packet {
+            dir: dir_of(rec.flags),
+            flags: rec.tcp_flags,
+            ttl: rec.ttl,
+            seq: rec.seq,
+            ack: rec.ack,
+            payload_len: rec.payload_len,
+            first_in_dir: rec.flags & flag::FIRST_IN_DIR != 0,
+            ttl_changed: rec.flags & flag::TTL_CHANGED != 0,
+        }),
+    );
+    ev.tuple = tuple(rec.flags, &rec.ep);
+    ev
+}
+
+pub fn from_lifecycle(rec: &LifecycleRecord) -> Result<Event, DecodeError> {
+    let state = TcpState::from_kernel(rec.state);
+    let kind = match rec.hdr.kind {
         kind::STATE => EventKind::State {
-            old: TcpState::from_kernel(raw.oldstate),
-            new: TcpState::from_kernel(raw.newstate),
+            old: TcpState::from_kernel(rec.old_state),
+            new: state,
         },
         kind::RETRANSMIT => EventKind::Retransmit {
-            state: TcpState::from_kernel(raw.newstate),
-            err: raw.value,
+            state,
+            err: rec.error,
         },
         kind::SEND_RESET => EventKind::SendReset {
-            state: TcpState::from_kernel(raw.newstate),
-            reason: u32::try_from(raw.value).ok(),
+            state,
+            reason: u32::try_from(rec.reset_reason).ok(),
         },
         kind::RECV_RESET => EventKind::RecvReset,
         kind::DESTROY => EventKind::Destroy,
-        kind::ERROR_REPORT => EventKind::ErrorReport { error: raw.value },
-        kind::CLOSE_CALL => EventKind::CloseCall {
-            state: TcpState::from_kernel(raw.oldstate),
-        },
-        kind::PACKET => EventKind::Packet(Packet {
-            dir: if raw.flags & flag::INGRESS != 0 {
-                Dir::Ingress
-            } else {
-                Dir::Egress
-            },
-            flags: raw.tcp_flags,
-            ttl: raw.ttl,
-            seq: raw.seq,
-            ack: raw.ack,
-            payload_len: raw.payload_len,
-            first_in_dir: raw.flags & flag::FIRST_IN_DIR != 0,
-            ttl_changed: raw.flags & flag::TTL_CHANGED != 0,
-        }),
+        kind::ERROR_REPORT => EventKind::ErrorReport { error: rec.error },
+        kind::CLOSE_CALL => EventKind::CloseCall { state },
         other => return Err(DecodeError::UnknownKind(other)),
     };
     Ok(Event {
-        ts_ns: raw.ts_ns,
-        skaddr: raw.skaddr,
-        cookie: raw.cookie,
-        pid: (raw.pid_tgid >> 32) as u32,
-        tid: raw.pid_tgid as u32,
-        comm: comm(&raw.comm),
-        exiting: raw.flags & flag::EXITING != 0,
-        netns: (raw.flags & flag::HAS_NETNS != 0).then_some(raw.netns),
-        tuple,
-        cpu: raw.cpu,
+        ts_ns: rec.hdr.ts_ns,
+        skaddr: rec.hdr.skaddr,
+        cookie: rec.cookie,
+        pid: (rec.pid_tgid >> 32) as u32,
+        tid: rec.pid_tgid as u32,
+        comm: comm(&rec.comm),
+        exiting: rec.flags & flag::EXITING != 0,
+        netns: (rec.flags & flag::HAS_NETNS != 0).then_some(rec.netns),
+        tuple: tuple(rec.flags, &rec.ep),
+        cpu: rec.hdr.cpu,
         kind,
     })
 }
@@ -386,38 +451,56 @@ pub const EPIPE: i32 = 32;
 
 #[cfg(test)]
 mod tests {
+    use tracer_common::wire::{H2_FRAME_SIZE, H2_NOTE_SIZE, LIFECYCLE_SIZE, PACKET_SIZE};
+
     use super::*;
 
-    fn raw_bytes(ev: &RawEvent) -> Vec<u8> {
-        // SAFETY: RawEvent is plain data of RAW_EVENT_SIZE bytes.
-        unsafe { std::slice::from_raw_parts((ev as *const RawEvent).cast::<u8>(), RAW_EVENT_SIZE) }
+    /// The bytes of a record as the kernel's emit helper writes them: header filled in.
+    fn bytes_of<T: Record>(mut rec: T, k: u8) -> Vec<u8> {
+        let h = rec.header_mut();
+        h.kind = k;
+        h.version = WIRE_VERSION;
+        h.size = T::SIZE;
+        // SAFETY: records are plain data of exactly size_of::<T>() bytes.
+        unsafe { std::slice::from_raw_parts((&rec as *const T).cast::<u8>(), size_of::<T>()) }
             .to_vec()
+    }
+
+    fn lifecycle(k: u8, f: impl FnOnce(&mut LifecycleRecord)) -> Vec<u8> {
+        let mut r = LifecycleRecord::zeroed();
+        f(&mut r);
+        bytes_of(r, k)
     }
 
     #[test]
     fn decodes_ipv4_state_change() {
-        let mut r = RawEvent::zeroed();
-        r.kind = kind::STATE;
-        r.ts_ns = 42;
-        r.skaddr = 0xffff_8880_1234_5678;
-        r.pid_tgid = (1000u64 << 32) | 1001;
-        r.family = AF_INET;
-        r.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
-        r.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
-        r.sport = 51234;
-        r.dport = 80;
-        r.oldstate = 1;
-        r.newstate = 4;
-        r.netns = 4026531993;
-        r.flags = flag::HAS_TUPLE | flag::HAS_NETNS | flag::EXITING;
-        r.comm[..4].copy_from_slice(b"curl");
-        let ev = decode(&raw_bytes(&r)).expect("decode");
+        let bytes = lifecycle(kind::STATE, |r| {
+            r.hdr.ts_ns = 42;
+            r.hdr.cpu = 1;
+            r.hdr.skaddr = 0xffff_8880_1234_5678;
+            r.pid_tgid = (1000u64 << 32) | 1001;
+            r.ep.family = AF_INET;
+            r.ep.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+            r.ep.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+            r.ep.sport = 51234;
+            r.ep.dport = 80;
+            r.old_state = 1;
+            r.state = 4;
+            r.netns = 4026531993;
+            r.flags = flag::HAS_TUPLE | flag::HAS_NETNS | flag::EXITING;
+            r.comm[..4].copy_from_slice(b"curl");
+        });
+        let ev = decode(&bytes).expect("decode");
         assert_eq!(
             ev.kind,
             EventKind::State {
                 old: TcpState::Established,
                 new: TcpState::FinWait1
             }
+        );
+        assert_eq!(
+            (ev.ts_ns, ev.cpu, ev.skaddr),
+            (42, 1, 0xffff_8880_1234_5678)
         );
         assert_eq!(ev.pid, 1000);
         assert_eq!(ev.tid, 1001);
@@ -429,26 +512,89 @@ mod tests {
         assert_eq!(t.remote.to_string(), "10.0.0.2:80");
     }
 
+    /// Each lifecycle kind reads its own fields, and only those (the others are set to
+    /// values that would show up if a kind read the wrong one).
+    #[test]
+    fn lifecycle_kinds_read_their_own_fields() {
+        let cases: &[(&str, u8, EventKind)] = &[
+            (
+                "state",
+                kind::STATE,
+                EventKind::State {
+                    old: TcpState::SynSent,
+                    new: TcpState::Established,
+                },
+            ),
+            (
+                "retransmit",
+                kind::RETRANSMIT,
+                EventKind::Retransmit {
+                    state: TcpState::Established,
+                    err: 110,
+                },
+            ),
+            (
+                "send_reset",
+                kind::SEND_RESET,
+                EventKind::SendReset {
+                    state: TcpState::Established,
+                    reason: Some(5),
+                },
+            ),
+            ("recv_reset", kind::RECV_RESET, EventKind::RecvReset),
+            ("destroy", kind::DESTROY, EventKind::Destroy),
+            (
+                "error_report",
+                kind::ERROR_REPORT,
+                EventKind::ErrorReport { error: 110 },
+            ),
+            (
+                "close_call",
+                kind::CLOSE_CALL,
+                EventKind::CloseCall {
+                    state: TcpState::Established,
+                },
+            ),
+        ];
+        for (name, k, want) in cases {
+            let bytes = lifecycle(*k, |r| {
+                r.old_state = 2;
+                r.state = 1;
+                r.error = 110;
+                r.reset_reason = 5;
+                r.cookie = 77;
+            });
+            let ev = decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(&ev.kind, want, "{name}");
+            assert_eq!(ev.cookie, 77, "{name}");
+            assert_eq!(ev.tuple, None, "{name}: no HAS_TUPLE, no tuple");
+        }
+    }
+
     #[test]
     fn decodes_ipv6_ingress_rst_packet() {
-        let mut r = RawEvent::zeroed();
-        r.kind = kind::PACKET;
-        r.family = AF_INET6;
-        r.saddr = "fd00::1".parse::<Ipv6Addr>().expect("addr").octets();
-        r.daddr = "fd00::2".parse::<Ipv6Addr>().expect("addr").octets();
-        r.sport = 40000;
-        r.dport = 443;
+        let mut r = PacketRecord::zeroed();
+        r.hdr.skaddr = 9;
+        r.ep.family = AF_INET6;
+        r.ep.saddr = "fd00::1".parse::<Ipv6Addr>().expect("addr").octets();
+        r.ep.daddr = "fd00::2".parse::<Ipv6Addr>().expect("addr").octets();
+        r.ep.sport = 40000;
+        r.ep.dport = 443;
         r.tcp_flags = tcp_flag::RST | tcp_flag::ACK;
         r.ttl = 63;
         r.seq = 7;
-        r.flags = flag::HAS_TUPLE | flag::INGRESS;
-        let ev = decode(&raw_bytes(&r)).expect("decode");
+        r.ack = 8;
+        r.payload_len = 3;
+        r.flags = flag::HAS_TUPLE | flag::INGRESS | flag::TTL_CHANGED;
+        let ev = decode(&bytes_of(r, kind::PACKET)).expect("decode");
         let EventKind::Packet(p) = ev.kind else {
             panic!("not a packet: {ev:?}")
         };
         assert_eq!(p.dir, Dir::Ingress);
         assert!(p.rst() && p.ack_flag() && !p.fin() && !p.syn());
-        assert_eq!(p.ttl, 63);
+        assert_eq!((p.ttl, p.seq, p.ack, p.payload_len), (63, 7, 8, 3));
+        assert!(p.ttl_changed && !p.first_in_dir);
+        assert_eq!(ev.skaddr, 9);
         assert_eq!(ev.netns, None);
         assert_eq!(
             ev.tuple.expect("tuple").local.to_string(),
@@ -458,64 +604,44 @@ mod tests {
 
     #[test]
     fn v4_mapped_addresses_become_ipv4() {
-        let mut r = RawEvent::zeroed();
-        r.kind = kind::STATE;
-        r.family = AF_INET6;
-        r.saddr = "::ffff:10.241.1.2"
-            .parse::<Ipv6Addr>()
-            .expect("addr")
-            .octets();
-        r.daddr = "::ffff:10.241.2.2"
-            .parse::<Ipv6Addr>()
-            .expect("addr")
-            .octets();
-        r.sport = 40000;
-        r.dport = 8080;
-        r.flags = flag::HAS_TUPLE;
-        let t = decode(&raw_bytes(&r))
-            .expect("decode")
-            .tuple
-            .expect("tuple");
+        let bytes = lifecycle(kind::STATE, |r| {
+            r.ep.family = AF_INET6;
+            r.ep.saddr = "::ffff:10.241.1.2"
+                .parse::<Ipv6Addr>()
+                .expect("addr")
+                .octets();
+            r.ep.daddr = "::ffff:10.241.2.2"
+                .parse::<Ipv6Addr>()
+                .expect("addr")
+                .octets();
+            r.ep.sport = 40000;
+            r.ep.dport = 8080;
+            r.flags = flag::HAS_TUPLE;
+        });
+        let t = decode(&bytes).expect("decode").tuple.expect("tuple");
         assert_eq!(t.local.to_string(), "10.241.1.2:40000");
         assert_eq!(t.remote.to_string(), "10.241.2.2:8080");
     }
 
     #[test]
-    fn rejects_short_and_unknown_records() {
-        assert_eq!(decode(&[0u8; 12]), Err(DecodeError::Short(12)));
-        let mut r = RawEvent::zeroed();
-        r.kind = 99;
-        assert_eq!(decode(&raw_bytes(&r)), Err(DecodeError::UnknownKind(99)));
-    }
-
-    #[test]
     fn missing_tuple_flag_means_no_tuple() {
-        let mut r = RawEvent::zeroed();
-        r.kind = kind::DESTROY;
-        r.family = AF_INET;
-        let ev = decode(&raw_bytes(&r)).expect("decode");
+        let bytes = lifecycle(kind::DESTROY, |r| r.ep.family = AF_INET);
+        let ev = decode(&bytes).expect("decode");
         assert_eq!(ev.tuple, None);
         assert_eq!(ev.kind, EventKind::Destroy);
     }
 
     #[test]
-    fn decodes_h2_goaway_record_and_rejects_short_ones() {
-        let mut rec = H2Record {
-            base: RawEvent::zeroed(),
-            head: [0; 16],
-            payload: [0; 64],
-        };
-        rec.base.kind = kind::H2_FRAME;
-        rec.base.flags = flag::INGRESS;
-        rec.base.seq = 1234;
-        rec.head[..9].copy_from_slice(&[0, 0, 16, 7, 0, 0, 0, 0, 0]);
+    fn decodes_h2_goaway_frame() {
+        let mut rec = H2FrameRecord::zeroed();
+        rec.hdr.skaddr = 5;
+        rec.flags = flag::INGRESS;
+        rec.seq = 1234;
+        rec.head = [0, 0, 16, 7, 0, 0, 0, 0, 0];
         rec.payload[..16].copy_from_slice(b"\x7f\xff\xff\xff\0\0\0\0max_idle");
-        rec.base.payload_len = 16;
-        // SAFETY: H2Record is plain data of H2_RECORD_SIZE bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&rec as *const H2Record).cast::<u8>(), H2_RECORD_SIZE)
-        };
-        let ev = decode(bytes).expect("decode");
+        rec.payload_len = 16;
+        let ev = decode(&bytes_of(rec, kind::H2_FRAME)).expect("decode");
+        assert_eq!(ev.skaddr, 5);
         let EventKind::H2Frame {
             dir,
             seq,
@@ -526,25 +652,179 @@ mod tests {
             panic!("{ev:?}")
         };
         assert_eq!((dir, seq, head[3]), (Dir::Ingress, 1234, 7));
+        assert_eq!(payload.len(), 16);
         assert_eq!(&payload[8..], b"max_idle");
+    }
+
+    #[test]
+    fn h2_frame_payload_len_is_capped_at_the_capture() {
+        let mut rec = H2FrameRecord::zeroed();
+        rec.head = [0, 0, 8, 6, 0, 0, 0, 0, 0];
+        rec.payload_len = 1000;
+        let ev = decode(&bytes_of(rec, kind::H2_FRAME)).expect("decode");
+        let EventKind::H2Frame { payload, dir, .. } = ev.kind else {
+            panic!("{ev:?}")
+        };
         assert_eq!(
-            decode(&bytes[..RAW_EVENT_SIZE]),
-            Err(DecodeError::ShortH2(RAW_EVENT_SIZE))
+            (payload.len(), dir),
+            (tracer_common::H2_CAPTURE, Dir::Egress)
         );
     }
 
     #[test]
+    fn decodes_h2_notes() {
+        let cases: &[(u8, ProtoNote)] = &[
+            (proto::H2_PREFACE, ProtoNote::H2Preface),
+            (proto::H2_SETTINGS_FIRST, ProtoNote::H2SettingsFirst),
+            (proto::TLS, ProtoNote::Tls),
+            (proto::OTHER, ProtoNote::Other),
+            (proto::RESYNCED, ProtoNote::Resynced),
+            (proto::DESYNC, ProtoNote::Desync),
+            (proto::GAVE_UP, ProtoNote::GaveUp),
+        ];
+        for (raw, want) in cases {
+            let mut rec = H2NoteRecord::zeroed();
+            rec.note = *raw;
+            rec.seq = 99;
+            rec.flags = flag::INGRESS;
+            let ev = decode(&bytes_of(rec, kind::H2_NOTE)).expect("decode");
+            assert_eq!(
+                ev.kind,
+                EventKind::H2Proto {
+                    dir: Dir::Ingress,
+                    seq: 99,
+                    note: *want
+                }
+            );
+        }
+    }
+
+    #[test]
     fn send_reset_without_reason_field() {
-        let mut r = RawEvent::zeroed();
-        r.kind = kind::SEND_RESET;
-        r.value = -1;
-        let ev = decode(&raw_bytes(&r)).expect("decode");
+        let bytes = lifecycle(kind::SEND_RESET, |r| r.reset_reason = -1);
+        let ev = decode(&bytes).expect("decode");
         assert_eq!(
             ev.kind,
             EventKind::SendReset {
                 state: TcpState::Other(0),
                 reason: None
             }
+        );
+    }
+
+    /// Malformed records: each is refused with the error that names what is wrong.
+    #[test]
+    fn rejects_malformed_records() {
+        let good_state = lifecycle(kind::STATE, |_| {});
+        let good_note = {
+            let mut r = H2NoteRecord::zeroed();
+            r.note = proto::TLS;
+            bytes_of(r, kind::H2_NOTE)
+        };
+        let with = |base: &[u8], f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = base.to_vec();
+            f(&mut b);
+            b
+        };
+        let set_size = |b: &mut Vec<u8>, n: u16| b[2..4].copy_from_slice(&n.to_ne_bytes());
+        let cases: Vec<(&str, Vec<u8>, DecodeError)> = vec![
+            ("empty", vec![], DecodeError::Short(0)),
+            ("shorter than a header", vec![0; 12], DecodeError::Short(12)),
+            (
+                "all zero header: version 0",
+                vec![0; LIFECYCLE_SIZE],
+                DecodeError::Version { found: 0 },
+            ),
+            (
+                "version 1 (the headerless format)",
+                with(&good_state, &|b| b[1] = 1),
+                DecodeError::Version { found: 1 },
+            ),
+            (
+                "future version",
+                with(&good_state, &|b| b[1] = WIRE_VERSION + 1),
+                DecodeError::Version {
+                    found: WIRE_VERSION + 1,
+                },
+            ),
+            (
+                "unknown kind",
+                with(&good_state, &|b| b[0] = 99),
+                DecodeError::UnknownKind(99),
+            ),
+            (
+                "kind 0",
+                with(&good_state, &|b| b[0] = 0),
+                DecodeError::UnknownKind(0),
+            ),
+            (
+                "header size disagrees with the kind",
+                with(&good_state, &|b| set_size(b, 128)),
+                DecodeError::SizeMismatch {
+                    kind: kind::STATE,
+                    header: 128,
+                    expected: LIFECYCLE_SIZE,
+                },
+            ),
+            (
+                "packet kind on a lifecycle-sized record",
+                with(&good_state, &|b| b[0] = kind::PACKET),
+                DecodeError::SizeMismatch {
+                    kind: kind::PACKET,
+                    header: LIFECYCLE_SIZE as u16,
+                    expected: PACKET_SIZE,
+                },
+            ),
+            (
+                "record cut short",
+                good_state[..LIFECYCLE_SIZE - 8].to_vec(),
+                DecodeError::Truncated {
+                    kind: kind::STATE,
+                    header: LIFECYCLE_SIZE as u16,
+                    got: LIFECYCLE_SIZE - 8,
+                },
+            ),
+            (
+                "record with trailing bytes",
+                with(&good_note, &|b| b.extend_from_slice(&[0; 8])),
+                DecodeError::Truncated {
+                    kind: kind::H2_NOTE,
+                    header: H2_NOTE_SIZE as u16,
+                    got: H2_NOTE_SIZE + 8,
+                },
+            ),
+            (
+                "h2 frame cut to a note's size",
+                {
+                    let b = bytes_of(H2FrameRecord::zeroed(), kind::H2_FRAME);
+                    b[..H2_NOTE_SIZE].to_vec()
+                },
+                DecodeError::Truncated {
+                    kind: kind::H2_FRAME,
+                    header: H2_FRAME_SIZE as u16,
+                    got: H2_NOTE_SIZE,
+                },
+            ),
+            (
+                "unknown protocol note",
+                with(&good_note, &|b| b[28] = 42),
+                DecodeError::UnknownProto(42),
+            ),
+        ];
+        for (name, bytes, want) in cases {
+            let got = decode(&bytes);
+            assert_eq!(got.as_ref().err(), Some(&want), "{name}: {got:?}");
+            // Every refusal explains itself in words.
+            assert!(!want.to_string().is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn version_error_names_the_cause() {
+        let msg = DecodeError::Version { found: 1 }.to_string();
+        assert!(
+            msg.contains("version 1") && msg.contains("different builds"),
+            "{msg}"
         );
     }
 }

@@ -53,11 +53,14 @@ pub use rst_stream::RstStream;
 pub use settings::{Settings, setting_name};
 pub use window_update::WindowUpdate;
 
-/// The client connection preface (RFC 9113 §3.4), sent before the first frame.
-pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The sniffing rules the kernel walker runs, re-exported: the helpers below are thin
+/// wrappers over them, so what the agent's tests and the fuzzer check is the kernel's code.
+pub use tracer_common::h2sniff::{
+    self as sniff, DEFAULT_MAX_FRAME_SIZE, RESYNC_MAX_FRAME_SIZE, TLS_MAX_RECORD,
+};
 
-/// `SETTINGS_MAX_FRAME_SIZE` until the peer says otherwise (RFC 9113 §6.5.2).
-pub const DEFAULT_MAX_FRAME_SIZE: u32 = 16_384;
+/// The client connection preface (RFC 9113 §3.4), sent before the first frame.
+pub const PREFACE: &[u8; 24] = &sniff::PREFACE;
 
 /// Flag bits. Their meaning depends on the frame type (see [`Kind::defined_flags`]).
 pub mod flags {
@@ -213,60 +216,47 @@ fn be_u32(b: [u8; 4]) -> u32 {
 /// Counts the frames in `bytes` if they form a chain of plausible frames that ends exactly
 /// at `bytes.len()`; `None` otherwise (including for an empty buffer).
 ///
-/// Meant for resynchronising on a connection first seen mid-stream: a candidate offset is
-/// accepted only when every header from it on is something a conforming peer would send —
-/// a type RFC 9113 defines, `length <= max_frame_size`, the reserved bit clear, only the
-/// flags the type defines, a stream identifier and length [`parse_frame`] accepts with the
-/// whole payload present, and a non-zero WINDOW_UPDATE increment. A frame running past the
-/// end of the buffer means "not in sync", never "probably fine".
+/// The rule is the kernel's resynchronisation rule ([`sniff::chain_step`] over
+/// [`sniff::plausible_header`]; the module documentation of `tracer_common::h2sniff` says
+/// what is accepted and why), without the kernel's bound on the number of frames. Every
+/// frame it accepts also decodes with [`parse_frame`] given its whole payload (the fuzz
+/// target checks that).
 pub fn plausible_chain(bytes: &[u8], max_frame_size: u32) -> Option<usize> {
-    let mut rest = bytes;
+    let total = u32::try_from(bytes.len()).ok()?;
+    let mut off = 0u32;
     let mut frames = 0usize;
-    while !rest.is_empty() {
-        let head = Head::parse(rest).ok()?;
-        let raw_stream = rest.get(5..HEADER_LEN)?;
-        if !head.kind.is_known()
-            || head.length > max_frame_size
-            || raw_stream.first().is_some_and(|b| b & 0x80 != 0)
-            || head.flags & !head.kind.defined_flags() != 0
-        {
-            return None;
-        }
-        let end = HEADER_LEN.checked_add(usize::try_from(head.length).ok()?)?;
-        let payload = rest.get(HEADER_LEN..end)?;
-        match parse_frame(&head, payload).ok()? {
-            Frame::WindowUpdate(w) if w.increment == 0 => return None,
-            _ => {}
-        }
-        rest = rest.get(end..)?;
+    loop {
+        let head = bytes
+            .get(usize::try_from(off).ok()?..)?
+            .first_chunk::<HEADER_LEN>()?;
         frames += 1;
+        match sniff::chain_step(head, &mut off, total, max_frame_size) {
+            sniff::Chain::More => {}
+            sniff::Chain::Complete => return Some(frames),
+            sniff::Chain::Broken => return None,
+        }
     }
-    (frames > 0).then_some(frames)
 }
 
-/// Whether `bytes` starts with the whole client connection preface. A partial preface is
-/// not enough (see [`may_be_preface`] for that).
+/// Whether `bytes` starts with the whole client connection preface ([`sniff::is_preface`]).
+/// A partial preface is not enough (see [`may_be_preface`] for that).
 pub fn is_preface(bytes: &[u8]) -> bool {
-    bytes.starts_with(PREFACE)
+    bytes.first_chunk::<24>().is_some_and(sniff::is_preface)
 }
 
 /// Whether `bytes` could still turn out to be the connection preface: it is non-empty and
 /// agrees with [`PREFACE`] as far as it goes (a short capture of `"PRI * HT"` qualifies).
+/// Agent-only: the kernel decides on whole segments and never needs a partial match.
 pub fn may_be_preface(bytes: &[u8]) -> bool {
     let n = bytes.len().min(PREFACE.len());
     n > 0 && bytes.get(..n) == PREFACE.get(..n)
 }
 
-/// Whether `bytes` starts like a TLS record: content type 0x14–0x17 (change_cipher_spec,
-/// alert, handshake, application_data), legacy version 0x03 0x00–0x04, and a record
-/// length no TLS stack exceeds (2^14 + 2048). Needs the 5-octet record header.
+/// Whether `bytes` starts like a TLS record ([`sniff::is_tls_record_header`]: content type
+/// 0x14–0x17, legacy version 0x03 0x00–0x04, length at most [`TLS_MAX_RECORD`]). Needs the
+/// 5-octet record header.
 pub fn looks_like_tls(bytes: &[u8]) -> bool {
-    const MAX_RECORD: u16 = (1 << 14) + 2048;
-    let Some(&[content_type, major, minor, l0, l1]) = bytes.first_chunk::<5>() else {
-        return false;
-    };
-    (0x14..=0x17).contains(&content_type)
-        && major == 0x03
-        && minor <= 0x04
-        && u16::from_be_bytes([l0, l1]) <= MAX_RECORD
+    bytes
+        .first_chunk::<5>()
+        .is_some_and(sniff::is_tls_record_header)
 }

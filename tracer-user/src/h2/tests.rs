@@ -411,7 +411,8 @@ fn plausible_chain_cases() {
         ("reserved stream bit set", "000002 00 00 80000001 6869", None),
         ("length above max_frame_size", "004001 00 00 00000001", None),
         ("ping of length 7", "000007 06 00 00000000 00000000000000", None),
-        ("window_update zero increment", "000004 08 00 00000000 00000000", None),
+        // A protocol error (RFC 9113 §6.9) but correct framing: resync may lock onto it.
+        ("window_update zero increment", "000004 08 00 00000000 00000000", Some(1)),
         ("settings ack with payload", "000006 04 01 00000000 000300000064", None),
     ];
     for (name, wire, want) in cases {
@@ -719,10 +720,11 @@ fn fixture_nghttpd_ping_and_goaway() {
             increment: 0
         })]
     );
-    // Decodable, but not something a resync should lock onto.
+    // A PROTOCOL_ERROR, yet correctly framed: the next frame starts right after it, so a
+    // resync may lock onto it (the kernel cannot see the increment anyway).
     assert_eq!(
         plausible_chain(&hex(BAD_WU_C), DEFAULT_MAX_FRAME_SIZE),
-        None
+        Some(1)
     );
 
     let goaway_wire = hex(GOAWAY_S);
@@ -742,4 +744,43 @@ fn fixture_nghttpd_ping_and_goaway() {
     assert_eq!(cut.reason, Reason::PROTOCOL_ERROR);
     assert_eq!(cut.debug_text(), "WINDOW_UPDATE");
     assert!(cut.debug_truncated);
+}
+
+/// The kernel's plausibility rule (`tracer_common::h2sniff`) and this parser agree on every
+/// type, flag byte, a spread of lengths and stream identifiers: a header is plausible
+/// exactly when its type is known, the reserved bit and undefined flags are clear, it fits
+/// the cap, and `parse_frame` raises no header-level error.
+#[test]
+fn sniff_rule_agrees_with_parser_exhaustively() {
+    let lengths = [0u32, 1, 3, 4, 5, 6, 7, 8, 9, 12, 16_384, 16_385, MAX_LENGTH];
+    let streams = [0u32, 1, 3, 0x8000_0000, 0x8000_0001];
+    let capture = [0u8; 64];
+    let mut plausible_count = 0;
+    for kind in 0u8..=11 {
+        for flags in 0u8..=255 {
+            for &length in &lengths {
+                for &stream in &streams {
+                    let [_, l0, l1, l2] = length.to_be_bytes();
+                    let [s0, s1, s2, s3] = stream.to_be_bytes();
+                    let wire = [l0, l1, l2, kind, flags, s0, s1, s2, s3];
+                    let head = Head::parse(&wire).unwrap();
+                    let got = sniff::plausible_header(&wire, DEFAULT_MAX_FRAME_SIZE);
+                    let captured = &capture[..capture.len().min(length as usize)];
+                    let header_ok = !matches!(
+                        parse_frame(&head, captured),
+                        Err(Error::BadLength { .. } | Error::BadStreamId { .. })
+                    );
+                    let want = head.kind.is_known()
+                        && stream & 0x8000_0000 == 0
+                        && flags & !head.kind.defined_flags() == 0
+                        && length <= DEFAULT_MAX_FRAME_SIZE
+                        && header_ok;
+                    assert_eq!(got, want, "{wire:02x?}");
+                    plausible_count += usize::from(got);
+                }
+            }
+        }
+    }
+    // Not vacuous: hundreds of the combinations are plausible (477 when written).
+    assert!(plausible_count > 400, "{plausible_count}");
 }

@@ -1,0 +1,65 @@
+//! `tcp_close()`: fentry where the kernel allows it, kprobe otherwise (chosen by the agent).
+//! Both entry points call [`try_tcp_close`], the way libbpf-tools' `tcpconnlat` shares one
+//! handler between its fentry and kprobe variants.
+
+use aya_ebpf::helpers::bpf_probe_read_kernel_buf;
+use tracer_common::{AF_INET, AF_INET6, LifecycleRecord, flag, kind};
+
+use crate::{
+    config::{kread, off_v6_addrs},
+    emit::emit,
+    lifecycle::{fill_netns, fill_task},
+};
+
+// Offsets inside `struct sock_common`, unchanged since Linux 3.x.
+const SKC_DADDR: u64 = 0;
+const SKC_RCV_SADDR: u64 = 4;
+const SKC_DPORT: u64 = 12;
+const SKC_NUM: u64 = 14;
+const SKC_FAMILY: u64 = 16;
+const SKC_STATE: u64 = 18;
+
+/// Records the socket's state, tuple, netns and the closing task.
+#[inline(always)]
+pub fn try_tcp_close(sk: u64) -> Option<()> {
+    if sk == 0 {
+        return None;
+    }
+    let family: u16 = kread(sk + SKC_FAMILY)?;
+    let state: u8 = kread(sk + SKC_STATE)?;
+    let dport_be: u16 = kread(sk + SKC_DPORT)?;
+    let sport: u16 = kread(sk + SKC_NUM)?;
+    emit(kind::CLOSE_CALL, sk, |ev: &mut LifecycleRecord| {
+        ev.state = state;
+        ev.ep.family = family;
+        ev.ep.sport = sport;
+        ev.ep.dport = u16::from_be(dport_be);
+        // Straight into the record: no Option pairs (see verifier.rs).
+        let (so, dof, len) = if family == AF_INET {
+            (SKC_RCV_SADDR, SKC_DADDR, 4usize)
+        } else if family == AF_INET6 {
+            let (os, od) = off_v6_addrs();
+            if os == u32::MAX || od == u32::MAX {
+                (0, 0, 0)
+            } else {
+                (os as u64, od as u64, 16usize)
+            }
+        } else {
+            (0, 0, 0)
+        };
+        if len == 4 || len == 16 {
+            // SAFETY: checked kernel reads into the record's own buffers (len <= 16).
+            let ok = unsafe {
+                bpf_probe_read_kernel_buf((sk + so) as *const u8, &mut ev.ep.saddr[..len]).is_ok()
+                    && bpf_probe_read_kernel_buf((sk + dof) as *const u8, &mut ev.ep.daddr[..len])
+                        .is_ok()
+            };
+            if ok {
+                ev.flags |= flag::HAS_TUPLE;
+            }
+        }
+        fill_netns(ev, sk);
+        fill_task(ev);
+    });
+    Some(())
+}

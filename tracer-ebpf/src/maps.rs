@@ -1,0 +1,126 @@
+//! Maps, their value types, and the per-CPU counters.
+//!
+//! Per-socket state lives here, in the kernel, so that records carry decisions and endings
+//! rather than every packet.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+};
+use tracer_common::counter;
+
+/// Every record for the agent. Default size; the agent may resize it before load
+/// (`--ringbuf-kib`).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+
+/// Per-CPU counters, indexed by [`tracer_common::counter`]; the agent sums them.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Per-socket packet state, keyed by the `struct sock` address. Removed when the socket
+/// reaches TCP_CLOSE or is destroyed; LRU so that missed removals cannot fill it.
+#[map]
+pub static SK_PKT: LruHashMap<u64, PktState> = LruHashMap::with_max_entries(65536, 0);
+
+/// Adds one to a per-CPU counter. Each call site says, in a `// exported as …` comment,
+/// the name of the agent's counter (`whoclosed stats`, metrics) that carries it.
+#[inline(always)]
+pub fn bump(idx: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+        unsafe { *slot += 1 }
+    }
+}
+
+/// `DirState::sync` values.
+pub mod sync {
+    /// No payload seen yet in this direction.
+    pub const AWAIT: u8 = 0;
+    /// `next_hdr` is where the next frame header starts.
+    pub const SYNCED: u8 = 1;
+    /// Frame boundaries unknown (seen mid-stream); resynchronising.
+    pub const UNSYNCED: u8 = 2;
+    /// Not HTTP/2 (or given up): payload ignored.
+    pub const OFF: u8 = 3;
+}
+
+/// `PktState::proto` values: what a socket's payload turned out to be.
+pub mod sk_proto {
+    pub const UNKNOWN: u8 = 0;
+    pub const H2: u8 = 1;
+    pub const TLS: u8 = 2;
+    pub const OTHER: u8 = 3;
+}
+
+/// `PktState::seen` bits.
+pub mod seen {
+    /// An egress segment was seen.
+    pub const EGRESS: u8 = 1;
+    /// An ingress segment was seen.
+    pub const INGRESS: u8 = 2;
+    /// The state was created at the connection's start (a SYN or a SYN_SENT/SYN_RECV
+    /// transition): its first payload byte will be seen.
+    pub const START: u8 = 4;
+}
+
+/// Per-direction HTTP/2 frame walker state. A map value: variable offsets into `hdr` are
+/// fine here (unlike on the stack, see `verifier.rs`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DirState {
+    /// Sequence number of the next frame header (when synced).
+    pub next_hdr: u32,
+    /// Highest sequence number end seen (bytes before it were already walked).
+    pub end: u32,
+    /// Bytes of a frame header split across segments, buffered until the rest arrives
+    /// (9 used; 12 keeps the struct a multiple of 4 bytes).
+    pub hdr: [u8; 12],
+    /// One of [`sync`].
+    pub sync: u8,
+    /// How many bytes of `hdr` are valid.
+    pub hdr_have: u8,
+    /// Segments tried while unsynced (bounded).
+    pub tries: u8,
+    /// 1 when `end` is valid.
+    pub have_end: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<DirState>() == 24);
+
+/// Per-socket packet bookkeeping kept by the cgroup_skb programs.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PktState {
+    /// Index 0: egress (sent), 1: ingress (received).
+    pub dir: [DirState; 2],
+    /// TTL / hop limit of the first ingress segment (0 = none seen yet).
+    pub ttl_in: u8,
+    /// Bits from [`seen`].
+    pub seen: u8,
+    /// One of [`sk_proto`].
+    pub proto: u8,
+    /// Explicit tail padding to the 4-byte alignment of `DirState`, rounded to 56.
+    pub _pad: [u8; 5],
+}
+
+const _: () = assert!(core::mem::size_of::<PktState>() == 56);
+
+pub const EMPTY_DIR: DirState = DirState {
+    next_hdr: 0,
+    end: 0,
+    hdr: [0; 12],
+    sync: sync::AWAIT,
+    hdr_have: 0,
+    tries: 0,
+    have_end: 0,
+};
+
+/// State of a socket whose start was seen.
+pub const FRESH: PktState = PktState {
+    dir: [EMPTY_DIR; 2],
+    ttl_in: 0,
+    seen: seen::START,
+    proto: sk_proto::UNKNOWN,
+    _pad: [0; 5],
+};

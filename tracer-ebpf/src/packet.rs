@@ -1,0 +1,169 @@
+//! Packets of local sockets: cgroup_skb ingress and egress at the cgroup v2 root (every
+//! netns). TCP flags, TTL and sequence numbers; payload goes to the HTTP/2 walker.
+
+use aya_ebpf::programs::SkBuffContext;
+use tracer_common::{AF_INET, AF_INET6, PacketRecord, counter, flag, kind, tcp_flag};
+
+use crate::{
+    emit::emit,
+    h2walk::{SegInfo, h2_segment},
+    maps::{FRESH, SK_PKT, bump, seen},
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP_U8: u8 = 6;
+
+/// Parsed L3 facts of one segment.
+struct Seg {
+    family: u16,
+    ttl: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    l4_off: usize,
+    l3_payload: u32,
+}
+
+/// Fills `seg` from the IP header; false for anything but the first fragment of TCP.
+#[inline(always)]
+fn parse_l3(ctx: &SkBuffContext, seg: &mut Seg) -> bool {
+    parse_l3_inner(ctx, seg).is_some()
+}
+
+#[inline(always)]
+fn parse_l3_inner(ctx: &SkBuffContext, seg: &mut Seg) -> Option<()> {
+    // SAFETY: reading a field of the context the verifier hands us.
+    let proto = unsafe { (*ctx.skb.skb).protocol };
+    if proto == ETH_P_IP.to_be() as u32 {
+        let h: [u8; 20] = ctx.load(0).ok()?;
+        if h[0] >> 4 != 4 || h[9] != IPPROTO_TCP_U8 {
+            return None;
+        }
+        // Later fragments carry no TCP header.
+        if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
+            return None;
+        }
+        let ihl = ((h[0] & 0x0f) as usize) * 4;
+        let total = u16::from_be_bytes([h[2], h[3]]) as u32;
+        seg.family = AF_INET;
+        seg.ttl = h[8];
+        seg.src[..4].copy_from_slice(&h[12..16]);
+        seg.dst[..4].copy_from_slice(&h[16..20]);
+        seg.l4_off = ihl;
+        seg.l3_payload = total.saturating_sub(ihl as u32);
+    } else if proto == ETH_P_IPV6.to_be() as u32 {
+        let h: [u8; 40] = ctx.load(0).ok()?;
+        if h[0] >> 4 != 6 || h[6] != IPPROTO_TCP_U8 {
+            return None;
+        }
+        seg.family = AF_INET6;
+        seg.ttl = h[7];
+        seg.src.copy_from_slice(&h[8..24]);
+        seg.dst.copy_from_slice(&h[24..40]);
+        seg.l4_off = 40;
+        seg.l3_payload = u16::from_be_bytes([h[4], h[5]]) as u32;
+    } else {
+        return None;
+    }
+    Some(())
+}
+
+/// One segment: per-socket bookkeeping, a record for control segments and firsts, and the
+/// payload to the HTTP/2 walker.
+pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
+    let mut seg = Seg {
+        family: 0,
+        ttl: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        l4_off: 0,
+        l3_payload: 0,
+    };
+    if !parse_l3(ctx, &mut seg) {
+        return None;
+    }
+    let l4_off = if seg.l4_off > 60 {
+        return None;
+    } else {
+        seg.l4_off
+    };
+    let th: [u8; 20] = ctx.load(l4_off).ok()?;
+    bump(counter::PACKETS); // exported as `packets`
+    let tcp_flags = th[13];
+    let doff = ((th[12] >> 4) as u32) * 4;
+    let seq = u32::from_be_bytes([th[4], th[5], th[6], th[7]]);
+    let payload_len = seg.l3_payload.saturating_sub(doff);
+    // SAFETY: `sk` is a context field; its value (the socket address) is only recorded.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk } as u64;
+
+    let dir_bit: u8 = if ingress { seen::INGRESS } else { seen::EGRESS };
+    let mut evflags: u8 = if ingress { flag::INGRESS } else { 0 };
+    let st = match SK_PKT.get_ptr_mut(sk) {
+        Some(st) => st,
+        None => {
+            let mut fresh = FRESH;
+            if tcp_flags & tcp_flag::SYN == 0 {
+                fresh.seen = 0;
+            }
+            if SK_PKT.insert(sk, fresh, 0).is_err() {
+                bump(counter::SKMAP_FAILS); // exported as `skmap_fails`
+            }
+            SK_PKT.get_ptr_mut(sk)?
+        }
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let st = unsafe { &mut *st };
+    if st.seen & dir_bit == 0 {
+        st.seen |= dir_bit;
+        evflags |= flag::FIRST_IN_DIR;
+        if ingress {
+            st.ttl_in = seg.ttl;
+        }
+    } else if ingress && st.ttl_in != seg.ttl {
+        evflags |= flag::TTL_CHANGED;
+        st.ttl_in = seg.ttl;
+    }
+    let control = tcp_flags & (tcp_flag::SYN | tcp_flag::FIN | tcp_flag::RST) != 0;
+    if control || evflags & (flag::FIRST_IN_DIR | flag::TTL_CHANGED) != 0 {
+        emit_packet(&seg, &th, sk, evflags, payload_len);
+    }
+    if payload_len > 0 && payload_len < 0x0100_0000 {
+        let info = SegInfo {
+            sk,
+            seq,
+            poff: (l4_off as u32).wrapping_add(doff),
+            plen: payload_len,
+            di: if ingress { 1 } else { 0 },
+        };
+        h2_segment(ctx, st, &info);
+    }
+    Some(())
+}
+
+/// The `PACKET` record.
+#[inline(always)]
+fn emit_packet(seg: &Seg, th: &[u8; 20], sk: u64, evflags: u8, payload_len: u32) {
+    let ingress = evflags & flag::INGRESS != 0;
+    emit(kind::PACKET, sk, |ev: &mut PacketRecord| {
+        ev.ep.family = seg.family;
+        ev.ttl = seg.ttl;
+        ev.tcp_flags = th[13];
+        ev.flags = evflags | flag::HAS_TUPLE;
+        ev.seq = u32::from_be_bytes([th[4], th[5], th[6], th[7]]);
+        ev.ack = u32::from_be_bytes([th[8], th[9], th[10], th[11]]);
+        ev.payload_len = payload_len;
+        let sport = u16::from_be_bytes([th[0], th[1]]);
+        let dport = u16::from_be_bytes([th[2], th[3]]);
+        if ingress {
+            ev.ep.saddr = seg.dst;
+            ev.ep.daddr = seg.src;
+            ev.ep.sport = dport;
+            ev.ep.dport = sport;
+        } else {
+            ev.ep.saddr = seg.src;
+            ev.ep.daddr = seg.dst;
+            ev.ep.sport = sport;
+            ev.ep.dport = dport;
+        }
+    });
+}

@@ -386,3 +386,19 @@ pub fn command_part(script: &str) -> Vec<u8> {
     c.file("vm/cmd.sh", 0o755, script.as_bytes());
     c.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpio_entries_are_aligned() {
+        let mut c = Cpio::default();
+        c.file("a/b", 0o644, b"xyz");
+        c.symlink("a/c", "b");
+        let buf = c.finish();
+        assert!(buf.starts_with(b"070701"));
+        assert_eq!(buf.len() % 4, 0);
+        assert!(buf.windows(10).any(|w| w == b"TRAILER!!!"));
+    }
+}

@@ -55,7 +55,7 @@ pub const KERNELS: &[KernelSpec] = &[
 ];
 
 /// A downloaded, unpacked kernel.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Kernel {
     pub alias: String,
     pub suite: String,

@@ -66,26 +66,31 @@ pub fn print_report(k: &Kernel, r: &Report) {
     }
 }
 
+/// The table of test runs (`passed` counts cases that ran their assertions; skipped ones
+/// are counted apart, with their reasons below), then the output of every failed case.
 pub fn print_tests(runs: &[TestRun]) {
     println!();
     println!(
-        "{:<30} {:<11} {:>7} {:>8}  cases",
-        "kernel", "mode", "passed", "boot s"
+        "{:<30} {:<11} {:>7} {:>4} {:>8}  cases",
+        "kernel", "mode", "passed", "skip", "boot s"
     );
     for t in runs {
         println!(
-            "{:<30} {:<11} {:>3}/{:<3} {:>8.0}  {}",
+            "{:<30} {:<11} {:>3}/{:<3} {:>4} {:>8.0}  {}",
             t.kernel.label(),
             t.mode.name(),
-            t.passed(),
+            t.verified(),
             t.cases.len(),
+            t.skipped(),
             t.boot_secs,
             t.cases
                 .iter()
                 .map(|c| format!(
                     "{}:{}{:.0}s",
                     c.name,
-                    if c.passed {
+                    if c.skipped.is_some() {
+                        "SKIPPED "
+                    } else if c.passed {
                         ""
                     } else if c.ran {
                         "FAILED "
@@ -100,6 +105,23 @@ pub fn print_tests(runs: &[TestRun]) {
         if let Some(e) = &t.error {
             println!("    error: {e}");
         }
+    }
+    let mut reasons: Vec<(&str, Vec<&str>)> = Vec::new();
+    for c in runs.iter().flat_map(|t| &t.cases) {
+        if let Some(why) = &c.skipped {
+            match reasons.iter_mut().find(|(w, _)| w == why) {
+                Some((_, names)) if names.contains(&c.name.as_str()) => {}
+                Some((_, names)) => names.push(&c.name),
+                None => reasons.push((why, vec![&c.name])),
+            }
+        }
+    }
+    for (why, names) in reasons {
+        println!(
+            "
+skipped {}: {why}",
+            names.join(", ")
+        );
     }
     for t in runs {
         for c in t.cases.iter().filter(|c| c.ran && !c.passed) {

@@ -2,7 +2,7 @@
 //! archive once, then boots kernels for report, test and ad-hoc command runs.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     io::Write as _,
     path::{Path, PathBuf},
@@ -15,8 +15,8 @@ use serde_json::Value;
 
 use super::kernels::{self, Kernel};
 use super::report::{Report, guest_release, parse_report, report_script};
-use super::testrun::{TestRun, list_cases, parse_cases, test_script};
-use super::{Common, Mode, image, qemu};
+use super::testrun::{Case, TestRun, list_all_cases, parse_cases, select, test_script};
+use super::{Common, Mode, Suite, image, qemu};
 
 /// Quotes words for the guest's busybox sh (one word: passed through as a script line).
 fn shell_words(words: &[String]) -> String {
@@ -45,8 +45,13 @@ fn sh_quote(s: &str) -> String {
 pub struct Vm {
     pub common: Common,
     pub art: image::Artefacts,
-    pub cases: Vec<String>,
+    /// Every case of every suite.
+    pub cases: Vec<Case>,
     pub userland: Vec<u8>,
+    /// Shared libraries in `userland` (the HTTP/2 archive adds only the others).
+    pub userland_libs: BTreeSet<PathBuf>,
+    /// The HTTP/2 suite's archive, built by the first boot that needs it.
+    pub h2_part: Option<Vec<u8>>,
     pub kernel_parts: BTreeMap<String, Vec<u8>>,
     /// `target/vm`: logs and scratch files.
     pub work: PathBuf,
@@ -62,20 +67,31 @@ impl Vm {
         };
         let work = root.join("target/vm");
         fs::create_dir_all(&work)?;
-        let cases = list_cases(&art.e2e)?;
+        let cases = list_all_cases(&art)?;
         let t = Instant::now();
-        let userland = image::userland(&art, &work)?;
+        let (userland, userland_libs) = image::userland(&art, &work)?;
         eprintln!(
-            "vm: userland archive {:.1} MiB in {:.1} s ({} e2e cases)",
+            "vm: userland archive {:.1} MiB in {:.1} s ({} e2e cases: {})",
             userland.len() as f64 / 1048576.0,
             t.elapsed().as_secs_f64(),
-            cases.len()
+            cases.len(),
+            Suite::ALL
+                .iter()
+                .map(|s| format!(
+                    "{} {}",
+                    cases.iter().filter(|c| c.suite == *s).count(),
+                    s.name()
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         Ok(Vm {
             common: common.clone(),
             art,
             cases,
             userland,
+            userland_libs,
+            h2_part: None,
             kernel_parts: BTreeMap::new(),
             work,
             boots: 0,
@@ -111,11 +127,34 @@ impl Vm {
             dir.display(),
             shell_words(cmd)
         );
-        self.boot(k, "run", &script)
+        self.boot(k, "run", &script, &[])
     }
 
-    /// One boot running `script` (busybox sh) with its output on ttyS1.
-    pub fn boot(&mut self, k: &Kernel, what: &str, script: &str) -> Result<qemu::BootResult> {
+    /// The HTTP/2 suite's archive (built once).
+    fn h2_part(&mut self) -> Result<Vec<u8>> {
+        if let Some(p) = &self.h2_part {
+            return Ok(p.clone());
+        }
+        let t = Instant::now();
+        let p = image::h2_part(&self.art, &self.work, &self.userland_libs)?;
+        eprintln!(
+            "vm: HTTP/2 suite archive {:.1} MiB in {:.1} s",
+            p.len() as f64 / 1048576.0,
+            t.elapsed().as_secs_f64()
+        );
+        self.h2_part = Some(p.clone());
+        Ok(p)
+    }
+
+    /// One boot running `script` (busybox sh) with its output on ttyS1; `extra` archives
+    /// are unpacked over the base userland.
+    pub fn boot(
+        &mut self,
+        k: &Kernel,
+        what: &str,
+        script: &str,
+        extra: &[&[u8]],
+    ) -> Result<qemu::BootResult> {
         if !self.kernel_parts.contains_key(&k.alias) {
             let part = image::kernel_part(k)?;
             self.kernel_parts.insert(k.alias.clone(), part);
@@ -126,6 +165,9 @@ impl Vm {
         let initrd = self.work.join("initrd.cpio");
         let mut f = fs::File::create(&initrd)?;
         f.write_all(&self.userland)?;
+        for part in extra {
+            f.write_all(part)?;
+        }
         f.write_all(&self.kernel_parts[&k.alias])?;
         f.write_all(&image::command_part(script))?;
         drop(f);
@@ -151,7 +193,7 @@ impl Vm {
 
     pub fn report(&mut self, k: &Kernel) -> Result<Report> {
         let script = report_script(&self.art.whoclosed);
-        let b = self.boot(k, "report", &script)?;
+        let b = self.boot(k, "report", &script, &[])?;
         let mut r = parse_report(&b.output);
         for (m, mr) in &r.modes {
             fs::write(b.logs.join(format!("{}.stderr.txt", m.name())), &mr.stderr)?;
@@ -173,18 +215,33 @@ impl Vm {
         Ok(r)
     }
 
-    pub fn test(&mut self, k: &Kernel, mode: Mode, filter: &[String]) -> Result<TestRun> {
-        let cases: Vec<String> = self
-            .cases
-            .iter()
-            .filter(|c| filter.is_empty() || filter.iter().any(|f| c.contains(f.as_str())))
-            .cloned()
-            .collect();
+    /// One boot running the cases of `suites` that match `filter`.
+    pub fn test(
+        &mut self,
+        k: &Kernel,
+        mode: Mode,
+        suites: &[Suite],
+        filter: &[String],
+    ) -> Result<TestRun> {
+        let cases = select(&self.cases, suites, filter);
         if cases.is_empty() {
-            bail!("no e2e case matches {filter:?} (cases: {:?})", self.cases);
+            let names: Vec<String> = select(&self.cases, suites, &[])
+                .into_iter()
+                .map(|c| c.name)
+                .collect();
+            bail!(
+                "no e2e case matches {filter:?} (cases of {:?}: {names:?})",
+                suites.iter().map(|s| s.name()).collect::<Vec<_>>()
+            );
         }
         let script = test_script(&self.art, mode, &cases);
-        let b = self.boot(k, &format!("test-{}", mode.name()), &script)?;
+        let h2 = if cases.iter().any(|c| c.suite == Suite::H2) {
+            Some(self.h2_part()?)
+        } else {
+            None
+        };
+        let extra: Vec<&[u8]> = h2.iter().map(Vec::as_slice).collect();
+        let b = self.boot(k, &format!("test-{}", mode.name()), &script, &extra)?;
         let mut t = TestRun {
             kernel: k.clone(),
             mode,
@@ -208,13 +265,15 @@ impl Vm {
     }
 }
 
-/// `cargo build` of the agent and `cargo test --no-run` of the e2e binary (which builds
+/// `cargo build` of the agent and `cargo test --no-run` of the e2e binaries (which builds
 /// wc-peer); paths from cargo's JSON messages.
 pub fn build_artefacts(root: &Path) -> Result<image::Artefacts> {
     let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
     for args in [
         &["build", "-p", "tracer-user", "--bin", "whoclosed"][..],
-        &["test", "--no-run", "-p", "tests", "--test", "e2e_tcp"][..],
+        &[
+            "test", "--no-run", "-p", "tests", "--test", "e2e_tcp", "--test", "e2e_h2",
+        ][..],
     ] {
         let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
             .current_dir(root)
@@ -248,7 +307,8 @@ pub fn build_artefacts(root: &Path) -> Result<image::Artefacts> {
     };
     Ok(image::Artefacts {
         whoclosed: get("whoclosed")?,
-        e2e: get("e2e_tcp")?,
+        e2e_tcp: get("e2e_tcp")?,
+        e2e_h2: get("e2e_h2")?,
         wc_peer: get("wc-peer")?,
     })
 }
@@ -259,23 +319,28 @@ pub fn find_artefacts(root: &Path) -> Result<image::Artefacts> {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join("debug");
-    let mut e2e: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(target.join("deps"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("e2e_tcp-") && !n.contains('.'))
-        })
-        .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
-        .collect();
-    e2e.sort();
+    let newest_test = |name: &str| -> Result<PathBuf> {
+        let prefix = format!("{name}-");
+        let mut found: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(target.join("deps"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix) && !n.contains('.'))
+            })
+            .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
+            .collect();
+        found.sort();
+        found
+            .pop()
+            .map(|(_, p)| p)
+            .with_context(|| format!("no {name} test binary; build it with `cargo test --no-run`"))
+    };
     let art = image::Artefacts {
         whoclosed: target.join("whoclosed"),
         wc_peer: target.join("wc-peer"),
-        e2e: e2e
-            .pop()
-            .map(|(_, p)| p)
-            .context("no e2e_tcp test binary; build it with `cargo test --no-run`")?,
+        e2e_tcp: newest_test("e2e_tcp")?,
+        e2e_h2: newest_test("e2e_h2")?,
     };
     for p in [&art.whoclosed, &art.wc_peer] {
         if !p.exists() {

@@ -8,9 +8,9 @@
 //!   its nghttp2 cases, the grpcio ones skip in guests, see [`Suite::H2`]).
 //! * `matrix`: `report` on every kernel, then `test` for every mode that loaded; prints the
 //!   tables and, with `--write-doc`, writes `docs/kernel-support.md`.
-//! * `ci`: the quick subset (about 8 minutes): report boots of the two oldest kernels, then
-//!   the end-to-end tests once per probe mode, the HTTP/2 ones on 5.10 and 6.1 (see
-//!   `CI_REPORTS`, `CI_SET`).
+//! * `ci`: the quick subset (7 to 10 minutes, with the load of the host): report boots of
+//!   the two oldest kernels, then the end-to-end tests once per probe mode, the HTTP/2 ones
+//!   on 5.10 and 6.1 (see `CI_REPORTS`, `CI_SET`).
 //! * `run`: any command in a guest (debugging).
 //!
 //! Each guest is one boot of `qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 1G
@@ -101,7 +101,7 @@ enum VmCmd {
         #[command(flatten)]
         common: Common,
     },
-    /// Quick subset for CI (about 8 minutes): report boots of 5.10 and 6.1 (every mode must
+    /// Quick subset for CI (7-10 minutes): report boots of 5.10 and 6.1 (every mode must
     /// load), then the end-to-end tests once per mode: tracepoint on 5.10 and fentry on 6.1
     /// (both suites: the HTTP/2 walker's verifier workarounds are for these two), kprobe on
     /// the newest kernel (tcp suite).

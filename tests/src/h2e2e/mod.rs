@@ -48,9 +48,9 @@ pub enum Need {
 
 /// Why the grpc cases do not run in the VMs (the skip message there).
 pub const GRPC_HOST_ONLY: &str = "grpcio cases are host-only: the `cargo xtask vm` guest \
-    carries no Python (python3, its standard library and grpcio would add about 50 MB to \
-    the initramfs of every HTTP/2 boot, and six Python-peer cases to a boot that `vm ci` \
-    keeps short); the in-kernel HTTP/2 walker is exercised there by the nghttp2 cases, \
+    carries no Python (python3, its standard library and grpcio would add 50 to 100 MB, \
+    with the interpreter, to the initramfs of every HTTP/2 boot, and six Python-peer \
+    cases to a boot that `vm ci` keeps short); the in-kernel HTTP/2 walker is exercised there by the nghttp2 cases, \
     and these cases run on the host (`cargo xtask test`); see docs/kernel-support.md";
 
 fn missing(need: Need) -> Option<String> {

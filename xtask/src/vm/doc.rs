@@ -132,10 +132,10 @@ impl Matrix {
                 "The HTTP/2 suite runs in the guests with nghttp2's `nghttpd`, `nghttp` and \
                  `h2load` (the 100 MB bulk download, IPv6, h2load's connections) and the \
                  plain-TCP control case. Its grpcio cases are host-only: the guest carries \
-                 no Python (python3, a trimmed standard library and grpcio would add about \
-                 50 MB to the initramfs of every HTTP/2 boot, the whole venv and standard \
-                 library about 100 MB, for six cases of Python peers that start about \
-                 three times slower under TCG, in the boots `vm ci` keeps short), so \
+                 no Python (python3, a trimmed standard library and grpcio would add 50 \
+                 to 100 MB, with the interpreter, to the initramfs of every HTTP/2 boot, \
+                 for six cases of Python peers that start about three times slower under \
+                 TCG, in the boots `vm ci` keeps short), so \
                  there they skip with that reason and are counted as skipped, \
                  not passed; they run in `cargo xtask test` on the host. The tcpdump + \
                  tshark wire cross-checks (`tests/tests/h2_wire.rs`) are host-only too.\n"

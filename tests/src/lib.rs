@@ -6,11 +6,14 @@
 //! * [`Peer`]: drives the `wc-peer` helper binary (one process per TCP end) inside a
 //!   namespace, line by line.
 //! * [`h2peers`]: HTTP/2 peers (grpcio scripts in `tests/peers/`, nghttp2 tools).
+//! * [`h2e2e`]: the HTTP/2 scenarios and their checks, shared by `tests/e2e_h2.rs` (with
+//!   the agent) and `tests/h2_wire.rs` (tcpdump + tshark, without it).
 //!
 //! Everything needs root; see [`should_run`] for the skip policy (`WHOCLOSED_E2E=require`).
 
 mod agent;
 mod check;
+pub mod h2e2e;
 pub mod h2peers;
 mod lineproc;
 mod peer;

@@ -234,11 +234,12 @@ fn agent_plumbing_with_fake_agent() {
         "ok",
         r#"
 echo "fake starting, args: $*" >&2
+# The handler first: a stop may come as soon as `ready` is out.
+trap 'echo "{\"v\":1,\"type\":\"close\",\"conn\":{\"local\":\"10.0.0.1:6\",\"remote\":\"10.0.0.2:80\"}}"; echo "{\"v\":1,\"type\":\"stats\"}"; exit 0' INT
 echo 'not json before ready is tolerated until stop'
 echo '{"v":1,"type":"ready","probe_mode":"fake"}'
 echo '{"v":1,"type":"close","conn":{"local":"10.0.0.1:5","remote":"10.0.0.2:80","netns":7}}'
 echo '{"v":1,"type":"mystery"}'
-trap 'echo "{\"v\":1,\"type\":\"close\",\"conn\":{\"local\":\"10.0.0.1:6\",\"remote\":\"10.0.0.2:80\"}}"; echo "{\"v\":1,\"type\":\"stats\"}"; exit 0' INT
 while :; do sleep 0.05; done
 "#,
     );
@@ -285,8 +286,9 @@ fn agent_stop_clean_exit() {
     let script = fake_agent(
         "clean",
         r#"
-echo '{"v":1,"type":"ready","probe_mode":"fake"}'
+# The handler first: a stop may come as soon as `ready` is out.
 trap 'exit 0' INT TERM
+echo '{"v":1,"type":"ready","probe_mode":"fake"}'
 while :; do sleep 0.05; done
 "#,
     );

@@ -4,6 +4,9 @@
 //!   paths as on the host (debug info stripped), iproute2 `ip`, `iptables`/`ip6tables`
 //!   (the host's backend, nft, with its xtables extensions), procps `sysctl`, `bpftool`,
 //!   and every shared library they load, with the host's symlinks (merged /usr) recreated;
+//!   for boots that run the HTTP/2 suite, a second userland archive with its test binary,
+//!   nghttp2's `nghttpd`, `nghttp`, `h2load`, iproute2's `ss` and the libraries they add
+//!   (ICU's data, through nghttp's libxml2, is most of its size);
 //! * kernel (once per kernel): `/init` and the modules the tests need, decompressed, in
 //!   dependency order;
 //! * command (once per boot): `/vm/cmd.sh`.
@@ -18,6 +21,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+use super::Suite;
 use super::kernels::{self, Kernel};
 
 /// Modules the guest loads (with their dependencies): veth pairs for the topology,
@@ -37,6 +41,10 @@ pub const OPTIONAL_MODULES: &[&str] = &["nft_counter"];
 
 /// Host tools copied into the guest (found in the usual sbin/bin directories).
 const TOOLS: &[&str] = &["ip", "iptables", "ip6tables", "sysctl", "bpftool"];
+
+/// Host tools the HTTP/2 suite adds: the nghttp2 peers, and `ss` (the tests wait for
+/// nghttpd's listening socket with it).
+pub const H2_TOOLS: &[&str] = &["nghttpd", "nghttp", "h2load", "ss"];
 
 const XTABLES_DIRS: &[&str] = &[
     "/usr/lib/x86_64-linux-gnu/xtables",
@@ -206,8 +214,21 @@ impl Cpio {
 /// The workspace artefacts to put into the guest (all at their host paths).
 pub struct Artefacts {
     pub whoclosed: PathBuf,
-    pub e2e: PathBuf,
+    /// Test binary of the `tcp` suite (`tests/tests/e2e_tcp.rs`).
+    pub e2e_tcp: PathBuf,
+    /// Test binary of the `h2` suite (`tests/tests/e2e_h2.rs`).
+    pub e2e_h2: PathBuf,
     pub wc_peer: PathBuf,
+}
+
+impl Artefacts {
+    /// The test binary of `suite`.
+    pub fn e2e(&self, suite: Suite) -> &Path {
+        match suite {
+            Suite::Tcp => &self.e2e_tcp,
+            Suite::H2 => &self.e2e_h2,
+        }
+    }
 }
 
 fn find_tool(name: &str) -> Result<PathBuf> {
@@ -272,8 +293,8 @@ fn stripped(bin: &Path, tmp: &Path) -> Result<Vec<u8>> {
     Ok(data)
 }
 
-/// The userland archive.
-pub fn userland(art: &Artefacts, tmp: &Path) -> Result<Vec<u8>> {
+/// The base userland archive, and the shared libraries it carries.
+pub fn userland(art: &Artefacts, tmp: &Path) -> Result<(Vec<u8>, BTreeSet<PathBuf>)> {
     let mut c = Cpio::default();
     let mut elves: Vec<PathBuf> = Vec::new();
     for d in ["proc", "sys", "dev", "run", "tmp", "root", "etc", "vm/bin"] {
@@ -292,7 +313,7 @@ pub fn userland(art: &Artefacts, tmp: &Path) -> Result<Vec<u8>> {
     // `sh` and `env` from busybox.
     c.symlink("usr/bin/sh", "/vm/busybox");
     c.symlink("usr/bin/env", "/vm/busybox");
-    for bin in [&art.whoclosed, &art.e2e, &art.wc_peer] {
+    for bin in [&art.whoclosed, &art.e2e_tcp, &art.wc_peer] {
         let data = stripped(bin, tmp)?;
         c.host_path(bin, Some(&data))?;
         elves.push(bin.clone());
@@ -315,8 +336,8 @@ pub fn userland(art: &Artefacts, tmp: &Path) -> Result<Vec<u8>> {
     for e in &elves {
         libs.extend(ldd(e)?);
     }
-    for l in libs {
-        c.host_path(&l, None)?;
+    for l in &libs {
+        c.host_path(l, None)?;
     }
     for f in ["/etc/protocols", "/etc/services", "/etc/ethertypes"] {
         if Path::new(f).exists() {
@@ -325,6 +346,30 @@ pub fn userland(art: &Artefacts, tmp: &Path) -> Result<Vec<u8>> {
     }
     c.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
     c.file("etc/group", 0o644, b"root:x:0:\n");
+    Ok((c.finish(), libs))
+}
+
+/// The HTTP/2 suite's archive (unpacked over the base one): its test binary, the tools in
+/// [`H2_TOOLS`] and the shared libraries of those that `base_libs` lacks. A missing tool
+/// is an error naming its Debian package.
+pub fn h2_part(art: &Artefacts, tmp: &Path, base_libs: &BTreeSet<PathBuf>) -> Result<Vec<u8>> {
+    let mut c = Cpio::default();
+    let data = stripped(&art.e2e_h2, tmp)?;
+    c.host_path(&art.e2e_h2, Some(&data))?;
+    let mut libs = BTreeSet::new();
+    libs.extend(ldd(&art.e2e_h2)?);
+    for t in H2_TOOLS {
+        let p = find_tool(t).with_context(|| {
+            format!(
+                "the HTTP/2 suite needs {t} in the guest (nghttp2-server, nghttp2-client, iproute2)"
+            )
+        })?;
+        c.host_path(&p, None)?;
+        libs.extend(ldd(&fs::canonicalize(&p)?)?);
+    }
+    for l in libs.difference(base_libs) {
+        c.host_path(l, None)?;
+    }
     Ok(c.finish())
 }
 
@@ -385,4 +430,20 @@ pub fn command_part(script: &str) -> Vec<u8> {
     let mut c = Cpio::default();
     c.file("vm/cmd.sh", 0o755, script.as_bytes());
     c.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpio_entries_are_aligned() {
+        let mut c = Cpio::default();
+        c.file("a/b", 0o644, b"xyz");
+        c.symlink("a/c", "b");
+        let buf = c.finish();
+        assert!(buf.starts_with(b"070701"));
+        assert_eq!(buf.len() % 4, 0);
+        assert!(buf.windows(10).any(|w| w == b"TRAILER!!!"));
+    }
 }

@@ -55,7 +55,7 @@ pub const KERNELS: &[KernelSpec] = &[
 ];
 
 /// A downloaded, unpacked kernel.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Kernel {
     pub alias: String,
     pub suite: String,
@@ -142,11 +142,11 @@ pub fn prepare(spec: &KernelSpec, refresh: bool) -> Result<Kernel> {
     let _ = fs::remove_file(&meta);
     let mut dl = apt(&suite, "apt-get")?;
     dl.arg("download").args(&packages).current_dir(&debs);
-    super::run_quiet(&mut dl)?;
+    super::host::run_quiet(&mut dl)?;
     for ent in fs::read_dir(&debs)? {
         let deb = ent?.path();
         if deb.extension().is_some_and(|e| e == "deb") {
-            super::run_quiet(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+            super::host::run_quiet(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
         }
     }
     // From trixie on, modules live in usr/lib/modules; depmod -b wants <base>/lib/modules.
@@ -162,7 +162,7 @@ pub fn prepare(spec: &KernelSpec, refresh: bool) -> Result<Kernel> {
     .into_iter()
     .find(|p| p.exists())
     .with_context(|| format!("no vmlinuz for {release} in {}", root.display()))?;
-    super::run_quiet(Command::new("depmod").arg("-b").arg(&root).arg(&release))?;
+    super::host::run_quiet(Command::new("depmod").arg("-b").arg(&root).arg(&release))?;
     let vmlinux = dir.join("vmlinux");
     let image = match extract_vmlinux(&vmlinuz, &vmlinux) {
         Ok(()) => vmlinux,
@@ -355,7 +355,8 @@ fn resolve(spec: &KernelSpec) -> Result<(String, String, Vec<String>)> {
     for suite in spec.suites {
         let mut update = apt(suite, "apt-get")?;
         update.args(["update", "-qq"]);
-        super::run_quiet(&mut update).with_context(|| format!("apt-get update for {suite}"))?;
+        super::host::run_quiet(&mut update)
+            .with_context(|| format!("apt-get update for {suite}"))?;
         let show = apt_output(apt(suite, "apt-cache")?.args(["show", spec.meta]))?;
         let depends = show_field(&show, "Depends").unwrap_or_default();
         let image = dep_names(&depends)

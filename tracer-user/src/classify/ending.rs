@@ -18,6 +18,10 @@ pub(super) enum Ending {
 
 pub(super) fn first_ending(t: &Timeline) -> Option<(u64, Ending)> {
     let exiting = t.local_exit();
+    // With our FIN seen on the wire, the wire order decides: in a simultaneous close our
+    // close() (FIN_WAIT1) can precede the peer's FIN arriving while our own FIN leaves after
+    // it, and both sockets would otherwise claim the first FIN.
+    let fin_on_wire = t.facts.iter().any(|f| matches!(f.kind, FactKind::FinSent));
     let mut retransmits = 0u32;
     for f in &t.facts {
         let e = match &f.kind {
@@ -26,7 +30,7 @@ pub(super) fn first_ending(t: &Timeline) -> Option<(u64, Ending)> {
                 from: TcpState::Established,
                 to: TcpState::FinWait1,
                 ..
-            } => Ending::LocalFin { exiting },
+            } if !fin_on_wire => Ending::LocalFin { exiting },
             FactKind::State {
                 from: TcpState::Established | TcpState::SynRecv,
                 to: TcpState::CloseWait,

@@ -6,7 +6,10 @@ use super::{
     handshake, rst, timeout,
     verdict::verdict,
 };
-use crate::timeline::Timeline;
+use crate::{
+    event::TcpState,
+    timeline::{FactKind, Timeline},
+};
 
 /// The verdict from TCP facts alone.
 pub(super) fn classify_tcp(t: &Timeline) -> Verdict {
@@ -25,12 +28,35 @@ pub(super) fn classify_tcp(t: &Timeline) -> Verdict {
         );
     };
     match ending {
-        Ending::LocalFin { exiting } => local_fin(t, exiting),
-        Ending::RemoteFin => remote_fin(t),
+        Ending::LocalFin { exiting } => simultaneous(t, local_fin(t, exiting)),
+        Ending::RemoteFin => simultaneous(t, remote_fin(t)),
         Ending::LocalRst { exiting } => local_rst(t, exiting),
         Ending::RemoteRst { ttl, origin } => rst::remote_rst(t, ttl, origin),
         Ending::Timeout { errno } => timeout::timeout(t, errno),
     }
+}
+
+/// Both ends called close() before either saw the other's FIN (the socket went through
+/// CLOSING): the first FIN on the wire is still named, but neither side's close was a reaction
+/// to the other's, so the verdict is not proof of who decided.
+fn simultaneous(t: &Timeline, mut v: Verdict) -> Verdict {
+    let crossed = t.facts.iter().any(|f| {
+        matches!(
+            f.kind,
+            FactKind::State {
+                to: TcpState::Closing,
+                ..
+            }
+        )
+    });
+    if crossed {
+        v.confidence = v.confidence.lower();
+        v.hint.push_str(
+            "; both ends closed at the same moment (the FINs crossed), so the other end \
+             was closing too",
+        );
+    }
+    v
 }
 
 fn local_fin(t: &Timeline, exiting: bool) -> Verdict {

@@ -160,6 +160,46 @@ fn cases() -> Vec<Case> {
             confidence: K::High,
         },
         Case {
+            name: "simultaneous close, client view: its close() first, the server's FIN first on the wire",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    st_by(100, S::Established, S::FinWait1, false),
+                    f(101, FactKind::FinReceived { ttl: 63 }),
+                    f(102, FactKind::FinSent),
+                    st(103, S::FinWait1, S::Closing),
+                    st(104, S::Closing, S::Close),
+                ],
+                peer(false, true),
+            ),
+            closed_by: C::Server,
+            reason: "server_close",
+            initiator: I::Remote,
+            mechanism: M::Fin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "simultaneous close, server view: its FIN first on the wire",
+            timeline: tl(
+                Role::Server,
+                server_open(),
+                vec![
+                    st_by(100, S::Established, S::FinWait1, false),
+                    f(101, FactKind::FinSent),
+                    f(102, FactKind::FinReceived { ttl: 64 }),
+                    st(103, S::FinWait1, S::Closing),
+                    st(104, S::Closing, S::Close),
+                ],
+                peer(false, false),
+            ),
+            closed_by: C::Server,
+            reason: "server_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::Medium,
+        },
+        Case {
             name: "server FIN first, seen on the client, packets unavailable (states only)",
             timeline: tl(
                 Role::Client,

@@ -10,5 +10,6 @@ pub mod export;
 pub mod h2;
 pub mod k8s;
 pub mod kernel;
+pub mod metrics;
 pub mod probes;
 pub mod trace;

@@ -79,6 +79,8 @@ const DEB_PACKAGES: &[&str] = &[
     "zstd",
     "binutils",
     "debian-archive-keyring",
+    // tracer-user/tests/prometheus_scrape.rs: a real Prometheus scrapes /metrics.
+    "prometheus",
 ];
 
 /// Python requirements of the HTTP/2 end-to-end peers (grpcio from PyPI, pinned: the tests

@@ -73,8 +73,21 @@ pub fn check(root: &Path) -> Result<()> {
         bail!("deploy/daemonset.yaml breaks the deployment policy (deploy/check.py)");
     }
 
-    // Both checks must reject a broken manifest.
+    // The capabilities `cargo xtask image check` proves necessary are granted here.
     let text = std::fs::read_to_string(&daemonset)?;
+    let granted: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .collect();
+    for (cap, _) in crate::image::CAPS {
+        if !granted.contains(cap) {
+            bail!(
+                "deploy/daemonset.yaml does not grant {cap}, which `xtask image check` proves needed"
+            );
+        }
+    }
+
+    // Both checks must reject a broken manifest.
     let tmp = std::env::temp_dir().join(format!("whoclosed-deploy-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let typo = tmp.join("typo.yaml");

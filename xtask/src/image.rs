@@ -76,17 +76,40 @@ pub const MOUNTS: &[(&str, &str)] = &[
 ];
 
 pub fn run(root: &Path, args: &ImageArgs) -> Result<()> {
+    setup_debs()?;
     match &args.cmd {
         ImageCmd::Build { tag } => build(root, tag),
         ImageCmd::Check { tag, no_necessity } => check(root, tag, !no_necessity),
     }
 }
 
-fn need(tool: &str, package: &str) -> Result<()> {
-    if crate::output(Command::new(tool).arg("--version")).is_none() {
-        bail!("`{tool}` is not installed: apt-get install {package}");
+/// Debian packages of the image tasks (not in the common setup: only these tasks use them).
+const IMAGE_DEBS: &[&str] = &["buildah", "podman", "runc", "binutils"];
+
+/// Installs the missing [`IMAGE_DEBS`] (as root), like `cargo xtask setup` does for its own.
+fn setup_debs() -> Result<()> {
+    let missing: Vec<&str> = IMAGE_DEBS
+        .iter()
+        .copied()
+        .filter(|p| {
+            !crate::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    if !crate::is_root() {
+        bail!("missing Debian packages {missing:?}; run as root or apt-get install them");
+    }
+    eprintln!("xtask: installing {missing:?}");
+    crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    crate::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 fn static_binary(root: &Path) -> Result<PathBuf> {
@@ -126,7 +149,6 @@ fn static_binary(root: &Path) -> Result<PathBuf> {
 }
 
 fn build(root: &Path, tag: &str) -> Result<()> {
-    need("buildah", "buildah")?;
     let bin = static_binary(root)?;
     let ctx = root.join("target/image-context");
     let _ = std::fs::remove_dir_all(&ctx);
@@ -316,7 +338,6 @@ fn client_close(o: &Outcome, port: u16) -> bool {
 }
 
 fn check(root: &Path, tag: &str, necessity: bool) -> Result<()> {
-    need("podman", "podman")?;
     let caps: Vec<&str> = CAPS.iter().map(|(c, _)| *c).collect();
     let port = free_port()?;
     let o = podman_run(root, tag, &caps, true, port)?;

@@ -8,6 +8,7 @@ pub mod conn;
 pub mod event;
 pub mod export;
 pub mod h2;
+pub mod history;
 pub mod k8s;
 pub mod kernel;
 pub mod metrics;

@@ -2,6 +2,7 @@
 //!
 //! Kernel facts ([`event`]) feed a per-socket state machine ([`conn`]) whose finished
 //! timelines go through a pure classifier ([`classify`]) and out through [`export`].
+pub mod api;
 pub mod classify;
 pub mod cli;
 pub mod conn;

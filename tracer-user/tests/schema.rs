@@ -257,3 +257,133 @@ fn wrong_records_are_rejected() {
         assert!(v.is_valid(&sample_of(t)), "{t} sample");
     }
 }
+
+/// Every line a live `whoclosed trace` writes (root: it loads eBPF) is valid: ready, the
+/// verdicts of real loopback connections (an orderly close, an abort, a refused connect),
+/// and stats on SIGTERM. Skips when not root unless `WHOCLOSED_E2E=require`.
+#[test]
+fn live_trace_output_is_valid() {
+    use std::{
+        io::{BufRead, BufReader, Read, Write},
+        net::{TcpListener, TcpStream},
+        process::{Command, Stdio},
+        sync::mpsc,
+        time::{Duration, Instant},
+    };
+
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var("WHOCLOSED_E2E").as_deref() == Ok("require") {
+            panic!("live schema test needs root");
+        }
+        eprintln!("SKIP live_trace_output_is_valid: needs root to load eBPF");
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let refused_port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_whoclosed"))
+        .args(["trace", "-o", "json", "--linger-ms", "300"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--port",
+            &refused_port.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start whoclosed");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("\"type\":\"ready\""))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("whoclosed never became ready: {err}");
+            }
+        }
+    }
+
+    // An orderly close, client first.
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (mut s, _) = listener.accept().expect("accept");
+    c.write_all(b"hi").expect("write");
+    let mut buf = [0u8; 2];
+    s.read_exact(&mut buf).expect("read");
+    drop(c);
+    let _ = s.read_to_end(&mut Vec::new());
+    drop(s);
+    // An abort: SO_LINGER 0 makes close() send a RST.
+    let c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (s, _) = listener.accept().expect("accept");
+    {
+        use std::os::fd::AsRawFd;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket fd and a pointer to a linger struct of the given size.
+        let rc = unsafe {
+            libc::setsockopt(
+                c.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_LINGER");
+    }
+    drop(c);
+    std::thread::sleep(Duration::from_millis(100));
+    drop(s);
+    // A refused connect.
+    assert!(TcpStream::connect(("127.0.0.1", refused_port)).is_err());
+
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill with a valid pid of our own child and a valid signal number.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    let _ = reader.join();
+    lines.extend(rx.try_iter());
+    assert!(status.success(), "whoclosed exited with {status}");
+
+    let v = record_validator();
+    let mut types = std::collections::BTreeMap::<String, usize>::new();
+    for line in &lines {
+        let record: Value = serde_json::from_str(line).expect("NDJSON");
+        let errs = errors(&v, &record);
+        assert!(errs.is_empty(), "live line rejected: {line}\n{errs:#?}");
+        *types
+            .entry(record["type"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(types.get("ready"), Some(&1), "{lines:#?}");
+    assert_eq!(types.get("stats"), Some(&1), "{lines:#?}");
+    assert!(
+        types.get("close").copied().unwrap_or(0) >= 5,
+        "two sockets for each of two connections and the refused one: {lines:#?}"
+    );
+}

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod classify;
 pub mod cli;
+pub mod client;
 pub mod conn;
 pub mod event;
 pub mod export;

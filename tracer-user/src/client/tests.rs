@@ -1,0 +1,207 @@
+//! The client against real API servers (unix sockets and a TCP listener with a token).
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::*;
+use crate::{
+    api::{self, ApiState},
+    history::{History, Limits},
+    metrics::Metrics,
+};
+
+#[test]
+fn agent_addresses() {
+    assert_eq!(
+        "unix:/run/x.sock".parse::<Agent>(),
+        Ok(Agent::Unix("/run/x.sock".into()))
+    );
+    assert_eq!(
+        "/run/x.sock".parse::<Agent>(),
+        Ok(Agent::Unix("/run/x.sock".into()))
+    );
+    assert_eq!(
+        "http://10.0.0.1:9091/".parse::<Agent>(),
+        Ok(Agent::Tcp {
+            addr: "10.0.0.1:9091".into(),
+            token: None
+        })
+    );
+    assert_eq!(
+        "node-1:9091".parse::<Agent>().map(|a| a.to_string()),
+        Ok("http://node-1:9091".to_string())
+    );
+    for bad in ["node-1", "node-1:http", ":9091", "http://"] {
+        let err = bad.parse::<Agent>().expect_err(bad);
+        assert!(err.contains("host:port"), "{err}");
+    }
+}
+
+/// The ipv4 golden (a client socket) and its server end as another node's agent sees it.
+fn both_ends() -> (String, String) {
+    let client: Value = serde_json::from_str(include_str!(
+        "../export/golden/ipv4_middlebox_reset_untraced.json"
+    ))
+    .expect("golden");
+    let mut server = client.clone();
+    server["ts"] = json!("2026-11-23T18:55:09.000000Z");
+    server["conn"]["id"] = json!("5e5e5e5e5e5e5e5e");
+    server["conn"]["local"] = client["conn"]["remote"].clone();
+    server["conn"]["remote"] = client["conn"]["local"].clone();
+    server["conn"]["role"] = json!("server");
+    server["verdict"]["closed_by"] = json!("client");
+    server["verdict"]["reason"] = json!("client_reset");
+    server["verdict"]["confidence"] = json!("low");
+    (client.to_string(), server.to_string())
+}
+
+fn serve_unix(
+    dir: &std::path::Path,
+    name: &str,
+    lines: &[&str],
+) -> (Agent, tokio::task::JoinHandle<()>) {
+    let state = Arc::new(ApiState::new(
+        History::new(Limits::default()),
+        Arc::new(Metrics::new()),
+    ));
+    for l in lines {
+        state.record(l).expect("close record");
+    }
+    let sock = dir.join(name);
+    let listener = api::bind_unix(&sock).expect("bind");
+    let task = tokio::spawn(async move {
+        let _ = api::serve_unix(listener, api::router(state)).await;
+    });
+    (Agent::Unix(sock), task)
+}
+
+#[tokio::test]
+async fn merges_agents_and_joins_the_two_ends() {
+    let dir = std::env::temp_dir().join(format!("whoclosed-client-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let (client_end, server_end) = both_ends();
+    let other: Value =
+        serde_json::from_str(include_str!("../export/golden/ipv6_client_close.json"))
+            .expect("golden");
+    let other = other.to_string();
+    let (a, ta) = serve_unix(&dir, "a.sock", &[&client_end, &other]);
+    let (b, tb) = serve_unix(&dir, "b.sock", &[&server_end]);
+
+    let records = closes(&[a.clone(), b.clone()], "").await.expect("closes");
+    assert_eq!(records.len(), 3);
+    let ts: Vec<&str> = records.iter().map(|r| s(&r.value, "/ts")).collect();
+    let mut sorted = ts.clone();
+    sorted.sort();
+    assert_eq!(ts, sorted, "merged oldest first");
+    let pairs = join_ends(&records);
+    assert_eq!(pairs.len(), 1, "{pairs:?}");
+    let (i, j) = pairs[0];
+    let ids = [
+        s(&records[i].value, "/conn/id"),
+        s(&records[j].value, "/conn/id"),
+    ];
+    assert!(ids.contains(&"3a48113ddbc90c95") && ids.contains(&"5e5e5e5e5e5e5e5e"));
+
+    let wide = table(&records, true);
+    let row = wide
+        .lines()
+        .find(|l| l.contains("10.9.1.2:40000") && l.contains("client "))
+        .expect("the client row");
+    assert!(
+        row.contains(&format!("{b} client/client_reset (low)")),
+        "the other end's verdict on the client row: {wide}"
+    );
+    let narrow = table(&records, false);
+    assert!(
+        narrow
+            .lines()
+            .next()
+            .is_some_and(|h| h.contains("CLOSED_BY") && !h.contains("HINT"))
+    );
+    assert_eq!(
+        narrow.lines().count(),
+        4,
+        "header and three rows:\n{narrow}"
+    );
+
+    // Filters go to every agent.
+    let only = closes(
+        &[a.clone(), b.clone()],
+        "reason=client_reset&confidence=low",
+    )
+    .await
+    .expect("closes");
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0].agent, b.to_string());
+
+    // Errors name the agent and the cause.
+    let err = closes(std::slice::from_ref(&a), "port=http")
+        .await
+        .expect_err("400");
+    assert!(
+        err.to_string().contains("answered 400") && err.to_string().contains("bad port"),
+        "{err}"
+    );
+    let gone = Agent::Unix(dir.join("nobody.sock"));
+    let err = closes(&[gone], "").await.expect_err("no agent");
+    assert!(
+        err.to_string().contains("is `whoclosed agent` running"),
+        "{err}"
+    );
+    ta.abort();
+    tb.abort();
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[tokio::test]
+async fn tcp_agent_with_token() {
+    let state = Arc::new(ApiState::new(
+        History::new(Limits::default()),
+        Arc::new(Metrics::new()),
+    ));
+    let (client_end, _) = both_ends();
+    state.record(&client_end).expect("record");
+    let app = api::require_bearer(api::router(state), "tok").expect("token");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let agent: Agent = addr.parse().expect("agent");
+    let err = closes(std::slice::from_ref(&agent), "")
+        .await
+        .expect_err("no token");
+    assert!(err.to_string().contains("answered 401"), "{err}");
+    let agent = agent.with_token(Some("tok".into()));
+    let records = closes(&[agent], "").await.expect("closes");
+    assert_eq!(records.len(), 1);
+    task.abort();
+}
+
+#[test]
+fn ambiguous_ends_are_not_joined() {
+    let (client_end, server_end) = both_ends();
+    let rec = |agent: &str, line: &str| Record {
+        agent: agent.into(),
+        value: serde_json::from_str(line).expect("json"),
+    };
+    // Same agent: not a cross-agent join (the agent joins its own ends as `peer`).
+    assert!(join_ends(&[rec("a", &client_end), rec("a", &server_end)]).is_empty());
+    // Two candidates for one end (address reuse, NAT): nothing is joined.
+    assert!(
+        join_ends(&[
+            rec("a", &client_end),
+            rec("b", &server_end),
+            rec("c", &server_end)
+        ])
+        .is_empty()
+    );
+    assert_eq!(
+        join_ends(&[rec("a", &client_end), rec("b", &server_end)]),
+        [(0, 1)]
+    );
+}

@@ -8,7 +8,7 @@
 //! they do.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
@@ -137,6 +137,38 @@ impl Query {
     }
 }
 
+/// Counts over the kept verdicts that match a query (`whoclosed stats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    pub records: usize,
+    /// Records dropped by the history's limits since the agent started.
+    pub evicted: u64,
+    pub by_closed_by: BTreeMap<String, usize>,
+    pub by_reason: BTreeMap<String, usize>,
+    pub by_confidence: BTreeMap<String, usize>,
+    /// Remote addresses (IP only) with the most verdicts, most first.
+    pub top_remotes: Vec<Count>,
+    /// `namespace/pod` of the local end with the most verdicts, most first.
+    pub top_pods: Vec<Count>,
+}
+
+/// One entry of a top list.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Count {
+    pub key: String,
+    pub count: usize,
+}
+
+fn top(counts: HashMap<String, usize>, n: usize) -> Vec<Count> {
+    let mut v: Vec<Count> = counts
+        .into_iter()
+        .map(|(key, count)| Count { key, count })
+        .collect();
+    v.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.key.cmp(&b.key)));
+    v.truncate(n);
+    v
+}
+
 /// Verdicts, oldest first, within [`Limits`].
 pub struct History {
     limits: Limits,
@@ -210,6 +242,33 @@ impl History {
             .collect();
         out.reverse();
         out
+    }
+
+    /// Counts over the records matching `q` (its `limit` is ignored), with the `n` largest
+    /// remote addresses and pods.
+    pub fn summary(&self, q: &Query, now: Instant, n: usize) -> Summary {
+        let mut s = Summary {
+            evicted: self.evicted,
+            ..Summary::default()
+        };
+        let mut remotes = HashMap::new();
+        let mut pods = HashMap::new();
+        for e in self.entries.iter().filter(|e| q.matches(e, now)) {
+            let k = &e.keys;
+            s.records += 1;
+            *s.by_closed_by.entry(k.closed_by.clone()).or_default() += 1;
+            *s.by_reason.entry(k.reason.clone()).or_default() += 1;
+            *s.by_confidence.entry(k.confidence.clone()).or_default() += 1;
+            if let Some(r) = k.remote {
+                *remotes.entry(r.ip().to_string()).or_default() += 1;
+            }
+            if let (Some(ns), Some(pod)) = (&k.namespace, &k.pod) {
+                *pods.entry(format!("{ns}/{pod}")).or_default() += 1;
+            }
+        }
+        s.top_remotes = top(remotes, n);
+        s.top_pods = top(pods, n);
+        s
     }
 
     /// The record of one socket (`conn.id`), for `explain`.
@@ -415,6 +474,40 @@ mod tests {
             h.push(&"x".repeat(10), t0),
             Err(PushError::NotJson(_))
         ));
+    }
+
+    #[test]
+    fn summary_counts_matching_records() {
+        let l = lines();
+        let t0 = Instant::now();
+        let mut h = History::new(big());
+        for (i, line) in l.iter().enumerate() {
+            h.push(&with_id(line, &format!("a{i}")), t0).expect("push");
+        }
+        h.push(&with_id(&l[1], "b"), t0).expect("push");
+        let s = h.summary(&Query::default(), t0, 1);
+        assert_eq!(s.records, 4);
+        assert_eq!(s.by_closed_by.get("middlebox"), Some(&2));
+        assert_eq!(s.by_reason.get("middlebox_reset"), Some(&2));
+        assert_eq!(s.by_reason.values().sum::<usize>(), 4);
+        assert_eq!(
+            s.top_remotes,
+            [Count {
+                key: "10.9.2.2".into(),
+                count: 2
+            }]
+        );
+        assert!(s.top_pods.is_empty(), "no record carries conn.k8s");
+        let only = h.summary(
+            &Query {
+                closed_by: vec!["server".into()],
+                ..Query::default()
+            },
+            t0,
+            5,
+        );
+        assert_eq!(only.records, 1);
+        assert_eq!(only.by_closed_by.len(), 1);
     }
 
     #[test]

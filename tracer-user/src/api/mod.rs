@@ -7,6 +7,7 @@
 //! | `GET /metrics` | OpenMetrics text ([`crate::metrics`]) |
 //! | `GET /v1/closes` | matching `close` records as NDJSON, oldest first; query parameters below |
 //! | `GET /v1/closes/{id}` | one socket's `close` record (`conn.id`), 404 when not kept |
+//! | `GET /v1/stats` | counts by `closed_by`, `reason`, `confidence`, top remotes and pods (JSON); same filters |
 //!
 //! `/v1/closes` parameters (lists are comma-separated): `closed_by`, `reason`, `confidence`,
 //! `since` (a duration: `90s`, `5m`), `port`, `addr`, `pid`, `comm`, `namespace`, `pod`,
@@ -88,6 +89,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/closes", get(closes))
         .route("/v1/closes/{id}", get(close_by_id))
+        .route("/v1/stats", get(stats))
         .with_state(state.clone())
         .merge(crate::metrics::router(state.metrics.clone()))
 }
@@ -217,6 +219,28 @@ async fn closes(
     };
     let lines = s.history().query(&q, Instant::now());
     ndjson(&lines)
+}
+
+/// Number of entries in the top lists of `/v1/stats`.
+const TOP: usize = 10;
+
+async fn stats(
+    State(s): State<Arc<ApiState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let q = match parse_query(&params) {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
+    let summary = s.history().summary(&q, Instant::now(), TOP);
+    match serde_json::to_string(&summary) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the summary: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn close_by_id(State(s): State<Arc<ApiState>>, UrlPath(id): UrlPath<String>) -> Response {

@@ -94,6 +94,23 @@ async fn closes_filters_and_lookup() {
 }
 
 #[tokio::test]
+async fn stats_counts_the_filtered_history() {
+    let r = router(state());
+    let (code, body) = get(&r, "/v1/stats").await;
+    assert_eq!(code, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["records"], 3);
+    assert_eq!(v["by_closed_by"]["middlebox"], 1);
+    assert_eq!(v["by_closed_by"]["server"], 1);
+    assert_eq!(v["by_closed_by"]["client"], 1);
+    let (_, body) = get(&r, "/v1/stats?closed_by=server").await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["records"], 1);
+    assert_eq!(v["top_remotes"][0]["key"], "10.241.2.2");
+    assert_eq!(get(&r, "/v1/stats?port=x").await.0, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
 async fn bad_parameters_are_named() {
     let r = router(state());
     for (uri, names) in [

@@ -107,6 +107,24 @@ pub struct Query {
 }
 
 impl Query {
+    /// Whether a `close` line just written matches (for followers; `since` and `limit` do
+    /// not apply to new lines).
+    pub fn matches_new(&self, line: &str) -> bool {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            return false;
+        };
+        let e = Entry {
+            inserted: Instant::now(),
+            line: Arc::from(""),
+            keys: Keys::from(&v),
+        };
+        Query {
+            since: None,
+            ..self.clone()
+        }
+        .matches(&e, e.inserted)
+    }
+
     fn matches(&self, e: &Entry, now: Instant) -> bool {
         let k = &e.keys;
         let any = |list: &[String], v: &str| list.is_empty() || list.iter().any(|x| x == v);

@@ -11,7 +11,8 @@
 //!
 //! `/v1/closes` parameters (lists are comma-separated): `closed_by`, `reason`, `confidence`,
 //! `since` (a duration: `90s`, `5m`), `port`, `addr`, `pid`, `comm`, `namespace`, `pod`,
-//! `limit`. A bad value is a 400 naming the parameter.
+//! `limit`; `follow=true` keeps the answer open and streams new matching lines. A bad value
+//! is a 400 naming the parameter.
 //!
 //! By default the API listens on a unix socket only ([`serve_unix`], mode 0600: root's
 //! `whoclosed` CLI on the node). A TCP listener is opt-in and must be wrapped in
@@ -46,11 +47,16 @@ use crate::{
 /// `Content-Type` of NDJSON answers.
 pub const NDJSON: &str = "application/x-ndjson";
 
+/// New lines buffered per follower before it is cut off as too slow.
+const FOLLOW_BUFFER: usize = 1024;
+
 /// What the API serves, shared with the pipeline.
 pub struct ApiState {
     history: Mutex<History>,
     ready: AtomicBool,
     metrics: Arc<Metrics>,
+    /// New `close` lines for `--follow` clients.
+    new_lines: tokio::sync::broadcast::Sender<Arc<str>>,
 }
 
 impl ApiState {
@@ -59,6 +65,7 @@ impl ApiState {
             history: Mutex::new(history),
             ready: AtomicBool::new(false),
             metrics,
+            new_lines: tokio::sync::broadcast::channel(FOLLOW_BUFFER).0,
         }
     }
 
@@ -67,9 +74,12 @@ impl ApiState {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    /// Keeps one `close` line for queries.
+    /// Keeps one `close` line for queries and sends it to followers.
     pub fn record(&self, line: &str) -> Result<(), history::PushError> {
-        self.history().push(line, Instant::now())
+        self.history().push(line, Instant::now())?;
+        // No follower is not an error.
+        let _ = self.new_lines.send(Arc::from(line.trim_end()));
+        Ok(())
     }
 
     /// The history, even if a panic poisoned the lock (its state is always consistent
@@ -162,6 +172,7 @@ where
 /// The `/v1/closes` query parameters as a [`history::Query`].
 pub fn parse_query(params: &HashMap<String, String>) -> Result<history::Query, BadParam> {
     const KNOWN: &[&str] = &[
+        "follow",
         "closed_by",
         "reason",
         "confidence",
@@ -217,8 +228,40 @@ async fn closes(
         Ok(q) => q,
         Err(e) => return e.into_response(),
     };
-    let lines = s.history().query(&q, Instant::now());
-    ndjson(&lines)
+    let follow = match params.get("follow").map(String::as_str) {
+        None | Some("false" | "0") => false,
+        Some("true" | "1" | "") => true,
+        Some(v) => return bad("follow", v, "expected true or false").into_response(),
+    };
+    if !follow {
+        let lines = s.history().query(&q, Instant::now());
+        return ndjson(&lines);
+    }
+    // Subscribe before reading the history, so nothing falls between the two.
+    let rx = s.new_lines.subscribe();
+    let kept = s.history().query(&q, Instant::now());
+    let first = futures_util::stream::iter(
+        kept.into_iter()
+            .map(|l| Ok::<String, std::convert::Infallible>(format!("{l}\n"))),
+    );
+    let new = futures_util::stream::unfold((rx, q), |(mut rx, q)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(line) if q.matches_new(&line) => {
+                    return Some((Ok(format!("{line}\n")), (rx, q)));
+                }
+                Ok(_) => {}
+                // A follower too slow for FOLLOW_BUFFER lines, or the agent stopping: end
+                // the stream; the client says so and can reconnect.
+                Err(_) => return None,
+            }
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, NDJSON)],
+        axum::body::Body::from_stream(futures_util::StreamExt::chain(first, new)),
+    )
+        .into_response()
 }
 
 /// Number of entries in the top lists of `/v1/stats`.

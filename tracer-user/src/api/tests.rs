@@ -212,3 +212,14 @@ async fn tcp_listener_requires_the_bearer_token() {
     assert_eq!(ids(&body), ["b1e266365af28ec6"]);
     server.abort();
 }
+
+#[tokio::test]
+async fn follow_flag_is_checked() {
+    let r = router(state());
+    let (code, body) = get(&r, "/v1/closes?follow=maybe").await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(body.contains("bad follow"), "{body}");
+    let (code, body) = get(&r, "/v1/closes?follow=false&closed_by=middlebox").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(ids(&body), ["3a48113ddbc90c95"]);
+}

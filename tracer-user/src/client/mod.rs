@@ -101,8 +101,18 @@ pub enum ClientError {
 trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Stream for T {}
 
-/// `GET path_and_query` from `agent`; the body of a 200 answer.
-pub async fn get(agent: &Agent, path_and_query: &str) -> Result<String, ClientError> {
+/// Sends `GET path_and_query` to `agent`; the answer's head, with its body still to read,
+/// and the task driving the connection (abort it when done).
+async fn request(
+    agent: &Agent,
+    path_and_query: &str,
+) -> Result<
+    (
+        hyper::Response<hyper::body::Incoming>,
+        tokio::task::JoinHandle<()>,
+    ),
+    ClientError,
+> {
     let name = agent.to_string();
     let connect_err = |source| ClientError::Connect {
         agent: name.clone(),
@@ -133,7 +143,9 @@ pub async fn get(agent: &Agent, path_and_query: &str) -> Result<String, ClientEr
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(http_err)?;
-    let driver = tokio::spawn(conn);
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
     let mut req = Request::get(path_and_query).header(hyper::header::HOST, host);
     if let Agent::Tcp {
         token: Some(token), ..
@@ -144,24 +156,117 @@ pub async fn get(agent: &Agent, path_and_query: &str) -> Result<String, ClientEr
     let req = req
         .body(Empty::<Bytes>::new())
         .map_err(|e| ClientError::Request(e.to_string()))?;
-    let resp = sender.send_request(req).await.map_err(http_err)?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(http_err)?
-        .to_bytes();
-    driver.abort();
-    let body = String::from_utf8_lossy(&body).into_owned();
-    if !status.is_success() {
+    let resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            driver.abort();
+            return Err(http_err(e));
+        }
+    };
+    if !resp.status().is_success() {
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+            .unwrap_or_default();
+        driver.abort();
         return Err(ClientError::Status {
             agent: name,
-            status: status.as_u16(),
-            body: body.trim().to_string(),
+            status,
+            body,
         });
     }
-    Ok(body)
+    Ok((resp, driver))
+}
+
+/// `GET path_and_query` from `agent`; the body of a 200 answer.
+pub async fn get(agent: &Agent, path_and_query: &str) -> Result<String, ClientError> {
+    let (resp, driver) = request(agent, path_and_query).await?;
+    let body = resp.into_body().collect().await;
+    driver.abort();
+    let body = body
+        .map_err(|source| ClientError::Http {
+            agent: agent.to_string(),
+            source,
+        })?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Streams `/v1/closes?follow=true&<query>` from every agent: the kept matching verdicts,
+/// then new ones as they come, each passed to `on_record` as it arrives. Returns when every
+/// agent has ended its stream, or with the first error.
+pub async fn follow(
+    agents: &[Agent],
+    query: &str,
+    mut on_record: impl FnMut(Record),
+) -> Result<(), ClientError> {
+    let path = if query.is_empty() {
+        "/v1/closes?follow=true".to_string()
+    } else {
+        format!("/v1/closes?follow=true&{query}")
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Record, ClientError>>(256);
+    for agent in agents {
+        let (agent, path, tx) = (agent.clone(), path.clone(), tx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = follow_one(&agent, &path, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+    }
+    drop(tx);
+    while let Some(item) = rx.recv().await {
+        on_record(item?);
+    }
+    Ok(())
+}
+
+async fn follow_one(
+    agent: &Agent,
+    path: &str,
+    tx: &tokio::sync::mpsc::Sender<Result<Record, ClientError>>,
+) -> Result<(), ClientError> {
+    let name = agent.to_string();
+    let (resp, driver) = request(agent, path).await?;
+    let mut body = resp.into_body();
+    let mut pending: Vec<u8> = Vec::new();
+    let result = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|source| ClientError::Http {
+                agent: name.clone(),
+                source,
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                let line = String::from_utf8_lossy(&line);
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let value = serde_json::from_str(&line).map_err(|source| ClientError::Json {
+                    agent: name.clone(),
+                    source,
+                })?;
+                let record = Record {
+                    agent: name.clone(),
+                    value,
+                };
+                if tx.send(Ok(record)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    driver.abort();
+    result
 }
 
 /// One verdict and the agent it came from.

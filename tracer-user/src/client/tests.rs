@@ -205,3 +205,60 @@ fn ambiguous_ends_are_not_joined() {
         [(0, 1)]
     );
 }
+
+async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+        .await
+        .expect("a line within 5 s")
+        .expect("stream open")
+}
+
+#[tokio::test]
+async fn follow_streams_kept_then_new_matching_verdicts() {
+    let dir = std::env::temp_dir().join(format!("whoclosed-follow-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let state = Arc::new(ApiState::new(
+        History::new(Limits::default()),
+        Arc::new(Metrics::new()),
+    ));
+    let (client_end, server_end) = both_ends();
+    state.record(&client_end).expect("record");
+    let sock = dir.join("f.sock");
+    let listener = api::bind_unix(&sock).expect("bind");
+    let server = tokio::spawn({
+        let state = state.clone();
+        async move {
+            let _ = api::serve_unix(listener, api::router(state)).await;
+        }
+    });
+    let agent = Agent::Unix(sock);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let follower = tokio::spawn(async move {
+        follow(&[agent], "confidence=medium,low", move |r| {
+            let _ = tx.send(s(&r.value, "/conn/id").to_string());
+        })
+        .await
+    });
+    assert_eq!(
+        next(&mut rx).await,
+        "3a48113ddbc90c95",
+        "the kept verdict first"
+    );
+    // A new verdict that does not match, then one that does.
+    let golden: Value = serde_json::from_str(include_str!(
+        "../export/golden/grpc_idle_timeout_client.json"
+    ))
+    .expect("golden");
+    state.record(&golden.to_string()).expect("record");
+    state.record(&server_end).expect("record");
+    assert_eq!(
+        next(&mut rx).await,
+        "5e5e5e5e5e5e5e5e",
+        "only the matching new one"
+    );
+    server.abort();
+    let _ = server.await;
+    follower.abort();
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

@@ -429,7 +429,127 @@ pub fn table(records: &[Record], wide: bool) -> String {
         }
         t.add_row(row);
     }
-    t.to_string()
+    t.trim_fmt()
+}
+
+/// One fact of the evidence as a short phrase.
+fn fact_text(f: &Value) -> String {
+    let what = s(f, "/what");
+    let mut parts = vec![what.to_string()];
+    match what {
+        "state" => parts = vec![format!("{} -> {}", s(f, "/from"), s(f, "/to"))],
+        "goaway_sent" | "goaway_received" => parts.push(format!(
+            "{} last_stream_id={} debug={:?}",
+            s(f, "/error_code"),
+            f.get("last_stream_id").cloned().unwrap_or(Value::Null),
+            s(f, "/debug")
+        )),
+        "socket_error" => parts.push(s(f, "/error").to_string()),
+        "retransmit" => parts.push(format!("in {}", s(f, "/state"))),
+        "rst_received" => parts.push(format!("origin={}", s(f, "/origin"))),
+        _ => {}
+    }
+    for key in ["ttl", "kernel_reason", "sender_kernel_reason"] {
+        if let Some(v) = f.get(key) {
+            parts.push(format!(
+                "{key}={}",
+                v.as_str().map(str::to_string).unwrap_or(v.to_string())
+            ));
+        }
+    }
+    if let (Some(comm), Some(pid)) = (f.get("comm").and_then(Value::as_str), f.get("pid")) {
+        parts.push(format!("by {comm}({pid})"));
+    }
+    if f.get("owner_exiting") == Some(&Value::Bool(true)) {
+        parts.push("(owner exiting)".into());
+    }
+    parts.join(" ")
+}
+
+/// `whoclosed explain ID`: one connection's verdict, evidence timeline and hint, for people.
+pub fn explain(v: &Value) -> String {
+    let mut out = format!(
+        "{} {} {} -> {} ({}){}\n",
+        s(v, "/ts"),
+        s(v, "/conn/role"),
+        s(v, "/conn/local"),
+        s(v, "/conn/remote"),
+        process(v),
+        match pod(v).as_str() {
+            "-" => String::new(),
+            p => format!(" pod {p}"),
+        }
+    );
+    out.push_str(&format!(
+        "closed by {} ({}, {} confidence); first FIN/RST: {}, via {}\n\n",
+        s(v, "/verdict/closed_by"),
+        s(v, "/verdict/reason"),
+        s(v, "/verdict/confidence"),
+        s(v, "/verdict/tcp_initiator"),
+        s(v, "/verdict/mechanism"),
+    ));
+    let mut t = Table::new();
+    t.load_style(NOTHING);
+    t.set_header(vec!["AT (ms)", "FACT"]);
+    for f in v["evidence"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        let at = f["at_ms"]
+            .as_f64()
+            .map(|x| format!("{x:.3}"))
+            .unwrap_or("-".into());
+        t.add_row(vec![at, fact_text(f)]);
+    }
+    out.push_str(&t.trim_fmt());
+    out.push_str(&format!("\n\nhint: {}\n", s(v, "/verdict/hint")));
+    out
+}
+
+/// `whoclosed stats`: the `/v1/stats` summary of one agent as tables.
+pub fn stats_table(summary: &Value) -> String {
+    let mut out = format!(
+        "{} verdicts kept ({} evicted by the history limits)\n",
+        summary["records"], summary["evicted"]
+    );
+    for (title, key) in [
+        ("CLOSED_BY", "by_closed_by"),
+        ("REASON", "by_reason"),
+        ("CONFIDENCE", "by_confidence"),
+    ] {
+        let mut rows: Vec<(String, u64)> = summary[key]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out.push_str(&counts_table(title, rows));
+    }
+    for (title, key) in [("REMOTE", "top_remotes"), ("POD", "top_pods")] {
+        let rows = summary[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|c| (s(c, "/key").to_string(), c["count"].as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push_str(&counts_table(title, rows));
+    }
+    out
+}
+
+fn counts_table(title: &str, rows: Vec<(String, u64)>) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut t = Table::new();
+    t.load_style(NOTHING);
+    t.set_header(vec![title, "COUNT"]);
+    for (k, n) in rows {
+        t.add_row(vec![k, n.to_string()]);
+    }
+    format!("\n{}\n", t.trim_fmt())
 }
 
 #[cfg(test)]

@@ -262,3 +262,52 @@ async fn follow_streams_kept_then_new_matching_verdicts() {
     follower.abort();
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[test]
+fn explain_reads_as_a_timeline_with_the_hint() {
+    let v: Value = serde_json::from_str(include_str!(
+        "../export/golden/grpc_idle_timeout_client.json"
+    ))
+    .expect("golden");
+    let text = explain(&v);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].contains("client 10.241.1.2:40000 -> 10.241.2.2:8080 (python3(77))"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("closed by server (server_idle_timeout, high confidence)"),
+        "{text}"
+    );
+    let goaway = lines
+        .iter()
+        .position(|l| {
+            l.contains("goaway_received INTERNAL_ERROR last_stream_id=1 debug=\"connection idle\"")
+        })
+        .expect("the GOAWAY fact");
+    let fin = lines
+        .iter()
+        .position(|l| l.contains("fin_sent"))
+        .expect("the FIN fact");
+    assert!(goaway < fin, "oldest first:\n{text}");
+    assert!(lines.iter().any(|l| l.contains("2004.000")), "{text}");
+    assert!(text.trim_end().ends_with(s(&v, "/verdict/hint")), "{text}");
+}
+
+#[test]
+fn stats_tables_sort_by_count() {
+    let summary = json!({"records": 5, "evicted": 2,
+        "by_closed_by": {"client": 1, "server": 4}, "by_reason": {"server_close": 4, "client_close": 1},
+        "by_confidence": {"high": 5},
+        "top_remotes": [{"key": "10.0.0.2", "count": 4}], "top_pods": []});
+    let text = stats_table(&summary);
+    assert!(text.starts_with("5 verdicts kept (2 evicted"), "{text}");
+    let server = text.find("server ").expect("server row");
+    let client = text.find("client ").expect("client row");
+    assert!(server < client, "most first:\n{text}");
+    assert!(
+        text.contains("REMOTE") && text.contains("10.0.0.2"),
+        "{text}"
+    );
+    assert!(!text.contains("POD"), "empty lists are left out:\n{text}");
+}

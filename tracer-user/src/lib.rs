@@ -2,13 +2,18 @@
 //!
 //! Kernel facts ([`event`]) feed a per-socket state machine ([`conn`]) whose finished
 //! timelines go through a pure classifier ([`classify`]) and out through [`export`].
+pub mod api;
 pub mod classify;
 pub mod cli;
+pub mod client;
 pub mod conn;
 pub mod event;
 pub mod export;
 pub mod h2;
+pub mod history;
+pub mod k8s;
 pub mod kernel;
+pub mod metrics;
 pub mod probes;
 pub mod timeline;
 pub mod trace;

@@ -4,7 +4,9 @@
 //! so it is cheap to run before every build.
 
 mod bench;
+mod deploy;
 mod fuzz;
+mod image;
 mod vm;
 
 use std::{
@@ -55,6 +57,11 @@ enum Task {
     Vm(vm::VmArgs),
     /// Run the HTTP/2 frame parser fuzz target for a bounded time (cargo-fuzz, nightly).
     Fuzz(fuzz::FuzzArgs),
+    /// Container image: build it offline (buildah) and run it with the DaemonSet's
+    /// capabilities only (podman).
+    Image(image::ImageArgs),
+    /// Validate deploy/ offline: Kubernetes schemas (kubernetes-validate) and policy.
+    DeployCheck,
 }
 
 /// Debian packages the build, the tests and the benchmarks use.
@@ -79,6 +86,8 @@ const DEB_PACKAGES: &[&str] = &[
     "zstd",
     "binutils",
     "debian-archive-keyring",
+    // tracer-user/tests/prometheus_scrape.rs: a real Prometheus scrapes /metrics.
+    "prometheus",
 ];
 
 /// Python requirements of the HTTP/2 end-to-end peers (grpcio from PyPI, pinned: the tests
@@ -353,5 +362,10 @@ fn main() -> Result<()> {
             vm::run(&root, &args)
         }
         Task::Fuzz(args) => fuzz::run(&root, &args),
+        Task::DeployCheck => deploy::check(&root),
+        Task::Image(args) => {
+            setup()?;
+            image::run(&root, &args)
+        }
     }
 }

@@ -154,8 +154,10 @@ impl Loop {
         out: &mut Output<W>,
     ) -> io::Result<()> {
         self.drain(rb, out)?;
-        out.all(self.table.take_all_closed())?;
         let kernel = self.counters.snapshot().unwrap_or_default();
+        self.table
+            .note_ringbuf_drops(export::monotonic_ns(), kernel.ringbuf_drops);
+        out.all(self.table.take_all_closed())?;
         if kernel.ringbuf_drops > 0 {
             warn!(
                 "{} kernel events were lost to a full ring buffer",
@@ -249,7 +251,13 @@ async fn event_loop<W: Write>(
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                out.all(state.table.take_due(export::monotonic_ns()))?;
+                let now = export::monotonic_ns();
+                // Before judging: a connection alive while the ring buffer overflowed may
+                // miss facts, and its verdict must say so.
+                if let Ok(s) = state.counters.snapshot() {
+                    state.table.note_ringbuf_drops(now, s.ringbuf_drops);
+                }
+                out.all(state.table.take_due(now))?;
                 out.out.flush()?;
             }
             _ = drops_tick.tick() => state.check_drops(out)?,

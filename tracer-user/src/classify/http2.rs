@@ -9,8 +9,23 @@ use crate::{
     timeline::{GoAway, H2Summary, Role, Timeline},
 };
 
+/// The debug text names an idle timeout of the connection ("max_idle", "idleTimeout",
+/// "connection idle", "idle timeout"), not an error that merely mentions a stream state
+/// (`RST_STREAM: stream in idle`, "frame on idle stream").
 fn is_idle(debug: &str) -> bool {
-    debug.to_ascii_lowercase().contains("idle")
+    let d = debug.to_ascii_lowercase();
+    let about_stream = d.contains("stream in idle")
+        || d.contains("idle stream")
+        || d.contains("in idle state")
+        || d.contains("rst_stream");
+    !about_stream
+        && (d.contains("max_idle")
+            || d.contains("idle_timeout")
+            || d.contains("idletimeout")
+            || d.contains("idle timeout")
+            || d.contains("connection idle")
+            || d.contains("idle connection")
+            || d == "idle")
 }
 
 fn is_age(debug: &str) -> bool {

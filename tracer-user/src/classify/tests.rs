@@ -58,6 +58,9 @@ fn tl(role: Role, open: Vec<Fact>, rest: Vec<Fact>, peer: Option<PeerSummary>) -
         peer,
         ttl_baseline: Some(63),
         h2: None,
+        tls: false,
+        events_lost: false,
+        proxy: None,
     }
 }
 
@@ -385,10 +388,156 @@ fn cases() -> Vec<Case> {
                 ],
                 peer(false, false),
             ),
+            // Both ends seen: the path, proven (was `retransmission_timeout`, the mechanism).
             closed_by: C::Middlebox,
-            reason: "retransmission_timeout",
+            reason: "path_blackhole",
             initiator: I::Local,
             mechanism: M::Timeout,
+            confidence: K::High,
+        },
+        Case {
+            name: "RST from the host whose socket already timed out: the path, not that side",
+            timeline: tl(
+                Role::Server,
+                server_open(),
+                vec![
+                    f(
+                        5000,
+                        FactKind::RstReceived {
+                            ttl: 63,
+                            origin: RstOrigin::PeerKernel,
+                            sender_reason: Some("NO_SOCKET".into()),
+                        },
+                    ),
+                    st(5000, S::Established, S::Close),
+                ],
+                Some(PeerSummary {
+                    id: "p".into(),
+                    closed_first: true,
+                    ended: Some((700, LegEnd::Timeout)),
+                    retransmits: 3,
+                    stalled_ns: Some(600),
+                    ..Default::default()
+                }),
+            ),
+            closed_by: C::Middlebox,
+            reason: "path_blackhole",
+            initiator: I::Remote,
+            mechanism: M::Timeout,
+            confidence: K::High,
+        },
+        Case {
+            name: "GOAWAY text naming an idle *stream* is not an idle timeout",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![goaway(false, 100, 1, "RST_STREAM: stream in idle")]),
+            ),
+            closed_by: C::Server,
+            reason: "server_goaway",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::High,
+        },
+        Case {
+            name: "TLS: the first FIN alone is not proof of who decided",
+            timeline: Timeline {
+                tls: true,
+                ..tl(Role::Client, client_open(), client_fin_after(200), None)
+            },
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "a known proxy's upstream leg it closed, its other leg unseen: medium",
+            timeline: Timeline {
+                proxy: Some(ProxyView {
+                    local: true,
+                    pid: 300,
+                    comm: "nginx".into(),
+                    netns: None,
+                    leg: ProxyLeg::Upstream,
+                    ended: Some((200, LegEnd::OwnFin)),
+                    other: None,
+                    known_name: true,
+                }),
+                ..tl(Role::Client, client_open(), client_fin_after(200), None)
+            },
+            closed_by: C::Middlebox,
+            reason: "proxy_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "nginx GOAWAY on its downstream leg while its upstream leg stayed apart",
+            timeline: Timeline {
+                proxy: Some(ProxyView {
+                    local: false,
+                    pid: 300,
+                    comm: "nginx".into(),
+                    netns: None,
+                    leg: ProxyLeg::Downstream,
+                    ended: Some((
+                        100,
+                        LegEnd::OwnGoaway {
+                            code: ErrorCode(0),
+                            debug: String::new(),
+                        },
+                    )),
+                    other: Some(OtherLeg {
+                        id: "u".into(),
+                        local: None,
+                        remote: None,
+                        ended: Some((50, LegEnd::OwnFin)),
+                    }),
+                    known_name: true,
+                }),
+                ..with_h2(
+                    tl(Role::Client, client_open(), client_fin_after(200), None),
+                    synced(vec![goaway(false, 100, 0, "")]),
+                )
+            },
+            closed_by: C::Middlebox,
+            reason: "proxy_goaway",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::High,
+        },
+        Case {
+            name: "an unnamed process with a second socket that ended apart is not a proxy",
+            timeline: Timeline {
+                proxy: Some(ProxyView {
+                    local: false,
+                    pid: 300,
+                    comm: "app".into(),
+                    netns: None,
+                    leg: ProxyLeg::Downstream,
+                    ended: Some((100, LegEnd::OwnFin)),
+                    other: Some(OtherLeg {
+                        id: "u".into(),
+                        local: None,
+                        remote: None,
+                        ended: Some((90_000_000_000, LegEnd::OwnFin)),
+                    }),
+                    known_name: false,
+                }),
+                ..tl(
+                    Role::Client,
+                    client_open(),
+                    vec![
+                        f(100, FactKind::FinReceived { ttl: 63 }),
+                        st(100, S::Established, S::CloseWait),
+                    ],
+                    None,
+                )
+            },
+            closed_by: C::Server,
+            reason: "server_close",
+            initiator: I::Remote,
+            mechanism: M::Fin,
             confidence: K::High,
         },
         Case {
@@ -503,6 +652,9 @@ fn cases() -> Vec<Case> {
                 peer: None,
                 ttl_baseline: None,
                 h2: None,
+                tls: false,
+                events_lost: false,
+                proxy: None,
             },
             closed_by: C::Unknown,
             reason: "remote_close",

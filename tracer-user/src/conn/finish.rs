@@ -39,7 +39,9 @@ impl Table {
         if let Some(t) = conn.tuple {
             self.unindex(sk, t);
         }
-        let peer = self.find_peer(&conn).map(|(mut s, closed)| {
+        let found = self.find_peer(&conn);
+        let peer_closed_ns = found.as_ref().and_then(|(_, c)| *c);
+        let peer = found.map(|(mut s, closed)| {
             s.closed_first = match (closed, conn.closed_ns) {
                 (Some(p), Some(me)) => p <= me,
                 _ => false,
@@ -48,6 +50,12 @@ impl Table {
         });
         self.resolve_received_rsts(&mut conn, peer.as_ref());
         conn.facts.sort_by_key(|f| f.at_ns);
+        let own_ended = classify::leg_end(&conn.facts);
+        let proxy = self.proxy_view(&conn, &own_ended, peer.as_ref(), peer_closed_ns);
+        let until = conn
+            .closed_ns
+            .map_or(u64::MAX, |c| c.saturating_add(self.cfg.linger_ns));
+        let events_lost = conn.facts_dropped > 0 || self.drops_during(conn.first_ns, until);
         let timeline = Timeline {
             role: conn.role,
             role_inferred: conn.role_inferred,
@@ -55,8 +63,12 @@ impl Table {
             peer: peer.clone(),
             ttl_baseline: conn.ttl_baseline,
             h2: conn.h2.as_ref().map(h2_summary),
+            tls: conn.h2.as_ref().is_some_and(|h| h.state == H2State::Tls),
+            events_lost,
+            proxy,
         };
         let verdict = classify::classify(&timeline);
+        self.settle_leg(&conn, &own_ended);
         self.remember(&conn);
         self.stats.conns_closed += 1;
         self.stats.facts_dropped += u64::from(conn.facts_dropped);

@@ -1,0 +1,231 @@
+//! Middlebox joins in the connection table: a proxy on this host (both legs traced), the
+//! relay case, a process talking to itself, and lost kernel events.
+
+use super::*;
+use crate::{classify::MiddleboxKind, timeline::ProxyLeg};
+
+fn mk(n: u64, local: &str, remote: &str) -> Pair {
+    let ct = tuple(local, remote);
+    Pair {
+        c: 0x1000 + n,
+        s: 0x2000 + n,
+        ct,
+        st: ct.reversed(),
+        cisn: (n as u32).wrapping_mul(0x3b9a_ca07),
+        sisn: (n as u32).wrapping_mul(0x9e37_79b9),
+    }
+}
+
+/// `sk` (owned by `pid`) closes first: FIN out, the peer `psk` gets it.
+fn active_close(at: u64, p: &Pair, from_client: bool, pid: u32, comm: &str) -> Vec<Event> {
+    use Dir::*;
+    use TcpState::*;
+    let (sk, t, psk, pt, seq) = if from_client {
+        (p.c, p.ct, p.s, p.st, p.cisn + 11)
+    } else {
+        (p.s, p.st, p.c, p.ct, p.sisn + 11)
+    };
+    vec![
+        by(state(at, sk, t, Established, FinWait1), pid, comm, false),
+        pkt(at, sk, t, Egress, FIN | ACK, seq, 64),
+        pkt(at, psk, pt, Ingress, FIN | ACK, seq, 63),
+        state(at, psk, pt, Established, CloseWait),
+    ]
+}
+
+/// The passive side `sk` (owned by `pid`) closes in turn; both reach CLOSE.
+fn passive_close(at: u64, p: &Pair, client_is_passive: bool, pid: u32, comm: &str) -> Vec<Event> {
+    use Dir::*;
+    use TcpState::*;
+    let (sk, t, psk, pt, seq) = if client_is_passive {
+        (p.c, p.ct, p.s, p.st, p.cisn + 11)
+    } else {
+        (p.s, p.st, p.c, p.ct, p.sisn + 11)
+    };
+    vec![
+        by(state(at, sk, t, CloseWait, LastAck), pid, comm, false),
+        pkt(at, sk, t, Egress, FIN | ACK, seq, 64),
+        pkt(at, psk, pt, Ingress, FIN | ACK, seq, 63),
+        state(at, psk, pt, FinWait1, Close),
+        state(at + MS, sk, t, LastAck, Close),
+    ]
+}
+
+struct ProxyHost {
+    /// client -> proxy (downstream leg): `c` the client's socket, `s` the proxy's.
+    down: Pair,
+    /// proxy -> server (upstream leg): `c` the proxy's socket, `s` the server's.
+    up: Pair,
+}
+
+const PROXY: u32 = 300;
+
+fn proxy_host(tbl: &mut Table, comm: &str) -> ProxyHost {
+    let down = mk(1, "10.9.1.2:40000", "10.9.1.1:8443");
+    let up = mk(2, "10.9.2.1:50000", "10.9.2.2:8080");
+    handshake_by(tbl, &down, (1, 2), 100, "client");
+    handshake_by(tbl, &up, (2, 3), PROXY, comm);
+    ProxyHost { down, up }
+}
+
+fn feed(tbl: &mut Table, evs: Vec<Event>) {
+    for ev in evs {
+        tbl.on_event(&ev);
+    }
+}
+
+fn verdict_of(out: &[Closed], sk: u64) -> &classify::Verdict {
+    &only(out, sk).verdict
+}
+
+fn proxy_ended_both_legs(comm: &str) {
+    let mut tbl = Table::default();
+    let h = proxy_host(&mut tbl, comm);
+    // The proxy's idle timeout: it closes both legs itself.
+    feed(
+        &mut tbl,
+        active_close(5000 * MS, &h.down, false, PROXY, comm),
+    );
+    feed(&mut tbl, active_close(5000 * MS, &h.up, true, PROXY, comm));
+    feed(
+        &mut tbl,
+        passive_close(5001 * MS, &h.down, true, 100, "client"),
+    );
+    feed(
+        &mut tbl,
+        passive_close(5001 * MS, &h.up, false, 200, "server"),
+    );
+    let out = tbl.take_all_closed();
+    for (sk, leg) in [
+        (h.down.c, ProxyLeg::Downstream),
+        (h.down.s, ProxyLeg::Downstream),
+        (h.up.c, ProxyLeg::Upstream),
+        (h.up.s, ProxyLeg::Upstream),
+    ] {
+        let v = verdict_of(&out, sk);
+        assert_eq!(
+            (v.closed_by, v.reason.as_str(), v.confidence),
+            (
+                ClosedBy::Middlebox,
+                "proxy_close",
+                classify::Confidence::High
+            ),
+            "socket {sk:#x}: {v:#?}"
+        );
+        let mb = v.middlebox.as_ref().expect("middlebox object");
+        assert_eq!(mb.kind, MiddleboxKind::Proxy);
+        assert_eq!((mb.pid, mb.comm.as_deref()), (Some(PROXY), Some(comm)));
+        assert_eq!(mb.leg, Some(leg), "socket {sk:#x}");
+        assert_eq!(mb.action, Some("fin"));
+        assert_eq!(mb.other_leg_ended, Some("by_proxy"));
+    }
+    // The client's socket names the proxy's other leg.
+    let mb = verdict_of(&out, h.down.c).middlebox.clone().expect("mb");
+    assert_eq!(
+        mb.other_leg.as_deref(),
+        Some("10.9.2.1:50000 -> 10.9.2.2:8080")
+    );
+}
+
+#[test]
+fn known_proxy_ending_both_legs_is_a_proven_middlebox() {
+    proxy_ended_both_legs("haproxy");
+}
+
+#[test]
+fn any_process_ending_both_legs_at_once_is_a_proven_middlebox() {
+    proxy_ended_both_legs("my-relay");
+}
+
+#[test]
+fn proxy_passing_on_the_servers_close_keeps_the_server_as_the_decider() {
+    let mut tbl = Table::default();
+    let h = proxy_host(&mut tbl, "haproxy");
+    // The server closes; the proxy passes the FIN on to the client 1 ms later.
+    feed(
+        &mut tbl,
+        active_close(5000 * MS, &h.up, false, 200, "server"),
+    );
+    feed(
+        &mut tbl,
+        active_close(5001 * MS, &h.down, false, PROXY, "haproxy"),
+    );
+    feed(
+        &mut tbl,
+        passive_close(5002 * MS, &h.up, true, PROXY, "haproxy"),
+    );
+    feed(
+        &mut tbl,
+        passive_close(5002 * MS, &h.down, true, 100, "client"),
+    );
+    let out = tbl.take_all_closed();
+    for sk in [h.down.c, h.down.s, h.up.c, h.up.s] {
+        let v = verdict_of(&out, sk);
+        assert_eq!(
+            (v.closed_by, v.reason.as_str()),
+            (ClosedBy::Server, "server_close"),
+            "socket {sk:#x}: {v:#?}"
+        );
+        assert!(v.middlebox.is_none());
+    }
+    let v = verdict_of(&out, h.down.c);
+    assert!(
+        v.hint.contains("passed on by the proxy haproxy(300)"),
+        "{}",
+        v.hint
+    );
+}
+
+#[test]
+fn a_process_talking_to_itself_is_not_a_proxy() {
+    let mut tbl = Table::default();
+    let a = mk(1, "127.0.0.1:40000", "127.0.0.1:9000");
+    let b = mk(2, "127.0.0.1:40001", "127.0.0.1:9000");
+    handshake_by(&mut tbl, &a, (1, 1), 100, "selftest");
+    handshake_by(&mut tbl, &b, (1, 1), 100, "selftest");
+    feed(&mut tbl, active_close(100 * MS, &a, true, 100, "selftest"));
+    feed(&mut tbl, active_close(100 * MS, &b, true, 100, "selftest"));
+    feed(
+        &mut tbl,
+        passive_close(101 * MS, &a, false, 100, "selftest"),
+    );
+    feed(
+        &mut tbl,
+        passive_close(101 * MS, &b, false, 100, "selftest"),
+    );
+    let out = tbl.take_all_closed();
+    for sk in [a.c, a.s, b.c, b.s] {
+        let v = verdict_of(&out, sk);
+        assert_eq!(
+            (v.closed_by, v.reason.as_str()),
+            (ClosedBy::Client, "client_close"),
+            "socket {sk:#x}: {v:#?}"
+        );
+    }
+}
+
+#[test]
+fn lost_kernel_events_lower_confidence() {
+    let run = |drops: bool| {
+        let mut tbl = Table::default();
+        let p = mk(1, "10.9.1.2:40000", "10.9.2.2:8080");
+        handshake(&mut tbl, &p, (1, 2));
+        tbl.note_ringbuf_drops(50 * MS, 0);
+        tbl.note_ringbuf_drops(60 * MS, if drops { 7 } else { 0 });
+        feed(&mut tbl, active_close(100 * MS, &p, true, 100, "client"));
+        feed(&mut tbl, passive_close(101 * MS, &p, false, 200, "server"));
+        tbl.note_ringbuf_drops(2_000 * MS, if drops { 7 } else { 0 });
+        tbl.take_due(2_000 * MS)
+    };
+    let clean = run(false);
+    let lossy = run(true);
+    for out in [&clean, &lossy] {
+        assert_eq!(out.len(), 2);
+    }
+    for (a, b) in clean.iter().zip(lossy.iter()) {
+        assert_eq!(a.verdict.confidence, classify::Confidence::High);
+        assert_eq!(b.verdict.confidence, classify::Confidence::Medium);
+        assert_eq!(a.verdict.reason, b.verdict.reason);
+        assert!(b.verdict.hint.contains("kernel events were lost"));
+    }
+}

@@ -13,6 +13,7 @@ mod agent;
 mod check;
 pub mod h2peers;
 mod lineproc;
+pub mod middlebox;
 mod peer;
 mod topology;
 

@@ -1,0 +1,147 @@
+//! Middleboxes for the end-to-end tests: a real haproxy (TCP mode) run inside a test
+//! namespace with its own configuration, and the calibration check that no `high`
+//! verdict contradicts what a case knows to be true.
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::{run_cmd, wait_until};
+
+/// A haproxy process in TCP mode listening on `bind` (inside `ns`) and forwarding to
+/// `backend`, with the given idle timeouts. Killed (and its config removed) on drop.
+pub struct Haproxy {
+    child: Child,
+    dir: PathBuf,
+    pub bind: SocketAddr,
+    pid: u32,
+}
+
+/// `haproxy` is installed (Debian package `haproxy`).
+pub fn haproxy_missing() -> Option<String> {
+    match Command::new("haproxy").arg("-v").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some("haproxy not found (apt-get install haproxy, or `cargo xtask setup`)".into()),
+    }
+}
+
+/// The configuration: one frontend, one backend, `timeout client/server` = `idle`.
+pub fn haproxy_config(bind: SocketAddr, backend: SocketAddr, idle: Duration) -> String {
+    let ms = idle.as_millis();
+    format!(
+        "global\n    maxconn 64\n    nbthread 1\n\n\
+         defaults\n    mode tcp\n    timeout connect 2s\n    timeout client {ms}ms\n    \
+         timeout server {ms}ms\n\n\
+         frontend fe\n    bind {bind}\n    default_backend be\n\n\
+         backend be\n    server s1 {backend}\n"
+    )
+}
+
+impl Haproxy {
+    /// Starts `haproxy -db -f <config>` in `ns`; returns once it listens on `bind`.
+    pub fn start(ns: &str, bind: SocketAddr, backend: SocketAddr, idle: Duration) -> Result<Self> {
+        let dir =
+            std::env::temp_dir().join(format!("wc-haproxy-{}-{}", std::process::id(), bind.port()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(&cfg, haproxy_config(bind, backend, idle))
+            .with_context(|| format!("writing {}", cfg.display()))?;
+        let log = std::fs::File::create(dir.join("haproxy.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "haproxy", "-db", "-f"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawning haproxy in {ns}"))?;
+        // `ip netns exec` execs, so the child's pid is haproxy's.
+        let pid = child.id();
+        let mut h = Haproxy {
+            child,
+            dir,
+            bind,
+            pid,
+        };
+        let want = bind.to_string();
+        let res = wait_until(
+            &format!("haproxy listening on {bind} in {ns}"),
+            Duration::from_secs(10),
+            || {
+                if let Some(st) = h.child.try_wait()? {
+                    bail!("haproxy exited ({st}): {}", h.log());
+                }
+                let out = run_cmd("ip", &["netns", "exec", ns, "ss", "-Hltn"])?;
+                Ok(out.split_whitespace().any(|w| w == want))
+            },
+        );
+        res.with_context(|| h.log())?;
+        Ok(h)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// What haproxy printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a case knows to be true about who ended its connections.
+#[derive(Clone, Copy, Debug)]
+pub struct Truth {
+    /// `closed_by` every socket of the case must show when it says `high`.
+    pub closed_by: &'static str,
+    /// When set, a `high` middlebox verdict must also name this process.
+    pub middlebox_pid: Option<u32>,
+}
+
+/// Calibration: among `objects` (everything an agent printed), every close object whose
+/// `conn.netns` is one of `netns` and that says `confidence: high` must agree with `truth`.
+/// Returns how many high verdicts were checked.
+pub fn check_calibrated(objects: &[Value], netns: &[u64], truth: Truth) -> Result<usize> {
+    let mut bad = Vec::new();
+    let mut checked = 0;
+    for o in objects {
+        if o["type"] != "close"
+            || !netns
+                .iter()
+                .any(|n| o["conn"]["netns"].as_u64() == Some(*n))
+            || o["verdict"]["confidence"] != "high"
+        {
+            continue;
+        }
+        checked += 1;
+        if o["verdict"]["closed_by"] != truth.closed_by {
+            bad.push(format!(
+                "high verdict closed_by {} (truth: {}): {o}",
+                o["verdict"]["closed_by"], truth.closed_by
+            ));
+            continue;
+        }
+        if let Some(pid) = truth.middlebox_pid {
+            if o["verdict"]["middlebox"]["pid"].as_u64() != Some(u64::from(pid)) {
+                bad.push(format!(
+                    "high middlebox verdict does not name pid {pid}: {o}"
+                ));
+            }
+        }
+    }
+    if !bad.is_empty() {
+        bail!("{} wrong high verdict(s):\n{}", bad.len(), bad.join("\n"));
+    }
+    Ok(checked)
+}

@@ -1,0 +1,424 @@
+//! Privileged end-to-end tests of middlebox attribution (issue #8): a real haproxy in the
+//! router namespace ending both legs on its idle timeout or passing on the server's close,
+//! and a blackholed path whose late RST must not be blamed on the side that sent it.
+//! Every case declares the truth, and every `high` verdict printed for its namespaces is
+//! checked against it ([`tests::middlebox::check_calibrated`]).
+
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use tests::middlebox::{Haproxy, Truth, check_calibrated, haproxy_missing};
+use tests::{Agent, Expect, Peer, PidCheck, Topology, agent_bin, check_close, should_run};
+
+const WC_PEER: &str = env!("CARGO_BIN_EXE_wc-peer");
+const SERVER_PORT: u16 = 8080;
+const PROXY_PORT: u16 = 8443;
+const IDLE: Duration = Duration::from_millis(1500);
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn prelude(test: &str) -> bool {
+    if !should_run(test) {
+        return false;
+    }
+    let bin = agent_bin();
+    assert!(
+        bin.exists(),
+        "{test}: whoclosed agent binary not found at {}; build it first with `cargo build`",
+        bin.display()
+    );
+    true
+}
+
+fn ok<T>(r: anyhow::Result<T>, what: &str) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("{what}: {e:#}"),
+    }
+}
+
+/// client --> haproxy (router) --> server, data exchanged both ways, all four sockets known.
+struct Proxied {
+    client: Peer,
+    server: Peer,
+    haproxy: Haproxy,
+    /// client socket, haproxy's downstream socket's view is the reverse.
+    client_addr: String,
+    proxy_addr: String,
+    /// haproxy's upstream socket.
+    upstream_addr: String,
+    server_addr: String,
+    ns: [u64; 3],
+}
+
+impl Proxied {
+    fn open(t: &Topology) -> Proxied {
+        let server_addr = t.server_addr(false, SERVER_PORT);
+        let bind = SocketAddr::new(t.plan.router_client_v4.into(), PROXY_PORT);
+        let mut server = ok(
+            Peer::listen(Path::new(WC_PEER), &t.server, server_addr),
+            "start server",
+        );
+        let haproxy = ok(
+            Haproxy::start(&t.router, bind, server_addr, IDLE),
+            "start haproxy",
+        );
+        let mut client = ok(
+            Peer::connect(Path::new(WC_PEER), &t.client, bind),
+            "client connects to haproxy",
+        );
+        let upstream = ok(
+            server.wait_accepted(Duration::from_secs(10)),
+            "server accepts haproxy's connection",
+        );
+        assert_eq!(
+            upstream.ip(),
+            t.plan.router_server_v4,
+            "upstream comes from haproxy"
+        );
+        ok(client.send(100), "client send");
+        ok(server.read(100), "server read");
+        ok(server.send(50), "server send");
+        ok(client.read(50), "client read");
+        let ns = ok(t.inodes(), "inodes");
+        Proxied {
+            client_addr: client.local.to_string(),
+            proxy_addr: bind.to_string(),
+            upstream_addr: upstream.to_string(),
+            server_addr: server_addr.to_string(),
+            client,
+            server,
+            haproxy,
+            ns: [ns[0], ns[1], ns[2]],
+        }
+    }
+
+    /// [client socket, haproxy downstream, haproxy upstream, server socket].
+    fn verdicts(&self, agent: &mut Agent) -> [Value; 4] {
+        let [c, r, s] = self.ns;
+        let mut get = |l: &str, rm: &str, ns: u64, what: &str| {
+            ok(
+                agent.wait_for_close(l, rm, Some(ns), VERDICT_TIMEOUT),
+                &format!("close object for {what}"),
+            )
+        };
+        [
+            get(&self.client_addr, &self.proxy_addr, c, "the client socket"),
+            get(
+                &self.proxy_addr,
+                &self.client_addr,
+                r,
+                "haproxy's downstream socket",
+            ),
+            get(
+                &self.upstream_addr,
+                &self.server_addr,
+                r,
+                "haproxy's upstream socket",
+            ),
+            get(
+                &self.server_addr,
+                &self.upstream_addr,
+                s,
+                "the server socket",
+            ),
+        ]
+    }
+}
+
+fn check(obj: &Value, e: &Expect) {
+    if let Err(err) = check_close(obj, e) {
+        panic!("{err:#}");
+    }
+}
+
+fn calibrated(agent: &Agent, ns: &[u64], truth: Truth) -> usize {
+    ok(check_calibrated(agent.objects(), ns, truth), "calibration")
+}
+
+/// haproxy's `timeout client/server` fires: it closes both legs itself. Every socket of
+/// both legs is `middlebox`, naming haproxy, high (both legs and both far ends traced).
+#[test]
+fn haproxy_idle_timeout_closes_both_legs() {
+    if !prelude("haproxy_idle_timeout_closes_both_legs") {
+        return;
+    }
+    if let Some(why) = haproxy_missing() {
+        panic!("haproxy_idle_timeout_closes_both_legs: {why}");
+    }
+    let t = ok(Topology::new(), "topology");
+    let mut agent = ok(Agent::start(&ok(t.inodes(), "inodes")), "agent");
+    let mut p = Proxied::open(&t);
+    // Nobody sends anything: haproxy's idle timeout ends it.
+    ok(p.client.wait_eof(), "client sees haproxy's FIN");
+    ok(p.server.wait_eof(), "server sees haproxy's FIN");
+    ok(p.client.close(), "client close");
+    ok(p.server.close(), "server close");
+    let v = p.verdicts(&mut agent);
+    let hp = p.haproxy.pid();
+    for (obj, leg) in v
+        .iter()
+        .zip(["downstream", "downstream", "upstream", "upstream"])
+    {
+        check(
+            obj,
+            &Expect {
+                closed_by: Some("middlebox"),
+                reason: Some("proxy_close"),
+                confidence: Some("high"),
+                ..Expect::default()
+            },
+        );
+        let mb = &obj["verdict"]["middlebox"];
+        assert_eq!(mb["kind"], "proxy", "{obj}");
+        assert_eq!(mb["pid"].as_u64(), Some(u64::from(hp)), "{obj}");
+        assert_eq!(mb["comm"], "haproxy", "{obj}");
+        assert_eq!(mb["leg"], leg, "{obj}");
+        assert_eq!(mb["other_leg_ended"], "by_proxy", "{obj}");
+    }
+    // The sockets of the far ends are still attributed to their own processes.
+    check(
+        &v[0],
+        &Expect {
+            role: Some("client"),
+            netns: Some(p.ns[0]),
+            pid: PidCheck::Exact(p.client.pid()),
+            tcp_initiator: Some("remote"),
+            ..Expect::default()
+        },
+    );
+    check(
+        &v[3],
+        &Expect {
+            role: Some("server"),
+            netns: Some(p.ns[2]),
+            tcp_initiator: Some("remote"),
+            ..Expect::default()
+        },
+    );
+    // The client's verdict names haproxy's other leg: the joined endpoints.
+    assert_eq!(
+        v[0]["verdict"]["middlebox"]["other_leg"],
+        format!("{} -> {}", p.upstream_addr, p.server_addr)
+    );
+    let n = calibrated(
+        &agent,
+        &p.ns,
+        Truth {
+            closed_by: "middlebox",
+            middlebox_pid: Some(hp),
+        },
+    );
+    assert!(n >= 4, "{n} high verdicts checked");
+    ok(agent.stop().map(drop), "stop agent");
+}
+
+/// The server closes; haproxy only passes the FIN on. The decider stays the server, on
+/// every socket, and the client's verdict names the relay.
+#[test]
+fn haproxy_passes_on_the_server_close() {
+    if !prelude("haproxy_passes_on_the_server_close") {
+        return;
+    }
+    if let Some(why) = haproxy_missing() {
+        panic!("haproxy_passes_on_the_server_close: {why}");
+    }
+    let t = ok(Topology::new(), "topology");
+    let mut agent = ok(Agent::start(&ok(t.inodes(), "inodes")), "agent");
+    let mut p = Proxied::open(&t);
+    ok(p.server.close(), "server close");
+    ok(p.client.wait_eof(), "client sees the FIN haproxy passed on");
+    ok(p.client.close(), "client close");
+    let v = p.verdicts(&mut agent);
+    for obj in &v {
+        check(
+            obj,
+            &Expect {
+                closed_by: Some("server"),
+                reason: Some("server_close"),
+                confidence: Some("high"),
+                ..Expect::default()
+            },
+        );
+        assert!(obj["verdict"]["middlebox"].is_null(), "{obj}");
+    }
+    let hint = v[0]["verdict"]["hint"].as_str().unwrap_or("");
+    assert!(
+        hint.contains(&format!(
+            "passed on by the proxy haproxy({})",
+            p.haproxy.pid()
+        )),
+        "{hint}"
+    );
+    calibrated(
+        &agent,
+        &p.ns,
+        Truth {
+            closed_by: "server",
+            middlebox_pid: None,
+        },
+    );
+    ok(agent.stop().map(drop), "stop agent");
+}
+
+/// Only the client's namespace selected (`--netns` filters what is printed, the kernel
+/// side still sees the host): the client's socket alone is printed, naming haproxy.
+#[test]
+fn haproxy_idle_timeout_client_namespace_only() {
+    if !prelude("haproxy_idle_timeout_client_namespace_only") {
+        return;
+    }
+    if let Some(why) = haproxy_missing() {
+        panic!("haproxy_idle_timeout_client_namespace_only: {why}");
+    }
+    let t = ok(Topology::new(), "topology");
+    let client_ns = ok(t.client_inode(), "client inode");
+    let mut agent = ok(Agent::start(&[client_ns]), "agent");
+    let mut p = Proxied::open(&t);
+    ok(p.client.wait_eof(), "client sees haproxy's FIN");
+    ok(p.client.close(), "client close");
+    let c = ok(
+        agent.wait_for_close(
+            &p.client_addr,
+            &p.proxy_addr,
+            Some(client_ns),
+            VERDICT_TIMEOUT,
+        ),
+        "client close object",
+    );
+    check(
+        &c,
+        &Expect {
+            closed_by: Some("middlebox"),
+            reason: Some("proxy_close"),
+            confidence: Some("high"),
+            ..Expect::default()
+        },
+    );
+    assert_eq!(c["verdict"]["middlebox"]["comm"], "haproxy");
+    ok(p.server.close(), "server close");
+    let exit = ok(agent.stop(), "stop agent");
+    let others: Vec<&Value> = exit
+        .objects
+        .iter()
+        .filter(|o| o["type"] == "close" && o["conn"]["netns"].as_u64() != Some(client_ns))
+        .collect();
+    assert!(
+        others.is_empty(),
+        "--netns printed other namespaces: {others:?}"
+    );
+}
+
+/// The router drops everything; the client's kernel gives up (tcp_retries2=3). The path
+/// heals, the server writes, the client host answers with RST. Both sockets: the path.
+#[test]
+fn blackhole_then_late_rst() {
+    if !prelude("blackhole_then_late_rst") {
+        return;
+    }
+    let t = ok(Topology::new(), "topology");
+    ok(
+        t.sysctl(&t.client, "net.ipv4.tcp_retries2", "3"),
+        "tcp_retries2=3",
+    );
+    let ns = ok(t.inodes(), "inodes");
+    let mut agent = ok(Agent::start(&ns), "agent");
+    let addr = t.server_addr(false, SERVER_PORT);
+    let mut server = ok(Peer::listen(Path::new(WC_PEER), &t.server, addr), "server");
+    let mut client = ok(Peer::connect(Path::new(WC_PEER), &t.client, addr), "client");
+    ok(
+        server.wait_accepted(Duration::from_secs(10)).map(drop),
+        "accept",
+    );
+    ok(client.send(10), "client send");
+    ok(server.read(10), "server read");
+    ok(
+        t.router_iptables(&["-I", "FORWARD", "-j", "DROP"]),
+        "DROP in the router",
+    );
+    ok(client.send(10), "client send into the blackhole");
+    ok(
+        client
+            .expect_error("read 1", "timed out", Duration::from_secs(60))
+            .map(drop),
+        "client gets ETIMEDOUT",
+    );
+    ok(client.close(), "client close");
+    ok(
+        t.router_iptables(&["-D", "FORWARD", "-j", "DROP"]),
+        "the path heals",
+    );
+    ok(
+        server.send(10),
+        "server writes to a socket the client no longer has",
+    );
+    ok(
+        server
+            .expect_error("read 1", "reset", Duration::from_secs(10))
+            .map(drop),
+        "server gets the client host's RST",
+    );
+    ok(server.close(), "server close");
+    let client_addr = client.local.to_string();
+    let c = ok(
+        agent.wait_for_close(
+            &client_addr,
+            &addr.to_string(),
+            Some(ns[0]),
+            VERDICT_TIMEOUT,
+        ),
+        "client close object",
+    );
+    let s = ok(
+        agent.wait_for_close(
+            &addr.to_string(),
+            &client_addr,
+            Some(ns[2]),
+            VERDICT_TIMEOUT,
+        ),
+        "server close object",
+    );
+    for (obj, init) in [(&c, "local"), (&s, "remote")] {
+        check(
+            obj,
+            &Expect {
+                closed_by: Some("middlebox"),
+                reason: Some("path_blackhole"),
+                tcp_initiator: Some(init),
+                mechanism: Some("timeout"),
+                confidence: Some("high"),
+                ..Expect::default()
+            },
+        );
+        assert_eq!(obj["verdict"]["middlebox"]["kind"], "path", "{obj}");
+        assert_eq!(
+            obj["verdict"]["middlebox"]["detected_by"], "client",
+            "{obj}"
+        );
+        assert!(
+            obj["verdict"]["middlebox"]["after_ms"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0,
+            "{obj}"
+        );
+    }
+    // The RST stays in the server's evidence, from the client host's kernel.
+    let rst = s["evidence"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["what"] == "rst_received")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(rst["origin"], "peer_kernel", "{s}");
+    calibrated(
+        &agent,
+        &ns,
+        Truth {
+            closed_by: "middlebox",
+            middlebox_pid: None,
+        },
+    );
+    ok(agent.stop().map(drop), "stop agent");
+}

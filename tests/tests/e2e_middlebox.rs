@@ -422,3 +422,119 @@ fn blackhole_then_late_rst() {
     );
     ok(agent.stop().map(drop), "stop agent");
 }
+
+/// A Service-VIP-like DNAT in the router (10.241.1.1:80 -> server:8080) whose conntrack
+/// entry expires while the connection idles; with `nf_conntrack_tcp_loose=0` the client's
+/// next segment is no longer translated, reaches the router itself and draws its RST. The
+/// client socket is joined to the server socket behind the VIP by sequence numbers, so the
+/// RST is proven not to be the server's: `middlebox_reset`, kind `nat`.
+#[test]
+fn dnat_vip_conntrack_expiry_reset() {
+    if !prelude("dnat_vip_conntrack_expiry_reset") {
+        return;
+    }
+    let t = ok(Topology::new(), "topology");
+    let vip = SocketAddr::new(t.plan.router_client_v4.into(), 80);
+    let server_addr = t.server_addr(false, SERVER_PORT);
+    ok(
+        t.router_iptables(&[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            &vip.ip().to_string(),
+            "-p",
+            "tcp",
+            "--dport",
+            "80",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &server_addr.to_string(),
+        ]),
+        "DNAT rule",
+    );
+    ok(
+        t.sysctl(&t.router, "net.netfilter.nf_conntrack_tcp_loose", "0"),
+        "no mid-stream pickup",
+    );
+    ok(
+        t.sysctl(
+            &t.router,
+            "net.netfilter.nf_conntrack_tcp_timeout_established",
+            "2",
+        ),
+        "short established timeout",
+    );
+    let ns = ok(t.inodes(), "inodes");
+    let mut agent = ok(Agent::start(&ns), "agent");
+    let mut server = ok(
+        Peer::listen(Path::new(WC_PEER), &t.server, server_addr),
+        "server",
+    );
+    let mut client = ok(Peer::connect(Path::new(WC_PEER), &t.client, vip), "client");
+    ok(
+        server.wait_accepted(Duration::from_secs(10)).map(drop),
+        "accept",
+    );
+    ok(client.send(10), "client send");
+    ok(server.read(10), "server read");
+    // Idle past the conntrack timeout.
+    std::thread::sleep(Duration::from_secs(4));
+    ok(client.send(10), "client sends after the entry expired");
+    ok(
+        client
+            .expect_error("read 1", "reset", Duration::from_secs(10))
+            .map(drop),
+        "client gets the router's RST",
+    );
+    ok(client.close(), "client close");
+    let client_addr = client.local.to_string();
+    let c = ok(
+        agent.wait_for_close(&client_addr, &vip.to_string(), Some(ns[0]), VERDICT_TIMEOUT),
+        "client close object",
+    );
+    check(
+        &c,
+        &Expect {
+            closed_by: Some("middlebox"),
+            reason: Some("middlebox_reset"),
+            tcp_initiator: Some("remote"),
+            mechanism: Some("rst"),
+            confidence: Some("high"),
+            ..Expect::default()
+        },
+    );
+    assert_eq!(c["verdict"]["middlebox"]["kind"], "nat", "{c}");
+    // Joined to the server socket behind the VIP.
+    assert_eq!(c["peer"]["netns"].as_u64(), Some(ns[2]), "{c}");
+    ok(server.close(), "server close");
+    let s = ok(
+        agent.wait_for_close(
+            &server_addr.to_string(),
+            &client_addr,
+            Some(ns[2]),
+            VERDICT_TIMEOUT,
+        ),
+        "server close object",
+    );
+    assert_eq!(s["conn"]["id"], c["peer"]["id"], "{s}\n{c}");
+    calibrated(
+        &agent,
+        &[ns[0]],
+        Truth {
+            closed_by: "middlebox",
+            middlebox_pid: None,
+        },
+    );
+    calibrated(
+        &agent,
+        &[ns[2]],
+        Truth {
+            closed_by: "server",
+            middlebox_pid: None,
+        },
+    );
+    ok(agent.stop().map(drop), "stop agent");
+}

@@ -174,6 +174,11 @@ pub struct PeerSummary {
     pub stalled_ns: Option<u64>,
     /// When it was opened (CLOCK_MONOTONIC), when known.
     pub opened_ns: Option<u64>,
+    /// Its own addresses (local = its side).
+    pub tuple: Option<crate::event::Tuple>,
+    /// Its addresses are not this socket's reversed: the two were joined by sequence
+    /// numbers through address translation (DNAT/SNAT) on the way.
+    pub translated: bool,
 }
 
 /// How one socket's connection ended, from that socket's point of view: the first

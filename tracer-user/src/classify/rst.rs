@@ -91,18 +91,21 @@ pub(super) fn remote_rst(t: &Timeline, at: u64, ttl: u8, origin: RstOrigin) -> V
                  closed port or state already dropped) and answered with RST"
             ),
         ),
-        RstOrigin::NotSentByPeer => firewall(verdict(
-            ClosedBy::Middlebox,
-            Reason::MiddleboxReset,
-            Initiator::Remote,
-            Mechanism::Rst,
-            Confidence::High,
-            format!(
-                "a RST arrived (TTL {ttl}) that the {who} never sent: a firewall, proxy, load balancer \
+        RstOrigin::NotSentByPeer => forged(
+            t,
+            verdict(
+                ClosedBy::Middlebox,
+                Reason::MiddleboxReset,
+                Initiator::Remote,
+                Mechanism::Rst,
+                Confidence::High,
+                format!(
+                    "a RST arrived (TTL {ttl}) that the {who} never sent: a firewall, proxy, load balancer \
                  or conntrack/NAT table in between reset the connection; check REJECT rules, \
                  conntrack timeouts and LB idle timeouts on the path"
+                ),
             ),
-        )),
+        ),
         RstOrigin::Untraced => match t.ttl_baseline {
             Some(base) if base != ttl => verdict(
                 ClosedBy::Middlebox,
@@ -135,7 +138,25 @@ pub(super) fn remote_rst(t: &Timeline, at: u64, ttl: u8, origin: RstOrigin) -> V
     }
 }
 
-fn firewall(mut v: Verdict) -> Verdict {
-    v.middlebox = Some(Middlebox::of(MiddleboxKind::Firewall));
+/// A RST the traced peer never sent: a NAT when the peer was joined through address
+/// translation (its conntrack entry gone, the translating host answered), else a filter.
+fn forged(t: &Timeline, mut v: Verdict) -> Verdict {
+    let translated = t.peer.as_ref().is_some_and(|p| p.translated);
+    let mut m = Middlebox::of(if translated {
+        MiddleboxKind::Nat
+    } else {
+        MiddleboxKind::Firewall
+    });
+    if let Some(p) = &t.peer {
+        m.netns = p.netns;
+    }
+    if translated {
+        v.hint.push_str(
+            "; the peer socket, reached through address translation, is still traced on this \
+             host and sent no RST: the NAT/conntrack entry was probably gone (expired or \
+             flushed) and the translating host answered for an address with no socket",
+        );
+    }
+    v.middlebox = Some(m);
     v
 }

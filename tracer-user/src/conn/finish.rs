@@ -42,6 +42,10 @@ impl Table {
         let found = self.find_peer(&conn);
         let peer_closed_ns = found.as_ref().and_then(|(_, c)| *c);
         let peer = found.map(|(mut s, closed)| {
+            s.translated = match (s.tuple, conn.tuple) {
+                (Some(p), Some(me)) => p != me.reversed(),
+                _ => false,
+            };
             s.closed_first = match (closed, conn.closed_ns) {
                 (Some(p), Some(me)) => p <= me,
                 _ => false,

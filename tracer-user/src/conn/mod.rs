@@ -95,6 +95,12 @@ pub struct Table {
     recent: VecDeque<peer::Recent>,
     /// Reasons of no-socket resets reported by `tcp_send_reset`, waiting for their segment.
     pending_reasons: HashMap<Tuple, String>,
+    /// Live sockets by (first egress, first ingress) sequence number: the two ends of one
+    /// connection have them crossed, whatever NAT did to the addresses.
+    live_seq: HashMap<(u32, u32), u64>,
+    /// The same for recently finished sockets: the serial of their [`peer::Recent`] entry.
+    recent_seq: HashMap<(u32, u32), u64>,
+    recent_serial: u64,
     /// Closed sockets per owning process, to find a proxy's other leg.
     legs: proxy::Legs,
     /// Intervals (CLOCK_MONOTONIC) during which the kernel lost events (ring buffer full).
@@ -121,6 +127,9 @@ impl Table {
             rst_log: VecDeque::new(),
             recent: VecDeque::new(),
             pending_reasons: HashMap::new(),
+            live_seq: HashMap::new(),
+            recent_seq: HashMap::new(),
+            recent_serial: 0,
             legs: proxy::Legs::default(),
             drop_windows: VecDeque::new(),
             drops_seen: 0,

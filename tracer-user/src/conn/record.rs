@@ -143,6 +143,8 @@ impl Conn {
             retransmits: self.retransmits,
             stalled_ns,
             opened_ns: self.opened_ns,
+            tuple: self.tuple,
+            translated: false,
             id: self.id.clone(),
             pid: owner.as_ref().map(|o| o.0),
             comm: owner.map(|o| o.1),

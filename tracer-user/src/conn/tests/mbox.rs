@@ -229,3 +229,112 @@ fn lost_kernel_events_lower_confidence() {
         assert!(b.verdict.hint.contains("kernel events were lost"));
     }
 }
+
+/// client -> VIP 10.9.9.9:80, DNAT to the server 10.9.2.2:8080 on the way.
+fn dnat_pair() -> Pair {
+    Pair {
+        st: tuple("10.9.2.2:8080", "10.9.1.2:40000"),
+        ..mk(7, "10.9.1.2:40000", "10.9.9.9:80")
+    }
+}
+
+#[test]
+fn ends_join_through_dnat_by_sequence_numbers() {
+    let mut tbl = Table::default();
+    let p = dnat_pair();
+    handshake(&mut tbl, &p, (1, 3));
+    feed(&mut tbl, active_close(100 * MS, &p, false, 200, "server"));
+    feed(&mut tbl, passive_close(101 * MS, &p, true, 100, "client"));
+    let out = tbl.take_all_closed();
+    let c = only(&out, p.c);
+    let s = only(&out, p.s);
+    assert_eq!(
+        c.peer.as_ref().map(|x| x.id.as_str()),
+        Some(s.conn.id.as_str()),
+        "the client socket is joined to the server socket behind the VIP"
+    );
+    assert!(c.peer.as_ref().is_some_and(|x| x.translated));
+    assert_eq!(
+        s.peer.as_ref().map(|x| x.id.as_str()),
+        Some(c.conn.id.as_str())
+    );
+    assert_eq!(
+        (c.verdict.closed_by, c.verdict.reason.as_str()),
+        (ClosedBy::Server, "server_close")
+    );
+}
+
+#[test]
+fn rst_from_the_nat_host_while_the_server_lives_is_a_nat_reset() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let p = dnat_pair();
+    handshake(&mut tbl, &p, (1, 3));
+    // The conntrack entry is gone: the router (the VIP's host, not the server) answers the
+    // client's next segment with a no-socket RST from the VIP's address.
+    let vip_view = p.ct.reversed();
+    for ev in [
+        pkt(3000 * MS, 0, vip_view, Egress, RST, p.sisn + 1, 64),
+        pkt(3000 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 63),
+        base(3000 * MS, p.c, Some(p.ct), EventKind::RecvReset),
+        state(3000 * MS, p.c, p.ct, Established, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    let out = tbl.take_due(5000 * MS);
+    let c = only(&out, p.c);
+    assert_eq!(
+        (
+            c.verdict.closed_by,
+            c.verdict.reason.as_str(),
+            c.verdict.confidence
+        ),
+        (
+            ClosedBy::Middlebox,
+            "middlebox_reset",
+            classify::Confidence::High
+        ),
+        "{:#?}",
+        c.verdict
+    );
+    let mb = c.verdict.middlebox.as_ref().expect("middlebox object");
+    assert_eq!(mb.kind, MiddleboxKind::Nat);
+    // Without the join this RST would have looked like the server's kernel (no socket).
+    assert!(
+        c.verdict.hint.contains("address translation"),
+        "{}",
+        c.verdict.hint
+    );
+}
+
+#[test]
+fn rst_from_the_server_through_dnat_is_the_servers() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let p = dnat_pair();
+    handshake(&mut tbl, &p, (1, 3));
+    for ev in [
+        by(
+            state(3000 * MS, p.s, p.st, Established, Close),
+            200,
+            "server",
+            false,
+        ),
+        pkt(3000 * MS, p.s, p.st, Egress, RST, p.sisn + 1, 64),
+        pkt(3000 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 63),
+        base(3000 * MS, p.c, Some(p.ct), EventKind::RecvReset),
+        state(3000 * MS, p.c, p.ct, Established, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    let out = tbl.take_all_closed();
+    let c = only(&out, p.c);
+    assert_eq!(
+        (c.verdict.closed_by, c.verdict.reason.as_str()),
+        (ClosedBy::Server, "server_abort"),
+        "{:#?}",
+        c.verdict
+    );
+}

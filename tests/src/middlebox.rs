@@ -100,6 +100,110 @@ impl Drop for Haproxy {
     }
 }
 
+/// An nginx (single process, `master_process off`) in `ns` terminating HTTP/2 on `bind`
+/// and passing gRPC to `backend` (`grpc_pass`), with `keepalive_timeout` = `idle` (for
+/// HTTP/2 the idle timeout that ends a connection with GOAWAY). Killed on drop.
+pub struct Nginx {
+    child: Child,
+    dir: PathBuf,
+    pub bind: SocketAddr,
+    pid: u32,
+}
+
+/// `nginx` is installed (Debian package `nginx`).
+pub fn nginx_missing() -> Option<String> {
+    match Command::new("nginx").arg("-v").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some("nginx not found (apt-get install nginx, or `cargo xtask setup`)".into()),
+    }
+}
+
+/// The configuration of [`Nginx`], every path inside `dir`.
+pub fn nginx_config(
+    dir: &std::path::Path,
+    bind: SocketAddr,
+    backend: SocketAddr,
+    idle: Duration,
+) -> String {
+    let d = dir.display();
+    let ms = idle.as_millis();
+    format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log info;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n    access_log off;\n\
+             client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n\
+             scgi_temp_path {d}/scgi;\n\
+             server {{\n        listen {bind} http2;\n        keepalive_timeout {ms}ms;\n\
+                 location / {{ grpc_pass grpc://{backend}; }}\n    }}\n}}\n"
+    )
+}
+
+impl Nginx {
+    /// Starts nginx in `ns`; returns once it listens on `bind`.
+    pub fn start(ns: &str, bind: SocketAddr, backend: SocketAddr, idle: Duration) -> Result<Self> {
+        let dir =
+            std::env::temp_dir().join(format!("wc-nginx-{}-{}", std::process::id(), bind.port()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let cfg = dir.join("nginx.conf");
+        std::fs::write(&cfg, nginx_config(&dir, bind, backend, idle))
+            .with_context(|| format!("writing {}", cfg.display()))?;
+        let log = std::fs::File::create(dir.join("stderr.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "nginx", "-e"])
+            .arg(dir.join("error.log"))
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawning nginx in {ns}"))?;
+        let pid = child.id();
+        let mut n = Nginx {
+            child,
+            dir,
+            bind,
+            pid,
+        };
+        let want = bind.to_string();
+        let res = wait_until(
+            &format!("nginx listening on {bind} in {ns}"),
+            Duration::from_secs(10),
+            || {
+                if let Some(st) = n.child.try_wait()? {
+                    bail!("nginx exited ({st}): {}", n.log());
+                }
+                let out = run_cmd("ip", &["netns", "exec", ns, "ss", "-Hltn"])?;
+                Ok(out.split_whitespace().any(|w| w == want))
+            },
+        );
+        res.with_context(|| n.log())?;
+        Ok(n)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Its stderr and error log so far.
+    pub fn log(&self) -> String {
+        let r = |f: &str| std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+        format!("{}{}", r("stderr.log"), r("error.log"))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// What a case knows to be true about who ended its connections.
 #[derive(Clone, Copy, Debug)]
 pub struct Truth {

@@ -538,3 +538,127 @@ fn dnat_vip_conntrack_expiry_reset() {
     );
     ok(agent.stop().map(drop), "stop agent");
 }
+
+/// nginx (`http2`, `grpc_pass`) in the router between a grpcio client and server. After one
+/// call nginx closes its upstream connection (no upstream keepalive configured) and, when
+/// its `keepalive_timeout` fires, sends GOAWAY to the client and closes. Both of the
+/// client's leg sockets are `proxy_goaway` naming nginx (high: nginx's own GOAWAY, its other
+/// leg seen); the upstream leg is nginx's own close (`proxy_close`, high or medium: when it
+/// is judged the client leg may still be open and unseen as nginx's).
+#[test]
+fn nginx_grpc_keepalive_timeout_goaway() {
+    use tests::h2peers::grpc_missing;
+    use tests::middlebox::{Nginx, nginx_missing};
+    use tests::{GrpcClient, GrpcServer};
+    if !prelude("nginx_grpc_keepalive_timeout_goaway") {
+        return;
+    }
+    if let Some(why) = nginx_missing().or_else(grpc_missing) {
+        panic!("nginx_grpc_keepalive_timeout_goaway: {why}");
+    }
+    let t = ok(Topology::new(), "topology");
+    let ns = ok(t.inodes(), "inodes");
+    let mut agent = ok(Agent::start(&ns), "agent");
+    let backend = t.server_addr(false, 50051);
+    let bind = SocketAddr::new(t.plan.router_client_v4.into(), PROXY_PORT);
+    let mut server = ok(
+        GrpcServer::spawn::<&str, i64>(&t.server, backend, &[]),
+        "grpc server",
+    );
+    let nginx = ok(
+        Nginx::start(&t.router, bind, backend, Duration::from_millis(2000)),
+        "nginx",
+    );
+    let mut client = ok(
+        GrpcClient::spawn::<&str, i64>(&t.client, bind, &[]),
+        "grpc client",
+    );
+    let upstream = ok(client.call(1), "one call through nginx");
+    ok(
+        client
+            .wait_state(&["IDLE", "TRANSIENT_FAILURE"], Duration::from_secs(15))
+            .map(drop),
+        "nginx's keepalive timeout ends the client's connection",
+    );
+    let bind_s = bind.to_string();
+    let pred = |netns: u64, remote: String| {
+        move |v: &Value| v["conn"]["netns"].as_u64() == Some(netns) && v["conn"]["remote"] == remote
+    };
+    let c = ok(
+        agent.wait_for(
+            "client socket",
+            VERDICT_TIMEOUT,
+            pred(ns[0], bind_s.clone()),
+        ),
+        "client close object",
+    );
+    let client_addr = c["conn"]["local"].as_str().unwrap_or("").to_string();
+    let d = ok(
+        agent.wait_for_close(&bind_s, &client_addr, Some(ns[1]), VERDICT_TIMEOUT),
+        "nginx downstream close object",
+    );
+    let u = ok(
+        agent.wait_for_close(
+            &upstream,
+            &backend.to_string(),
+            Some(ns[1]),
+            VERDICT_TIMEOUT,
+        ),
+        "nginx upstream close object",
+    );
+    let s = ok(
+        agent.wait_for_close(
+            &backend.to_string(),
+            &upstream,
+            Some(ns[2]),
+            VERDICT_TIMEOUT,
+        ),
+        "server close object",
+    );
+    let np = u64::from(nginx.pid());
+    for (obj, leg) in [(&c, "downstream"), (&d, "downstream")] {
+        check(
+            obj,
+            &Expect {
+                closed_by: Some("middlebox"),
+                reason: Some("proxy_goaway"),
+                confidence: Some("high"),
+                ..Expect::default()
+            },
+        );
+        let mb = &obj["verdict"]["middlebox"];
+        assert_eq!(
+            (mb["pid"].as_u64(), &mb["leg"]),
+            (Some(np), &Value::from(leg)),
+            "{obj}"
+        );
+        assert_eq!(mb["action"], "goaway", "{obj}");
+    }
+    for obj in [&u, &s] {
+        check(
+            obj,
+            &Expect {
+                closed_by: Some("middlebox"),
+                reason: Some("proxy_close"),
+                ..Expect::default()
+            },
+        );
+        let mb = &obj["verdict"]["middlebox"];
+        assert_eq!(
+            (mb["pid"].as_u64(), &mb["leg"]),
+            (Some(np), &Value::from("upstream")),
+            "{obj}"
+        );
+    }
+    calibrated(
+        &agent,
+        &ns,
+        Truth {
+            closed_by: "middlebox",
+            middlebox_pid: Some(nginx.pid()),
+        },
+    );
+    ok(server.exit(), "server exit");
+    ok(client.exit(), "client exit");
+    ok(agent.stop().map(drop), "stop agent");
+}

@@ -49,18 +49,38 @@ struct Proxied {
     upstream_addr: String,
     server_addr: String,
     ns: [u64; 3],
+    /// Namespace haproxy runs in.
+    proxy_netns: u64,
 }
 
 impl Proxied {
     fn open(t: &Topology) -> Proxied {
+        Self::open_with(t, false)
+    }
+
+    /// `sidecar`: haproxy runs in the client's namespace on 127.0.0.1 (the service-mesh
+    /// layout), else in the router.
+    fn open_with(t: &Topology, sidecar: bool) -> Proxied {
         let server_addr = t.server_addr(false, SERVER_PORT);
-        let bind = SocketAddr::new(t.plan.router_client_v4.into(), PROXY_PORT);
+        let (proxy_ns, bind, upstream_ip) = if sidecar {
+            (
+                &t.client,
+                SocketAddr::from(([127, 0, 0, 1], 15001)),
+                t.plan.client_v4,
+            )
+        } else {
+            (
+                &t.router,
+                SocketAddr::new(t.plan.router_client_v4.into(), PROXY_PORT),
+                t.plan.router_server_v4,
+            )
+        };
         let mut server = ok(
             Peer::listen(Path::new(WC_PEER), &t.server, server_addr),
             "start server",
         );
         let haproxy = ok(
-            Haproxy::start(&t.router, bind, server_addr, IDLE),
+            Haproxy::start(proxy_ns, bind, server_addr, IDLE),
             "start haproxy",
         );
         let mut client = ok(
@@ -71,16 +91,13 @@ impl Proxied {
             server.wait_accepted(Duration::from_secs(10)),
             "server accepts haproxy's connection",
         );
-        assert_eq!(
-            upstream.ip(),
-            t.plan.router_server_v4,
-            "upstream comes from haproxy"
-        );
+        assert_eq!(upstream.ip(), upstream_ip, "upstream comes from haproxy");
         ok(client.send(100), "client send");
         ok(server.read(100), "server read");
         ok(server.send(50), "server send");
         ok(client.read(50), "client read");
         let ns = ok(t.inodes(), "inodes");
+        let proxy_netns = if sidecar { ns[0] } else { ns[1] };
         Proxied {
             client_addr: client.local.to_string(),
             proxy_addr: bind.to_string(),
@@ -90,12 +107,14 @@ impl Proxied {
             server,
             haproxy,
             ns: [ns[0], ns[1], ns[2]],
+            proxy_netns,
         }
     }
 
     /// [client socket, haproxy downstream, haproxy upstream, server socket].
     fn verdicts(&self, agent: &mut Agent) -> [Value; 4] {
-        let [c, r, s] = self.ns;
+        let [c, _, s] = self.ns;
+        let r = self.proxy_netns;
         let mut get = |l: &str, rm: &str, ns: u64, what: &str| {
             ok(
                 agent.wait_for_close(l, rm, Some(ns), VERDICT_TIMEOUT),
@@ -140,15 +159,26 @@ fn calibrated(agent: &Agent, ns: &[u64], truth: Truth) -> usize {
 /// both legs is `middlebox`, naming haproxy, high (both legs and both far ends traced).
 #[test]
 fn haproxy_idle_timeout_closes_both_legs() {
-    if !prelude("haproxy_idle_timeout_closes_both_legs") {
-        return;
+    if prelude("haproxy_idle_timeout_closes_both_legs") {
+        idle_timeout_case("haproxy_idle_timeout_closes_both_legs", false);
     }
+}
+
+/// The same with haproxy as a sidecar in the client's namespace, reached over loopback.
+#[test]
+fn sidecar_idle_timeout_closes_both_legs() {
+    if prelude("sidecar_idle_timeout_closes_both_legs") {
+        idle_timeout_case("sidecar_idle_timeout_closes_both_legs", true);
+    }
+}
+
+fn idle_timeout_case(test: &str, sidecar: bool) {
     if let Some(why) = haproxy_missing() {
-        panic!("haproxy_idle_timeout_closes_both_legs: {why}");
+        panic!("{test}: {why}");
     }
     let t = ok(Topology::new(), "topology");
     let mut agent = ok(Agent::start(&ok(t.inodes(), "inodes")), "agent");
-    let mut p = Proxied::open(&t);
+    let mut p = Proxied::open_with(&t, sidecar);
     // Nobody sends anything: haproxy's idle timeout ends it.
     ok(p.client.wait_eof(), "client sees haproxy's FIN");
     ok(p.server.wait_eof(), "server sees haproxy's FIN");
@@ -173,6 +203,7 @@ fn haproxy_idle_timeout_closes_both_legs() {
         assert_eq!(mb["kind"], "proxy", "{obj}");
         assert_eq!(mb["pid"].as_u64(), Some(u64::from(hp)), "{obj}");
         assert_eq!(mb["comm"], "haproxy", "{obj}");
+        assert_eq!(mb["netns"].as_u64(), Some(p.proxy_netns), "{obj}");
         assert_eq!(mb["leg"], leg, "{obj}");
         assert_eq!(mb["other_leg_ended"], "by_proxy", "{obj}");
     }

@@ -151,6 +151,15 @@ pub struct H2Summary {
     /// Since when a PING this socket sent (received) has gone unanswered, if one has.
     pub unanswered_sent_since: Option<u64>,
     pub unanswered_received_since: Option<u64>,
+    /// When a PING this socket sent (received) was last acknowledged.
+    pub answered_sent_at: Option<u64>,
+    pub answered_received_at: Option<u64>,
+    /// Since when no stream was open at the end (None: some were open).
+    pub idle_since_ns: Option<u64>,
+    /// Streams still open when the connection ended.
+    pub open_streams: usize,
+    /// Most streams open at once over the connection's life (0: no stream ever seen).
+    pub max_open_streams: usize,
 }
 
 /// What the peer socket did, when the peer is on this host too.

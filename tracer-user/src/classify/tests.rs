@@ -439,6 +439,95 @@ fn cases() -> Vec<Case> {
             confidence: K::High,
         },
         Case {
+            name: "GOAWAY NO_ERROR without text after 1 s with no stream: inferred idle timeout",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![goaway(false, 100, 0, "")]),
+            ),
+            closed_by: C::Server,
+            reason: "server_idle_timeout",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "GOAWAY NO_ERROR without text while streams are open: inferred shutdown",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![GoAway {
+                    idle_ns: None,
+                    ..goaway(false, 100, 0, "")
+                }]),
+            ),
+            closed_by: C::Server,
+            reason: "server_shutdown",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "two GOAWAYs NO_ERROR, the first with the largest stream id: inferred drain",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![
+                    GoAway {
+                        last_stream_id: (1 << 31) - 1,
+                        idle_ns: Some(5_000_000),
+                        ..goaway(false, 100, 0, "")
+                    },
+                    GoAway {
+                        last_stream_id: 3,
+                        ..goaway(false, 150, 0, "")
+                    },
+                ]),
+            ),
+            closed_by: C::Server,
+            reason: "server_shutdown",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "bare server FIN after streams ran and 2 s without one: inferred idle timeout",
+            timeline: with_h2(
+                tl(
+                    Role::Client,
+                    client_open(),
+                    vec![
+                        f(3_000_000_000, FactKind::FinReceived { ttl: 63 }),
+                        st(3_000_000_000, S::Established, S::CloseWait),
+                    ],
+                    None,
+                ),
+                H2Summary {
+                    idle_since_ns: Some(1_000_000_000),
+                    max_open_streams: 1,
+                    ..synced(vec![])
+                },
+            ),
+            closed_by: C::Server,
+            reason: "server_idle_timeout",
+            initiator: I::Remote,
+            mechanism: M::Fin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "a PING answered after an unanswered one: not a keepalive timeout",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(3_000), None),
+                H2Summary {
+                    unanswered_sent_since: Some(1_000),
+                    answered_sent_at: Some(2_000),
+                    ..synced(vec![])
+                },
+            ),
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::High,
+        },
+        Case {
             name: "TLS: the first FIN alone is not proof of who decided",
             timeline: Timeline {
                 tls: true,

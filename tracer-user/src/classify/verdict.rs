@@ -122,9 +122,11 @@ pub enum Cause {
     MaxAge,
     TooManyPings,
     KeepaliveTimeout,
+    /// A graceful shutdown: GOAWAY, then streams finish (drain), then the close.
+    Shutdown,
 }
 
-const CAUSES: usize = 10;
+const CAUSES: usize = 11;
 
 impl Cause {
     fn index(self) -> usize {
@@ -139,6 +141,7 @@ impl Cause {
             Cause::MaxAge => 7,
             Cause::TooManyPings => 8,
             Cause::KeepaliveTimeout => 9,
+            Cause::Shutdown => 10,
         }
     }
 }
@@ -156,6 +159,7 @@ const PARTY_REASONS: [[&str; CAUSES]; 4] = [
         "client_max_age",
         "client_too_many_pings",
         "client_keepalive_timeout",
+        "client_shutdown",
     ],
     [
         "server_close",
@@ -168,6 +172,7 @@ const PARTY_REASONS: [[&str; CAUSES]; 4] = [
         "server_max_age",
         "server_too_many_pings",
         "server_keepalive_timeout",
+        "server_shutdown",
     ],
     [
         "local_close",
@@ -180,6 +185,7 @@ const PARTY_REASONS: [[&str; CAUSES]; 4] = [
         "local_max_age",
         "local_too_many_pings",
         "local_keepalive_timeout",
+        "local_shutdown",
     ],
     [
         "remote_close",
@@ -192,6 +198,7 @@ const PARTY_REASONS: [[&str; CAUSES]; 4] = [
         "remote_max_age",
         "remote_too_many_pings",
         "remote_keepalive_timeout",
+        "remote_shutdown",
     ],
 ];
 
@@ -407,6 +414,7 @@ mod tests {
         (Cause::MaxAge, "max_age"),
         (Cause::TooManyPings, "too_many_pings"),
         (Cause::KeepaliveTimeout, "keepalive_timeout"),
+        (Cause::Shutdown, "shutdown"),
     ];
 
     #[test]

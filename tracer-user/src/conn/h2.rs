@@ -37,6 +37,8 @@ pub struct PingSide {
     times: VecDeque<u64>,
     /// Opaque data of this side's PINGs not yet acknowledged, with their time.
     outstanding: VecDeque<([u8; 8], u64)>,
+    /// When one of this side's PINGs was last acknowledged.
+    pub last_answered_ns: Option<u64>,
 }
 
 impl PingSide {
@@ -199,6 +201,7 @@ impl H2Track {
                     // An ACK answers a PING of the other side.
                     if let Some(i) = other.outstanding.iter().position(|(o, _)| *o == p.opaque) {
                         other.outstanding.remove(i);
+                        other.last_answered_ns = Some(at_ns);
                     }
                 } else {
                     own.pings += 1;

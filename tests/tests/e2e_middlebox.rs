@@ -151,6 +151,21 @@ fn check(obj: &Value, e: &Expect) {
     }
 }
 
+/// The agent seeing every namespace, or (`single`) only the client's: `--visible-netns`
+/// discards the other namespaces' events before any joining, as if they were other nodes.
+fn start_agent(ns: &[u64], single: bool) -> Agent {
+    if !single {
+        return ok(Agent::start(ns), "agent");
+    }
+    let mut args = tests::default_trace_args(&ns[..1]);
+    args.push("--visible-netns".into());
+    args.push(ns[0].to_string());
+    ok(
+        Agent::spawn(&agent_bin(), &args, tests::READY_TIMEOUT),
+        "agent (client namespace only)",
+    )
+}
+
 fn calibrated(agent: &Agent, ns: &[u64], truth: Truth) -> usize {
     ok(check_calibrated(agent.objects(), ns, truth), "calibration")
 }
@@ -344,16 +359,28 @@ fn haproxy_idle_timeout_client_namespace_only() {
 /// heals, the server writes, the client host answers with RST. Both sockets: the path.
 #[test]
 fn blackhole_then_late_rst() {
-    if !prelude("blackhole_then_late_rst") {
-        return;
+    if prelude("blackhole_then_late_rst") {
+        blackhole_case(false);
     }
+}
+
+/// The same seen from the client's namespace only: the server's socket is on "another
+/// node", so path or dead host cannot be told apart: `retransmission_timeout`, `low`.
+#[test]
+fn blackhole_client_namespace_only() {
+    if prelude("blackhole_client_namespace_only") {
+        blackhole_case(true);
+    }
+}
+
+fn blackhole_case(single: bool) {
     let t = ok(Topology::new(), "topology");
     ok(
         t.sysctl(&t.client, "net.ipv4.tcp_retries2", "3"),
         "tcp_retries2=3",
     );
     let ns = ok(t.inodes(), "inodes");
-    let mut agent = ok(Agent::start(&ns), "agent");
+    let mut agent = start_agent(&ns, single);
     let addr = t.server_addr(false, SERVER_PORT);
     let mut server = ok(Peer::listen(Path::new(WC_PEER), &t.server, addr), "server");
     let mut client = ok(Peer::connect(Path::new(WC_PEER), &t.client, addr), "client");
@@ -400,6 +427,29 @@ fn blackhole_then_late_rst() {
         ),
         "client close object",
     );
+    if single {
+        check(
+            &c,
+            &Expect {
+                closed_by: Some("middlebox"),
+                reason: Some("retransmission_timeout"),
+                tcp_initiator: Some("local"),
+                confidence: Some("low"),
+                ..Expect::default()
+            },
+        );
+        assert!(c["peer"].is_null(), "{c}");
+        calibrated(
+            &agent,
+            &ns,
+            Truth {
+                closed_by: "middlebox",
+                middlebox_pid: None,
+            },
+        );
+        ok(agent.stop().map(drop), "stop agent");
+        return;
+    }
     let s = ok(
         agent.wait_for_close(
             &addr.to_string(),
@@ -461,9 +511,21 @@ fn blackhole_then_late_rst() {
 /// RST is proven not to be the server's: `middlebox_reset`, kind `nat`.
 #[test]
 fn dnat_vip_conntrack_expiry_reset() {
-    if !prelude("dnat_vip_conntrack_expiry_reset") {
-        return;
+    if prelude("dnat_vip_conntrack_expiry_reset") {
+        dnat_case(false);
     }
+}
+
+/// The same seen from the client's namespace only: no peer to join, the router's RST is
+/// told from the server's segments by its TTL alone: `middlebox_reset`, `medium`.
+#[test]
+fn dnat_vip_client_namespace_only() {
+    if prelude("dnat_vip_client_namespace_only") {
+        dnat_case(true);
+    }
+}
+
+fn dnat_case(single: bool) {
     let t = ok(Topology::new(), "topology");
     let vip = SocketAddr::new(t.plan.router_client_v4.into(), 80);
     let server_addr = t.server_addr(false, SERVER_PORT);
@@ -499,7 +561,7 @@ fn dnat_vip_conntrack_expiry_reset() {
         "short established timeout",
     );
     let ns = ok(t.inodes(), "inodes");
-    let mut agent = ok(Agent::start(&ns), "agent");
+    let mut agent = start_agent(&ns, single);
     let mut server = ok(
         Peer::listen(Path::new(WC_PEER), &t.server, server_addr),
         "server",
@@ -526,6 +588,30 @@ fn dnat_vip_conntrack_expiry_reset() {
         agent.wait_for_close(&client_addr, &vip.to_string(), Some(ns[0]), VERDICT_TIMEOUT),
         "client close object",
     );
+    if single {
+        check(
+            &c,
+            &Expect {
+                closed_by: Some("middlebox"),
+                reason: Some("middlebox_reset"),
+                tcp_initiator: Some("remote"),
+                confidence: Some("medium"),
+                ..Expect::default()
+            },
+        );
+        assert!(c["peer"].is_null(), "{c}");
+        ok(server.close(), "server close");
+        calibrated(
+            &agent,
+            &ns,
+            Truth {
+                closed_by: "middlebox",
+                middlebox_pid: None,
+            },
+        );
+        ok(agent.stop().map(drop), "stop agent");
+        return;
+    }
     check(
         &c,
         &Expect {
@@ -691,5 +777,73 @@ fn nginx_grpc_keepalive_timeout_goaway() {
     );
     ok(server.exit(), "server exit");
     ok(client.exit(), "client exit");
+    ok(agent.stop().map(drop), "stop agent");
+}
+
+/// haproxy on a node this agent does not see (only the client's and the server's
+/// namespaces are visible): neither end can be joined to the other, each sees only its TCP
+/// peer's FIN. The verdicts name that peer but must not claim `high` (truth: the proxy).
+#[test]
+fn haproxy_on_an_unseen_node() {
+    if !prelude("haproxy_on_an_unseen_node") {
+        return;
+    }
+    if let Some(why) = haproxy_missing() {
+        panic!("haproxy_on_an_unseen_node: {why}");
+    }
+    let t = ok(Topology::new(), "topology");
+    let ns = ok(t.inodes(), "inodes");
+    let mut args = tests::default_trace_args(&[ns[0], ns[2]]);
+    for n in [ns[0], ns[2]] {
+        args.push("--visible-netns".into());
+        args.push(n.to_string());
+    }
+    let mut agent = ok(
+        Agent::spawn(&agent_bin(), &args, tests::READY_TIMEOUT),
+        "agent (client and server namespaces only)",
+    );
+    let mut p = Proxied::open(&t);
+    ok(p.client.wait_eof(), "client sees haproxy's FIN");
+    ok(p.server.wait_eof(), "server sees haproxy's FIN");
+    ok(p.client.close(), "client close");
+    ok(p.server.close(), "server close");
+    let c = ok(
+        agent.wait_for_close(&p.client_addr, &p.proxy_addr, Some(ns[0]), VERDICT_TIMEOUT),
+        "client close object",
+    );
+    let s = ok(
+        agent.wait_for_close(
+            &p.server_addr,
+            &p.upstream_addr,
+            Some(ns[2]),
+            VERDICT_TIMEOUT,
+        ),
+        "server close object",
+    );
+    for (obj, by, reason) in [
+        (&c, "server", "server_close"),
+        (&s, "client", "client_close"),
+    ] {
+        check(
+            obj,
+            &Expect {
+                closed_by: Some(by),
+                reason: Some(reason),
+                tcp_initiator: Some("remote"),
+                confidence: Some("medium"),
+                ..Expect::default()
+            },
+        );
+        assert!(obj["peer"].is_null(), "{obj}");
+    }
+    let n = calibrated(
+        &agent,
+        &ns,
+        Truth {
+            closed_by: "middlebox",
+            middlebox_pid: None,
+        },
+    );
+    assert_eq!(n, 0, "no high verdict from one side of an unseen proxy");
     ok(agent.stop().map(drop), "stop agent");
 }

@@ -24,7 +24,7 @@ pub use verdict::{
     Verdict,
 };
 
-use crate::timeline::Timeline;
+use crate::timeline::{FactKind, RstOrigin, Timeline};
 
 /// The verdict for one ended socket: the HTTP/2 decision when there is one, else the TCP
 /// one. `tcp_initiator` always comes from TCP, so both layers show.
@@ -52,6 +52,33 @@ fn calibrate(t: &Timeline, v: &mut Verdict) {
         v.hint.push_str(
             " (TLS: the payload is opaque, so the first FIN alone does not prove who decided; \
              an encrypted GOAWAY or close_notify from the other side may have come first)",
+        );
+    }
+    // Only this end on this host: the other end's FIN or GOAWAY is seen, not who decided
+    // there; a proxy or load balancer in front of the real peer looks exactly the same.
+    // (A RST the peer socket sent is proof, and stays. A no-socket RST from a kernel on
+    // this host is not, without the peer: that kernel may be a NAT's answering for a VIP.)
+    let remote: ClosedBy = t.role.opposite().into();
+    let proven_here = t.facts.iter().any(|f| {
+        matches!(
+            f.kind,
+            FactKind::RstReceived {
+                origin: RstOrigin::PeerSocket,
+                ..
+            }
+        )
+    });
+    if t.peer.is_none()
+        && t.proxy.is_none()
+        && !proven_here
+        && remote != ClosedBy::Unknown
+        && v.closed_by == remote
+        && v.confidence == Confidence::High
+    {
+        v.confidence = Confidence::Medium;
+        v.hint.push_str(
+            " (the other end is not traced on this host, so this is what arrived from its side; \
+             a proxy or load balancer in front of it would look the same: trace that host too)",
         );
     }
     if t.events_lost {

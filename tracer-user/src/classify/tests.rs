@@ -172,7 +172,7 @@ fn cases() -> Vec<Case> {
                     st_by(120, S::CloseWait, S::LastAck, false),
                     st(121, S::LastAck, S::Close),
                 ],
-                None,
+                peer(false, false),
             ),
             closed_by: C::Server,
             reason: "server_close",
@@ -429,7 +429,12 @@ fn cases() -> Vec<Case> {
         Case {
             name: "GOAWAY text naming an idle *stream* is not an idle timeout",
             timeline: with_h2(
-                tl(Role::Client, client_open(), client_fin_after(200), None),
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(200),
+                    peer(false, false),
+                ),
                 synced(vec![goaway(false, 100, 1, "RST_STREAM: stream in idle")]),
             ),
             closed_by: C::Server,
@@ -526,6 +531,35 @@ fn cases() -> Vec<Case> {
             initiator: I::Local,
             mechanism: M::Fin,
             confidence: K::High,
+        },
+        Case {
+            name: "only this end traced: the server's FIN could be a proxy's, medium",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    f(100, FactKind::FinReceived { ttl: 63 }),
+                    st(100, S::Established, S::CloseWait),
+                ],
+                None,
+            ),
+            closed_by: C::Server,
+            reason: "server_close",
+            initiator: I::Remote,
+            mechanism: M::Fin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "only this end traced: a GOAWAY max_idle could be a proxy's, medium",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![goaway(false, 100, 0, "max_idle")]),
+            ),
+            closed_by: C::Server,
+            reason: "server_idle_timeout",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::Medium,
         },
         Case {
             name: "TLS: the first FIN alone is not proof of who decided",
@@ -696,7 +730,9 @@ fn cases() -> Vec<Case> {
             reason: "connection_refused",
             initiator: I::Remote,
             mechanism: M::Rst,
-            confidence: K::High,
+            // No listener socket to join: a kernel on this host answered, possibly a NAT's for
+            // a VIP, so proven only as far as "that address's host said no".
+            confidence: K::Medium,
         },
         Case {
             name: "connect timeout",
@@ -779,7 +815,12 @@ fn cases() -> Vec<Case> {
         Case {
             name: "grpc max idle: server GOAWAY NO_ERROR max_idle, client sends the first FIN",
             timeline: with_h2(
-                tl(Role::Client, client_open(), client_fin_after(200), None),
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(200),
+                    peer(false, false),
+                ),
                 synced(vec![goaway(false, 100, 0, "max_idle")]),
             ),
             closed_by: C::Server,
@@ -811,7 +852,12 @@ fn cases() -> Vec<Case> {
         Case {
             name: "grpc C-core idle: GOAWAY INTERNAL_ERROR connection idle",
             timeline: with_h2(
-                tl(Role::Client, client_open(), client_fin_after(200), None),
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(200),
+                    peer(false, false),
+                ),
                 synced(vec![goaway(false, 100, 2, "connection idle")]),
             ),
             closed_by: C::Server,
@@ -852,7 +898,12 @@ fn cases() -> Vec<Case> {
         Case {
             name: "Kitex idle timeout text",
             timeline: with_h2(
-                tl(Role::Client, client_open(), client_fin_after(200), None),
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(200),
+                    peer(false, false),
+                ),
                 synced(vec![goaway(false, 100, 0, "idleTimeout")]),
             ),
             closed_by: C::Server,
@@ -864,7 +915,12 @@ fn cases() -> Vec<Case> {
         Case {
             name: "grpc max age with the two-GOAWAY drain",
             timeline: with_h2(
-                tl(Role::Client, client_open(), client_fin_after(300), None),
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(300),
+                    peer(false, false),
+                ),
                 synced(vec![
                     goaway(false, 100, 0, "max_age"),
                     goaway(false, 200, 0, "max_age"),
@@ -886,7 +942,7 @@ fn cases() -> Vec<Case> {
                         f(300, FactKind::FinReceived { ttl: 63 }),
                         st(300, S::Established, S::CloseWait),
                     ],
-                    None,
+                    peer(false, false),
                 ),
                 H2Summary {
                     ping_interval_sent_ns: Some(200_000_000),
@@ -902,7 +958,12 @@ fn cases() -> Vec<Case> {
         Case {
             name: "server GOAWAY with another code",
             timeline: with_h2(
-                tl(Role::Client, client_open(), client_fin_after(200), None),
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(200),
+                    peer(false, false),
+                ),
                 synced(vec![goaway(false, 100, 2, "")]),
             ),
             closed_by: C::Server,

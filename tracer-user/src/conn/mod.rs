@@ -164,6 +164,11 @@ impl Table {
             .any(|&(s, e)| s < to_ns && e >= from_ns)
     }
 
+    /// Is `sk` a socket the table tracks right now?
+    pub fn tracks(&self, sk: u64) -> bool {
+        sk != 0 && self.conns.contains_key(&sk)
+    }
+
     pub fn len(&self) -> usize {
         self.conns.len()
     }

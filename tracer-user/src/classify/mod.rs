@@ -68,18 +68,22 @@ fn calibrate(t: &Timeline, v: &mut Verdict) {
             }
         )
     });
-    if t.peer.is_none()
+    let single_ended = t.peer.is_none()
         && t.proxy.is_none()
         && !proven_here
         && remote != ClosedBy::Unknown
-        && v.closed_by == remote
-        && v.confidence == Confidence::High
-    {
+        && v.closed_by == remote;
+    if single_ended && v.confidence == Confidence::High {
         v.confidence = Confidence::Medium;
         v.hint.push_str(
             " (the other end is not traced on this host, so this is what arrived from its side; \
              a proxy or load balancer in front of it would look the same: trace that host too)",
         );
+    }
+    if single_ended {
+        if let Some(lb) = idle_hint(t) {
+            v.hint.push_str(&lb);
+        }
     }
     if t.events_lost {
         v.confidence = v.confidence.lower();
@@ -92,3 +96,28 @@ fn calibrate(t: &Timeline, v: &mut Verdict) {
 
 #[cfg(test)]
 mod tests;
+
+/// Well-known idle timeouts of load balancers and NAT tables, in seconds.
+const KNOWN_IDLE_TIMEOUTS: [(&str, u64); 5] = [
+    ("AWS ALB", 60),
+    ("Azure Load Balancer", 240),
+    ("AWS NLB", 350),
+    ("GCP load balancer / Cloud NAT", 600),
+    ("IPVS (kube-proxy ipvs mode)", 900),
+];
+
+/// When the connection had been idle (no open HTTP/2 stream) for about a well-known
+/// idle timeout before the other side ended it, say so: an inference for the hint only.
+fn idle_hint(t: &Timeline) -> Option<String> {
+    let h = t.h2.as_ref()?;
+    let since = h.idle_since_ns?;
+    let (end, _) = ending::first_ending(t)?;
+    let idle_s = end.saturating_sub(since) as f64 / 1e9;
+    let (name, secs) = KNOWN_IDLE_TIMEOUTS
+        .iter()
+        .find(|(_, s)| (idle_s - *s as f64).abs() <= (*s as f64) * 0.05)?;
+    Some(format!(
+        "; it had been idle {idle_s:.0} s, close to the {name} idle timeout ({secs} s): \
+         possibly that device (inferred from the timing alone)"
+    ))
+}

@@ -1158,3 +1158,31 @@ fn ttl_hint_names_both_values() {
         v.hint
     );
 }
+
+#[test]
+fn single_ended_idle_close_near_a_known_lb_timeout_is_named_in_the_hint() {
+    let s = 1_000_000_000u64;
+    let t = with_h2(
+        tl(
+            Role::Client,
+            client_open(),
+            vec![
+                f(400 * s, FactKind::FinReceived { ttl: 63 }),
+                st(400 * s, S::Established, S::CloseWait),
+            ],
+            None,
+        ),
+        H2Summary {
+            idle_since_ns: Some(49 * s),
+            max_open_streams: 1,
+            ..synced(vec![])
+        },
+    );
+    let v = classify(&t);
+    assert_eq!(v.confidence, Confidence::Medium, "{v:?}");
+    assert!(
+        v.hint.contains("AWS NLB idle timeout (350 s)"),
+        "{}",
+        v.hint
+    );
+}

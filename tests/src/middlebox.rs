@@ -204,6 +204,47 @@ impl Drop for Nginx {
     }
 }
 
+/// Waits until something in `ns` listens on `addr` (TCP).
+pub fn wait_listening(ns: &str, addr: SocketAddr) -> Result<()> {
+    let want = addr.to_string();
+    wait_until(
+        &format!("a listener on {addr} in {ns}"),
+        Duration::from_secs(10),
+        || {
+            let out = run_cmd("ip", &["netns", "exec", ns, "ss", "-Hltn"])?;
+            Ok(out.split_whitespace().any(|w| w == want))
+        },
+    )
+}
+
+/// A throwaway self-signed P-256 certificate and key in `dir` (`cert.pem`, `key.pem`).
+pub fn self_signed_cert(dir: &std::path::Path) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    run_cmd(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &k,
+            "-out",
+            &c,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=wc-test",
+        ],
+    )?;
+    Ok((cert, key))
+}
+
 /// What a case knows to be true about who ended its connections.
 #[derive(Clone, Copy, Debug)]
 pub struct Truth {

@@ -847,3 +847,105 @@ fn haproxy_on_an_unseen_node() {
     assert_eq!(n, 0, "no high verdict from one side of an unseen proxy");
     ok(agent.stop().map(drop), "stop agent");
 }
+
+/// TLS (openssl s_server / s_client): the client sends a line and closes. The payload is
+/// opaque, so the first FIN alone must not give `high` (an encrypted GOAWAY or
+/// close_notify from the server could have come first): client_close, medium, both ends.
+#[test]
+fn tls_client_close_is_not_high_from_fin_order() {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    use tests::middlebox::{self_signed_cert, wait_listening};
+    if !prelude("tls_client_close_is_not_high_from_fin_order") {
+        return;
+    }
+    let t = ok(Topology::new(), "topology");
+    let ns = ok(t.inodes(), "inodes");
+    let dir = std::env::temp_dir().join(format!("wc-tls-{}", std::process::id()));
+    let (cert, key) = ok(self_signed_cert(&dir), "self-signed certificate");
+    let addr = t.server_addr(false, 8443);
+    let mut agent = ok(Agent::start(&ns), "agent");
+    let mut server = Command::new("ip")
+        .args([
+            "netns", "exec", &t.server, "openssl", "s_server", "-quiet", "-naccept", "1",
+        ])
+        .arg("-accept")
+        .arg(addr.to_string())
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn openssl s_server");
+    ok(wait_listening(&t.server, addr), "s_server listening");
+    let mut client = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.client,
+            "openssl",
+            "s_client",
+            "-quiet",
+            "-no_ign_eof",
+        ])
+        .arg("-connect")
+        .arg(addr.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn openssl s_client");
+    if let Some(mut stdin) = client.stdin.take() {
+        let _ = stdin.write_all(b"hello\n");
+        std::thread::sleep(Duration::from_millis(700));
+        // stdin closes here: s_client sends close_notify and closes its socket.
+    }
+    let _ = client.wait();
+    let pred = |netns: u64| {
+        move |v: &Value| {
+            v["conn"]["netns"].as_u64() == Some(netns) && v["conn"]["remote"] == addr.to_string()
+        }
+    };
+    let c = ok(
+        agent.wait_for("client TLS socket", VERDICT_TIMEOUT, pred(ns[0])),
+        "client close object",
+    );
+    let client_addr = c["conn"]["local"].as_str().unwrap_or("").to_string();
+    let s = ok(
+        agent.wait_for_close(
+            &addr.to_string(),
+            &client_addr,
+            Some(ns[2]),
+            VERDICT_TIMEOUT,
+        ),
+        "server close object",
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    for obj in [&c, &s] {
+        assert_eq!(obj["h2"]["state"], "tls", "{obj}");
+        check(
+            obj,
+            &Expect {
+                closed_by: Some("client"),
+                reason: Some("client_close"),
+                mechanism: Some("fin"),
+                confidence: Some("medium"),
+                ..Expect::default()
+            },
+        );
+    }
+    calibrated(
+        &agent,
+        &ns,
+        Truth {
+            closed_by: "client",
+            middlebox_pid: None,
+        },
+    );
+    ok(agent.stop().map(drop), "stop agent");
+}

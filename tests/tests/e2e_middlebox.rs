@@ -949,3 +949,208 @@ fn tls_client_close_is_not_high_from_fin_order() {
     );
     ok(agent.stop().map(drop), "stop agent");
 }
+
+/// The router REJECTs the client's segment with a forged RST; later the server writes and
+/// the client host, which no longer has the socket, answers with RST. The server socket
+/// inherits the client's story (`middlebox_reset`), not `client_no_socket`.
+#[test]
+fn reject_then_late_rst_inherits_the_middlebox_reset() {
+    if !prelude("reject_then_late_rst_inherits_the_middlebox_reset") {
+        return;
+    }
+    let t = ok(Topology::new(), "topology");
+    let ns = ok(t.inodes(), "inodes");
+    let mut agent = ok(Agent::start(&ns), "agent");
+    let addr = t.server_addr(false, SERVER_PORT);
+    let mut server = ok(Peer::listen(Path::new(WC_PEER), &t.server, addr), "server");
+    let mut client = ok(Peer::connect(Path::new(WC_PEER), &t.client, addr), "client");
+    ok(
+        server.wait_accepted(Duration::from_secs(10)).map(drop),
+        "accept",
+    );
+    let (c_ip, s_ip, port) = (
+        t.plan.client_v4.to_string(),
+        t.plan.server_v4.to_string(),
+        SERVER_PORT.to_string(),
+    );
+    let rule = [
+        "FORWARD",
+        "-p",
+        "tcp",
+        "-s",
+        &c_ip,
+        "-d",
+        &s_ip,
+        "--dport",
+        &port,
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "tcp-reset",
+    ];
+    let with = |op: &'static str| -> Vec<String> {
+        std::iter::once(op)
+            .chain(rule.iter().copied())
+            .map(String::from)
+            .collect()
+    };
+    fn strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let args = |op| with(op);
+    ok(
+        t.router_iptables(&strs(&args("-I"))),
+        "REJECT in the router",
+    );
+    ok(client.send(10), "client send");
+    ok(
+        client
+            .expect_error("read 1", "reset", Duration::from_secs(10))
+            .map(drop),
+        "client gets the forged RST",
+    );
+    ok(client.close(), "client close");
+    ok(t.router_iptables(&strs(&args("-D"))), "REJECT removed");
+    ok(
+        server.send(10),
+        "server writes to a socket the client no longer has",
+    );
+    ok(
+        server
+            .expect_error("read 1", "reset", Duration::from_secs(10))
+            .map(drop),
+        "server gets the client host's RST",
+    );
+    ok(server.close(), "server close");
+    let client_addr = client.local.to_string();
+    let c = ok(
+        agent.wait_for_close(
+            &client_addr,
+            &addr.to_string(),
+            Some(ns[0]),
+            VERDICT_TIMEOUT,
+        ),
+        "client close object",
+    );
+    let s = ok(
+        agent.wait_for_close(
+            &addr.to_string(),
+            &client_addr,
+            Some(ns[2]),
+            VERDICT_TIMEOUT,
+        ),
+        "server close object",
+    );
+    for obj in [&c, &s] {
+        check(
+            obj,
+            &Expect {
+                closed_by: Some("middlebox"),
+                reason: Some("middlebox_reset"),
+                tcp_initiator: Some("remote"),
+                mechanism: Some("rst"),
+                confidence: Some("high"),
+                ..Expect::default()
+            },
+        );
+    }
+    assert_eq!(s["peer"]["id"], c["conn"]["id"], "{s}");
+    calibrated(
+        &agent,
+        &ns,
+        Truth {
+            closed_by: "middlebox",
+            middlebox_pid: None,
+        },
+    );
+    ok(agent.stop().map(drop), "stop agent");
+}
+
+/// kube-proxy style DNAT in the client's own OUTPUT chain (a host-network client reaching a
+/// Service VIP): the client socket (to the VIP) and the server socket (from the client's
+/// real address) are joined by sequence numbers, so the server's close is proven.
+#[test]
+fn output_chain_dnat_joins_both_ends() {
+    if !prelude("output_chain_dnat_joins_both_ends") {
+        return;
+    }
+    let t = ok(Topology::new(), "topology");
+    let ns = ok(t.inodes(), "inodes");
+    let vip: SocketAddr = "10.96.0.10:80".parse().expect("literal");
+    let server_addr = t.server_addr(false, SERVER_PORT);
+    ok(
+        t.exec(
+            &t.client,
+            &[
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-d",
+                &vip.ip().to_string(),
+                "-p",
+                "tcp",
+                "--dport",
+                "80",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &server_addr.to_string(),
+            ],
+        ),
+        "DNAT in the client's OUTPUT chain",
+    );
+    let mut agent = ok(Agent::start(&ns), "agent");
+    let mut server = ok(
+        Peer::listen(Path::new(WC_PEER), &t.server, server_addr),
+        "server",
+    );
+    let mut client = ok(Peer::connect(Path::new(WC_PEER), &t.client, vip), "client");
+    ok(
+        server.wait_accepted(Duration::from_secs(10)).map(drop),
+        "accept",
+    );
+    ok(client.send(10), "client send");
+    ok(server.read(10), "server read");
+    ok(server.close(), "server close");
+    ok(client.wait_eof(), "client sees the FIN");
+    ok(client.close(), "client close");
+    let client_addr = client.local.to_string();
+    let c = ok(
+        agent.wait_for_close(&client_addr, &vip.to_string(), Some(ns[0]), VERDICT_TIMEOUT),
+        "client close object",
+    );
+    let s = ok(
+        agent.wait_for_close(
+            &server_addr.to_string(),
+            &client_addr,
+            Some(ns[2]),
+            VERDICT_TIMEOUT,
+        ),
+        "server close object",
+    );
+    for obj in [&c, &s] {
+        check(
+            obj,
+            &Expect {
+                closed_by: Some("server"),
+                reason: Some("server_close"),
+                confidence: Some("high"),
+                ..Expect::default()
+            },
+        );
+    }
+    assert_eq!(c["peer"]["id"], s["conn"]["id"], "{c}");
+    assert_eq!(s["peer"]["id"], c["conn"]["id"], "{s}");
+    calibrated(
+        &agent,
+        &ns,
+        Truth {
+            closed_by: "server",
+            middlebox_pid: None,
+        },
+    );
+    ok(agent.stop().map(drop), "stop agent");
+}

@@ -185,6 +185,8 @@ pub struct PeerSummary {
     pub opened_ns: Option<u64>,
     /// Its own addresses (local = its side).
     pub tuple: Option<crate::event::Tuple>,
+    /// When it received a RST that nobody on this host sent (a middlebox reset it).
+    pub middlebox_reset_at: Option<u64>,
     /// Its addresses are not this socket's reversed: the two were joined by sequence
     /// numbers through address translation (DNAT/SNAT) on the way.
     pub translated: bool,

@@ -6,6 +6,32 @@ use super::{
 };
 use crate::timeline::{LegEnd, RstOrigin, Timeline};
 
+/// The peer socket on this host had been reset by a middlebox (a RST nobody on this host
+/// sent) before this RST came from its host: that reset is the story, this RST its echo.
+fn peer_reset_by_middlebox(t: &Timeline, rst_at: u64) -> Option<Verdict> {
+    let p = t.peer.as_ref()?;
+    let at = p.middlebox_reset_at?;
+    if at > rst_at {
+        return None;
+    }
+    let side = Party::of(t.role, false);
+    let mut v = verdict(
+        ClosedBy::Middlebox,
+        Reason::MiddleboxReset,
+        Initiator::Remote,
+        Mechanism::Rst,
+        Confidence::High,
+        format!(
+            "the {side} socket on this host was reset first by a RST that nobody on this host \
+             sent (a firewall REJECT, a proxy or a NAT/conntrack table in between); the RST that \
+             ended this socket is the {side} host answering afterwards for a socket it no longer \
+             had, not the cause"
+        ),
+    );
+    v.middlebox = Some(Middlebox::of(MiddleboxKind::Firewall));
+    Some(v)
+}
+
 /// The peer socket on this host had already died of a timeout when this RST came: its
 /// host answered a late segment for a socket it no longer had. The ending is the path
 /// that made the peer give up; the RST is only its echo.
@@ -47,7 +73,7 @@ pub(super) fn remote_rst(t: &Timeline, at: u64, ttl: u8, origin: RstOrigin) -> V
     let remote = t.role.opposite();
     let who = Party::of(t.role, false);
     if origin != RstOrigin::NotSentByPeer {
-        if let Some(v) = peer_timed_out(t, at) {
+        if let Some(v) = peer_timed_out(t, at).or_else(|| peer_reset_by_middlebox(t, at)) {
             return v;
         }
     }

@@ -427,6 +427,36 @@ fn cases() -> Vec<Case> {
             confidence: K::High,
         },
         Case {
+            name: "RST from the host whose socket a middlebox reset first: the middlebox",
+            timeline: tl(
+                Role::Server,
+                server_open(),
+                vec![
+                    f(
+                        5000,
+                        FactKind::RstReceived {
+                            ttl: 63,
+                            origin: RstOrigin::PeerKernel,
+                            sender_reason: Some("NO_SOCKET".into()),
+                        },
+                    ),
+                    st(5000, S::Established, S::Close),
+                ],
+                Some(PeerSummary {
+                    id: "p".into(),
+                    closed_first: true,
+                    ended: Some((700, LegEnd::FarRst)),
+                    middlebox_reset_at: Some(700),
+                    ..Default::default()
+                }),
+            ),
+            closed_by: C::Middlebox,
+            reason: "middlebox_reset",
+            initiator: I::Remote,
+            mechanism: M::Rst,
+            confidence: K::High,
+        },
+        Case {
             name: "GOAWAY text naming an idle *stream* is not an idle timeout",
             timeline: with_h2(
                 tl(

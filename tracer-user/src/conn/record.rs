@@ -145,6 +145,13 @@ impl Conn {
             opened_ns: self.opened_ns,
             tuple: self.tuple,
             translated: false,
+            middlebox_reset_at: self.facts.iter().find_map(|f| match f.kind {
+                FactKind::RstReceived {
+                    origin: crate::timeline::RstOrigin::NotSentByPeer,
+                    ..
+                } => Some(f.at_ns),
+                _ => None,
+            }),
             id: self.id.clone(),
             pid: owner.as_ref().map(|o| o.0),
             comm: owner.map(|o| o.1),

@@ -18,6 +18,8 @@ use crate::{
 /// Closed sockets remembered per process, and processes remembered at all.
 const MAX_LEGS_PER_PID: usize = 256;
 const MAX_PIDS: usize = 16_384;
+/// Other-leg candidates checked per socket, nearest in time first.
+const MAX_CANDIDATES: usize = 8;
 
 /// Process names of well-known proxies (the kernel's 15-byte `comm`).
 const KNOWN_PROXIES: &[&str] = &[
@@ -152,7 +154,7 @@ impl Table {
         let q = self.legs.by_pid.get(&leg.pid)?;
         let reversed = leg.tuple.map(|t| t.reversed());
         let end = leg.closed_ns.unwrap_or(u64::MAX);
-        let best = q
+        let mut candidates: Vec<&LegRec> = q
             .iter()
             .filter(|r| {
                 r.id != leg.id
@@ -162,9 +164,14 @@ impl Table {
                     && r.tuple != leg.tuple
                     && r.opened_ns.is_none_or(|o| o <= end)
                     && leg.opened_ns.is_none_or(|o| r.closed_ns >= o)
-                    && !self.peer_owned_by(r.tuple, leg.pid)
             })
-            .min_by_key(|r| r.closed_ns.abs_diff(end.min(u64::MAX / 2)))?;
+            .collect();
+        candidates.sort_by_key(|r| r.closed_ns.abs_diff(end.min(u64::MAX / 2)));
+        // The nearest few only: checking a candidate's own peer costs a lookup each.
+        let best = candidates
+            .into_iter()
+            .take(MAX_CANDIDATES)
+            .find(|r| !self.peer_owned_by(r.tuple, leg.pid))?;
         // Still lingering: its facts may have grown since it closed.
         let ended = match self.conns.get(&best.skaddr) {
             Some(c) if c.id == best.id => own_end(&c.facts),

@@ -848,9 +848,10 @@ fn haproxy_on_an_unseen_node() {
     ok(agent.stop().map(drop), "stop agent");
 }
 
-/// TLS (openssl s_server / s_client): the client sends a line and closes. The payload is
-/// opaque, so the first FIN alone must not give `high` (an encrypted GOAWAY or
-/// close_notify from the server could have come first): client_close, medium, both ends.
+/// TLS (openssl s_server / s_client): the client sends a line and closes (truth: the
+/// client decided). The payload is opaque, so the first FIN alone must not give `high`:
+/// the server's FIN may win the race after the client's close_notify, exactly the case
+/// where FIN order would blame the wrong side.
 #[test]
 fn tls_client_close_is_not_high_from_fin_order() {
     use std::io::Write as _;
@@ -926,13 +927,27 @@ fn tls_client_close_is_not_high_from_fin_order() {
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
+    // Which FIN goes first is a race (s_server answers the client's close_notify by
+    // closing at once): whichever it is, the verdict names that side's FIN at `medium`,
+    // never `high`, and both sockets agree.
+    let first = c["verdict"]["closed_by"].as_str().unwrap_or("").to_string();
+    assert!(first == "client" || first == "server", "{c}");
+    let reason: &'static str = if first == "client" {
+        "client_close"
+    } else {
+        "server_close"
+    };
     for obj in [&c, &s] {
         assert_eq!(obj["h2"]["state"], "tls", "{obj}");
         check(
             obj,
             &Expect {
-                closed_by: Some("client"),
-                reason: Some("client_close"),
+                closed_by: Some(if first == "client" {
+                    "client"
+                } else {
+                    "server"
+                }),
+                reason: Some(reason),
                 mechanism: Some("fin"),
                 confidence: Some("medium"),
                 ..Expect::default()

@@ -664,18 +664,31 @@ fn dnat_case(single: bool) {
 /// is judged the client leg may still be open and unseen as nginx's).
 #[test]
 fn nginx_grpc_keepalive_timeout_goaway() {
+    if prelude("nginx_grpc_keepalive_timeout_goaway") {
+        nginx_case("nginx_grpc_keepalive_timeout_goaway", false);
+    }
+}
+
+/// The same seen from the client's namespace only: a GOAWAY NO_ERROR without debug text
+/// after 2 s with no open stream, from a peer that cannot be told from a proxy: the cause
+/// is inferred (`server_idle_timeout`), `medium`, and the hint says "inferred".
+#[test]
+fn nginx_grpc_keepalive_timeout_client_namespace_only() {
+    if prelude("nginx_grpc_keepalive_timeout_client_namespace_only") {
+        nginx_case("nginx_grpc_keepalive_timeout_client_namespace_only", true);
+    }
+}
+
+fn nginx_case(test: &str, single: bool) {
     use tests::h2peers::grpc_missing;
     use tests::middlebox::{Nginx, nginx_missing};
     use tests::{GrpcClient, GrpcServer};
-    if !prelude("nginx_grpc_keepalive_timeout_goaway") {
-        return;
-    }
     if let Some(why) = nginx_missing().or_else(grpc_missing) {
-        panic!("nginx_grpc_keepalive_timeout_goaway: {why}");
+        panic!("{test}: {why}");
     }
     let t = ok(Topology::new(), "topology");
     let ns = ok(t.inodes(), "inodes");
-    let mut agent = ok(Agent::start(&ns), "agent");
+    let mut agent = start_agent(&ns, single);
     let backend = t.server_addr(false, 50051);
     let bind = SocketAddr::new(t.plan.router_client_v4.into(), PROXY_PORT);
     let mut server = ok(
@@ -709,6 +722,32 @@ fn nginx_grpc_keepalive_timeout_goaway() {
         ),
         "client close object",
     );
+    if single {
+        check(
+            &c,
+            &Expect {
+                closed_by: Some("server"),
+                reason: Some("server_idle_timeout"),
+                mechanism: Some("goaway_then_fin"),
+                confidence: Some("medium"),
+                ..Expect::default()
+            },
+        );
+        let hint = c["verdict"]["hint"].as_str().unwrap_or("");
+        assert!(hint.starts_with("inferred"), "{hint}");
+        calibrated(
+            &agent,
+            &ns,
+            Truth {
+                closed_by: "middlebox",
+                middlebox_pid: Some(nginx.pid()),
+            },
+        );
+        ok(server.exit(), "server exit");
+        ok(client.exit(), "client exit");
+        ok(agent.stop().map(drop), "stop agent");
+        return;
+    }
     let client_addr = c["conn"]["local"].as_str().unwrap_or("").to_string();
     let d = ok(
         agent.wait_for_close(&bind_s, &client_addr, Some(ns[1]), VERDICT_TIMEOUT),

@@ -151,6 +151,8 @@ pub struct H2Summary {
     /// Since when a PING this socket sent (received) has gone unanswered, if one has.
     pub unanswered_sent_since: Option<u64>,
     pub unanswered_received_since: Option<u64>,
+    /// When the last frame from the peer arrived.
+    pub last_received_ns: Option<u64>,
     /// When a PING this socket sent (received) was last acknowledged.
     pub answered_sent_at: Option<u64>,
     pub answered_received_at: Option<u64>,

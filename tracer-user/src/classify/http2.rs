@@ -63,11 +63,22 @@ fn still_unanswered(since: Option<u64>, answered_at: Option<u64>) -> Option<u64>
     since.filter(|s| answered_at.is_none_or(|a| a < *s))
 }
 
+/// Frames from the peer kept arriving well after this PING went out (more than a second:
+/// not just what was already in flight when the path broke): the peer and the path were
+/// alive, so the PING is no keepalive evidence.
+fn heard_after(h: &H2Summary, since: u64) -> bool {
+    h.last_received_ns
+        .is_some_and(|r| r > since.saturating_add(HEARD_AFTER_NS))
+}
+
+const HEARD_AFTER_NS: u64 = 1_000_000_000;
+
 /// PINGs from the client side that went unanswered, and their cadence.
 fn client_pings(role: Role, h: &H2Summary) -> (Option<u64>, Option<u64>) {
     match role {
         Role::Client | Role::Unknown => (
-            still_unanswered(h.unanswered_sent_since, h.answered_sent_at),
+            still_unanswered(h.unanswered_sent_since, h.answered_sent_at)
+                .filter(|s| !heard_after(h, *s)),
             h.ping_interval_sent_ns,
         ),
         Role::Server => (
@@ -258,7 +269,8 @@ fn keepalive(
         (Initiator::Local, Role::Client) | (Initiator::Remote, Role::Server)
     );
     if let (Some(since), true) = (
-        still_unanswered(h.unanswered_sent_since, h.answered_sent_at),
+        still_unanswered(h.unanswered_sent_since, h.answered_sent_at)
+            .filter(|s| !heard_after(h, *s)),
         role == Role::Client && tcp.mechanism == Mechanism::Timeout,
     ) {
         if before_end(since) {

@@ -592,6 +592,27 @@ fn cases() -> Vec<Case> {
             confidence: K::Medium,
         },
         Case {
+            name: "frames from the server long after an unanswered PING: not a keepalive timeout",
+            timeline: with_h2(
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(2_000_000_000),
+                    None,
+                ),
+                H2Summary {
+                    unanswered_sent_since: Some(1_000),
+                    last_received_ns: Some(1_000_002_500),
+                    ..synced(vec![])
+                },
+            ),
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::High,
+        },
+        Case {
             name: "TLS: the first FIN alone is not proof of who decided",
             timeline: Timeline {
                 tls: true,

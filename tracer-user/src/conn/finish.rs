@@ -95,6 +95,7 @@ fn h2_summary(t: &H2Track) -> H2Summary {
         ping_interval_received_ns: t.ping_received.median_interval_ns(),
         unanswered_sent_since: t.ping_sent.oldest_unanswered_ns(),
         unanswered_received_since: t.ping_received.oldest_unanswered_ns(),
+        last_received_ns: t.last_received_ns,
         answered_sent_at: t.ping_sent.last_answered_ns,
         answered_received_at: t.ping_received.last_answered_ns,
         idle_since_ns: t.idle_since_ns,

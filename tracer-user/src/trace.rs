@@ -128,7 +128,7 @@ impl Loop {
                             Some(n) => !self.visible_netns.contains(&n),
                             None => {
                                 !matches!(ev.kind, event::EventKind::ErrorReport { .. })
-                                    && !self.table.tracks(ev.skaddr)
+                                    && !self.table.tracks(ev.skaddr, ev.tuple)
                             }
                         };
                     if !hidden {

@@ -14,16 +14,20 @@ impl Table {
     /// Connections whose linger period is over at `now_ns` (CLOCK_MONOTONIC).
     pub fn take_due(&mut self, now_ns: u64) -> Vec<Closed> {
         let linger = self.cfg.linger_ns;
-        let due: Vec<u64> = self
+        let mut due: Vec<(u64, u64)> = self
             .conns
             .values()
-            .filter(|c| {
+            .filter_map(|c| {
                 c.closed_ns
-                    .is_some_and(|t| t.saturating_add(linger) <= now_ns)
+                    .filter(|t| t.saturating_add(linger) <= now_ns)
+                    .map(|t| (t, c.skaddr))
             })
-            .map(|c| c.skaddr)
             .collect();
-        let mut out: Vec<Closed> = due.into_iter().filter_map(|sk| self.finish(sk)).collect();
+        // Oldest first: a socket's verdict may rest on its peer's resolved record (which RST
+        // reached it, from whom), and the peer that closed first is resolved first.
+        due.sort_unstable();
+        let due = due.into_iter().map(|(_, sk)| sk);
+        let mut out: Vec<Closed> = due.filter_map(|sk| self.finish(sk)).collect();
         out.sort_by_key(|c| c.conn.closed_ns);
         out
     }

@@ -164,9 +164,15 @@ impl Table {
             .any(|&(s, e)| s < to_ns && e >= from_ns)
     }
 
-    /// Is `sk` a socket the table tracks right now?
-    pub fn tracks(&self, sk: u64) -> bool {
-        sk != 0 && self.conns.contains_key(&sk)
+    /// Is `sk` a socket the table tracks right now, and (when `tuple` is given and both are
+    /// complete) with these very addresses? A freed socket's address is soon reused, possibly
+    /// in another namespace, while the old record still lingers.
+    pub fn tracks(&self, sk: u64, tuple: Option<Tuple>) -> bool {
+        sk != 0
+            && self.conns.get(&sk).is_some_and(|c| match (c.tuple, tuple) {
+                (Some(a), Some(b)) if a.is_complete() && b.is_complete() => a == b,
+                _ => true,
+            })
     }
 
     pub fn len(&self) -> usize {

@@ -338,3 +338,39 @@ fn rst_from_the_server_through_dnat_is_the_servers() {
         c.verdict
     );
 }
+
+#[test]
+fn peer_reset_by_a_middlebox_passes_it_on_even_when_judged_in_the_same_tick() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let p = mk(3, "10.9.1.2:40000", "10.9.2.2:8080");
+    handshake(&mut tbl, &p, (1, 2));
+    for ev in [
+        // A RST reaches the client that the server never sent (REJECT in between).
+        pkt(1000 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 63),
+        base(1000 * MS, p.c, Some(p.ct), EventKind::RecvReset),
+        state(1000 * MS, p.c, p.ct, Established, Close),
+        // The server writes later; the client's kernel answers for a socket it lost.
+        pkt(1050 * MS, 0, p.ct, Egress, RST, p.cisn + 1, 64),
+        pkt(1050 * MS, p.s, p.st, Ingress, RST, p.cisn + 1, 63),
+        base(1050 * MS, p.s, Some(p.st), EventKind::RecvReset),
+        state(1050 * MS, p.s, p.st, Established, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    // Both are due in the same pass.
+    let out = tbl.take_due(5000 * MS);
+    for sk in [p.c, p.s] {
+        let v = verdict_of(&out, sk);
+        assert_eq!(
+            (v.closed_by, v.reason.as_str(), v.confidence),
+            (
+                ClosedBy::Middlebox,
+                "middlebox_reset",
+                classify::Confidence::High
+            ),
+            "socket {sk:#x}: {v:#?}"
+        );
+    }
+}

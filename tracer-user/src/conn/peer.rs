@@ -59,9 +59,9 @@ impl Table {
                 continue;
             }
             match compatible(conn, p.egress_seq0, p.ingress_seq0) {
-                Some(true) => return Some((p.summary(), p.closed_ns)),
+                Some(true) => return Some((self.live_summary(p, conn), p.closed_ns)),
                 Some(false) => {}
-                None => unsure.push((p.summary(), p.closed_ns)),
+                None => unsure.push((self.live_summary(p, conn), p.closed_ns)),
             }
         }
         for r in self.recent.iter().rev().filter(|r| r.tuple == want) {
@@ -89,7 +89,7 @@ impl Table {
             if p.skaddr != conn.skaddr
                 && (p.egress_seq0, p.ingress_seq0) == (Some(key.0), Some(key.1))
             {
-                return Some((p.summary(), p.closed_ns));
+                return Some((self.live_summary(p, conn), p.closed_ns));
             }
         }
         let serial = *self.recent_seq.get(&key)?;
@@ -98,6 +98,19 @@ impl Table {
             .recent
             .get(usize::try_from(serial.checked_sub(front)?).ok()?)?;
         (r.serial == serial && r.summary.id != conn.id).then(|| (r.summary.clone(), r.closed_ns))
+    }
+
+    /// The summary of a peer still in the table (lingering, or finished out of turn because
+    /// its address was reused): its received RSTs resolved the way its own finish will
+    /// resolve them, so that what it inherits (a middlebox reset) is already known.
+    fn live_summary(&self, p: &Conn, conn: &Conn) -> PeerSummary {
+        if p.rst_in.is_empty() {
+            return p.summary();
+        }
+        let mut resolved = p.clone();
+        let me = conn.summary();
+        self.resolve_received_rsts(&mut resolved, Some(&me));
+        resolved.summary()
     }
 
     /// Keeps what the peer of a finished connection will need.

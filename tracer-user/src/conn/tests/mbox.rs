@@ -374,3 +374,36 @@ fn peer_reset_by_a_middlebox_passes_it_on_even_when_judged_in_the_same_tick() {
         );
     }
 }
+
+#[test]
+fn peer_reset_by_a_middlebox_passes_it_on_when_judged_out_of_turn() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let p = mk(4, "10.9.1.2:40000", "10.9.2.2:8080");
+    handshake(&mut tbl, &p, (1, 2));
+    for ev in [
+        pkt(1000 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 63),
+        base(1000 * MS, p.c, Some(p.ct), EventKind::RecvReset),
+        state(1000 * MS, p.c, p.ct, Established, Close),
+        pkt(1050 * MS, 0, p.ct, Egress, RST, p.cisn + 1, 64),
+        pkt(1050 * MS, p.s, p.st, Ingress, RST, p.cisn + 1, 63),
+        base(1050 * MS, p.s, Some(p.st), EventKind::RecvReset),
+        state(1050 * MS, p.s, p.st, Established, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    // The server socket's memory is reused at once: it is judged now, the client lingers.
+    let reused = tuple("10.9.2.2:8080", "10.9.1.9:41000");
+    let early = tbl.on_event(&state(1060 * MS, p.s, reused, Listen, SynRecv));
+    let v = verdict_of(&early, p.s);
+    assert_eq!(
+        (v.closed_by, v.reason.as_str(), v.confidence),
+        (
+            ClosedBy::Middlebox,
+            "middlebox_reset",
+            classify::Confidence::High
+        ),
+        "{v:#?}"
+    );
+}

@@ -16,6 +16,7 @@ mod check;
 pub mod h2e2e;
 pub mod h2peers;
 mod lineproc;
+pub mod middlebox;
 mod peer;
 mod topology;
 

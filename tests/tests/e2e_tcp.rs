@@ -368,7 +368,7 @@ fn blackhole_timeout() {
         &c,
         &Expect {
             closed_by: Some("middlebox"),
-            reason: Some("retransmission_timeout"),
+            reason: Some("path_blackhole"),
             tcp_initiator: Some("local"),
             mechanism: Some("timeout"),
             confidence: Some("high"),

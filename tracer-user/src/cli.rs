@@ -62,6 +62,11 @@ pub struct TraceArgs {
     /// Most connections tracked at once; more are counted as dropped.
     #[arg(long, default_value_t = 65_536)]
     pub max_conns: usize,
+    /// Treat only these network namespaces (inodes, repeatable) as this host: events from
+    /// all others are discarded before any joining, as if those sockets lived on another
+    /// node (the single-ended view; unlike --netns, which only filters what is printed).
+    #[arg(long = "visible-netns")]
+    pub visible_netns: Vec<u32>,
 }
 
 impl TraceArgs {
@@ -85,6 +90,7 @@ impl TraceArgs {
             packets: !self.no_packets,
             max_conns: self.max_conns,
             probe_report: self.probe_report,
+            visible_netns: self.visible_netns,
         })
     }
 }

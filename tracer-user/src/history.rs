@@ -383,7 +383,7 @@ mod tests {
         assert_eq!(
             ids(Query {
                 reason: vec!["server_idle_timeout".into()],
-                confidence: vec!["high".into()],
+                confidence: vec!["medium".into()],
                 ..Query::default()
             }),
             ["b0b16bcd9bca933c"]

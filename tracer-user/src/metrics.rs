@@ -25,35 +25,11 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 const CLOSED_BY: &[&str] = &["client", "server", "middlebox", "unknown"];
 const CONFIDENCE: &[&str] = &["high", "medium", "low"];
-/// `<side>_...` reasons exist for each of these sides (`local`/`remote` when the role is
-/// unknown).
-const SIDES: &[&str] = &["client", "server", "local", "remote"];
-const SIDE_REASONS: &[&str] = &["close", "process_exit", "abort", "no_socket", "reset"];
-const OTHER_REASONS: &[&str] = &[
-    "middlebox_reset",
-    "retransmission_timeout",
-    "keepalive_timeout",
-    "server_idle_timeout",
-    "server_max_age",
-    "server_too_many_pings",
-    "server_goaway",
-    "client_goaway",
-    "client_keepalive_timeout",
-    "server_close_no_goaway",
-    "connection_refused",
-    "connect_rejected",
-    "connect_timeout",
-    "handshake_failed",
-    "unknown",
-];
 /// What a label value outside its known set is counted as.
 pub const OTHER: &str = "other";
 
 fn known_reason(reason: &str) -> bool {
-    OTHER_REASONS.contains(&reason)
-        || reason
-            .split_once('_')
-            .is_some_and(|(side, rest)| SIDES.contains(&side) && SIDE_REASONS.contains(&rest))
+    crate::classify::Reason::is_known(reason)
 }
 
 fn bounded(value: &str, known: impl Fn(&str) -> bool) -> &str {
@@ -398,7 +374,10 @@ mod tests {
                 continue;
             };
             let expanded: Vec<String> = match reason.strip_prefix("<side>_") {
-                Some(rest) => SIDES.iter().map(|s| format!("{s}_{rest}")).collect(),
+                Some(rest) => ["client", "server", "local", "remote"]
+                    .iter()
+                    .map(|s| format!("{s}_{rest}"))
+                    .collect(),
                 None => vec![reason.to_string()],
             };
             for r in expanded {

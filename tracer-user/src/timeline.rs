@@ -151,6 +151,17 @@ pub struct H2Summary {
     /// Since when a PING this socket sent (received) has gone unanswered, if one has.
     pub unanswered_sent_since: Option<u64>,
     pub unanswered_received_since: Option<u64>,
+    /// When the last frame from the peer arrived.
+    pub last_received_ns: Option<u64>,
+    /// When a PING this socket sent (received) was last acknowledged.
+    pub answered_sent_at: Option<u64>,
+    pub answered_received_at: Option<u64>,
+    /// Since when no stream was open at the end (None: some were open).
+    pub idle_since_ns: Option<u64>,
+    /// Streams still open when the connection ended.
+    pub open_streams: usize,
+    /// Most streams open at once over the connection's life (0: no stream ever seen).
+    pub max_open_streams: usize,
 }
 
 /// What the peer socket did, when the peer is on this host too.
@@ -166,6 +177,101 @@ pub struct PeerSummary {
     pub netns: Option<u32>,
     /// When its own record shows it reset the connection (see [`FactKind::is_own_reset`]).
     pub reset_at_ns: Option<u64>,
+    /// How the peer socket itself ended, when its record shows it (first signal).
+    pub ended: Option<(u64, LegEnd)>,
+    /// Its retransmissions (a timed-out peer: how many went unanswered).
+    pub retransmits: u32,
+    /// From its first retransmission to its ending, when it timed out after some.
+    pub stalled_ns: Option<u64>,
+    /// When it was opened (CLOCK_MONOTONIC), when known.
+    pub opened_ns: Option<u64>,
+    /// Its own addresses (local = its side).
+    pub tuple: Option<crate::event::Tuple>,
+    /// When it received a RST that nobody on this host sent (a middlebox reset it).
+    pub middlebox_reset_at: Option<u64>,
+    /// Its addresses are not this socket's reversed: the two were joined by sequence
+    /// numbers through address translation (DNAT/SNAT) on the way.
+    pub translated: bool,
+}
+
+/// How one socket's connection ended, from that socket's point of view: the first
+/// terminating signal of its own record (a GOAWAY it sent counts as its own decision).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LegEnd {
+    /// The socket's owner closed it (first FIN).
+    OwnFin,
+    /// The socket's owner reset it.
+    OwnRst,
+    /// The owner exited and the kernel closed or reset it.
+    OwnExit,
+    /// The socket sent an HTTP/2 GOAWAY before any FIN/RST.
+    OwnGoaway { code: ErrorCode, debug: String },
+    /// The far side closed it (FIN arrived first).
+    FarFin,
+    /// A RST arrived first.
+    FarRst,
+    /// The kernel gave up: retransmission or keepalive timeout (ETIMEDOUT).
+    Timeout,
+}
+
+impl LegEnd {
+    /// The socket's own owner decided the ending.
+    pub fn is_own(&self) -> bool {
+        matches!(
+            self,
+            LegEnd::OwnFin | LegEnd::OwnRst | LegEnd::OwnGoaway { .. }
+        )
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            LegEnd::OwnFin => "fin",
+            LegEnd::OwnRst => "rst",
+            LegEnd::OwnExit => "process_exit",
+            LegEnd::OwnGoaway { .. } => "goaway",
+            LegEnd::FarFin => "far_fin",
+            LegEnd::FarRst => "far_rst",
+            LegEnd::Timeout => "timeout",
+        }
+    }
+}
+
+/// Which of a proxy's legs a connection is, from the proxy's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyLeg {
+    /// The leg the proxy accepted (facing its clients).
+    Downstream,
+    /// The leg the proxy connected (facing the backend).
+    Upstream,
+}
+
+/// The other leg of a proxy: another socket of the same process, of the opposite role,
+/// alive during this one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtherLeg {
+    pub id: String,
+    pub local: Option<std::net::SocketAddr>,
+    pub remote: Option<std::net::SocketAddr>,
+    /// How the proxy's socket on that leg ended, if it has.
+    pub ended: Option<(u64, LegEnd)>,
+}
+
+/// A process on this host holding this connection's one end and another leg: a proxy
+/// (or sidecar), either this socket's own owner or the peer socket's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyView {
+    /// The proxy owns this very socket (else it owns the peer socket).
+    pub local: bool,
+    pub pid: u32,
+    pub comm: String,
+    pub netns: Option<u32>,
+    /// Which of the proxy's legs this connection is.
+    pub leg: ProxyLeg,
+    /// How the proxy's socket on this connection ended.
+    pub ended: Option<(u64, LegEnd)>,
+    pub other: Option<OtherLeg>,
+    /// The process name is a well-known proxy (haproxy, nginx, envoy, …).
+    pub known_name: bool,
 }
 
 /// Everything the classifier needs about one socket.
@@ -180,6 +286,13 @@ pub struct Timeline {
     pub ttl_baseline: Option<u8>,
     /// HTTP/2 evidence, when the connection carried HTTP/2 (or was checked for it).
     pub h2: Option<H2Summary>,
+    /// The payload is TLS: the application layer is opaque.
+    pub tls: bool,
+    /// Kernel events may have been lost while this socket lived (ring-buffer drops, or
+    /// facts beyond the per-socket bound).
+    pub events_lost: bool,
+    /// A proxy on this host holds this connection's end and another leg.
+    pub proxy: Option<ProxyView>,
 }
 
 impl Timeline {

@@ -37,6 +37,9 @@ pub struct TraceOptions {
     pub packets: bool,
     pub max_conns: usize,
     pub probe_report: bool,
+    /// When not empty, only these network namespaces are this host: events from others
+    /// are discarded before the connection table, as if those sockets lived elsewhere.
+    pub visible_netns: Vec<u32>,
 }
 
 /// The table's configuration: the options, and what the probes actually attached (packet
@@ -103,6 +106,7 @@ struct Loop {
     counters: Counters,
     decode_errors: u64,
     last_drops: u64,
+    visible_netns: Vec<u32>,
 }
 
 impl Loop {
@@ -115,7 +119,21 @@ impl Loop {
             match event::decode(&item) {
                 Ok(ev) => {
                     log::trace!("{ev:?}");
-                    out.all(self.table.on_event(&ev))?;
+                    // Events without a namespace count as another node's too in this mode
+                    // unless they are about a socket already tracked (the kernel's
+                    // no-socket replies come from a control socket that never is); error
+                    // reports are kept, they only ever reach tracked sockets.
+                    let hidden = !self.visible_netns.is_empty()
+                        && match ev.netns {
+                            Some(n) => !self.visible_netns.contains(&n),
+                            None => {
+                                !matches!(ev.kind, event::EventKind::ErrorReport { .. })
+                                    && !self.table.tracks(ev.skaddr, ev.tuple)
+                            }
+                        };
+                    if !hidden {
+                        out.all(self.table.on_event(&ev))?;
+                    }
                 }
                 Err(e) => {
                     self.decode_errors += 1;
@@ -154,8 +172,10 @@ impl Loop {
         out: &mut Output<W>,
     ) -> io::Result<()> {
         self.drain(rb, out)?;
-        out.all(self.table.take_all_closed())?;
         let kernel = self.counters.snapshot().unwrap_or_default();
+        self.table
+            .note_ringbuf_drops(export::monotonic_ns(), kernel.ringbuf_drops);
+        out.all(self.table.take_all_closed())?;
         if kernel.ringbuf_drops > 0 {
             warn!(
                 "{} kernel events were lost to a full ring buffer",
@@ -249,7 +269,13 @@ async fn event_loop<W: Write>(
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                out.all(state.table.take_due(export::monotonic_ns()))?;
+                let now = export::monotonic_ns();
+                // Before judging: a connection alive while the ring buffer overflowed may
+                // miss facts, and its verdict must say so.
+                if let Ok(s) = state.counters.snapshot() {
+                    state.table.note_ringbuf_drops(now, s.ringbuf_drops);
+                }
+                out.all(state.table.take_due(now))?;
                 out.out.flush()?;
             }
             _ = drops_tick.tick() => state.check_drops(out)?,
@@ -277,6 +303,7 @@ pub async fn run(opts: TraceOptions) -> anyhow::Result<()> {
         counters: probes.take_counters()?,
         decode_errors: 0,
         last_drops: 0,
+        visible_netns: opts.visible_netns.clone(),
     };
     let stdout = io::stdout();
     let mut out = Output {
@@ -329,6 +356,7 @@ mod tests {
 
     fn options(packets: bool) -> TraceOptions {
         TraceOptions {
+            visible_netns: Vec::new(),
             format: Format::Json,
             filter: Filter::default(),
             linger: Duration::from_millis(300),

@@ -78,6 +78,11 @@ const DEB_PACKAGES: &[&str] = &[
     // The HTTP/2 tests check each scenario's wire facts in a capture too.
     "tcpdump",
     "tshark",
+    // Middlebox tests (issue #8): a real haproxy and nginx in the router namespace.
+    "haproxy",
+    "nginx",
+    // TLS case: openssl s_server / s_client and a throwaway certificate.
+    "openssl",
     // `cargo xtask vm`: stock Debian kernels under QEMU (see xtask/src/vm.rs).
     "qemu-system-x86",
     "busybox-static",

@@ -81,7 +81,7 @@ async fn closes_filters_and_lookup() {
     assert_eq!(ids(&body), ["3a48113ddbc90c95"]);
     let (_, body) = get(&r, "/v1/closes?port=443&since=1h").await;
     assert_eq!(ids(&body), ["b1e266365af28ec6"]);
-    let (_, body) = get(&r, "/v1/closes?addr=10.241.2.2&pid=77&confidence=high").await;
+    let (_, body) = get(&r, "/v1/closes?addr=10.241.2.2&pid=77&confidence=medium").await;
     assert_eq!(ids(&body), ["b0b16bcd9bca933c"]);
     let (_, body) = get(&r, "/v1/closes?limit=1").await;
     assert_eq!(ids(&body), ["b1e266365af28ec6"], "the newest");

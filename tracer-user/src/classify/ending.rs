@@ -3,7 +3,7 @@
 
 use crate::{
     event::{ETIMEDOUT, TcpState},
-    timeline::{FactKind, RstOrigin, Timeline},
+    timeline::{Fact, FactKind, LegEnd, RstOrigin, Timeline},
 };
 
 /// The first signal that ended the connection.
@@ -17,13 +17,17 @@ pub(super) enum Ending {
 }
 
 pub(super) fn first_ending(t: &Timeline) -> Option<(u64, Ending)> {
-    let exiting = t.local_exit();
+    first_ending_in(&t.facts)
+}
+
+fn first_ending_in(facts: &[Fact]) -> Option<(u64, Ending)> {
+    let exiting = facts.iter().any(|f| f.kind.is_exit_close());
     // With our FIN seen on the wire, the wire order decides: in a simultaneous close our
     // close() (FIN_WAIT1) can precede the peer's FIN arriving while our own FIN leaves after
     // it, and both sockets would otherwise claim the first FIN.
-    let fin_on_wire = t.facts.iter().any(|f| matches!(f.kind, FactKind::FinSent));
+    let fin_on_wire = facts.iter().any(|f| matches!(f.kind, FactKind::FinSent));
     let mut retransmits = 0u32;
-    for f in &t.facts {
+    for f in facts {
         let e = match &f.kind {
             FactKind::FinSent => Ending::LocalFin { exiting },
             FactKind::State {
@@ -68,6 +72,36 @@ pub(super) fn first_ending(t: &Timeline) -> Option<(u64, Ending)> {
         return Some((f.at_ns, e));
     }
     None
+}
+
+/// How a socket's own record says its connection ended (facts in time order): the first
+/// FIN/RST/timeout, or a GOAWAY it sent before that. Used to join the ends of a connection
+/// and the legs of a proxy on this host.
+pub fn leg_end(facts: &[Fact]) -> Option<(u64, LegEnd)> {
+    let ending = first_ending_in(facts);
+    let goaway = facts.iter().find_map(|f| match &f.kind {
+        FactKind::GoAway(g) if g.sent && ending.is_none_or(|(at, _)| g.at_ns <= at) => Some((
+            g.at_ns,
+            LegEnd::OwnGoaway {
+                code: g.code,
+                debug: g.debug.clone(),
+            },
+        )),
+        _ => None,
+    });
+    if goaway.is_some() {
+        return goaway;
+    }
+    let (at, e) = ending?;
+    let end = match e {
+        Ending::LocalFin { exiting: false } => LegEnd::OwnFin,
+        Ending::LocalRst { exiting: false } => LegEnd::OwnRst,
+        Ending::LocalFin { exiting: true } | Ending::LocalRst { exiting: true } => LegEnd::OwnExit,
+        Ending::RemoteFin => LegEnd::FarFin,
+        Ending::RemoteRst { .. } => LegEnd::FarRst,
+        Ending::Timeout { .. } => LegEnd::Timeout,
+    };
+    Some((at, end))
 }
 
 pub(super) fn reached_established(t: &Timeline) -> bool {

@@ -9,8 +9,23 @@ use crate::{
     timeline::{GoAway, H2Summary, Role, Timeline},
 };
 
+/// The debug text names an idle timeout of the connection ("max_idle", "idleTimeout",
+/// "connection idle", "idle timeout"), not an error that merely mentions a stream state
+/// (`RST_STREAM: stream in idle`, "frame on idle stream").
 fn is_idle(debug: &str) -> bool {
-    debug.to_ascii_lowercase().contains("idle")
+    let d = debug.to_ascii_lowercase();
+    let about_stream = d.contains("stream in idle")
+        || d.contains("idle stream")
+        || d.contains("in idle state")
+        || d.contains("rst_stream");
+    !about_stream
+        && (d.contains("max_idle")
+            || d.contains("idle_timeout")
+            || d.contains("idletimeout")
+            || d.contains("idle timeout")
+            || d.contains("connection idle")
+            || d.contains("idle connection")
+            || d == "idle")
 }
 
 fn is_age(debug: &str) -> bool {
@@ -38,14 +53,38 @@ pub(super) fn rules(t: &Timeline, tcp: &Verdict) -> Option<Verdict> {
     if !h.synced {
         return None;
     }
-    keepalive(t, h, tcp, before_end).or_else(|| close_without_goaway(tcp))
+    keepalive(t, h, tcp, before_end).or_else(|| close_without_goaway(h, tcp, ending_at))
 }
+
+/// An unanswered PING is keepalive evidence only while nothing was answered after it: a
+/// later PING acknowledged means the peer and the path were alive (the early one was lost
+/// or ignored), however long before the close it went out.
+fn still_unanswered(since: Option<u64>, answered_at: Option<u64>) -> Option<u64> {
+    since.filter(|s| answered_at.is_none_or(|a| a < *s))
+}
+
+/// Frames from the peer kept arriving well after this PING went out (more than a second:
+/// not just what was already in flight when the path broke): the peer and the path were
+/// alive, so the PING is no keepalive evidence.
+fn heard_after(h: &H2Summary, since: u64) -> bool {
+    h.last_received_ns
+        .is_some_and(|r| r > since.saturating_add(HEARD_AFTER_NS))
+}
+
+const HEARD_AFTER_NS: u64 = 1_000_000_000;
 
 /// PINGs from the client side that went unanswered, and their cadence.
 fn client_pings(role: Role, h: &H2Summary) -> (Option<u64>, Option<u64>) {
     match role {
-        Role::Client | Role::Unknown => (h.unanswered_sent_since, h.ping_interval_sent_ns),
-        Role::Server => (h.unanswered_received_since, h.ping_interval_received_ns),
+        Role::Client | Role::Unknown => (
+            still_unanswered(h.unanswered_sent_since, h.answered_sent_at)
+                .filter(|s| !heard_after(h, *s)),
+            h.ping_interval_sent_ns,
+        ),
+        Role::Server => (
+            still_unanswered(h.unanswered_received_since, h.answered_received_at),
+            h.ping_interval_received_ns,
+        ),
     }
 }
 
@@ -119,6 +158,9 @@ fn goaway(t: &Timeline, h: &H2Summary, tcp: &Verdict, g: &GoAway) -> Verdict {
                 ),
             );
         }
+        if let Some(v) = infer_goaway_cause(h, tcp, g, who, mechanism, closed_by) {
+            return v;
+        }
         return v(
             Cause::Goaway,
             format!("the {who} sent GOAWAY {code}{debug}; check the {who}'s logs around this time"),
@@ -148,6 +190,69 @@ fn goaway(t: &Timeline, h: &H2Summary, tcp: &Verdict, g: &GoAway) -> Verdict {
     )
 }
 
+/// No stream for this long before a GOAWAY or FIN makes it an idle close.
+const IDLE_INFER_NS: u64 = 1_000_000_000;
+
+/// A GOAWAY NO_ERROR whose text names no cause: what the stream activity says, stated as
+/// an inference (`medium`). Idle for a while with no open stream: an idle timeout. Sent
+/// while streams were open, or in two steps (the first announcing the maximum stream id):
+/// a graceful shutdown draining them (max age or a restart; the text does not say which).
+fn infer_goaway_cause(
+    h: &H2Summary,
+    tcp: &Verdict,
+    g: &GoAway,
+    who: Party,
+    mechanism: Mechanism,
+    closed_by: ClosedBy,
+) -> Option<Verdict> {
+    if g.code != ErrorCode::NO_ERROR {
+        return None;
+    }
+    let from_same_side = h.goaways.iter().filter(|x| x.sent == g.sent).count();
+    let debug = if g.debug.is_empty() {
+        "no debug text".to_string()
+    } else {
+        format!("debug \"{}\" names no cause", g.debug)
+    };
+    let v = |cause, hint: String| {
+        Some(verdict(
+            closed_by,
+            Reason::By(who, cause),
+            tcp.tcp_initiator,
+            mechanism,
+            Confidence::Medium,
+            hint,
+        ))
+    };
+    match g.idle_ns {
+        Some(idle) if idle >= IDLE_INFER_NS && from_same_side == 1 => v(
+            Cause::IdleTimeout,
+            format!(
+                "inferred: the {who} sent GOAWAY NO_ERROR ({debug}) after {} without an open stream, \
+                 the signature of an idle timeout (grpc max_connection_idle, a proxy's keepalive/idle \
+                 timeout); raise it or let the client reconnect on demand",
+                secs(idle)
+            ),
+        ),
+        None => v(
+            Cause::Shutdown,
+            format!(
+                "inferred: the {who} sent GOAWAY NO_ERROR ({debug}) while streams were open: a graceful \
+                 shutdown draining them (max connection age, a restart or a scale-down); clients \
+                 must retry on a new connection"
+            ),
+        ),
+        Some(_) if from_same_side >= 2 && g.last_stream_id == (1 << 31) - 1 => v(
+            Cause::Shutdown,
+            format!(
+                "inferred: the {who} sent two GOAWAYs NO_ERROR ({debug}), the first announcing the \
+                 largest stream id: a graceful drain (max connection age, a restart or a scale-down)"
+            ),
+        ),
+        _ => None,
+    }
+}
+
 /// The client's keepalive gave up: its PING went unanswered and then either the kernel
 /// timed the socket out (grpc sets TCP_USER_TIMEOUT to the keepalive timeout) or the
 /// client closed it.
@@ -164,7 +269,8 @@ fn keepalive(
         (Initiator::Local, Role::Client) | (Initiator::Remote, Role::Server)
     );
     if let (Some(since), true) = (
-        h.unanswered_sent_since,
+        still_unanswered(h.unanswered_sent_since, h.answered_sent_at)
+            .filter(|s| !heard_after(h, *s)),
         role == Role::Client && tcp.mechanism == Mechanism::Timeout,
     ) {
         if before_end(since) {
@@ -206,20 +312,44 @@ fn keepalive(
 }
 
 /// A synced HTTP/2 connection the server ended at the TCP level, with no GOAWAY first.
-fn close_without_goaway(tcp: &Verdict) -> Option<Verdict> {
+/// After streams had run and then none was open for a while, that is an idle close
+/// (inferred, `medium`).
+fn close_without_goaway(h: &H2Summary, tcp: &Verdict, ending_at: Option<u64>) -> Option<Verdict> {
     let process_exit = matches!(tcp.reason, Reason::By(_, Cause::ProcessExit));
-    (tcp.closed_by == ClosedBy::Server
+    let server_ended = tcp.closed_by == ClosedBy::Server
         && matches!(tcp.mechanism, Mechanism::Fin | Mechanism::Rst)
-        && !process_exit)
-        .then(|| {
-            verdict(
-                ClosedBy::Server,
-                Reason::ServerCloseNoGoaway,
-                tcp.tcp_initiator,
-                tcp.mechanism,
-                Confidence::Medium,
-                "the server side closed the HTTP/2 connection without a GOAWAY: an abrupt close (crash, \
-                 kill, hard timeout) or a proxy/LB in front of the server ending it; check both",
-            )
-        })
+        && !process_exit;
+    if !server_ended {
+        return None;
+    }
+    let idle = match (h.idle_since_ns, ending_at) {
+        (Some(s), Some(e)) if h.open_streams == 0 && h.max_open_streams > 0 => {
+            Some(e.saturating_sub(s))
+        }
+        _ => None,
+    };
+    if let Some(idle) = idle.filter(|i| *i >= IDLE_INFER_NS && tcp.mechanism == Mechanism::Fin) {
+        return Some(verdict(
+            ClosedBy::Server,
+            Reason::By(Party::Server, Cause::IdleTimeout),
+            tcp.tcp_initiator,
+            tcp.mechanism,
+            Confidence::Medium,
+            format!(
+                "inferred: the server side closed the HTTP/2 connection with a bare FIN (no GOAWAY) \
+                 after {} without an open stream, the signature of an idle timeout in the server or \
+                 a proxy/LB in front of it; check their idle timeouts",
+                secs(idle)
+            ),
+        ));
+    }
+    Some(verdict(
+        ClosedBy::Server,
+        Reason::ServerCloseNoGoaway,
+        tcp.tcp_initiator,
+        tcp.mechanism,
+        Confidence::Medium,
+        "the server side closed the HTTP/2 connection without a GOAWAY: an abrupt close (crash, \
+         kill, hard timeout) or a proxy/LB in front of the server ending it; check both",
+    ))
 }

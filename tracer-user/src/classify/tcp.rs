@@ -16,7 +16,7 @@ pub(super) fn classify_tcp(t: &Timeline) -> Verdict {
     if !reached_established(t) {
         return handshake::failure(t);
     }
-    let Some((_, ending)) = first_ending(t) else {
+    let Some((at, ending)) = first_ending(t) else {
         return verdict(
             ClosedBy::Unknown,
             Reason::Unknown,
@@ -31,7 +31,7 @@ pub(super) fn classify_tcp(t: &Timeline) -> Verdict {
         Ending::LocalFin { exiting } => simultaneous(t, local_fin(t, exiting)),
         Ending::RemoteFin => simultaneous(t, remote_fin(t)),
         Ending::LocalRst { exiting } => local_rst(t, exiting),
-        Ending::RemoteRst { ttl, origin } => rst::remote_rst(t, ttl, origin),
+        Ending::RemoteRst { ttl, origin } => rst::remote_rst(t, at, ttl, origin),
         Ending::Timeout { errno } => timeout::timeout(t, errno),
     }
 }

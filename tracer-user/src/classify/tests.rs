@@ -58,6 +58,9 @@ fn tl(role: Role, open: Vec<Fact>, rest: Vec<Fact>, peer: Option<PeerSummary>) -
         peer,
         ttl_baseline: Some(63),
         h2: None,
+        tls: false,
+        events_lost: false,
+        proxy: None,
     }
 }
 
@@ -209,7 +212,7 @@ fn cases() -> Vec<Case> {
                     st_by(120, S::CloseWait, S::LastAck, false),
                     st(121, S::LastAck, S::Close),
                 ],
-                None,
+                peer(false, false),
             ),
             closed_by: C::Server,
             reason: "server_close",
@@ -425,10 +428,330 @@ fn cases() -> Vec<Case> {
                 ],
                 peer(false, false),
             ),
+            // Both ends seen: the path, proven (was `retransmission_timeout`, the mechanism).
             closed_by: C::Middlebox,
-            reason: "retransmission_timeout",
+            reason: "path_blackhole",
             initiator: I::Local,
             mechanism: M::Timeout,
+            confidence: K::High,
+        },
+        Case {
+            name: "RST from the host whose socket already timed out: the path, not that side",
+            timeline: tl(
+                Role::Server,
+                server_open(),
+                vec![
+                    f(
+                        5000,
+                        FactKind::RstReceived {
+                            ttl: 63,
+                            origin: RstOrigin::PeerKernel,
+                            sender_reason: Some("NO_SOCKET".into()),
+                        },
+                    ),
+                    st(5000, S::Established, S::Close),
+                ],
+                Some(PeerSummary {
+                    id: "p".into(),
+                    closed_first: true,
+                    ended: Some((700, LegEnd::Timeout)),
+                    retransmits: 3,
+                    stalled_ns: Some(600),
+                    ..Default::default()
+                }),
+            ),
+            closed_by: C::Middlebox,
+            reason: "path_blackhole",
+            initiator: I::Remote,
+            mechanism: M::Timeout,
+            confidence: K::High,
+        },
+        Case {
+            name: "RST from the host whose socket a middlebox reset first: the middlebox",
+            timeline: tl(
+                Role::Server,
+                server_open(),
+                vec![
+                    f(
+                        5000,
+                        FactKind::RstReceived {
+                            ttl: 63,
+                            origin: RstOrigin::PeerKernel,
+                            sender_reason: Some("NO_SOCKET".into()),
+                        },
+                    ),
+                    st(5000, S::Established, S::Close),
+                ],
+                Some(PeerSummary {
+                    id: "p".into(),
+                    closed_first: true,
+                    ended: Some((700, LegEnd::FarRst)),
+                    middlebox_reset_at: Some(700),
+                    ..Default::default()
+                }),
+            ),
+            closed_by: C::Middlebox,
+            reason: "middlebox_reset",
+            initiator: I::Remote,
+            mechanism: M::Rst,
+            confidence: K::High,
+        },
+        Case {
+            name: "GOAWAY text naming an idle *stream* is not an idle timeout",
+            timeline: with_h2(
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(200),
+                    peer(false, false),
+                ),
+                synced(vec![goaway(false, 100, 1, "RST_STREAM: stream in idle")]),
+            ),
+            closed_by: C::Server,
+            reason: "server_goaway",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::High,
+        },
+        Case {
+            name: "GOAWAY NO_ERROR without text after 1 s with no stream: inferred idle timeout",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![goaway(false, 100, 0, "")]),
+            ),
+            closed_by: C::Server,
+            reason: "server_idle_timeout",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "GOAWAY NO_ERROR without text while streams are open: inferred shutdown",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![GoAway {
+                    idle_ns: None,
+                    ..goaway(false, 100, 0, "")
+                }]),
+            ),
+            closed_by: C::Server,
+            reason: "server_shutdown",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "two GOAWAYs NO_ERROR, the first with the largest stream id: inferred drain",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![
+                    GoAway {
+                        last_stream_id: (1 << 31) - 1,
+                        idle_ns: Some(5_000_000),
+                        ..goaway(false, 100, 0, "")
+                    },
+                    GoAway {
+                        last_stream_id: 3,
+                        ..goaway(false, 150, 0, "")
+                    },
+                ]),
+            ),
+            closed_by: C::Server,
+            reason: "server_shutdown",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "bare server FIN after streams ran and 2 s without one: inferred idle timeout",
+            timeline: with_h2(
+                tl(
+                    Role::Client,
+                    client_open(),
+                    vec![
+                        f(3_000_000_000, FactKind::FinReceived { ttl: 63 }),
+                        st(3_000_000_000, S::Established, S::CloseWait),
+                    ],
+                    None,
+                ),
+                H2Summary {
+                    idle_since_ns: Some(1_000_000_000),
+                    max_open_streams: 1,
+                    ..synced(vec![])
+                },
+            ),
+            closed_by: C::Server,
+            reason: "server_idle_timeout",
+            initiator: I::Remote,
+            mechanism: M::Fin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "a PING answered after an unanswered one: not a keepalive timeout",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(3_000), None),
+                H2Summary {
+                    unanswered_sent_since: Some(1_000),
+                    answered_sent_at: Some(2_000),
+                    ..synced(vec![])
+                },
+            ),
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::High,
+        },
+        Case {
+            name: "only this end traced: the server's FIN could be a proxy's, medium",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    f(100, FactKind::FinReceived { ttl: 63 }),
+                    st(100, S::Established, S::CloseWait),
+                ],
+                None,
+            ),
+            closed_by: C::Server,
+            reason: "server_close",
+            initiator: I::Remote,
+            mechanism: M::Fin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "only this end traced: a GOAWAY max_idle could be a proxy's, medium",
+            timeline: with_h2(
+                tl(Role::Client, client_open(), client_fin_after(200), None),
+                synced(vec![goaway(false, 100, 0, "max_idle")]),
+            ),
+            closed_by: C::Server,
+            reason: "server_idle_timeout",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "frames from the server long after an unanswered PING: not a keepalive timeout",
+            timeline: with_h2(
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(2_000_000_000),
+                    None,
+                ),
+                H2Summary {
+                    unanswered_sent_since: Some(1_000),
+                    last_received_ns: Some(1_000_002_500),
+                    ..synced(vec![])
+                },
+            ),
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::High,
+        },
+        Case {
+            name: "TLS: the first FIN alone is not proof of who decided",
+            timeline: Timeline {
+                tls: true,
+                ..tl(Role::Client, client_open(), client_fin_after(200), None)
+            },
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "a known proxy's upstream leg it closed, its other leg unseen: medium",
+            timeline: Timeline {
+                proxy: Some(ProxyView {
+                    local: true,
+                    pid: 300,
+                    comm: "nginx".into(),
+                    netns: None,
+                    leg: ProxyLeg::Upstream,
+                    ended: Some((200, LegEnd::OwnFin)),
+                    other: None,
+                    known_name: true,
+                }),
+                ..tl(Role::Client, client_open(), client_fin_after(200), None)
+            },
+            closed_by: C::Middlebox,
+            reason: "proxy_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "nginx GOAWAY on its downstream leg while its upstream leg stayed apart",
+            timeline: Timeline {
+                proxy: Some(ProxyView {
+                    local: false,
+                    pid: 300,
+                    comm: "nginx".into(),
+                    netns: None,
+                    leg: ProxyLeg::Downstream,
+                    ended: Some((
+                        100,
+                        LegEnd::OwnGoaway {
+                            code: ErrorCode(0),
+                            debug: String::new(),
+                        },
+                    )),
+                    other: Some(OtherLeg {
+                        id: "u".into(),
+                        local: None,
+                        remote: None,
+                        ended: Some((50, LegEnd::OwnFin)),
+                    }),
+                    known_name: true,
+                }),
+                ..with_h2(
+                    tl(Role::Client, client_open(), client_fin_after(200), None),
+                    synced(vec![goaway(false, 100, 0, "")]),
+                )
+            },
+            closed_by: C::Middlebox,
+            reason: "proxy_goaway",
+            initiator: I::Local,
+            mechanism: M::GoawayThenFin,
+            confidence: K::High,
+        },
+        Case {
+            name: "an unnamed process with a second socket that ended apart is not a proxy",
+            timeline: Timeline {
+                proxy: Some(ProxyView {
+                    local: false,
+                    pid: 300,
+                    comm: "app".into(),
+                    netns: None,
+                    leg: ProxyLeg::Downstream,
+                    ended: Some((100, LegEnd::OwnFin)),
+                    other: Some(OtherLeg {
+                        id: "u".into(),
+                        local: None,
+                        remote: None,
+                        ended: Some((90_000_000_000, LegEnd::OwnFin)),
+                    }),
+                    known_name: false,
+                }),
+                ..tl(
+                    Role::Client,
+                    client_open(),
+                    vec![
+                        f(100, FactKind::FinReceived { ttl: 63 }),
+                        st(100, S::Established, S::CloseWait),
+                    ],
+                    None,
+                )
+            },
+            closed_by: C::Server,
+            reason: "server_close",
+            initiator: I::Remote,
+            mechanism: M::Fin,
             confidence: K::High,
         },
         Case {
@@ -498,7 +821,9 @@ fn cases() -> Vec<Case> {
             reason: "connection_refused",
             initiator: I::Remote,
             mechanism: M::Rst,
-            confidence: K::High,
+            // No listener socket to join: a kernel on this host answered, possibly a NAT's for
+            // a VIP, so proven only as far as "that address's host said no".
+            confidence: K::Medium,
         },
         Case {
             name: "connect timeout",
@@ -543,6 +868,9 @@ fn cases() -> Vec<Case> {
                 peer: None,
                 ttl_baseline: None,
                 h2: None,
+                tls: false,
+                events_lost: false,
+                proxy: None,
             },
             closed_by: C::Unknown,
             reason: "remote_close",
@@ -578,7 +906,12 @@ fn cases() -> Vec<Case> {
         Case {
             name: "grpc max idle: server GOAWAY NO_ERROR max_idle, client sends the first FIN",
             timeline: with_h2(
-                tl(Role::Client, client_open(), client_fin_after(200), None),
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(200),
+                    peer(false, false),
+                ),
                 synced(vec![goaway(false, 100, 0, "max_idle")]),
             ),
             closed_by: C::Server,
@@ -610,7 +943,12 @@ fn cases() -> Vec<Case> {
         Case {
             name: "grpc C-core idle: GOAWAY INTERNAL_ERROR connection idle",
             timeline: with_h2(
-                tl(Role::Client, client_open(), client_fin_after(200), None),
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(200),
+                    peer(false, false),
+                ),
                 synced(vec![goaway(false, 100, 2, "connection idle")]),
             ),
             closed_by: C::Server,
@@ -651,7 +989,12 @@ fn cases() -> Vec<Case> {
         Case {
             name: "Kitex idle timeout text",
             timeline: with_h2(
-                tl(Role::Client, client_open(), client_fin_after(200), None),
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(200),
+                    peer(false, false),
+                ),
                 synced(vec![goaway(false, 100, 0, "idleTimeout")]),
             ),
             closed_by: C::Server,
@@ -663,7 +1006,12 @@ fn cases() -> Vec<Case> {
         Case {
             name: "grpc max age with the two-GOAWAY drain",
             timeline: with_h2(
-                tl(Role::Client, client_open(), client_fin_after(300), None),
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(300),
+                    peer(false, false),
+                ),
                 synced(vec![
                     goaway(false, 100, 0, "max_age"),
                     goaway(false, 200, 0, "max_age"),
@@ -685,7 +1033,7 @@ fn cases() -> Vec<Case> {
                         f(300, FactKind::FinReceived { ttl: 63 }),
                         st(300, S::Established, S::CloseWait),
                     ],
-                    None,
+                    peer(false, false),
                 ),
                 H2Summary {
                     ping_interval_sent_ns: Some(200_000_000),
@@ -701,7 +1049,12 @@ fn cases() -> Vec<Case> {
         Case {
             name: "server GOAWAY with another code",
             timeline: with_h2(
-                tl(Role::Client, client_open(), client_fin_after(200), None),
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(200),
+                    peer(false, false),
+                ),
                 synced(vec![goaway(false, 100, 2, "")]),
             ),
             closed_by: C::Server,
@@ -892,6 +1245,34 @@ fn ttl_hint_names_both_values() {
     let v = classify(&t);
     assert!(
         v.hint.contains("TTL 64") && v.hint.contains("TTL 63"),
+        "{}",
+        v.hint
+    );
+}
+
+#[test]
+fn single_ended_idle_close_near_a_known_lb_timeout_is_named_in_the_hint() {
+    let s = 1_000_000_000u64;
+    let t = with_h2(
+        tl(
+            Role::Client,
+            client_open(),
+            vec![
+                f(400 * s, FactKind::FinReceived { ttl: 63 }),
+                st(400 * s, S::Established, S::CloseWait),
+            ],
+            None,
+        ),
+        H2Summary {
+            idle_since_ns: Some(49 * s),
+            max_open_streams: 1,
+            ..synced(vec![])
+        },
+    );
+    let v = classify(&t);
+    assert_eq!(v.confidence, Confidence::Medium, "{v:?}");
+    assert!(
+        v.hint.contains("AWS NLB idle timeout (350 s)"),
         "{}",
         v.hint
     );

@@ -122,9 +122,11 @@ pub enum Cause {
     MaxAge,
     TooManyPings,
     KeepaliveTimeout,
+    /// A graceful shutdown: GOAWAY, then streams finish (drain), then the close.
+    Shutdown,
 }
 
-const CAUSES: usize = 10;
+const CAUSES: usize = 11;
 
 impl Cause {
     fn index(self) -> usize {
@@ -139,6 +141,7 @@ impl Cause {
             Cause::MaxAge => 7,
             Cause::TooManyPings => 8,
             Cause::KeepaliveTimeout => 9,
+            Cause::Shutdown => 10,
         }
     }
 }
@@ -156,6 +159,7 @@ const PARTY_REASONS: [[&str; CAUSES]; 4] = [
         "client_max_age",
         "client_too_many_pings",
         "client_keepalive_timeout",
+        "client_shutdown",
     ],
     [
         "server_close",
@@ -168,6 +172,7 @@ const PARTY_REASONS: [[&str; CAUSES]; 4] = [
         "server_max_age",
         "server_too_many_pings",
         "server_keepalive_timeout",
+        "server_shutdown",
     ],
     [
         "local_close",
@@ -180,6 +185,7 @@ const PARTY_REASONS: [[&str; CAUSES]; 4] = [
         "local_max_age",
         "local_too_many_pings",
         "local_keepalive_timeout",
+        "local_shutdown",
     ],
     [
         "remote_close",
@@ -192,6 +198,7 @@ const PARTY_REASONS: [[&str; CAUSES]; 4] = [
         "remote_max_age",
         "remote_too_many_pings",
         "remote_keepalive_timeout",
+        "remote_shutdown",
     ],
 ];
 
@@ -210,10 +217,42 @@ pub enum Reason {
     ConnectionRefused,
     ConnectTimeout,
     HandshakeFailed,
+    /// A proxy on this host ended the connection itself (FIN).
+    ProxyClose,
+    /// A proxy on this host reset the connection itself.
+    ProxyReset,
+    /// A proxy on this host sent GOAWAY on its own account.
+    ProxyGoaway,
+    /// Packets stopped getting through until one side's kernel or application gave up,
+    /// while the other side was still there.
+    PathBlackhole,
     Unknown,
 }
 
+/// The reasons that are not `<party>_<cause>`.
+const OTHER_REASONS: [Reason; 13] = [
+    Reason::ServerCloseNoGoaway,
+    Reason::MiddleboxReset,
+    Reason::RetransmissionTimeout,
+    Reason::KeepaliveTimeout,
+    Reason::ConnectRejected,
+    Reason::ConnectionRefused,
+    Reason::ConnectTimeout,
+    Reason::HandshakeFailed,
+    Reason::ProxyClose,
+    Reason::ProxyReset,
+    Reason::ProxyGoaway,
+    Reason::PathBlackhole,
+    Reason::Unknown,
+];
+
 impl Reason {
+    /// Is `s` the string form of some reason? (Bounds label sets, e.g. in metrics.)
+    pub fn is_known(s: &str) -> bool {
+        PARTY_REASONS.iter().flatten().any(|r| *r == s)
+            || OTHER_REASONS.iter().any(|r| r.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::By(p, c) => {
@@ -233,6 +272,10 @@ impl Reason {
             Reason::ConnectionRefused => "connection_refused",
             Reason::ConnectTimeout => "connect_timeout",
             Reason::HandshakeFailed => "handshake_failed",
+            Reason::ProxyClose => "proxy_close",
+            Reason::ProxyReset => "proxy_reset",
+            Reason::ProxyGoaway => "proxy_goaway",
+            Reason::PathBlackhole => "path_blackhole",
             Reason::Unknown => "unknown",
         }
     }
@@ -256,6 +299,97 @@ impl PartialEq<&str> for Reason {
     }
 }
 
+/// What kind of thing in between ended the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MiddleboxKind {
+    /// A process on this host relaying between two legs (haproxy, nginx, a sidecar).
+    Proxy,
+    /// A NAT/conntrack table.
+    Nat,
+    /// A packet filter answering for the peer (REJECT) or dropping.
+    Firewall,
+    /// The path itself: packets stopped getting through.
+    Path,
+}
+
+/// The `middlebox` object of a verdict whose `closed_by` is `middlebox`: what it was and,
+/// when this host saw it, which process and what it did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Middlebox {
+    pub kind: MiddleboxKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
+    /// proxy: which of its legs this connection is (`downstream`: the one it accepted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leg: Option<crate::timeline::ProxyLeg>,
+    /// proxy: what it did on this leg (`fin`, `rst`, `goaway`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<&'static str>,
+    /// proxy: its other leg (`local -> remote`) and how that one ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_leg: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_leg_ended: Option<&'static str>,
+    /// path: the side whose kernel or application gave up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detected_by: Option<&'static str>,
+    /// path: from the first unanswered retransmission (or PING) to giving up, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after_ms: Option<u64>,
+}
+
+impl Middlebox {
+    pub fn of(kind: MiddleboxKind) -> Self {
+        Middlebox {
+            kind,
+            pid: None,
+            comm: None,
+            netns: None,
+            leg: None,
+            action: None,
+            other_leg: None,
+            other_leg_ended: None,
+            detected_by: None,
+            after_ms: None,
+        }
+    }
+
+    /// One short line for the table view.
+    pub fn short(&self) -> String {
+        let kind = match self.kind {
+            MiddleboxKind::Proxy => "proxy",
+            MiddleboxKind::Nat => "nat",
+            MiddleboxKind::Firewall => "firewall",
+            MiddleboxKind::Path => "path",
+        };
+        let mut s = kind.to_string();
+        if let (Some(c), Some(p)) = (&self.comm, self.pid) {
+            s.push_str(&format!(" {c}({p})"));
+        }
+        if let Some(l) = self.leg {
+            s.push_str(match l {
+                crate::timeline::ProxyLeg::Downstream => " downstream",
+                crate::timeline::ProxyLeg::Upstream => " upstream",
+            });
+        }
+        if let Some(a) = self.action {
+            s.push_str(&format!(" {a}"));
+        }
+        if let Some(d) = self.detected_by {
+            s.push_str(&format!(" seen-by-{d}"));
+        }
+        if let Some(ms) = self.after_ms {
+            s.push_str(&format!(" after {ms}ms"));
+        }
+        s
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Verdict {
     pub closed_by: ClosedBy,
@@ -264,6 +398,9 @@ pub struct Verdict {
     pub mechanism: Mechanism,
     pub confidence: Confidence,
     pub hint: String,
+    /// Set when `closed_by` is `middlebox` and something is known about it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub middlebox: Option<Middlebox>,
 }
 
 pub(super) fn verdict(
@@ -281,6 +418,7 @@ pub(super) fn verdict(
         mechanism,
         confidence,
         hint: hint.into(),
+        middlebox: None,
     }
 }
 
@@ -299,6 +437,7 @@ mod tests {
         (Cause::MaxAge, "max_age"),
         (Cause::TooManyPings, "too_many_pings"),
         (Cause::KeepaliveTimeout, "keepalive_timeout"),
+        (Cause::Shutdown, "shutdown"),
     ];
 
     #[test]

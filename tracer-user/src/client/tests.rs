@@ -235,7 +235,7 @@ async fn follow_streams_kept_then_new_matching_verdicts() {
     let agent = Agent::Unix(sock);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let follower = tokio::spawn(async move {
-        follow(&[agent], "confidence=medium,low", move |r| {
+        follow(&[agent], "closed_by=middlebox,client", move |r| {
             let _ = tx.send(s(&r.value, "/conn/id").to_string());
         })
         .await
@@ -276,7 +276,7 @@ fn explain_reads_as_a_timeline_with_the_hint() {
         "{text}"
     );
     assert!(
-        lines[1].starts_with("closed by server (server_idle_timeout, high confidence)"),
+        lines[1].starts_with("closed by server (server_idle_timeout, medium confidence)"),
         "{text}"
     );
     let goaway = lines

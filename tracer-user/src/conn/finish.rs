@@ -14,16 +14,20 @@ impl Table {
     /// Connections whose linger period is over at `now_ns` (CLOCK_MONOTONIC).
     pub fn take_due(&mut self, now_ns: u64) -> Vec<Closed> {
         let linger = self.cfg.linger_ns;
-        let due: Vec<u64> = self
+        let mut due: Vec<(u64, u64)> = self
             .conns
             .values()
-            .filter(|c| {
+            .filter_map(|c| {
                 c.closed_ns
-                    .is_some_and(|t| t.saturating_add(linger) <= now_ns)
+                    .filter(|t| t.saturating_add(linger) <= now_ns)
+                    .map(|t| (t, c.skaddr))
             })
-            .map(|c| c.skaddr)
             .collect();
-        let mut out: Vec<Closed> = due.into_iter().filter_map(|sk| self.finish(sk)).collect();
+        // Oldest first: a socket's verdict may rest on its peer's resolved record (which RST
+        // reached it, from whom), and the peer that closed first is resolved first.
+        due.sort_unstable();
+        let due = due.into_iter().map(|(_, sk)| sk);
+        let mut out: Vec<Closed> = due.filter_map(|sk| self.finish(sk)).collect();
         out.sort_by_key(|c| c.conn.closed_ns);
         out
     }
@@ -39,7 +43,13 @@ impl Table {
         if let Some(t) = conn.tuple {
             self.unindex(sk, t);
         }
-        let peer = self.find_peer(&conn).map(|(mut s, closed)| {
+        let found = self.find_peer(&conn);
+        let peer_closed_ns = found.as_ref().and_then(|(_, c)| *c);
+        let peer = found.map(|(mut s, closed)| {
+            s.translated = match (s.tuple, conn.tuple) {
+                (Some(p), Some(me)) => p != me.reversed(),
+                _ => false,
+            };
             s.closed_first = match (closed, conn.closed_ns) {
                 (Some(p), Some(me)) => p <= me,
                 _ => false,
@@ -48,6 +58,12 @@ impl Table {
         });
         self.resolve_received_rsts(&mut conn, peer.as_ref());
         conn.facts.sort_by_key(|f| f.at_ns);
+        let own_ended = classify::leg_end(&conn.facts);
+        let proxy = self.proxy_view(&conn, &own_ended, peer.as_ref(), peer_closed_ns);
+        let until = conn
+            .closed_ns
+            .map_or(u64::MAX, |c| c.saturating_add(self.cfg.linger_ns));
+        let events_lost = conn.facts_dropped > 0 || self.drops_during(conn.first_ns, until);
         let timeline = Timeline {
             role: conn.role,
             role_inferred: conn.role_inferred,
@@ -55,8 +71,12 @@ impl Table {
             peer: peer.clone(),
             ttl_baseline: conn.ttl_baseline,
             h2: conn.h2.as_ref().map(h2_summary),
+            tls: conn.h2.as_ref().is_some_and(|h| h.state == H2State::Tls),
+            events_lost,
+            proxy,
         };
         let verdict = classify::classify(&timeline);
+        self.settle_leg(&conn, &own_ended);
         self.remember(&conn);
         self.stats.conns_closed += 1;
         self.stats.facts_dropped += u64::from(conn.facts_dropped);
@@ -79,5 +99,11 @@ fn h2_summary(t: &H2Track) -> H2Summary {
         ping_interval_received_ns: t.ping_received.median_interval_ns(),
         unanswered_sent_since: t.ping_sent.oldest_unanswered_ns(),
         unanswered_received_since: t.ping_received.oldest_unanswered_ns(),
+        last_received_ns: t.last_received_ns,
+        answered_sent_at: t.ping_sent.last_answered_ns,
+        answered_received_at: t.ping_received.last_answered_ns,
+        idle_since_ns: t.idle_since_ns,
+        open_streams: t.open_streams(),
+        max_open_streams: t.max_open_streams,
     }
 }

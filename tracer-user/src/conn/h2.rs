@@ -37,6 +37,8 @@ pub struct PingSide {
     times: VecDeque<u64>,
     /// Opaque data of this side's PINGs not yet acknowledged, with their time.
     outstanding: VecDeque<([u8; 8], u64)>,
+    /// When one of this side's PINGs was last acknowledged.
+    pub last_answered_ns: Option<u64>,
 }
 
 impl PingSide {
@@ -93,6 +95,8 @@ pub struct H2Track {
     /// Since when no stream has been open (None while some are).
     pub idle_since_ns: Option<u64>,
     pub last_frame_ns: Option<u64>,
+    /// When the last frame from the peer arrived.
+    pub last_received_ns: Option<u64>,
 }
 
 impl H2Track {
@@ -113,6 +117,7 @@ impl H2Track {
             max_open_streams: 0,
             idle_since_ns: Some(at_ns),
             last_frame_ns: None,
+            last_received_ns: None,
         }
     }
 
@@ -166,6 +171,9 @@ impl H2Track {
         self.frames += 1;
         self.last_frame_ns = Some(at_ns);
         let mine = dir == Dir::Egress;
+        if !mine {
+            self.last_received_ns = Some(at_ns);
+        }
         match frame {
             Frame::Headers(h) => {
                 self.open(at_ns, h.stream_id);
@@ -199,6 +207,7 @@ impl H2Track {
                     // An ACK answers a PING of the other side.
                     if let Some(i) = other.outstanding.iter().position(|(o, _)| *o == p.opaque) {
                         other.outstanding.remove(i);
+                        other.last_answered_ns = Some(at_ns);
                     }
                 } else {
                     own.pings += 1;

@@ -96,6 +96,7 @@ impl Table {
         }
         if new == TcpState::Close && c.closed_ns.is_none() {
             c.closed_ns = Some(ev.ts_ns);
+            self.note_closed_leg(sk);
         }
     }
 
@@ -131,6 +132,7 @@ impl Table {
             if c.closed_ns.is_none() {
                 c.closed_ns = Some(ev.ts_ns);
                 c.state = TcpState::Close;
+                self.note_closed_leg(ev.skaddr);
             }
         }
         self.listeners.remove(&ev.skaddr);

@@ -15,6 +15,7 @@ pub mod h2;
 mod lifecycle;
 mod packets;
 mod peer;
+mod proxy;
 mod record;
 mod rst;
 
@@ -94,6 +95,18 @@ pub struct Table {
     recent: VecDeque<peer::Recent>,
     /// Reasons of no-socket resets reported by `tcp_send_reset`, waiting for their segment.
     pending_reasons: HashMap<Tuple, String>,
+    /// Live sockets by (first egress, first ingress) sequence number: the two ends of one
+    /// connection have them crossed, whatever NAT did to the addresses.
+    live_seq: HashMap<(u32, u32), u64>,
+    /// The same for recently finished sockets: the serial of their [`peer::Recent`] entry.
+    recent_seq: HashMap<(u32, u32), u64>,
+    recent_serial: u64,
+    /// Closed sockets per owning process, to find a proxy's other leg.
+    legs: proxy::Legs,
+    /// Intervals (CLOCK_MONOTONIC) during which the kernel lost events (ring buffer full).
+    drop_windows: VecDeque<(u64, u64)>,
+    drops_seen: u64,
+    drops_checked_ns: u64,
     pub stats: TableStats,
 }
 
@@ -114,8 +127,52 @@ impl Table {
             rst_log: VecDeque::new(),
             recent: VecDeque::new(),
             pending_reasons: HashMap::new(),
+            live_seq: HashMap::new(),
+            recent_seq: HashMap::new(),
+            recent_serial: 0,
+            legs: proxy::Legs::default(),
+            drop_windows: VecDeque::new(),
+            drops_seen: 0,
+            drops_checked_ns: 0,
             stats: TableStats::default(),
         }
+    }
+
+    /// The kernel's ring-buffer drop counter read at `now_ns` (CLOCK_MONOTONIC). When it
+    /// rose since the last reading, every connection alive in between may miss events and
+    /// its verdict says so. Call it before [`Table::take_due`] with the same `now_ns`.
+    pub fn note_ringbuf_drops(&mut self, now_ns: u64, total: u64) {
+        if total > self.drops_seen {
+            self.drop_windows.push_back((self.drops_checked_ns, now_ns));
+            while self.drop_windows.len() > 256
+                || self
+                    .drop_windows
+                    .front()
+                    .is_some_and(|w| now_ns.saturating_sub(w.1) > LOG_WINDOW_NS)
+            {
+                self.drop_windows.pop_front();
+            }
+        }
+        self.drops_seen = total;
+        self.drops_checked_ns = now_ns;
+    }
+
+    /// Did the kernel lose events between `from_ns` and `to_ns`?
+    fn drops_during(&self, from_ns: u64, to_ns: u64) -> bool {
+        self.drop_windows
+            .iter()
+            .any(|&(s, e)| s < to_ns && e >= from_ns)
+    }
+
+    /// Is `sk` a socket the table tracks right now, and (when `tuple` is given and both are
+    /// complete) with these very addresses? A freed socket's address is soon reused, possibly
+    /// in another namespace, while the old record still lingers.
+    pub fn tracks(&self, sk: u64, tuple: Option<Tuple>) -> bool {
+        sk != 0
+            && self.conns.get(&sk).is_some_and(|c| match (c.tuple, tuple) {
+                (Some(a), Some(b)) if a.is_complete() && b.is_complete() => a == b,
+                _ => true,
+            })
     }
 
     pub fn len(&self) -> usize {

@@ -35,9 +35,18 @@ impl Table {
         let Some(c) = self.conns.get_mut(&sk) else {
             return;
         };
+        // A SYN takes one sequence number: count from the first byte after it, as the
+        // other end's first non-SYN segment does (so the two ends' values are equal, which
+        // joins them even through address translation).
+        let seq = if p.syn() {
+            p.seq.wrapping_add(1)
+        } else {
+            p.seq
+        };
+        let had_both = c.egress_seq0.is_some() && c.ingress_seq0.is_some();
         match p.dir {
             Dir::Egress => {
-                c.egress_seq0.get_or_insert(p.seq);
+                c.egress_seq0.get_or_insert(seq);
                 if p.fin() && !c.has(|k| matches!(k, FactKind::FinSent)) {
                     c.push(ev.ts_ns, FactKind::FinSent);
                 }
@@ -46,7 +55,7 @@ impl Table {
                 }
             }
             Dir::Ingress => {
-                c.ingress_seq0.get_or_insert(p.seq);
+                c.ingress_seq0.get_or_insert(seq);
                 if !p.rst() && c.ttl_baseline.is_none() {
                     c.ttl_baseline = Some(p.ttl);
                 }
@@ -59,6 +68,11 @@ impl Table {
                 if p.rst() {
                     super::rst::rst_segment_received(c, ev.ts_ns, p);
                 }
+            }
+        }
+        if !had_both {
+            if let (Some(e), Some(i)) = (c.egress_seq0, c.ingress_seq0) {
+                self.live_seq.insert((e, i), sk);
             }
         }
     }

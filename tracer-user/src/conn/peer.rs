@@ -11,6 +11,7 @@ const SEQ_WINDOW: u32 = 1 << 24;
 /// What remains of a finished connection, for its peer's verdict.
 #[derive(Clone, Debug)]
 pub(super) struct Recent {
+    serial: u64,
     at_ns: u64,
     tuple: Tuple,
     egress_seq0: Option<u32>,
@@ -58,9 +59,9 @@ impl Table {
                 continue;
             }
             match compatible(conn, p.egress_seq0, p.ingress_seq0) {
-                Some(true) => return Some((p.summary(), p.closed_ns)),
+                Some(true) => return Some((self.live_summary(p, conn), p.closed_ns)),
                 Some(false) => {}
-                None => unsure.push((p.summary(), p.closed_ns)),
+                None => unsure.push((self.live_summary(p, conn), p.closed_ns)),
             }
         }
         for r in self.recent.iter().rev().filter(|r| r.tuple == want) {
@@ -72,17 +73,62 @@ impl Table {
         }
         // Without sequence numbers only an unambiguous match counts.
         if unsure.len() == 1 {
-            unsure.pop()
-        } else {
-            None
+            return unsure.pop();
         }
+        if !unsure.is_empty() {
+            return None;
+        }
+        self.find_peer_by_seq(conn)
+    }
+
+    /// The peer through address translation (DNAT to a Service VIP, SNAT, a NAT router on
+    /// this host): the socket whose first sequence numbers are this one's, crossed.
+    fn find_peer_by_seq(&self, conn: &Conn) -> Option<(PeerSummary, Option<u64>)> {
+        let key = (conn.ingress_seq0?, conn.egress_seq0?);
+        if let Some(p) = self.live_seq.get(&key).and_then(|sk| self.conns.get(sk)) {
+            if p.skaddr != conn.skaddr
+                && (p.egress_seq0, p.ingress_seq0) == (Some(key.0), Some(key.1))
+            {
+                return Some((self.live_summary(p, conn), p.closed_ns));
+            }
+        }
+        let serial = *self.recent_seq.get(&key)?;
+        let front = self.recent.front()?.serial;
+        let r = self
+            .recent
+            .get(usize::try_from(serial.checked_sub(front)?).ok()?)?;
+        (r.serial == serial && r.summary.id != conn.id).then(|| (r.summary.clone(), r.closed_ns))
+    }
+
+    /// The summary of a peer still in the table (lingering, or finished out of turn because
+    /// its address was reused): its received RSTs resolved the way its own finish will
+    /// resolve them, so that what it inherits (a middlebox reset) is already known.
+    fn live_summary(&self, p: &Conn, conn: &Conn) -> PeerSummary {
+        if p.rst_in.is_empty() {
+            return p.summary();
+        }
+        let mut resolved = p.clone();
+        let me = conn.summary();
+        self.resolve_received_rsts(&mut resolved, Some(&me));
+        resolved.summary()
     }
 
     /// Keeps what the peer of a finished connection will need.
     pub(super) fn remember(&mut self, conn: &Conn) {
+        if let (Some(e), Some(i)) = (conn.egress_seq0, conn.ingress_seq0) {
+            if self.live_seq.get(&(e, i)) == Some(&conn.skaddr) {
+                self.live_seq.remove(&(e, i));
+            }
+        }
         let Some(t) = conn.tuple else { return };
         let at = conn.closed_ns.unwrap_or(conn.first_ns);
+        let serial = self.recent_serial;
+        self.recent_serial += 1;
+        if let (Some(e), Some(i)) = (conn.egress_seq0, conn.ingress_seq0) {
+            self.recent_seq.insert((e, i), serial);
+        }
         self.recent.push_back(Recent {
+            serial,
             at_ns: at,
             tuple: t,
             egress_seq0: conn.egress_seq0,
@@ -96,7 +142,13 @@ impl Table {
                 .front()
                 .is_some_and(|r| at.saturating_sub(r.at_ns) > LOG_WINDOW_NS)
         {
-            self.recent.pop_front();
+            if let Some(r) = self.recent.pop_front() {
+                if let (Some(e), Some(i)) = (r.egress_seq0, r.ingress_seq0) {
+                    if self.recent_seq.get(&(e, i)) == Some(&r.serial) {
+                        self.recent_seq.remove(&(e, i));
+                    }
+                }
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::{
     event::{TcpState, Tuple},
-    timeline::{Fact, FactKind, PeerSummary, Role},
+    timeline::{Fact, FactKind, LegEnd, PeerSummary, Role},
 };
 
 use super::h2::H2Track;
@@ -127,7 +127,31 @@ impl Conn {
     /// What this socket's peer needs to know about it.
     pub(super) fn summary(&self) -> PeerSummary {
         let owner = self.owner();
+        let ended = super::proxy::own_end(&self.facts);
+        let first_rtx = self
+            .facts
+            .iter()
+            .filter(|f| matches!(f.kind, FactKind::Retransmit { .. }))
+            .map(|f| f.at_ns)
+            .min();
+        let stalled_ns = match (&ended, first_rtx) {
+            (Some((at, LegEnd::Timeout)), Some(r)) => Some(at.saturating_sub(r)),
+            _ => None,
+        };
         PeerSummary {
+            ended,
+            retransmits: self.retransmits,
+            stalled_ns,
+            opened_ns: self.opened_ns,
+            tuple: self.tuple,
+            translated: false,
+            middlebox_reset_at: self.facts.iter().find_map(|f| match f.kind {
+                FactKind::RstReceived {
+                    origin: crate::timeline::RstOrigin::NotSentByPeer,
+                    ..
+                } => Some(f.at_ns),
+                _ => None,
+            }),
             id: self.id.clone(),
             pid: owner.as_ref().map(|o| o.0),
             comm: owner.map(|o| o.1),

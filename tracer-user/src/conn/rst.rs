@@ -95,10 +95,15 @@ impl Table {
         tuple: Option<Tuple>,
         seq: Option<u32>,
         at_ns: u64,
-        peer: bool,
+        peer: Option<&PeerSummary>,
     ) -> (RstOrigin, Option<String>) {
-        if let Some(t) = tuple {
-            let sender = t.reversed();
+        // The sender's own view of the connection: the peer's addresses when it is known
+        // (they differ from ours reversed through NAT), else ours reversed.
+        let sender = peer
+            .and_then(|p| p.tuple)
+            .filter(|t| t.is_complete())
+            .or(tuple.map(|t| t.reversed()));
+        if let Some(sender) = sender {
             let sent = self.rst_log.iter().rev().find(|r| {
                 r.tuple == sender
                     && r.at_ns <= at_ns.saturating_add(MATCH_AFTER_NS)
@@ -116,7 +121,7 @@ impl Table {
                 return (origin, r.reason.clone());
             }
         }
-        if peer {
+        if peer.is_some() {
             (RstOrigin::NotSentByPeer, None)
         } else {
             (RstOrigin::Untraced, None)
@@ -128,7 +133,7 @@ impl Table {
         for (i, seq) in conn.rst_in.clone() {
             let at = conn.facts.get(i).map(|f| f.at_ns).unwrap_or(0);
             let (origin, reason) = if self.cfg.packet_facts {
-                self.rst_origin_logged(conn.tuple, seq, at, peer.is_some())
+                self.rst_origin_logged(conn.tuple, seq, at, peer)
             } else {
                 (origin_without_packets(peer, at), None)
             };

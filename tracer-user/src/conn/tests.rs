@@ -76,6 +76,11 @@ struct Pair {
 
 /// A client and a server socket on this host completing a handshake.
 fn handshake(tbl: &mut Table, p: &Pair, netns: (u32, u32)) {
+    handshake_by(tbl, p, netns, 100, "client");
+}
+
+/// [`handshake`] with the connecting process named.
+fn handshake_by(tbl: &mut Table, p: &Pair, netns: (u32, u32), pid: u32, comm: &str) {
     use Dir::*;
     use TcpState::*;
     let mut evs = vec![
@@ -91,8 +96,8 @@ fn handshake(tbl: &mut Table, p: &Pair, netns: (u32, u32)) {
                 Close,
                 SynSent,
             ),
-            100,
-            "client",
+            pid,
+            comm,
             false,
         ),
         pkt(1, p.c, p.ct, Egress, SYN, p.cisn, 64),
@@ -318,15 +323,47 @@ fn blackhole_timeout_with_live_peer() {
         EventKind::ErrorReport { error: ETIMEDOUT },
     ));
     tbl.on_event(&state(1000 * MS, p.c, p.ct, Established, Close));
-    let out = tbl.take_all_closed();
+    let out = tbl.take_due(2000 * MS);
     let c = only(&out, p.c);
+    // The server socket is still open on this host: the path, proven.
     assert_eq!(
         (c.verdict.closed_by, c.verdict.reason.as_str()),
-        (ClosedBy::Middlebox, "retransmission_timeout")
+        (ClosedBy::Middlebox, "path_blackhole")
     );
     assert_eq!(c.verdict.confidence, classify::Confidence::High);
     assert_eq!(c.conn.retransmits, 4);
+    let mb = c.verdict.middlebox.as_ref().expect("middlebox object");
+    assert_eq!(mb.kind, classify::MiddleboxKind::Path);
+    assert_eq!((mb.detected_by, mb.after_ms), (Some("client"), Some(900)));
+
+    // The path heals; the server's next segment draws the client kernel's no-socket RST.
+    use Dir::*;
+    for ev in [
+        pkt(5000 * MS, 0, p.ct, Egress, RST, p.cisn + 50, 64),
+        pkt(5000 * MS, p.s, p.st, Ingress, RST, p.cisn + 50, 63),
+        base(5000 * MS, p.s, Some(p.st), EventKind::RecvReset),
+        state(5000 * MS, p.s, p.st, Established, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    let out = tbl.take_all_closed();
+    let s = only(&out, p.s);
+    assert_eq!(
+        (s.verdict.closed_by, s.verdict.reason.as_str()),
+        (ClosedBy::Middlebox, "path_blackhole"),
+        "the RST is the echo of the client's timeout, not a client decision: {:#?}",
+        s.verdict
+    );
+    assert_eq!(s.verdict.confidence, classify::Confidence::High);
+    assert_eq!(s.verdict.tcp_initiator, Initiator::Remote);
+    assert!(
+        s.verdict
+            .hint
+            .contains("4 unanswered retransmissions after 900 ms")
+    );
 }
+
+mod mbox;
 
 #[test]
 fn identical_addresses_in_two_namespaces_stay_apart() {

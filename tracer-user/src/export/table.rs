@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use super::Clock;
 use crate::conn::Closed;
 
-pub const TABLE_HEADER: &str = "TIME                        ROLE    LOCAL                      REMOTE                     CLOSED_BY  REASON                    MECH     CONF    PROCESS";
+pub const TABLE_HEADER: &str = "TIME                        ROLE    LOCAL                      REMOTE                     CLOSED_BY  REASON                    MECH     CONF    PROCESS [MIDDLEBOX]";
 
 /// One human-readable line for `-o table`.
 pub fn close_line(c: &Closed, clock: &Clock) -> String {
@@ -20,8 +20,13 @@ pub fn close_line(c: &Closed, clock: &Clock) -> String {
         .as_ref()
         .map(|(p, n)| format!("{n}({p})"))
         .unwrap_or_else(|| "-".into());
+    let mbox = v
+        .middlebox
+        .as_ref()
+        .map(|m| format!("  [{}]", m.short()))
+        .unwrap_or_default();
     format!(
-        "{:<27} {:<7} {:<26} {:<26} {:<10} {:<25} {:<8} {:<7} {}",
+        "{:<27} {:<7} {:<26} {:<26} {:<10} {:<25} {:<8} {:<7} {}{}",
         clock.rfc3339(c.conn.closed_ns.unwrap_or(c.conn.first_ns)),
         c.conn.role.name(),
         l,
@@ -30,6 +35,7 @@ pub fn close_line(c: &Closed, clock: &Clock) -> String {
         v.reason,
         val(json!(v.mechanism)),
         val(json!(v.confidence)),
-        proc_
+        proc_,
+        mbox
     )
 }

@@ -235,6 +235,34 @@ fn golden_ipv4_middlebox_reset() {
         line.contains("middlebox") && line.contains("middlebox_reset") && line.contains("app(42)"),
         "{line}"
     );
+    assert!(
+        !line.contains('['),
+        "no middlebox object, no suffix: {line}"
+    );
+    // A known middlebox is shown in the table and as `verdict.middlebox` in JSON.
+    let mut named = out[0].clone();
+    named.verdict.middlebox = Some(crate::classify::Middlebox {
+        pid: Some(300),
+        comm: Some("haproxy".into()),
+        leg: Some(crate::timeline::ProxyLeg::Downstream),
+        action: Some("fin"),
+        ..crate::classify::Middlebox::of(crate::classify::MiddleboxKind::Proxy)
+    });
+    let named_line = close_line(&named, &clock());
+    assert!(
+        named_line.ends_with("  [proxy haproxy(300) downstream fin]"),
+        "{named_line}"
+    );
+    let nj = close_json(&named, &clock());
+    assert_eq!(nj["verdict"]["middlebox"]["kind"], "proxy", "{nj:#}");
+    assert_eq!(nj["verdict"]["middlebox"]["leg"], "downstream", "{nj:#}");
+    assert!(
+        nj["verdict"]["middlebox"].get("after_ms").is_none(),
+        "{nj:#}"
+    );
+    // Pinned as a golden too, so the JSON Schema test (which reads every golden) checks the
+    // middlebox object's shape.
+    golden("ipv4_middlebox_named_proxy.json", &nj);
     // Columns line up with the header: the reason is padded like every other column.
     for (col, want) in [("REASON", "middlebox_reset"), ("MECH", "rst"), ("CONF", "")] {
         let at = TABLE_HEADER.find(col).expect("column in header");

@@ -1,0 +1,258 @@
+//! Proxy legs: a process on this host that holds both an accepted socket and a connected
+//! one, alive at the same time, is relaying between them (haproxy, nginx, a sidecar). When
+//! one of its sockets ends, its other leg says whether the proxy decided the ending or only
+//! passed on one that came from the far side.
+//!
+//! Closed sockets are remembered per owning process (bounded per process and in time), so
+//! the lookup costs a few comparisons, not a scan of the table.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::{Conn, LOG_WINDOW_NS, Table};
+use crate::{
+    classify::leg_end,
+    event::Tuple,
+    timeline::{Fact, LegEnd, OtherLeg, PeerSummary, ProxyLeg, ProxyView, Role},
+};
+
+/// Closed sockets remembered per process, and processes remembered at all.
+const MAX_LEGS_PER_PID: usize = 256;
+const MAX_PIDS: usize = 16_384;
+/// Other-leg candidates checked per socket, nearest in time first.
+const MAX_CANDIDATES: usize = 8;
+
+/// Process names of well-known proxies (the kernel's 15-byte `comm`).
+const KNOWN_PROXIES: &[&str] = &[
+    "haproxy",
+    "nginx",
+    "envoy",
+    "traefik",
+    "linkerd2-proxy",
+    "caddy",
+    "squid",
+    "socat",
+    "pilot-agent",
+    "istio-proxy",
+    "pgbouncer",
+    "proxysql",
+    "varnishd",
+    "stunnel",
+    "stunnel4",
+];
+
+pub(super) fn known_proxy(comm: &str) -> bool {
+    KNOWN_PROXIES.contains(&comm)
+}
+
+/// One closed socket of a process.
+#[derive(Clone, Debug)]
+pub(super) struct LegRec {
+    skaddr: u64,
+    id: String,
+    role: Role,
+    tuple: Option<Tuple>,
+    opened_ns: Option<u64>,
+    closed_ns: u64,
+    ended: Option<(u64, LegEnd)>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Legs {
+    by_pid: HashMap<u32, VecDeque<LegRec>>,
+}
+
+/// The socket's own ending, from its facts in time order.
+pub(super) fn own_end(facts: &[Fact]) -> Option<(u64, LegEnd)> {
+    let mut sorted = facts.to_vec();
+    sorted.sort_by_key(|f| f.at_ns);
+    leg_end(&sorted)
+}
+
+fn opposite(a: Role, b: Role) -> bool {
+    matches!(
+        (a, b),
+        (Role::Client, Role::Server) | (Role::Server, Role::Client)
+    )
+}
+
+/// What is known about the socket whose other leg is looked for.
+struct Leg<'a> {
+    pid: u32,
+    id: &'a str,
+    role: Role,
+    tuple: Option<Tuple>,
+    opened_ns: Option<u64>,
+    closed_ns: Option<u64>,
+}
+
+impl Table {
+    /// `sk` reached CLOSE: remember it under its owner, if the owner is known.
+    pub(super) fn note_closed_leg(&mut self, sk: u64) {
+        let Some(c) = self.conns.get(&sk) else {
+            return;
+        };
+        let (Some((pid, _)), Some(closed)) = (c.owner(), c.closed_ns) else {
+            return;
+        };
+        if !matches!(c.role, Role::Client | Role::Server) {
+            return;
+        }
+        let rec = LegRec {
+            skaddr: sk,
+            id: c.id.clone(),
+            role: c.role,
+            tuple: c.tuple,
+            opened_ns: c.opened_ns,
+            closed_ns: closed,
+            ended: None,
+        };
+        if self.legs.by_pid.len() >= MAX_PIDS && !self.legs.by_pid.contains_key(&pid) {
+            self.legs.by_pid.clear();
+        }
+        let q = self.legs.by_pid.entry(pid).or_default();
+        q.push_back(rec);
+        while q.len() > MAX_LEGS_PER_PID
+            || q.front()
+                .is_some_and(|r| closed.saturating_sub(r.closed_ns) > LOG_WINDOW_NS)
+        {
+            q.pop_front();
+        }
+    }
+
+    /// At finish: the record's final ending (late facts included), kept for its siblings.
+    pub(super) fn settle_leg(&mut self, conn: &Conn, ended: &Option<(u64, LegEnd)>) {
+        let Some((pid, _)) = conn.owner() else { return };
+        if let Some(r) = self.legs.by_pid.get_mut(&pid).and_then(|q| {
+            q.iter_mut()
+                .find(|r| r.skaddr == conn.skaddr && r.id == conn.id)
+        }) {
+            r.ended = ended.clone();
+        }
+    }
+
+    /// Is the other end of `tuple` a socket of `pid` too (a process talking to itself)?
+    fn peer_owned_by(&self, tuple: Option<Tuple>, pid: u32) -> bool {
+        let Some(t) = tuple else { return false };
+        let want = t.reversed();
+        let live = self
+            .by_tuple
+            .get(&want)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| self.conns.get(s))
+            .any(|c| c.owner().is_some_and(|(p, _)| p == pid));
+        live || self
+            .legs
+            .by_pid
+            .get(&pid)
+            .is_some_and(|q| q.iter().any(|r| r.tuple == Some(want)))
+    }
+
+    /// The other leg of a proxy socket: a socket of the same process, of the opposite
+    /// role, whose life overlapped this one's; the one that closed nearest in time.
+    fn other_leg(&self, leg: &Leg) -> Option<OtherLeg> {
+        let q = self.legs.by_pid.get(&leg.pid)?;
+        let reversed = leg.tuple.map(|t| t.reversed());
+        let end = leg.closed_ns.unwrap_or(u64::MAX);
+        let mut candidates: Vec<&LegRec> = q
+            .iter()
+            .filter(|r| {
+                r.id != leg.id
+                    && opposite(r.role, leg.role)
+                    && r.tuple.is_some()
+                    && r.tuple != reversed
+                    && r.tuple != leg.tuple
+                    && r.opened_ns.is_none_or(|o| o <= end)
+                    && leg.opened_ns.is_none_or(|o| r.closed_ns >= o)
+            })
+            .collect();
+        candidates.sort_by_key(|r| r.closed_ns.abs_diff(end.min(u64::MAX / 2)));
+        // The nearest few only: checking a candidate's own peer costs a lookup each.
+        let best = candidates
+            .into_iter()
+            .take(MAX_CANDIDATES)
+            .find(|r| !self.peer_owned_by(r.tuple, leg.pid))?;
+        // Still lingering: its facts may have grown since it closed.
+        let ended = match self.conns.get(&best.skaddr) {
+            Some(c) if c.id == best.id => own_end(&c.facts),
+            _ => best.ended.clone(),
+        };
+        Some(OtherLeg {
+            id: best.id.clone(),
+            local: best.tuple.map(|t| t.local),
+            remote: best.tuple.map(|t| t.remote),
+            ended,
+        })
+    }
+
+    /// The proxy holding this connection's end, if any: this socket's own process, or the
+    /// peer socket's (`peer_closed_ns`: when the peer socket closed).
+    pub(super) fn proxy_view(
+        &self,
+        conn: &Conn,
+        own_ended: &Option<(u64, LegEnd)>,
+        peer: Option<&PeerSummary>,
+        peer_closed_ns: Option<u64>,
+    ) -> Option<ProxyView> {
+        if let Some((pid, comm)) = conn.owner() {
+            let leg = Leg {
+                pid,
+                id: &conn.id,
+                role: conn.role,
+                tuple: conn.tuple,
+                opened_ns: conn.opened_ns,
+                closed_ns: conn.closed_ns,
+            };
+            let talks_to_itself = peer.is_some_and(|p| p.pid == Some(pid));
+            if !talks_to_itself {
+                if let Some(v) = self.view(&leg, comm, conn.netns, own_ended.clone(), true) {
+                    return Some(v);
+                }
+            }
+        }
+        let p = peer?;
+        let (pid, comm) = (p.pid?, p.comm.clone()?);
+        let leg = Leg {
+            pid,
+            id: &p.id,
+            role: conn.role.opposite(),
+            tuple: conn.tuple.map(|t| t.reversed()),
+            opened_ns: p.opened_ns,
+            closed_ns: peer_closed_ns,
+        };
+        if conn.owner().is_some_and(|(me, _)| me == pid) {
+            return None;
+        }
+        self.view(&leg, comm, p.netns, p.ended.clone(), false)
+    }
+
+    fn view(
+        &self,
+        leg: &Leg,
+        comm: String,
+        netns: Option<u32>,
+        ended: Option<(u64, LegEnd)>,
+        local: bool,
+    ) -> Option<ProxyView> {
+        let side = match leg.role {
+            Role::Server => ProxyLeg::Downstream,
+            Role::Client => ProxyLeg::Upstream,
+            Role::Unknown => return None,
+        };
+        let other = self.other_leg(leg);
+        let known_name = known_proxy(&comm);
+        if other.is_none() && !(known_name && side == ProxyLeg::Upstream) {
+            return None;
+        }
+        Some(ProxyView {
+            local,
+            pid: leg.pid,
+            comm,
+            netns,
+            leg: side,
+            ended,
+            other,
+            known_name,
+        })
+    }
+}

@@ -1,0 +1,409 @@
+//! Middlebox joins in the connection table: a proxy on this host (both legs traced), the
+//! relay case, a process talking to itself, and lost kernel events.
+
+use super::*;
+use crate::{classify::MiddleboxKind, timeline::ProxyLeg};
+
+fn mk(n: u64, local: &str, remote: &str) -> Pair {
+    let ct = tuple(local, remote);
+    Pair {
+        c: 0x1000 + n,
+        s: 0x2000 + n,
+        ct,
+        st: ct.reversed(),
+        cisn: (n as u32).wrapping_mul(0x3b9a_ca07),
+        sisn: (n as u32).wrapping_mul(0x9e37_79b9),
+    }
+}
+
+/// `sk` (owned by `pid`) closes first: FIN out, the peer `psk` gets it.
+fn active_close(at: u64, p: &Pair, from_client: bool, pid: u32, comm: &str) -> Vec<Event> {
+    use Dir::*;
+    use TcpState::*;
+    let (sk, t, psk, pt, seq) = if from_client {
+        (p.c, p.ct, p.s, p.st, p.cisn + 11)
+    } else {
+        (p.s, p.st, p.c, p.ct, p.sisn + 11)
+    };
+    vec![
+        by(state(at, sk, t, Established, FinWait1), pid, comm, false),
+        pkt(at, sk, t, Egress, FIN | ACK, seq, 64),
+        pkt(at, psk, pt, Ingress, FIN | ACK, seq, 63),
+        state(at, psk, pt, Established, CloseWait),
+    ]
+}
+
+/// The passive side `sk` (owned by `pid`) closes in turn; both reach CLOSE.
+fn passive_close(at: u64, p: &Pair, client_is_passive: bool, pid: u32, comm: &str) -> Vec<Event> {
+    use Dir::*;
+    use TcpState::*;
+    let (sk, t, psk, pt, seq) = if client_is_passive {
+        (p.c, p.ct, p.s, p.st, p.cisn + 11)
+    } else {
+        (p.s, p.st, p.c, p.ct, p.sisn + 11)
+    };
+    vec![
+        by(state(at, sk, t, CloseWait, LastAck), pid, comm, false),
+        pkt(at, sk, t, Egress, FIN | ACK, seq, 64),
+        pkt(at, psk, pt, Ingress, FIN | ACK, seq, 63),
+        state(at, psk, pt, FinWait1, Close),
+        state(at + MS, sk, t, LastAck, Close),
+    ]
+}
+
+struct ProxyHost {
+    /// client -> proxy (downstream leg): `c` the client's socket, `s` the proxy's.
+    down: Pair,
+    /// proxy -> server (upstream leg): `c` the proxy's socket, `s` the server's.
+    up: Pair,
+}
+
+const PROXY: u32 = 300;
+
+fn proxy_host(tbl: &mut Table, comm: &str) -> ProxyHost {
+    let down = mk(1, "10.9.1.2:40000", "10.9.1.1:8443");
+    let up = mk(2, "10.9.2.1:50000", "10.9.2.2:8080");
+    handshake_by(tbl, &down, (1, 2), 100, "client");
+    handshake_by(tbl, &up, (2, 3), PROXY, comm);
+    ProxyHost { down, up }
+}
+
+fn feed(tbl: &mut Table, evs: Vec<Event>) {
+    for ev in evs {
+        tbl.on_event(&ev);
+    }
+}
+
+fn verdict_of(out: &[Closed], sk: u64) -> &classify::Verdict {
+    &only(out, sk).verdict
+}
+
+fn proxy_ended_both_legs(comm: &str) {
+    let mut tbl = Table::default();
+    let h = proxy_host(&mut tbl, comm);
+    // The proxy's idle timeout: it closes both legs itself.
+    feed(
+        &mut tbl,
+        active_close(5000 * MS, &h.down, false, PROXY, comm),
+    );
+    feed(&mut tbl, active_close(5000 * MS, &h.up, true, PROXY, comm));
+    feed(
+        &mut tbl,
+        passive_close(5001 * MS, &h.down, true, 100, "client"),
+    );
+    feed(
+        &mut tbl,
+        passive_close(5001 * MS, &h.up, false, 200, "server"),
+    );
+    let out = tbl.take_all_closed();
+    for (sk, leg) in [
+        (h.down.c, ProxyLeg::Downstream),
+        (h.down.s, ProxyLeg::Downstream),
+        (h.up.c, ProxyLeg::Upstream),
+        (h.up.s, ProxyLeg::Upstream),
+    ] {
+        let v = verdict_of(&out, sk);
+        assert_eq!(
+            (v.closed_by, v.reason.as_str(), v.confidence),
+            (
+                ClosedBy::Middlebox,
+                "proxy_close",
+                classify::Confidence::High
+            ),
+            "socket {sk:#x}: {v:#?}"
+        );
+        let mb = v.middlebox.as_ref().expect("middlebox object");
+        assert_eq!(mb.kind, MiddleboxKind::Proxy);
+        assert_eq!((mb.pid, mb.comm.as_deref()), (Some(PROXY), Some(comm)));
+        assert_eq!(mb.leg, Some(leg), "socket {sk:#x}");
+        assert_eq!(mb.action, Some("fin"));
+        assert_eq!(mb.other_leg_ended, Some("by_proxy"));
+    }
+    // The client's socket names the proxy's other leg.
+    let mb = verdict_of(&out, h.down.c).middlebox.clone().expect("mb");
+    assert_eq!(
+        mb.other_leg.as_deref(),
+        Some("10.9.2.1:50000 -> 10.9.2.2:8080")
+    );
+}
+
+#[test]
+fn known_proxy_ending_both_legs_is_a_proven_middlebox() {
+    proxy_ended_both_legs("haproxy");
+}
+
+#[test]
+fn any_process_ending_both_legs_at_once_is_a_proven_middlebox() {
+    proxy_ended_both_legs("my-relay");
+}
+
+#[test]
+fn proxy_passing_on_the_servers_close_keeps_the_server_as_the_decider() {
+    let mut tbl = Table::default();
+    let h = proxy_host(&mut tbl, "haproxy");
+    // The server closes; the proxy passes the FIN on to the client 1 ms later.
+    feed(
+        &mut tbl,
+        active_close(5000 * MS, &h.up, false, 200, "server"),
+    );
+    feed(
+        &mut tbl,
+        active_close(5001 * MS, &h.down, false, PROXY, "haproxy"),
+    );
+    feed(
+        &mut tbl,
+        passive_close(5002 * MS, &h.up, true, PROXY, "haproxy"),
+    );
+    feed(
+        &mut tbl,
+        passive_close(5002 * MS, &h.down, true, 100, "client"),
+    );
+    let out = tbl.take_all_closed();
+    for sk in [h.down.c, h.down.s, h.up.c, h.up.s] {
+        let v = verdict_of(&out, sk);
+        assert_eq!(
+            (v.closed_by, v.reason.as_str()),
+            (ClosedBy::Server, "server_close"),
+            "socket {sk:#x}: {v:#?}"
+        );
+        assert!(v.middlebox.is_none());
+    }
+    let v = verdict_of(&out, h.down.c);
+    assert!(
+        v.hint.contains("passed on by the proxy haproxy(300)"),
+        "{}",
+        v.hint
+    );
+}
+
+#[test]
+fn a_process_talking_to_itself_is_not_a_proxy() {
+    let mut tbl = Table::default();
+    let a = mk(1, "127.0.0.1:40000", "127.0.0.1:9000");
+    let b = mk(2, "127.0.0.1:40001", "127.0.0.1:9000");
+    handshake_by(&mut tbl, &a, (1, 1), 100, "selftest");
+    handshake_by(&mut tbl, &b, (1, 1), 100, "selftest");
+    feed(&mut tbl, active_close(100 * MS, &a, true, 100, "selftest"));
+    feed(&mut tbl, active_close(100 * MS, &b, true, 100, "selftest"));
+    feed(
+        &mut tbl,
+        passive_close(101 * MS, &a, false, 100, "selftest"),
+    );
+    feed(
+        &mut tbl,
+        passive_close(101 * MS, &b, false, 100, "selftest"),
+    );
+    let out = tbl.take_all_closed();
+    for sk in [a.c, a.s, b.c, b.s] {
+        let v = verdict_of(&out, sk);
+        assert_eq!(
+            (v.closed_by, v.reason.as_str()),
+            (ClosedBy::Client, "client_close"),
+            "socket {sk:#x}: {v:#?}"
+        );
+    }
+}
+
+#[test]
+fn lost_kernel_events_lower_confidence() {
+    let run = |drops: bool| {
+        let mut tbl = Table::default();
+        let p = mk(1, "10.9.1.2:40000", "10.9.2.2:8080");
+        handshake(&mut tbl, &p, (1, 2));
+        tbl.note_ringbuf_drops(50 * MS, 0);
+        tbl.note_ringbuf_drops(60 * MS, if drops { 7 } else { 0 });
+        feed(&mut tbl, active_close(100 * MS, &p, true, 100, "client"));
+        feed(&mut tbl, passive_close(101 * MS, &p, false, 200, "server"));
+        tbl.note_ringbuf_drops(2_000 * MS, if drops { 7 } else { 0 });
+        tbl.take_due(2_000 * MS)
+    };
+    let clean = run(false);
+    let lossy = run(true);
+    for out in [&clean, &lossy] {
+        assert_eq!(out.len(), 2);
+    }
+    for (a, b) in clean.iter().zip(lossy.iter()) {
+        assert_eq!(a.verdict.confidence, classify::Confidence::High);
+        assert_eq!(b.verdict.confidence, classify::Confidence::Medium);
+        assert_eq!(a.verdict.reason, b.verdict.reason);
+        assert!(b.verdict.hint.contains("kernel events were lost"));
+    }
+}
+
+/// client -> VIP 10.9.9.9:80, DNAT to the server 10.9.2.2:8080 on the way.
+fn dnat_pair() -> Pair {
+    Pair {
+        st: tuple("10.9.2.2:8080", "10.9.1.2:40000"),
+        ..mk(7, "10.9.1.2:40000", "10.9.9.9:80")
+    }
+}
+
+#[test]
+fn ends_join_through_dnat_by_sequence_numbers() {
+    let mut tbl = Table::default();
+    let p = dnat_pair();
+    handshake(&mut tbl, &p, (1, 3));
+    feed(&mut tbl, active_close(100 * MS, &p, false, 200, "server"));
+    feed(&mut tbl, passive_close(101 * MS, &p, true, 100, "client"));
+    let out = tbl.take_all_closed();
+    let c = only(&out, p.c);
+    let s = only(&out, p.s);
+    assert_eq!(
+        c.peer.as_ref().map(|x| x.id.as_str()),
+        Some(s.conn.id.as_str()),
+        "the client socket is joined to the server socket behind the VIP"
+    );
+    assert!(c.peer.as_ref().is_some_and(|x| x.translated));
+    assert_eq!(
+        s.peer.as_ref().map(|x| x.id.as_str()),
+        Some(c.conn.id.as_str())
+    );
+    assert_eq!(
+        (c.verdict.closed_by, c.verdict.reason.as_str()),
+        (ClosedBy::Server, "server_close")
+    );
+}
+
+#[test]
+fn rst_from_the_nat_host_while_the_server_lives_is_a_nat_reset() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let p = dnat_pair();
+    handshake(&mut tbl, &p, (1, 3));
+    // The conntrack entry is gone: the router (the VIP's host, not the server) answers the
+    // client's next segment with a no-socket RST from the VIP's address.
+    let vip_view = p.ct.reversed();
+    for ev in [
+        pkt(3000 * MS, 0, vip_view, Egress, RST, p.sisn + 1, 64),
+        pkt(3000 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 63),
+        base(3000 * MS, p.c, Some(p.ct), EventKind::RecvReset),
+        state(3000 * MS, p.c, p.ct, Established, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    let out = tbl.take_due(5000 * MS);
+    let c = only(&out, p.c);
+    assert_eq!(
+        (
+            c.verdict.closed_by,
+            c.verdict.reason.as_str(),
+            c.verdict.confidence
+        ),
+        (
+            ClosedBy::Middlebox,
+            "middlebox_reset",
+            classify::Confidence::High
+        ),
+        "{:#?}",
+        c.verdict
+    );
+    let mb = c.verdict.middlebox.as_ref().expect("middlebox object");
+    assert_eq!(mb.kind, MiddleboxKind::Nat);
+    // Without the join this RST would have looked like the server's kernel (no socket).
+    assert!(
+        c.verdict.hint.contains("address translation"),
+        "{}",
+        c.verdict.hint
+    );
+}
+
+#[test]
+fn rst_from_the_server_through_dnat_is_the_servers() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let p = dnat_pair();
+    handshake(&mut tbl, &p, (1, 3));
+    for ev in [
+        by(
+            state(3000 * MS, p.s, p.st, Established, Close),
+            200,
+            "server",
+            false,
+        ),
+        pkt(3000 * MS, p.s, p.st, Egress, RST, p.sisn + 1, 64),
+        pkt(3000 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 63),
+        base(3000 * MS, p.c, Some(p.ct), EventKind::RecvReset),
+        state(3000 * MS, p.c, p.ct, Established, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    let out = tbl.take_all_closed();
+    let c = only(&out, p.c);
+    assert_eq!(
+        (c.verdict.closed_by, c.verdict.reason.as_str()),
+        (ClosedBy::Server, "server_abort"),
+        "{:#?}",
+        c.verdict
+    );
+}
+
+#[test]
+fn peer_reset_by_a_middlebox_passes_it_on_even_when_judged_in_the_same_tick() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let p = mk(3, "10.9.1.2:40000", "10.9.2.2:8080");
+    handshake(&mut tbl, &p, (1, 2));
+    for ev in [
+        // A RST reaches the client that the server never sent (REJECT in between).
+        pkt(1000 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 63),
+        base(1000 * MS, p.c, Some(p.ct), EventKind::RecvReset),
+        state(1000 * MS, p.c, p.ct, Established, Close),
+        // The server writes later; the client's kernel answers for a socket it lost.
+        pkt(1050 * MS, 0, p.ct, Egress, RST, p.cisn + 1, 64),
+        pkt(1050 * MS, p.s, p.st, Ingress, RST, p.cisn + 1, 63),
+        base(1050 * MS, p.s, Some(p.st), EventKind::RecvReset),
+        state(1050 * MS, p.s, p.st, Established, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    // Both are due in the same pass.
+    let out = tbl.take_due(5000 * MS);
+    for sk in [p.c, p.s] {
+        let v = verdict_of(&out, sk);
+        assert_eq!(
+            (v.closed_by, v.reason.as_str(), v.confidence),
+            (
+                ClosedBy::Middlebox,
+                "middlebox_reset",
+                classify::Confidence::High
+            ),
+            "socket {sk:#x}: {v:#?}"
+        );
+    }
+}
+
+#[test]
+fn peer_reset_by_a_middlebox_passes_it_on_when_judged_out_of_turn() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let p = mk(4, "10.9.1.2:40000", "10.9.2.2:8080");
+    handshake(&mut tbl, &p, (1, 2));
+    for ev in [
+        pkt(1000 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 63),
+        base(1000 * MS, p.c, Some(p.ct), EventKind::RecvReset),
+        state(1000 * MS, p.c, p.ct, Established, Close),
+        pkt(1050 * MS, 0, p.ct, Egress, RST, p.cisn + 1, 64),
+        pkt(1050 * MS, p.s, p.st, Ingress, RST, p.cisn + 1, 63),
+        base(1050 * MS, p.s, Some(p.st), EventKind::RecvReset),
+        state(1050 * MS, p.s, p.st, Established, Close),
+    ] {
+        tbl.on_event(&ev);
+    }
+    // The server socket's memory is reused at once: it is judged now, the client lingers.
+    let reused = tuple("10.9.2.2:8080", "10.9.1.9:41000");
+    let early = tbl.on_event(&state(1060 * MS, p.s, reused, Listen, SynRecv));
+    let v = verdict_of(&early, p.s);
+    assert_eq!(
+        (v.closed_by, v.reason.as_str(), v.confidence),
+        (
+            ClosedBy::Middlebox,
+            "middlebox_reset",
+            classify::Confidence::High
+        ),
+        "{v:#?}"
+    );
+}

@@ -382,14 +382,14 @@ pub fn check_client_close(g: &Grpc, c: &Value, sv: &Value) {
     check_pair(c, sv);
 }
 
-/// Case 5: the client's keepalive gave up behind the blackhole (its socket only: the
-/// server's is still open and not part of the verdict).
+/// Case 5: the client's keepalive gave up behind the blackhole while the server socket
+/// (traced on this host) was still open: the path ended it, detected by the client.
 pub fn check_keepalive_blackhole(g: &Grpc, c: &Value) {
     check(
         c,
         &Expect {
-            closed_by: Some("client"),
-            reason: Some("client_keepalive_timeout"),
+            closed_by: Some("middlebox"),
+            reason: Some("path_blackhole"),
             tcp_initiator: Some("local"),
             // ETIMEDOUT from the TCP_USER_TIMEOUT grpcio sets; nothing is sent.
             mechanism: Some("timeout"),
@@ -397,6 +397,16 @@ pub fn check_keepalive_blackhole(g: &Grpc, c: &Value) {
         },
     );
     check_synced(c);
+    if c.pointer("/verdict/middlebox/kind").and_then(Value::as_str) != Some("path")
+        || c.pointer("/verdict/middlebox/detected_by")
+            .and_then(Value::as_str)
+            != Some("client")
+    {
+        fail(
+            c,
+            "expected verdict.middlebox {kind: path, detected_by: client}",
+        );
+    }
     if num(c, "/h2/pings/unanswered_sent") < 1.0 {
         fail(c, "expected h2.pings.unanswered_sent >= 1");
     }

@@ -1,8 +1,10 @@
 //! Layer-7 rules: who decided to end an HTTP/2 connection, whoever sent the first FIN/RST.
 
 use super::{
-    Cause, ClosedBy, Confidence, Initiator, Mechanism, Party, Reason, Verdict,
-    ending::first_ending, verdict::verdict,
+    Cause, ClosedBy, Confidence, Initiator, Mechanism, Middlebox, MiddleboxKind, Party, Reason,
+    Verdict,
+    ending::{first_ending, retransmits},
+    verdict::verdict,
 };
 use crate::{
     h2::Reason as ErrorCode,
@@ -53,7 +55,7 @@ pub(super) fn rules(t: &Timeline, tcp: &Verdict) -> Option<Verdict> {
     if !h.synced {
         return None;
     }
-    keepalive(t, h, tcp, before_end).or_else(|| close_without_goaway(h, tcp, ending_at))
+    keepalive(t, h, tcp, ending_at).or_else(|| close_without_goaway(h, tcp, ending_at))
 }
 
 /// An unanswered PING is keepalive evidence only while nothing was answered after it: a
@@ -260,8 +262,9 @@ fn keepalive(
     t: &Timeline,
     h: &H2Summary,
     tcp: &Verdict,
-    before_end: impl Fn(u64) -> bool,
+    ending_at: Option<u64>,
 ) -> Option<Verdict> {
+    let before_end = |at: u64| ending_at.is_none_or(|e| at <= e);
     let role = t.role;
     let (client_unanswered, _) = client_pings(role, h);
     let ended_by_client = matches!(
@@ -274,6 +277,17 @@ fn keepalive(
         role == Role::Client && tcp.mechanism == Mechanism::Timeout,
     ) {
         if before_end(since) {
+            if tcp.reason == Reason::PathBlackhole {
+                // The server socket was still open on this host while the client's kernel
+                // gave up: the path, not an endpoint, ended it.
+                return Some(ping_blackhole(
+                    t,
+                    since,
+                    ending_at,
+                    tcp.tcp_initiator,
+                    Mechanism::Timeout,
+                ));
+            }
             let path = if tcp.confidence == Confidence::High {
                 "the server socket was still open on this host, so the path dropped the packets"
             } else {
@@ -294,6 +308,19 @@ fn keepalive(
     }
     if let (true, Some(since)) = (ended_by_client, client_unanswered) {
         if before_end(since) && tcp.closed_by != ClosedBy::Middlebox {
+            // The PING's own segment went unacknowledged at the TCP level while the peer
+            // socket was open here: the path dropped it. (A PING TCP acknowledged but HTTP/2
+            // never answered is a stuck server, not the path.)
+            let peer_open = t.peer.as_ref().is_some_and(|p| !p.closed_first);
+            if peer_open && retransmits(t) > 0 {
+                return Some(ping_blackhole(
+                    t,
+                    since,
+                    ending_at,
+                    tcp.tcp_initiator,
+                    Mechanism::PingTimeout,
+                ));
+            }
             let who = Party::of(role, role == Role::Client);
             return Some(verdict(
                 ClosedBy::Client,
@@ -309,6 +336,39 @@ fn keepalive(
         }
     }
     None
+}
+
+/// A keepalive that gave up while the peer socket was still open on this host.
+fn ping_blackhole(
+    t: &Timeline,
+    since: u64,
+    ending_at: Option<u64>,
+    initiator: Initiator,
+    mechanism: Mechanism,
+) -> Verdict {
+    let detected_by = Party::of(t.role, true);
+    let after_ms = ending_at.map(|e| e.saturating_sub(since) / 1_000_000);
+    let after = after_ms
+        .map(|ms| format!(" after {}", secs(ms * 1_000_000)))
+        .unwrap_or_default();
+    let mut v = verdict(
+        ClosedBy::Middlebox,
+        Reason::PathBlackhole,
+        initiator,
+        mechanism,
+        Confidence::High,
+        format!(
+            "the {detected_by}'s keepalive PING went unanswered and it gave up{after}, while the \
+             other end's socket was still open on this host: the path dropped the packets \
+             (firewall DROP, blackhole route, stale NAT/conntrack entry)"
+        ),
+    );
+    v.middlebox = Some(Middlebox {
+        detected_by: Some(detected_by.name()),
+        after_ms,
+        ..Middlebox::of(MiddleboxKind::Path)
+    });
+    v
 }
 
 /// A synced HTTP/2 connection the server ended at the TCP level, with no GOAWAY first.

@@ -980,10 +980,88 @@ fn cases() -> Vec<Case> {
                     ..synced(vec![])
                 },
             ),
+            closed_by: C::Middlebox,
+            reason: "path_blackhole",
+            initiator: I::Local,
+            mechanism: M::Timeout,
+            confidence: K::High,
+        },
+        Case {
+            name: "grpc keepalive ETIMEDOUT with the server not traced: the client's keepalive, cause open",
+            timeline: with_h2(
+                tl(
+                    Role::Client,
+                    client_open(),
+                    vec![
+                        f(
+                            1_000,
+                            FactKind::Retransmit {
+                                state: S::Established,
+                            },
+                        ),
+                        f(2_440, FactKind::SocketError { errno: 110 }),
+                        st(2_440, S::Established, S::Close),
+                    ],
+                    None,
+                ),
+                H2Summary {
+                    unanswered_sent_since: Some(1_000),
+                    ..synced(vec![])
+                },
+            ),
             closed_by: C::Client,
             reason: "client_keepalive_timeout",
             initiator: I::Local,
             mechanism: M::Timeout,
+            confidence: K::High,
+        },
+        Case {
+            name: "client app gives up on a retransmitted PING while the server socket is open: path",
+            timeline: with_h2(
+                tl(
+                    Role::Client,
+                    client_open(),
+                    [
+                        vec![f(
+                            1_100,
+                            FactKind::Retransmit {
+                                state: S::Established,
+                            },
+                        )],
+                        client_fin_after(3_000),
+                    ]
+                    .concat(),
+                    peer(false, false),
+                ),
+                H2Summary {
+                    unanswered_sent_since: Some(1_000),
+                    ..synced(vec![])
+                },
+            ),
+            closed_by: C::Middlebox,
+            reason: "path_blackhole",
+            initiator: I::Local,
+            mechanism: M::PingTimeout,
+            confidence: K::High,
+        },
+        Case {
+            name: "client app gives up on a PING TCP acknowledged but HTTP/2 never answered: stuck server, not the path",
+            timeline: with_h2(
+                tl(
+                    Role::Client,
+                    client_open(),
+                    client_fin_after(3_000),
+                    peer(false, false),
+                ),
+                H2Summary {
+                    unanswered_sent_since: Some(1_000),
+                    ..synced(vec![])
+                },
+            ),
+            closed_by: C::Client,
+            reason: "client_keepalive_timeout",
+            initiator: I::Local,
+            mechanism: M::PingTimeout,
             confidence: K::High,
         },
         Case {

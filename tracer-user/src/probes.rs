@@ -90,7 +90,7 @@ pub struct Probes {
     pub logger: Option<Logger>,
 }
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/whoclosed"));
 
 fn raise_memlock() {
     let unlimited = libc::rlimit {

@@ -16,6 +16,11 @@ const MAX_GOAWAYS: usize = 8;
 const MAX_STREAMS: usize = 10_000;
 const MAX_OUTSTANDING: usize = 16;
 const MAX_PING_TIMES: usize = 64;
+/// Distinct RST_STREAM codes counted per direction: the registered ones are 14, anything
+/// past this many distinct codes is counted under [`OTHER_CODES`] (a peer choosing codes
+/// must not grow the record).
+const MAX_RST_CODES: usize = 24;
+pub const OTHER_CODES: &str = "other";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -187,13 +192,18 @@ impl H2Track {
                 }
             }
             Frame::RstStream(r) => {
-                let name = r.reason.to_string();
                 let map = if mine {
                     &mut self.rst_sent
                 } else {
                     &mut self.rst_received
                 };
-                *map.entry(name).or_default() += 1;
+                let name = r.reason.to_string();
+                let key = if map.contains_key(&name) || map.len() < MAX_RST_CODES {
+                    name
+                } else {
+                    OTHER_CODES.to_string()
+                };
+                *map.entry(key).or_default() += 1;
                 self.close_stream(at_ns, r.stream_id);
             }
             Frame::Ping(p) => {
@@ -356,6 +366,28 @@ mod tests {
         assert_eq!(t.rst_sent.get("CANCEL"), Some(&1));
         assert_eq!(t.open_streams(), 0);
         assert!(t.goaways.is_empty());
+    }
+
+    /// A peer resetting streams with ever new error codes cannot grow the record: past the
+    /// bound they are counted together, and nothing is lost from the total.
+    #[test]
+    fn rst_stream_codes_are_bounded() {
+        let mut t = H2Track::new(0);
+        for code in 0..10_000u32 {
+            t.on_frame(
+                u64::from(code),
+                Dir::Ingress,
+                &frame(4, 3, 0, 2 * code + 1),
+                &Bytes::from((code + 0x100).to_be_bytes().to_vec()),
+            );
+        }
+        assert!(
+            t.rst_received.len() <= MAX_RST_CODES + 1,
+            "{}",
+            t.rst_received.len()
+        );
+        assert_eq!(t.rst_received.values().sum::<u32>(), 10_000);
+        assert!(t.rst_received.get(OTHER_CODES).is_some_and(|n| *n > 9_000));
     }
 
     #[test]

@@ -8,12 +8,36 @@ mod filter;
 mod records;
 mod table;
 
-use std::time::{Duration, SystemTime};
+use std::{
+    borrow::Cow,
+    time::{Duration, SystemTime},
+};
 
 pub use close::{CloseObject, close_json};
 pub use filter::Filter;
 pub use records::{Drops, Ready, Stats};
 pub use table::{TABLE_HEADER, close_line};
+
+/// Text that came from outside (process names, GOAWAY debug text) made safe for a terminal:
+/// control characters (C0, DEL, C1: where escape sequences start) and bidirectional
+/// overrides (which can make a line read differently than it is) are shown as `\u{..}`.
+/// JSON output needs none of this: serde escapes control characters itself.
+pub fn terminal_safe(s: &str) -> Cow<'_, str> {
+    let unsafe_char =
+        |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(unsafe_char) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
 
 /// Version of every JSON object whoclosed writes. Bumped on incompatible changes only.
 pub const SCHEMA_VERSION: u32 = 1;

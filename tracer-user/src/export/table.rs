@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use super::Clock;
+use super::{Clock, terminal_safe};
 use crate::conn::Closed;
 
 pub const TABLE_HEADER: &str = "TIME                        ROLE    LOCAL                      REMOTE                     CLOSED_BY  REASON                    MECH     CONF    PROCESS [MIDDLEBOX]";
@@ -18,12 +18,12 @@ pub fn close_line(c: &Closed, clock: &Clock) -> String {
     let proc_ = c
         .owner
         .as_ref()
-        .map(|(p, n)| format!("{n}({p})"))
+        .map(|(p, n)| format!("{}({p})", terminal_safe(n)))
         .unwrap_or_else(|| "-".into());
     let mbox = v
         .middlebox
         .as_ref()
-        .map(|m| format!("  [{}]", m.short()))
+        .map(|m| format!("  [{}]", terminal_safe(&m.short())))
         .unwrap_or_default();
     format!(
         "{:<27} {:<7} {:<26} {:<26} {:<10} {:<25} {:<8} {:<7} {}{}",

@@ -260,6 +260,25 @@ fn golden_ipv4_middlebox_reset() {
         nj["verdict"]["middlebox"].get("after_ms").is_none(),
         "{nj:#}"
     );
+    // A process name is whatever the process set (prctl PR_SET_NAME): escape sequences and
+    // bidi overrides must not reach the terminal, in the process column or the middlebox tag.
+    let mut hostile = named.clone();
+    hostile.owner = Some((7, "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{202e}x".into()));
+    if let Some(m) = hostile.verdict.middlebox.as_mut() {
+        m.comm = Some("\u{1b}[31mred".into());
+    }
+    let hostile_line = close_line(&hostile, &clock());
+    assert!(
+        !hostile_line
+            .chars()
+            .any(|c| c.is_control() || c == '\u{202e}'),
+        "{hostile_line:?}"
+    );
+    assert!(
+        hostile_line.contains("\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{202e}x(7)")
+            && hostile_line.contains("[proxy \\u{1b}[31mred(300)"),
+        "{hostile_line}"
+    );
     // Pinned as a golden too, so the JSON Schema test (which reads every golden) checks the
     // middlebox object's shape.
     golden("ipv4_middlebox_named_proxy.json", &nj);

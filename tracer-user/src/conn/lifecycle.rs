@@ -113,6 +113,14 @@ impl Table {
         if matches!(state, TcpState::Listen) {
             return;
         }
+        // close() on a socket that already reached CLOSE and is no longer tracked: its
+        // ending was judged (the application closed the fd after the linger period) or was
+        // never seen. Either way there is nothing new to judge; opening a record here would
+        // print a second, phantom verdict for the same socket.
+        if state == TcpState::Close && !self.conns.contains_key(&ev.skaddr) {
+            self.stats.late_close_calls += 1;
+            return;
+        }
         if self.ensure(ev, out) {
             if let Some(c) = self.conns.get_mut(&ev.skaddr) {
                 c.push(

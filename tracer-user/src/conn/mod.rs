@@ -83,6 +83,8 @@ pub struct TableStats {
     pub conns_dropped: u64,
     pub facts_dropped: u64,
     pub errors_unmatched: u64,
+    /// close() calls on sockets already in CLOSE and no longer tracked (judged before).
+    pub late_close_calls: u64,
 }
 
 pub struct Table {

@@ -762,3 +762,48 @@ fn without_packet_facts_the_peer_record_of_its_reset_proves_the_sender() {
         (ClosedBy::Server, "server_abort")
     );
 }
+
+/// A socket reset by its peer is judged after the linger period; its application closes the
+/// fd later (tcp_close sees the socket in CLOSE). That close() must not open a new record and
+/// print a second verdict for the same socket.
+#[test]
+fn close_after_linger_is_no_second_verdict() {
+    use TcpState::*;
+    let t = tuple("10.9.1.2:40000", "10.9.2.2:8080");
+    let mut tbl = Table::default();
+    let sk = 0xffff_8880_0000_1000;
+    let mut verdicts = 0;
+    for ev in [
+        by(state(0, sk, t, Close, SynSent), 100, "app", false),
+        state(1, sk, t, SynSent, Established),
+        base(10, sk, Some(t), EventKind::RecvReset),
+        state(10, sk, t, Established, Close),
+    ] {
+        verdicts += tbl.on_event(&ev).len();
+    }
+    verdicts += tbl.take_due(10 + 5_000_000_000).len();
+    assert_eq!(
+        verdicts, 1,
+        "the reset is judged once the linger period is over"
+    );
+    let late = by(
+        base(
+            6_000_000_000,
+            sk,
+            Some(t),
+            EventKind::CloseCall { state: Close },
+        ),
+        100,
+        "app",
+        false,
+    );
+    verdicts += tbl.on_event(&late).len();
+    verdicts += tbl
+        .on_event(&base(6_000_000_001, sk, Some(t), EventKind::Destroy))
+        .len();
+    verdicts += tbl.take_due(20_000_000_000).len();
+    verdicts += tbl.take_all_closed().len();
+    assert_eq!(verdicts, 1, "no phantom verdict from the late close()");
+    assert!(tbl.is_empty());
+    assert_eq!(tbl.stats.late_close_calls, 1);
+}

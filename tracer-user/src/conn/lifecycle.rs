@@ -22,8 +22,15 @@ impl Table {
                 out.push(c);
             }
         }
+        // A new connection at a refused socket's address is a new chance for it.
+        self.refused.remove(&ev.skaddr);
         if self.conns.len() >= self.cfg.max_conns {
+            // Deliberate: the tracked connections stay whole; this one is refused for its
+            // whole life (its later events are ignored, see `ensure`), and counted once.
             self.stats.conns_dropped += 1;
+            if self.refused.len() < self.cfg.max_conns {
+                self.refused.insert(ev.skaddr);
+            }
             return false;
         }
         let mut conn = Conn::new(ev.skaddr, ev.ts_ns, role, preexisting);
@@ -39,7 +46,10 @@ impl Table {
 
     /// Makes sure a connection exists for an event about an already-open socket.
     pub(super) fn ensure(&mut self, ev: &Event, out: &mut Vec<Closed>) -> bool {
-        if ev.skaddr == 0 || self.listeners.contains(&ev.skaddr) {
+        if ev.skaddr == 0
+            || self.listeners.contains(&ev.skaddr)
+            || self.refused.contains(&ev.skaddr)
+        {
             return false;
         }
         if self.conns.contains_key(&ev.skaddr) {
@@ -57,6 +67,9 @@ impl Table {
         out: &mut Vec<Closed>,
     ) {
         let sk = ev.skaddr;
+        if new == TcpState::Close && self.refused.remove(&sk) {
+            return; // the end of a connection the full table refused
+        }
         if new == TcpState::Listen {
             if let Some(c) = self.finish(sk) {
                 out.push(c);
@@ -136,6 +149,7 @@ impl Table {
     }
 
     pub(super) fn on_destroy(&mut self, ev: &Event) {
+        self.refused.remove(&ev.skaddr);
         if let Some(c) = self.conns.get_mut(&ev.skaddr) {
             if c.closed_ns.is_none() {
                 c.closed_ns = Some(ev.ts_ns);

@@ -79,7 +79,8 @@ pub struct TableStats {
     pub events: u64,
     pub conns_opened: u64,
     pub conns_closed: u64,
-    /// Connections not tracked because the table was full.
+    /// Connections not tracked because the table was full (each counted once; the table
+    /// keeps the connections it has whole rather than evicting one half-way).
     pub conns_dropped: u64,
     pub facts_dropped: u64,
     pub errors_unmatched: u64,
@@ -92,6 +93,9 @@ pub struct Table {
     conns: HashMap<u64, Conn>,
     by_tuple: HashMap<Tuple, Vec<u64>>,
     listeners: HashSet<u64>,
+    /// Sockets refused because the table was full: their later events are ignored until
+    /// they close (counted once, never brought back as `preexisting`). At most `max_conns`.
+    refused: HashSet<u64>,
     orphans: HashMap<u64, packets::Orphan>,
     rst_log: VecDeque<rst::SentRst>,
     recent: VecDeque<peer::Recent>,
@@ -125,6 +129,7 @@ impl Table {
             conns: HashMap::new(),
             by_tuple: HashMap::new(),
             listeners: HashSet::new(),
+            refused: HashSet::new(),
             orphans: HashMap::new(),
             rst_log: VecDeque::new(),
             recent: VecDeque::new(),

@@ -807,3 +807,63 @@ fn close_after_linger_is_no_second_verdict() {
     assert!(tbl.is_empty());
     assert_eq!(tbl.stats.late_close_calls, 1);
 }
+
+/// At --max-conns the table refuses new connections deliberately: a refused connection is
+/// counted once however many events it has, its events never bring it back as
+/// `preexisting` when room frees up, and it gets no verdict.
+#[test]
+fn full_table_refuses_whole_connections_and_counts_them_once() {
+    use TcpState::*;
+    let mut tbl = Table::new(TableConfig {
+        max_conns: 1,
+        ..TableConfig::default()
+    });
+    let (a, b) = (0xffff_8880_0000_a000, 0xffff_8880_0000_b000);
+    let ta = tuple("10.9.1.2:40000", "10.9.2.2:8080");
+    let tb = tuple("10.9.1.2:40001", "10.9.2.2:8080");
+    let mut verdicts = Vec::new();
+    let evs = vec![
+        by(state(0, a, ta, Close, SynSent), 1, "a", false),
+        state(1, a, ta, SynSent, Established),
+        by(state(2, b, tb, Close, SynSent), 2, "b", false),
+        state(3, b, tb, SynSent, Established),
+        base(
+            4,
+            b,
+            Some(tb),
+            EventKind::Retransmit {
+                state: Established,
+                err: 0,
+            },
+        ),
+        // a ends: room for one again.
+        by(state(5, a, ta, Established, FinWait1), 1, "a", false),
+        state(6, a, ta, FinWait1, Close),
+        // b's later events must not bring it back.
+        base(
+            7,
+            b,
+            Some(tb),
+            EventKind::Retransmit {
+                state: Established,
+                err: 0,
+            },
+        ),
+        by(state(8, b, tb, Established, FinWait1), 2, "b", false),
+        state(9, b, tb, FinWait1, Close),
+    ];
+    for ev in &evs {
+        verdicts.extend(tbl.on_event(ev));
+    }
+    verdicts.extend(tbl.take_all_closed());
+    let ids: Vec<u64> = verdicts.iter().map(|c| c.conn.skaddr).collect();
+    assert_eq!(ids, vec![a], "only the tracked connection is judged");
+    assert_eq!(
+        tbl.stats.conns_dropped, 1,
+        "one connection refused, counted once"
+    );
+    assert!(tbl.is_empty());
+    // The address is reused by a new connection: tracked again.
+    tbl.on_event(&by(state(10, b, tb, Close, SynSent), 3, "b2", false));
+    assert_eq!(tbl.len(), 1);
+}

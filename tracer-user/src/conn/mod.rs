@@ -86,6 +86,9 @@ pub struct TableStats {
     pub errors_unmatched: u64,
     /// close() calls on sockets already in CLOSE and no longer tracked (judged before).
     pub late_close_calls: u64,
+    /// Sent RSTs pushed out of the provenance log by its cap while still recent: a RST
+    /// received around then can no longer be proven "not sent by the peer".
+    pub rst_log_evictions: u64,
 }
 
 pub struct Table {
@@ -98,6 +101,8 @@ pub struct Table {
     refused: HashSet<u64>,
     orphans: HashMap<u64, packets::Orphan>,
     rst_log: VecDeque<rst::SentRst>,
+    /// Time of the newest sent RST the log's cap pushed out while still inside the window.
+    rst_log_evicted_ns: Option<u64>,
     recent: VecDeque<peer::Recent>,
     /// Reasons of no-socket resets reported by `tcp_send_reset`, waiting for their segment.
     pending_reasons: HashMap<Tuple, String>,
@@ -132,6 +137,7 @@ impl Table {
             refused: HashSet::new(),
             orphans: HashMap::new(),
             rst_log: VecDeque::new(),
+            rst_log_evicted_ns: None,
             recent: VecDeque::new(),
             pending_reasons: HashMap::new(),
             live_seq: HashMap::new(),

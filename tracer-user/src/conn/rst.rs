@@ -79,12 +79,18 @@ impl Table {
             from_conn,
             reason,
         });
-        while self.rst_log.len() > MAX_LOG
-            || self
-                .rst_log
-                .front()
-                .is_some_and(|r| at_ns.saturating_sub(r.at_ns) > LOG_WINDOW_NS)
-        {
+        while let Some(oldest) = self.rst_log.front() {
+            let expired = at_ns.saturating_sub(oldest.at_ns) > LOG_WINDOW_NS;
+            if !expired && self.rst_log.len() <= MAX_LOG {
+                break;
+            }
+            if !expired {
+                // Pushed out by the cap while a RST received around then could still match
+                // it (a scan against closed ports makes the kernel send RST after RST):
+                // counted, and remembered so that its absence proves nothing.
+                self.stats.rst_log_evictions += 1;
+                self.rst_log_evicted_ns = Some(oldest.at_ns);
+            }
             self.rst_log.pop_front();
         }
     }
@@ -121,7 +127,16 @@ impl Table {
                 return (origin, r.reason.clone());
             }
         }
-        if peer.is_some() {
+        // Not in the log: the peer's own record may still show it reset the connection then.
+        if origin_without_packets(peer, at_ns) == RstOrigin::PeerSocket {
+            return (RstOrigin::PeerSocket, None);
+        }
+        // "Not sent by the peer" is proven by absence only while the log still holds every
+        // RST sent around then; after evictions by the cap it is just unknown.
+        let log_complete = self
+            .rst_log_evicted_ns
+            .is_none_or(|e| e.saturating_add(LOG_WINDOW_NS) < at_ns);
+        if peer.is_some() && log_complete {
             (RstOrigin::NotSentByPeer, None)
         } else {
             (RstOrigin::Untraced, None)

@@ -407,3 +407,39 @@ fn peer_reset_by_a_middlebox_passes_it_on_when_judged_out_of_turn() {
         "{v:#?}"
     );
 }
+
+/// A scan against closed ports makes a host send RST after RST. When those push the real
+/// peer's RST out of the provenance log before the connection is judged, its absence must
+/// not read as "a RST the peer never sent" (a middlebox, high): the evictions are counted and
+/// the peer's own record of its reset decides.
+#[test]
+fn rst_log_flood_does_not_turn_a_peer_reset_into_a_middlebox() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let p = mk(7, "10.9.1.2:40000", "10.9.2.2:8080");
+    handshake(&mut tbl, &p, (1, 2));
+    let mut evs = vec![
+        // The server aborts: its socket sends the RST, the client receives it.
+        pkt(1000 * MS, p.s, p.st, Egress, RST, p.sisn + 1, 64),
+        state(1000 * MS, p.s, p.st, Established, Close),
+        pkt(1000 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 63),
+        base(1000 * MS, p.c, Some(p.ct), EventKind::RecvReset),
+        state(1000 * MS, p.c, p.ct, Established, Close),
+    ];
+    // Then a scan: 20 000 no-socket RSTs within the linger period.
+    for i in 0..20_000u32 {
+        let t = tuple(
+            &format!("10.9.2.2:{}", 1 + i % 60_000),
+            &format!("10.9.3.{}:{}", 1 + i / 60_000, 40_000 + i % 20_000),
+        );
+        evs.push(pkt(1000 * MS + 1 + u64::from(i), 0, t, Egress, RST, i, 64));
+    }
+    for ev in &evs {
+        tbl.on_event(ev);
+    }
+    let out = tbl.take_due(5000 * MS);
+    let v = verdict_of(&out, p.c);
+    assert_ne!(v.closed_by, ClosedBy::Middlebox, "{v:#?}");
+    assert!(tbl.stats.rst_log_evictions > 0);
+}

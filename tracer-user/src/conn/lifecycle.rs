@@ -94,6 +94,11 @@ impl Table {
             return;
         };
         c.state = new;
+        // PF_EXITING is the current task's. A transition to CLOSE may run in softirq for
+        // another socket (on loopback a dying peer's RST is processed in the peer's context)
+        // or from a timer: the flag is this socket's only with its owner's pid.
+        let exiting = ev.exiting
+            && (new != TcpState::Close || c.owner().is_none_or(|(pid, _)| pid == ev.pid));
         c.push(
             ev.ts_ns,
             FactKind::State {
@@ -101,7 +106,7 @@ impl Table {
                 to: new,
                 pid: ev.pid,
                 comm: ev.comm.clone(),
-                exiting: ev.exiting,
+                exiting,
             },
         );
         if new == TcpState::Established && c.opened_ns.is_none() {

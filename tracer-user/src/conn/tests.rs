@@ -867,3 +867,128 @@ fn full_table_refuses_whole_connections_and_counts_them_once() {
     tbl.on_event(&by(state(10, b, tb, Close, SynSent), 3, "b2", false));
     assert_eq!(tbl.len(), 1);
 }
+
+/// On loopback the dying process's RST is processed on the other socket in the dying
+/// process's own context, so that socket's CLOSE transition carries PF_EXITING too. Only the
+/// owner's pid makes it this socket's exit: the client here did not die, the server did.
+#[test]
+fn a_dying_peer_context_is_not_this_sockets_exit() {
+    use TcpState::*;
+    for dying_is_server in [true, false] {
+        let mut tbl = Table::new(TableConfig {
+            packet_facts: false,
+            ..TableConfig::default()
+        });
+        let ct = tuple("10.9.1.2:40000", "10.9.2.2:8080");
+        let st = ct.reversed();
+        let mut evs = vec![
+            by(state(0, 0x10, ct, Close, SynSent), 1, "client", false),
+            state(1, 0x20, st, Listen, SynRecv),
+            state(2, 0x10, ct, SynSent, Established),
+            state(2, 0x20, st, SynRecv, Established),
+        ];
+        let (dead, dead_t, other, other_t, pid, comm) = if dying_is_server {
+            (0x20, st, 0x10, ct, 2, "server")
+        } else {
+            (0x10, ct, 0x20, st, 1, "client")
+        };
+        evs.extend([
+            by(
+                state(50 * MS, dead, dead_t, Established, Close),
+                pid,
+                comm,
+                true,
+            ),
+            // The other socket's RST handling runs on the dying process's exit path.
+            by(
+                base(50 * MS + 5, other, Some(other_t), EventKind::RecvReset),
+                pid,
+                comm,
+                true,
+            ),
+            by(
+                state(50 * MS + 6, other, other_t, Established, Close),
+                pid,
+                comm,
+                true,
+            ),
+        ]);
+        for ev in &evs {
+            tbl.on_event(ev);
+        }
+        let out = tbl.take_all_closed();
+        let want = if dying_is_server {
+            (ClosedBy::Server, "server_process_exit")
+        } else {
+            (ClosedBy::Client, "client_process_exit")
+        };
+        for sk in [dead, other] {
+            let c = only(&out, sk);
+            assert_eq!(
+                (c.verdict.closed_by, c.verdict.reason.as_str()),
+                want,
+                "socket {sk:#x} (the {comm} died): {:#?}",
+                c.verdict
+            );
+        }
+    }
+}
+
+/// The client closes first; the server is then killed and its RST finishes the client's
+/// socket (FIN_WAIT2 -> CLOSE) on the server's exit path. The client did not die: its
+/// verdict stays the client's close, not a client process exit.
+#[test]
+fn a_dying_peer_finishing_our_socket_is_not_our_exit() {
+    use TcpState::*;
+    for packet_facts in [false, true] {
+        let mut tbl = Table::new(TableConfig {
+            packet_facts,
+            ..TableConfig::default()
+        });
+        let ct = tuple("10.9.1.2:40000", "10.9.2.2:8080");
+        let st = ct.reversed();
+        for ev in [
+            by(state(0, 0x10, ct, Close, SynSent), 1, "client", false),
+            state(1, 0x20, st, Listen, SynRecv),
+            state(2, 0x10, ct, SynSent, Established),
+            state(2, 0x20, st, SynRecv, Established),
+            by(
+                state(10 * MS, 0x10, ct, Established, FinWait1),
+                1,
+                "client",
+                false,
+            ),
+            state(10 * MS + 1, 0x20, st, Established, CloseWait),
+            state(10 * MS + 2, 0x10, ct, FinWait1, FinWait2),
+            // The server dies with unread data.
+            by(
+                state(50 * MS, 0x20, st, CloseWait, Close),
+                2,
+                "server",
+                true,
+            ),
+            by(
+                base(50 * MS + 5, 0x10, Some(ct), EventKind::RecvReset),
+                2,
+                "server",
+                true,
+            ),
+            by(
+                state(50 * MS + 6, 0x10, ct, FinWait2, Close),
+                2,
+                "server",
+                true,
+            ),
+        ] {
+            tbl.on_event(&ev);
+        }
+        let out = tbl.take_all_closed();
+        let c = only(&out, 0x10);
+        assert_eq!(
+            (c.verdict.closed_by, c.verdict.reason.as_str()),
+            (ClosedBy::Client, "client_close"),
+            "packet_facts {packet_facts}: {:#?}",
+            c.verdict
+        );
+    }
+}

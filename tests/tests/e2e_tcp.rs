@@ -562,3 +562,62 @@ fn server_process_killed_without_packet_facts() {
         "--no-packets inspected segments: {stats:#}"
     );
 }
+
+/// The agent restarts while a connection is up: the new agent picks the connection up as
+/// `preexisting` (roles from the ephemeral port range) and still judges its ending; the
+/// first agent judged nothing for it (it never ended while that agent ran).
+#[test]
+fn restart_picks_up_live_connections() {
+    if !prelude("restart_picks_up_live_connections") {
+        return;
+    }
+    let t = Topology::new().expect("topology");
+    let agent_ns = t.inodes().expect("inodes");
+    let mut first = start_agent(&agent_ns);
+    let mut conn = Conn::open(&t, false);
+    if let Err(e) = first.stop() {
+        panic!("stopping the first agent: {e:#}");
+    }
+    // Everything the first agent wrote, up to its final stats line, is read by now.
+    let judged_early = first.objects().iter().any(|v| {
+        v["type"] == "close"
+            && (v["conn"]["local"] == conn.client_addr.as_str()
+                || v["conn"]["remote"] == conn.client_addr.as_str())
+    });
+    assert!(
+        !judged_early,
+        "the live connection was judged before it ended"
+    );
+
+    let mut second = start_agent(&agent_ns);
+    // Traffic after the restart, then the client closes.
+    conn.client.send(10).expect("client send");
+    conn.server.read(10).expect("server read");
+    conn.client_closes_first();
+    let c = conn.client_verdict(&mut second);
+    check(
+        &c,
+        &Expect {
+            preexisting: Some(true),
+            pid: PidCheck::IfPresent(conn.client.pid()),
+            closed_by: Some("client"),
+            reason: Some("client_close"),
+            tcp_initiator: Some("local"),
+            mechanism: Some("fin"),
+            ..conn.client_expect()
+        },
+    );
+    let s = conn.server_verdict(&mut second);
+    check(
+        &s,
+        &Expect {
+            preexisting: Some(true),
+            pid: PidCheck::IfPresent(conn.server.pid()),
+            closed_by: Some("client"),
+            reason: Some("client_close"),
+            tcp_initiator: Some("remote"),
+            ..conn.server_expect()
+        },
+    );
+    stop(second);
+}

@@ -233,8 +233,8 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
     for _ in 0..MAX_FRAMES_PER_SEG {
         // Offset (in this segment) of the first byte of the header still to read.
         let (hdr_start, got) = if d.hdr_have != 0 {
-            // A header split across segments: its first bytes are buffered.
-            let have = (d.hdr_have & 0x7) as u32;
+            // A header split across segments: its first 1..=8 bytes are buffered.
+            let have = (d.hdr_have & 0xf) as u32;
             let at = d.next_hdr.wrapping_add(have).wrapping_sub(seg.seq);
             (at, have)
         } else {
@@ -246,22 +246,27 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
         let avail = seg.plen - hdr_start;
         let need = HEADER_LEN as u32 - got;
         if avail < need {
-            // The header continues in the next segment: buffer what is here.
-            if avail == 0 || avail > 7 || got + avail > 8 {
+            // The header continues in the next segment: buffer what is here (1..=8 bytes,
+            // with what earlier segments gave, at most 8 of the 9).
+            if avail == 0 || got + avail > 8 {
                 return;
             }
             let n = verifier_len(avail, 0x7);
-            // SAFETY: destination is inside the map value (`hdr` is 12 bytes, got+n <= 8).
+            // SAFETY: destination is inside the map value: `hdr` is 24 bytes, the offset is
+            // masked below 16 and n <= 8 (and got + n <= 8 in fact).
             let ok = unsafe {
                 bpf_skb_load_bytes(
                     ctx.skb.skb as *const _,
                     pkt_off(seg.poff.wrapping_add(hdr_start)),
-                    d.hdr.as_mut_ptr().add((got & 0x7) as usize) as *mut _,
+                    d.hdr.as_mut_ptr().add((got & 0xf) as usize) as *mut _,
                     n,
                 )
             } == 0;
             if ok {
                 d.hdr_have = (got + n) as u8;
+            } else {
+                // The header's first bytes are lost: its frame must not be reported.
+                desync(d, seg, di);
             }
             return;
         }
@@ -276,12 +281,13 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
             full
         } else {
             // Complete the buffered header in place (a map value, see verifier.rs).
-            let g = (got & 0x7) as usize;
+            let g = (got & 0xf) as usize;
             if need == 0 || need > 8 || g + need as usize > HEADER_LEN {
                 return;
             }
             let n = verifier_len(need, 0x7);
-            // SAFETY: destination `hdr[g..g + n]` lies inside the 12-byte map value field.
+            // SAFETY: destination `hdr[g..g + n]` lies inside the 24-byte map value field
+            // (g < 16, n <= 8).
             let ok = unsafe {
                 bpf_skb_load_bytes(
                     ctx.skb.skb as *const _,
@@ -292,6 +298,7 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
             } == 0;
             d.hdr_have = 0;
             if !ok {
+                desync(d, seg, di);
                 return;
             }
             let b = &d.hdr;

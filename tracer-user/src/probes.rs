@@ -134,6 +134,7 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
     let btf = load_kernel_btf();
     let offsets = btf.as_ref().map(KernelBtf::offsets).unwrap_or_default();
     offsets.apply(&mut config);
+    config.rcv_wnd_max = kernel::rcv_wnd_max().unwrap_or(0);
     let rst_reason_names = btf
         .as_ref()
         .map(KernelBtf::rst_reason_names)
@@ -517,6 +518,9 @@ pub struct CounterSnapshot {
     pub h2_frames: u64,
     /// HTTP/2 directions whose frame sync the kernel lost (capture gap).
     pub h2_desyncs: u64,
+    /// Ingress segments the socket's TCP would not accept (forged or stale): dropped
+    /// before they became evidence.
+    pub unaccepted: u64,
 }
 
 impl Counters {
@@ -534,6 +538,7 @@ impl Counters {
             read_errors: per_cpu(counter::READ_ERRORS)?.iter().sum(),
             h2_frames: per_cpu(counter::H2_FRAMES)?.iter().sum(),
             h2_desyncs: per_cpu(counter::H2_DESYNCS)?.iter().sum(),
+            unaccepted: per_cpu(counter::UNACCEPTED)?.iter().sum(),
         })
     }
 }

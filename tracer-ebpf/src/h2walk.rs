@@ -21,7 +21,7 @@ use crate::{
 
 /// Frame headers walked per segment; a segment with more small frames than this loses sync
 /// honestly (reported) rather than looping unboundedly.
-const MAX_FRAMES_PER_SEG: usize = 12;
+const MAX_FRAMES_PER_SEG: usize = 32;
 /// Segments a mid-stream direction may try to resynchronise on before giving up.
 const MAX_RESYNC_TRIES: u8 = 64;
 
@@ -233,7 +233,8 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
     for _ in 0..MAX_FRAMES_PER_SEG {
         // Offset (in this segment) of the first byte of the header still to read.
         let (hdr_start, got) = if d.hdr_have != 0 {
-            // A header split across segments: its first 1..=8 bytes are buffered.
+            // A header split across segments: its first 1..=8 bytes are buffered; or a
+            // whole control-frame header (9) whose payload starts in this segment.
             let have = (d.hdr_have & 0xf) as u32;
             let at = d.next_hdr.wrapping_add(have).wrapping_sub(seg.seq);
             (at, have)
@@ -279,6 +280,11 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
                 return;
             };
             full
+        } else if need == 0 {
+            // A whole header deferred from the previous segment (see below).
+            d.hdr_have = 0;
+            let b = &d.hdr;
+            [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8]]
         } else {
             // Complete the buffered header in place (a map value, see verifier.rs).
             let g = (got & 0xf) as usize;
@@ -309,6 +315,21 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
         // Payload bytes of this frame present in this segment.
         let body_off = hdr_start + need;
         let body_avail = seg.plen - body_off;
+        if body_avail == 0 && len != 0 && captured_type(h[3]) {
+            // The header ends this segment and the payload attribution needs is in the
+            // next one: keep the header and report the frame from there.
+            d.hdr[0] = h[0];
+            d.hdr[1] = h[1];
+            d.hdr[2] = h[2];
+            d.hdr[3] = h[3];
+            d.hdr[4] = h[4];
+            d.hdr[5] = h[5];
+            d.hdr[6] = h[6];
+            d.hdr[7] = h[7];
+            d.hdr[8] = h[8];
+            d.hdr_have = HEADER_LEN as u8;
+            return;
+        }
         h2_frame(ctx, seg, di, frame_seq, &h, body_off, body_avail.min(len));
         bump(counter::H2_FRAMES); // exported as `h2_frames`
         d.next_hdr = frame_seq.wrapping_add(HEADER_LEN as u32).wrapping_add(len);
@@ -318,6 +339,13 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
     if d.hdr_have == 0 && d.next_hdr.wrapping_sub(seg.seq) < seg.plen {
         desync(d, seg, di);
     }
+}
+
+/// Frame types whose payload prefix is copied into the record.
+#[inline(always)]
+fn captured_type(t: u8) -> bool {
+    use frame_type::{GOAWAY, PING, RST_STREAM, SETTINGS};
+    matches!(t, RST_STREAM | SETTINGS | PING | GOAWAY)
 }
 
 /// Reports one frame: control frames with a payload prefix, stream openers and stream ends
@@ -332,9 +360,9 @@ fn h2_frame(
     body_off: u32,
     body_avail: u32,
 ) {
-    use frame_type::{DATA, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS};
+    use frame_type::{DATA, HEADERS};
     let t = h[3];
-    let capture = matches!(t, RST_STREAM | SETTINGS | PING | GOAWAY);
+    let capture = captured_type(t);
     let header_only = t == HEADERS || (t == DATA && h[4] & frame_flag::END_STREAM != 0);
     if !capture && !header_only {
         return;

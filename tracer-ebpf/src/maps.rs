@@ -79,7 +79,8 @@ pub struct DirState {
     pub hdr: [u8; 24],
     /// One of [`sync`].
     pub sync: u8,
-    /// How many bytes of `hdr` are valid.
+    /// How many bytes of `hdr` are valid: 1..=8 of a header split across segments, or 9: a
+    /// whole control-frame header that ended a segment, kept until its payload arrives.
     pub hdr_have: u8,
     /// Segments tried while unsynced (bounded).
     pub tries: u8,
@@ -125,3 +126,6 @@ pub const FRESH: PktState = PktState {
     proto: sk_proto::UNKNOWN,
     _pad: [0; 5],
 };
+
+/// State of a socket first met mid-connection (its first payload byte may be missed).
+pub const MIDSTREAM: PktState = PktState { seen: 0, ..FRESH };

@@ -281,3 +281,42 @@ fn goaway_after_many_frames_in_one_segment() {
         "GOAWAY after {PINGS} frames in one segment lost: {c:#}\nstats: {stats:#}"
     );
 }
+
+/// `--max-sockets 16` with 40 connections held open (80 sockets with packet state): the
+/// kernel's LRU map evicts, and the final `stats` line counts it; the default size does
+/// not evict for the same traffic.
+#[test]
+fn small_socket_map_counts_evictions() {
+    if !prelude("small_socket_map_counts_evictions") {
+        return;
+    }
+    let t = Topology::new().expect("topology");
+    let run = |max_sockets: &str| -> u64 {
+        let mut args = tests::default_trace_args(&t.inodes().expect("inodes"));
+        args.extend(["--max-sockets".to_string(), max_sockets.to_string()]);
+        let agent = Agent::spawn(&agent_bin(), &args, tests::READY_TIMEOUT)
+            .unwrap_or_else(|e| panic!("starting the agent: {e:#}"));
+        let mut pairs = Vec::new();
+        for _ in 0..40 {
+            let (mut client, mut server) = open(&t);
+            client.send(10).expect("client send");
+            server.read(10).expect("server read");
+            pairs.push((client, server));
+        }
+        let stats = stop_stats(agent);
+        for (mut c, mut s) in pairs {
+            let _ = c.exit();
+            let _ = s.exit();
+        }
+        stats["kernel"]["skmap_evictions"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no kernel.skmap_evictions: {stats:#}"))
+    };
+    let small = run("16");
+    assert!(
+        small >= 40,
+        "--max-sockets 16 with 80 sockets evicted only {small}"
+    );
+    let default = run("65536");
+    assert_eq!(default, 0, "the default map evicted with 80 sockets");
+}

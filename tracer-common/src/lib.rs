@@ -53,7 +53,12 @@ pub mod counter {
     /// FIN outside the receive window, ACK of unsent data, SYN on a synchronised
     /// connection): not recorded as evidence and not walked.
     pub const UNACCEPTED: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Per-socket packet states created (a key that was not in the map).
+    pub const SKMAP_INSERTS: u32 = 8;
+    /// Per-socket packet states removed at close or destroy. Inserts minus removes minus
+    /// the entries left is what the LRU evicted (the agent computes it).
+    pub const SKMAP_REMOVES: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 pub const AF_INET: u16 = 2;

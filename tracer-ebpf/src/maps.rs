@@ -19,7 +19,8 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 /// Per-socket packet state, keyed by the `struct sock` address. Removed when the socket
-/// reaches TCP_CLOSE or is destroyed; LRU so that missed removals cannot fill it.
+/// reaches TCP_CLOSE or is destroyed; LRU so that missed removals cannot fill it. Default
+/// size; the agent sizes it before load (`--max-sockets`).
 #[map]
 pub static SK_PKT: LruHashMap<u64, PktState> = LruHashMap::with_max_entries(65536, 0);
 

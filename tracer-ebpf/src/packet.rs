@@ -119,6 +119,8 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
             };
             if SK_PKT.insert(sk, init, 0).is_err() {
                 bump(counter::SKMAP_FAILS); // exported as `skmap_fails`
+            } else {
+                bump(counter::SKMAP_INSERTS); // exported as `skmap_evictions` (with removes)
             }
             SK_PKT.get_ptr_mut(sk)?
         }

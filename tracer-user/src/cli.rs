@@ -62,6 +62,10 @@ pub struct TraceArgs {
     /// Most connections tracked at once; more are counted as dropped.
     #[arg(long, default_value_t = 65_536)]
     pub max_conns: usize,
+    /// Sockets the kernel keeps packet state for (an LRU map; least recently used entries
+    /// are evicted beyond it, counted as `skmap_evictions`).
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub max_sockets: u32,
 }
 
 impl TraceArgs {
@@ -84,6 +88,7 @@ impl TraceArgs {
             ringbuf_bytes,
             packets: !self.no_packets,
             max_conns: self.max_conns,
+            max_sockets: self.max_sockets,
             probe_report: self.probe_report,
         })
     }

@@ -36,6 +36,8 @@ pub struct TraceOptions {
     pub ringbuf_bytes: u32,
     pub packets: bool,
     pub max_conns: usize,
+    /// Entries of the kernel's per-socket packet map (`--max-sockets`).
+    pub max_sockets: u32,
     pub probe_report: bool,
 }
 
@@ -155,7 +157,7 @@ impl Loop {
     ) -> io::Result<()> {
         self.drain(rb, out)?;
         out.all(self.table.take_all_closed())?;
-        let kernel = self.counters.snapshot().unwrap_or_default();
+        let kernel = self.counters.final_snapshot().unwrap_or_default();
         if kernel.ringbuf_drops > 0 {
             warn!(
                 "{} kernel events were lost to a full ring buffer",
@@ -265,6 +267,7 @@ pub async fn run(opts: TraceOptions) -> anyhow::Result<()> {
         mode: opts.mode,
         ringbuf_bytes: opts.ringbuf_bytes,
         packets: opts.packets,
+        max_sockets: opts.max_sockets,
     })
     .context("attaching the probes (whoclosed trace must run as root)")?;
     if opts.probe_report {
@@ -336,6 +339,7 @@ mod tests {
             ringbuf_bytes: 4096,
             packets,
             max_conns: 7,
+            max_sockets: 1024,
             probe_report: false,
         }
     }

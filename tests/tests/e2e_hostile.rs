@@ -50,11 +50,11 @@ fn start_agent(t: &Topology) -> Agent {
     }
 }
 
-/// A connected pair that exchanged a little data; the server is `10.241.2.2:8080`.
+/// A connected pair (no data yet); the server is `10.241.2.2:8080`.
 fn open(t: &Topology) -> (Peer, Peer) {
     let addr: SocketAddr = t.server_addr(false, PORT);
     let mut server = Peer::listen(Path::new(WC_PEER), &t.server, addr).expect("server");
-    let mut client = Peer::connect(Path::new(WC_PEER), &t.client, addr).expect("client");
+    let client = Peer::connect(Path::new(WC_PEER), &t.client, addr).expect("client");
     server
         .wait_accepted(Duration::from_secs(10))
         .expect("server accepts");

@@ -21,8 +21,7 @@ use std::mem::offset_of;
 
 use libfuzzer_sys::fuzz_target;
 use tracer_common::wire::{
-    H2_FRAME_SIZE, H2_NOTE_SIZE, Header, LIFECYCLE_SIZE, LifecycleRecord, PACKET_SIZE,
-    PacketRecord,
+    H2_FRAME_SIZE, H2_NOTE_SIZE, Header, LIFECYCLE_SIZE, LifecycleRecord, PACKET_SIZE, PacketRecord,
 };
 use tracer_common::{WIRE_VERSION, kind};
 use tracer_user::conn::{Closed, MAX_FACTS, Table, TableConfig};

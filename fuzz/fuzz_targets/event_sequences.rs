@@ -37,6 +37,7 @@ const SOCKETS: [u64; 6] = [
     0,
 ];
 const MAX_CONNS: usize = 4;
+/// In units of the harness clock, before the record counter multiplies it by 1024.
 const LINGER_NS: u64 = 1_000_000;
 const KINDS: [u8; 10] = [
     kind::STATE,
@@ -130,7 +131,7 @@ impl Run {
 fuzz_target!(|data: &[u8]| {
     let mut run = Run {
         table: Table::new(TableConfig {
-            linger_ns: LINGER_NS,
+            linger_ns: LINGER_NS * 1024,
             max_conns: MAX_CONNS,
             ..TableConfig::default()
         }),
@@ -139,6 +140,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut ts: u64 = 1_000_000_000;
     let mut rest = data;
+    let mut records: u64 = 0;
     let mut buf = [0u8; 128];
     while let [c0, c1, tail @ ..] = rest {
         let k = KINDS[usize::from(c0 & 0x0f) % KINDS.len()];
@@ -163,7 +165,12 @@ fuzz_target!(|data: &[u8]| {
             0x0e => (size, WIRE_VERSION.wrapping_add(1)),
             _ => (size, WIRE_VERSION),
         };
-        put_header(&mut buf, k, hdr_size, version, ts, sk);
+        // Connection ids are (socket, first timestamp): a kernel never stamps two records of
+        // one socket with the same nanosecond, so neither does this harness (the low bits
+        // count records).
+        records += 1;
+        let stamp = ts * 1024 + (records % 1024);
+        put_header(&mut buf, k, hdr_size, version, stamp, sk);
         match k {
             kind::PACKET => put_tuple(&mut buf, offset_of!(PacketRecord, ep), tuple),
             kind::H2_FRAME | kind::H2_NOTE => {}
@@ -172,12 +179,13 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(ev) = event::decode(&buf[..size]) {
             run.feed(&ev);
         }
-        let due = run.table.take_due(ts);
+        let due = run.table.take_due(stamp);
         run.take(due);
     }
     // Every socket of the pool closes; after the linger nothing may be left.
+    let mut ts = ts * 1024 + 1024;
     for sk in SOCKETS.iter().copied().filter(|&s| s != 0) {
-        ts += 1_000;
+        ts += 1_000 * 1024;
         run.feed(&Event {
             ts_ns: ts,
             skaddr: sk,
@@ -195,7 +203,7 @@ fuzz_target!(|data: &[u8]| {
             },
         });
     }
-    let due = run.table.take_due(ts + LINGER_NS * 2);
+    let due = run.table.take_due(ts + LINGER_NS * 2 * 1024);
     run.take(due);
     assert_eq!(
         run.table.len(),

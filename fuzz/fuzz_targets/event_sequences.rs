@@ -141,10 +141,15 @@ fuzz_target!(|data: &[u8]| {
     let mut ts: u64 = 1_000_000_000;
     let mut rest = data;
     let mut records: u64 = 0;
+    let mut latest: u64 = 0;
     let mut buf = [0u8; 128];
     while let [c0, c1, tail @ ..] = rest {
         let k = KINDS[usize::from(c0 & 0x0f) % KINDS.len()];
-        let sk = SOCKETS[usize::from(c0 >> 4) % SOCKETS.len()];
+        let sk = match SOCKETS[usize::from(c0 >> 4) % SOCKETS.len()] {
+            // Only these kinds come without a socket from the kernel.
+            0 if !matches!(k, kind::ERROR_REPORT | kind::SEND_RESET) => SOCKETS[0],
+            s => s,
+        };
         let tuple = usize::from(c1 & 0x03);
         // Time: mostly forward by up to ~0.5 ms; 1 in 8 records goes back (reordering
         // across CPUs), and bit 5 jumps past the linger.
@@ -170,6 +175,7 @@ fuzz_target!(|data: &[u8]| {
         // count records).
         records += 1;
         let stamp = ts * 1024 + (records % 1024);
+        latest = latest.max(stamp);
         put_header(&mut buf, k, hdr_size, version, stamp, sk);
         match k {
             kind::PACKET => put_tuple(&mut buf, offset_of!(PacketRecord, ep), tuple),
@@ -183,7 +189,8 @@ fuzz_target!(|data: &[u8]| {
         run.take(due);
     }
     // Every socket of the pool closes; after the linger nothing may be left.
-    let mut ts = ts * 1024 + 1024;
+    // After the latest record, however far back the sequence ended.
+    let mut ts = latest.max(ts * 1024) + 1024;
     for sk in SOCKETS.iter().copied().filter(|&s| s != 0) {
         ts += 1_000 * 1024;
         run.feed(&Event {

@@ -13,6 +13,7 @@
 
 mod agent;
 mod check;
+pub mod craft;
 pub mod h2e2e;
 pub mod h2peers;
 mod lineproc;

@@ -99,6 +99,13 @@ impl Peer {
         self.command(&format!("send {n}"), "sent", PEER_TIMEOUT)
             .map(drop)
     }
+
+    /// Writes exact bytes, given as hex, in one `write`.
+    pub fn send_hex(&mut self, hex: &str) -> Result<()> {
+        self.command(&format!("sendhex {hex}"), "sent", PEER_TIMEOUT)
+            .map(drop)
+    }
+
     pub fn read(&mut self, n: usize) -> Result<()> {
         self.command(&format!("read {n}"), "read", PEER_TIMEOUT)
             .map(drop)

@@ -54,6 +54,10 @@ pub mod tp {
     pub const COUNT: usize = 6;
 }
 
+/// Receive-window bound used when the agent wrote none: the largest window TCP window
+/// scaling allows (RFC 7323), so nothing TCP could accept is judged unacceptable.
+pub const DEFAULT_RCV_WND_MAX: u32 = 1 << 30;
+
 /// Configuration written into the kernel object's `CONFIG` global before load.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,9 +72,11 @@ pub struct Config {
     pub off_v6_daddr: u32,
     /// Offset of `flags` in `struct task_struct` (PF_EXITING), `u32::MAX` if unknown.
     pub off_task_flags: u32,
-    /// Reserved, zero. Rounds the struct up to a multiple of 8 bytes (212 -> 216) so no
-    /// byte of the global is left unnamed.
-    pub _pad: u32,
+    /// Largest receive window a socket on this host can advertise, in bytes (from the
+    /// `tcp_rmem` / `rmem_max` sysctls); 0: [`DEFAULT_RCV_WND_MAX`]. The ingress hook treats a
+    /// segment further than this from the socket's `rcv_nxt` as one TCP will not accept.
+    /// Also rounds the struct up to a multiple of 8 bytes (212 -> 216).
+    pub rcv_wnd_max: u32,
 }
 
 const _: () = {
@@ -90,7 +96,7 @@ impl Config {
             off_v6_saddr: u32::MAX,
             off_v6_daddr: u32::MAX,
             off_task_flags: u32::MAX,
-            _pad: 0,
+            rcv_wnd_max: 0,
         }
     }
 }

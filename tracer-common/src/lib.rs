@@ -14,7 +14,7 @@ pub mod config;
 pub mod h2sniff;
 pub mod wire;
 
-pub use config::{Config, NO_FIELD, TpLayout, field, tp};
+pub use config::{Config, DEFAULT_RCV_WND_MAX, NO_FIELD, TpLayout, field, tp};
 pub use wire::{
     Endpoints, H2FrameRecord, H2NoteRecord, Header, LifecycleRecord, PacketRecord, WIRE_VERSION,
     flag, kind, proto,
@@ -49,7 +49,16 @@ pub mod counter {
     pub const H2_FRAMES: u32 = 5;
     /// HTTP/2 directions that lost frame sync (capture gap).
     pub const H2_DESYNCS: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Ingress segments the socket's TCP would not accept (RST not at `rcv_nxt`, data or
+    /// FIN outside the receive window, ACK of unsent data, SYN on a synchronised
+    /// connection): not recorded as evidence and not walked.
+    pub const UNACCEPTED: u32 = 7;
+    /// Per-socket packet states created (a key that was not in the map).
+    pub const SKMAP_INSERTS: u32 = 8;
+    /// Per-socket packet states removed at close or destroy. Inserts minus removes minus
+    /// the entries left is what the LRU evicted (the agent computes it).
+    pub const SKMAP_REMOVES: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 pub const AF_INET: u16 = 2;

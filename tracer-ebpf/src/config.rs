@@ -77,3 +77,16 @@ pub fn kread<T>(addr: u64) -> Option<T> {
     // SAFETY: checked kernel read; a bad address returns an error, never faults.
     unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
+
+/// The receive-window bound the agent wrote ([`tracer_common::DEFAULT_RCV_WND_MAX`] when
+/// none).
+#[inline(always)]
+pub fn rcv_wnd_max() -> u32 {
+    // SAFETY: plain static read.
+    let w = unsafe { read_volatile(&CONFIG.rcv_wnd_max) };
+    if w == 0 {
+        tracer_common::DEFAULT_RCV_WND_MAX
+    } else {
+        w
+    }
+}

@@ -20,7 +20,8 @@ use crate::{
 };
 
 /// Frame headers walked per segment; a segment with more small frames than this loses sync
-/// honestly (reported) rather than looping unboundedly.
+/// honestly (reported) rather than looping unboundedly. Measured: 32 makes the 5.10
+/// verifier give up (over 1M instructions processed for skb_ingress); 12 fits.
 const MAX_FRAMES_PER_SEG: usize = 12;
 /// Segments a mid-stream direction may try to resynchronise on before giving up.
 const MAX_RESYNC_TRIES: u8 = 64;
@@ -233,8 +234,9 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
     for _ in 0..MAX_FRAMES_PER_SEG {
         // Offset (in this segment) of the first byte of the header still to read.
         let (hdr_start, got) = if d.hdr_have != 0 {
-            // A header split across segments: its first bytes are buffered.
-            let have = (d.hdr_have & 0x7) as u32;
+            // A header split across segments: its first 1..=8 bytes are buffered; or a
+            // whole control-frame header (9) whose payload starts in this segment.
+            let have = (d.hdr_have & 0xf) as u32;
             let at = d.next_hdr.wrapping_add(have).wrapping_sub(seg.seq);
             (at, have)
         } else {
@@ -246,22 +248,27 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
         let avail = seg.plen - hdr_start;
         let need = HEADER_LEN as u32 - got;
         if avail < need {
-            // The header continues in the next segment: buffer what is here.
-            if avail == 0 || avail > 7 || got + avail > 8 {
+            // The header continues in the next segment: buffer what is here (1..=8 bytes,
+            // with what earlier segments gave, at most 8 of the 9).
+            if avail == 0 || got + avail > 8 {
                 return;
             }
             let n = verifier_len(avail, 0x7);
-            // SAFETY: destination is inside the map value (`hdr` is 12 bytes, got+n <= 8).
+            // SAFETY: destination is inside the map value: `hdr` is 24 bytes, the offset is
+            // masked below 16 and n <= 8 (and got + n <= 8 in fact).
             let ok = unsafe {
                 bpf_skb_load_bytes(
                     ctx.skb.skb as *const _,
                     pkt_off(seg.poff.wrapping_add(hdr_start)),
-                    d.hdr.as_mut_ptr().add((got & 0x7) as usize) as *mut _,
+                    d.hdr.as_mut_ptr().add((got & 0xf) as usize) as *mut _,
                     n,
                 )
             } == 0;
             if ok {
                 d.hdr_have = (got + n) as u8;
+            } else {
+                // The header's first bytes are lost: its frame must not be reported.
+                desync(d, seg, di);
             }
             return;
         }
@@ -274,14 +281,20 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
                 return;
             };
             full
+        } else if need == 0 {
+            // A whole header deferred from the previous segment (see below).
+            d.hdr_have = 0;
+            let b = &d.hdr;
+            [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8]]
         } else {
             // Complete the buffered header in place (a map value, see verifier.rs).
-            let g = (got & 0x7) as usize;
+            let g = (got & 0xf) as usize;
             if need == 0 || need > 8 || g + need as usize > HEADER_LEN {
                 return;
             }
             let n = verifier_len(need, 0x7);
-            // SAFETY: destination `hdr[g..g + n]` lies inside the 12-byte map value field.
+            // SAFETY: destination `hdr[g..g + n]` lies inside the 24-byte map value field
+            // (g < 16, n <= 8).
             let ok = unsafe {
                 bpf_skb_load_bytes(
                     ctx.skb.skb as *const _,
@@ -292,6 +305,7 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
             } == 0;
             d.hdr_have = 0;
             if !ok {
+                desync(d, seg, di);
                 return;
             }
             let b = &d.hdr;
@@ -302,6 +316,21 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
         // Payload bytes of this frame present in this segment.
         let body_off = hdr_start + need;
         let body_avail = seg.plen - body_off;
+        if body_avail == 0 && len != 0 && captured_type(h[3]) {
+            // The header ends this segment and the payload attribution needs is in the
+            // next one: keep the header and report the frame from there.
+            d.hdr[0] = h[0];
+            d.hdr[1] = h[1];
+            d.hdr[2] = h[2];
+            d.hdr[3] = h[3];
+            d.hdr[4] = h[4];
+            d.hdr[5] = h[5];
+            d.hdr[6] = h[6];
+            d.hdr[7] = h[7];
+            d.hdr[8] = h[8];
+            d.hdr_have = HEADER_LEN as u8;
+            return;
+        }
         h2_frame(ctx, seg, di, frame_seq, &h, body_off, body_avail.min(len));
         bump(counter::H2_FRAMES); // exported as `h2_frames`
         d.next_hdr = frame_seq.wrapping_add(HEADER_LEN as u32).wrapping_add(len);
@@ -311,6 +340,13 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
     if d.hdr_have == 0 && d.next_hdr.wrapping_sub(seg.seq) < seg.plen {
         desync(d, seg, di);
     }
+}
+
+/// Frame types whose payload prefix is copied into the record.
+#[inline(always)]
+fn captured_type(t: u8) -> bool {
+    use frame_type::{GOAWAY, PING, RST_STREAM, SETTINGS};
+    matches!(t, RST_STREAM | SETTINGS | PING | GOAWAY)
 }
 
 /// Reports one frame: control frames with a payload prefix, stream openers and stream ends
@@ -325,9 +361,9 @@ fn h2_frame(
     body_off: u32,
     body_avail: u32,
 ) {
-    use frame_type::{DATA, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS};
+    use frame_type::{DATA, HEADERS};
     let t = h[3];
-    let capture = matches!(t, RST_STREAM | SETTINGS | PING | GOAWAY);
+    let capture = captured_type(t);
     let header_only = t == HEADERS || (t == DATA && h[4] & frame_flag::END_STREAM != 0);
     if !capture && !header_only {
         return;

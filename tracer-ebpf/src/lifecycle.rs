@@ -37,14 +37,20 @@ pub fn try_set_state(ctx: &TracePointContext) -> Option<()> {
     let old: i32 = read_field(ctx, t, field::OLDSTATE)?;
     let new: i32 = read_field(ctx, t, field::NEWSTATE)?;
     if new == TCP_CLOSE {
-        let _ = SK_PKT.remove(sk);
+        if SK_PKT.remove(sk).is_ok() {
+            bump(counter::SKMAP_REMOVES); // exported as `skmap_evictions` (with inserts)
+        }
     } else if new == TCP_SYN_SENT || (old == TCP_LISTEN && new == TCP_SYN_RECV) {
         // A connection whose first byte we will see: payload that is neither HTTP/2 nor TLS
         // at its start is "other", not "unsynced".
         // By reference on purpose: `&FRESH` is promoted to read-only data, a value would be
         // a 56-byte copy on this program's stack.
+        let existed = SK_PKT.get_ptr(sk).is_some();
         #[allow(clippy::needless_borrows_for_generic_args)]
         let inserted = SK_PKT.insert(sk, &FRESH, 0);
+        if inserted.is_ok() && !existed {
+            bump(counter::SKMAP_INSERTS); // exported as `skmap_evictions` (with removes)
+        }
         if inserted.is_err() {
             bump(counter::SKMAP_FAILS); // exported as `skmap_fails`
             // Kept out of the per-packet programs: aya-log's record costs stack there.
@@ -93,8 +99,8 @@ pub fn try_send_reset(ctx: &TracePointContext) -> Option<()> {
 pub fn try_sk_event(ctx: &TracePointContext, t: usize, k: u8) -> Option<()> {
     let sk: u64 = read_field(ctx, t, field::SKADDR)?;
     let cookie: u64 = read_field(ctx, t, field::COOKIE).unwrap_or(0);
-    if k == kind::DESTROY {
-        let _ = SK_PKT.remove(sk);
+    if k == kind::DESTROY && SK_PKT.remove(sk).is_ok() {
+        bump(counter::SKMAP_REMOVES); // exported as `skmap_evictions` (with inserts)
     }
     emit(k, sk, |ev: &mut LifecycleRecord| {
         ev.cookie = cookie;

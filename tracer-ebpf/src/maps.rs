@@ -19,7 +19,8 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 /// Per-socket packet state, keyed by the `struct sock` address. Removed when the socket
-/// reaches TCP_CLOSE or is destroyed; LRU so that missed removals cannot fill it.
+/// reaches TCP_CLOSE or is destroyed; LRU so that missed removals cannot fill it. Default
+/// size; the agent sizes it before load (`--max-sockets`).
 #[map]
 pub static SK_PKT: LruHashMap<u64, PktState> = LruHashMap::with_max_entries(65536, 0);
 
@@ -73,12 +74,14 @@ pub struct DirState {
     pub next_hdr: u32,
     /// Highest sequence number end seen (bytes before it were already walked).
     pub end: u32,
-    /// Bytes of a frame header split across segments, buffered until the rest arrives
-    /// (9 used; 12 keeps the struct a multiple of 4 bytes).
-    pub hdr: [u8; 12],
+    /// Bytes of a frame header split across segments, buffered until the rest arrives.
+    /// 9 are used; 24 lets the verifier bound a write at a masked offset (< 16) of a masked
+    /// length (<= 8) without relating the two.
+    pub hdr: [u8; 24],
     /// One of [`sync`].
     pub sync: u8,
-    /// How many bytes of `hdr` are valid.
+    /// How many bytes of `hdr` are valid: 1..=8 of a header split across segments, or 9: a
+    /// whole control-frame header that ended a segment, kept until its payload arrives.
     pub hdr_have: u8,
     /// Segments tried while unsynced (bounded).
     pub tries: u8,
@@ -86,7 +89,7 @@ pub struct DirState {
     pub have_end: u8,
 }
 
-const _: () = assert!(core::mem::size_of::<DirState>() == 24);
+const _: () = assert!(core::mem::size_of::<DirState>() == 36);
 
 /// Per-socket packet bookkeeping kept by the cgroup_skb programs.
 #[repr(C)]
@@ -100,16 +103,16 @@ pub struct PktState {
     pub seen: u8,
     /// One of [`sk_proto`].
     pub proto: u8,
-    /// Explicit tail padding to the 4-byte alignment of `DirState`, rounded to 56.
+    /// Explicit tail padding to the 4-byte alignment of `DirState`, rounded to 80.
     pub _pad: [u8; 5],
 }
 
-const _: () = assert!(core::mem::size_of::<PktState>() == 56);
+const _: () = assert!(core::mem::size_of::<PktState>() == 80);
 
 pub const EMPTY_DIR: DirState = DirState {
     next_hdr: 0,
     end: 0,
-    hdr: [0; 12],
+    hdr: [0; 24],
     sync: sync::AWAIT,
     hdr_have: 0,
     tries: 0,
@@ -124,3 +127,6 @@ pub const FRESH: PktState = PktState {
     proto: sk_proto::UNKNOWN,
     _pad: [0; 5],
 };
+
+/// State of a socket first met mid-connection (its first payload byte may be missed).
+pub const MIDSTREAM: PktState = PktState { seen: 0, ..FRESH };

@@ -1,13 +1,14 @@
 //! Packets of local sockets: cgroup_skb ingress and egress at the cgroup v2 root (every
 //! netns). TCP flags, TTL and sequence numbers; payload goes to the HTTP/2 walker.
 
-use aya_ebpf::programs::SkBuffContext;
+use aya_ebpf::{helpers::bpf_tcp_sock, programs::SkBuffContext};
 use tracer_common::{AF_INET, AF_INET6, PacketRecord, counter, flag, kind, tcp_flag};
 
 use crate::{
+    config::rcv_wnd_max,
     emit::emit,
     h2walk::{SegInfo, h2_segment},
-    maps::{FRESH, SK_PKT, bump, seen},
+    maps::{FRESH, MIDSTREAM, PktState, SK_PKT, bump, seen},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -25,7 +26,9 @@ struct Seg {
 }
 
 /// Fills `seg` from the IP header; false for anything but the first fragment of TCP.
-#[inline(always)]
+/// Not inlined: its register spills (the 40-byte IPv6 header) then take a frame of their
+/// own beside `h2_segment`'s rather than under it (512 bytes for the chain, verifier.rs).
+#[inline(never)]
 fn parse_l3(ctx: &SkBuffContext, seg: &mut Seg) -> bool {
     parse_l3_inner(ctx, seg).is_some()
 }
@@ -93,6 +96,12 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     let doff = ((th[12] >> 4) as u32) * 4;
     let seq = u32::from_be_bytes([th[4], th[5], th[6], th[7]]);
     let payload_len = seg.l3_payload.saturating_sub(doff);
+    if ingress && !acceptable(ctx, &th, payload_len) {
+        // Not evidence: TCP will drop it (a forged or stale segment), so it must neither
+        // become a fact nor move the walker nor the TTL baseline.
+        bump(counter::UNACCEPTED); // exported as `unaccepted`
+        return None;
+    }
     // SAFETY: `sk` is a context field; its value (the socket address) is only recorded.
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk } as u64;
 
@@ -101,12 +110,17 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     let st = match SK_PKT.get_ptr_mut(sk) {
         Some(st) => st,
         None => {
-            let mut fresh = FRESH;
-            if tcp_flags & tcp_flag::SYN == 0 {
-                fresh.seen = 0;
-            }
-            if SK_PKT.insert(sk, fresh, 0).is_err() {
+            // Inserted from rodata: a copy on the stack would cost 80 of the 512 bytes the
+            // whole call chain (try_packet, h2_segment) may use (see verifier.rs).
+            let init: &PktState = if tcp_flags & tcp_flag::SYN == 0 {
+                &MIDSTREAM
+            } else {
+                &FRESH
+            };
+            if SK_PKT.insert(sk, init, 0).is_err() {
                 bump(counter::SKMAP_FAILS); // exported as `skmap_fails`
+            } else {
+                bump(counter::SKMAP_INSERTS); // exported as `skmap_evictions` (with removes)
             }
             SK_PKT.get_ptr_mut(sk)?
         }
@@ -138,6 +152,70 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
         h2_segment(ctx, st, &info);
     }
     Some(())
+}
+
+/// TCP states in which the receive checks of RFC 9293 §3.10.7.4 and RFC 5961 apply to a
+/// full socket: ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING.
+#[inline(always)]
+fn synchronized(state: u32) -> bool {
+    matches!(state, 1 | 4 | 5 | 8 | 9 | 11)
+}
+
+#[inline(always)]
+fn seq_before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// Whether the receiving socket's TCP can accept this ingress segment, judged from its
+/// state before TCP processes it (this hook runs before TCP's checks):
+/// - RST: only at exactly `rcv_nxt` (RFC 5961 §3.2; an in-window RST elsewhere gets a
+///   challenge ACK and is ignored), or `rcv_nxt - 1` once the peer's FIN was taken;
+/// - SYN on a synchronised connection: ignored (RFC 5961 §4);
+/// - otherwise the ACK must be set and acknowledge nothing unsent and nothing older than a
+///   window (RFC 5961 §5), and the sequence range must lie within a window of `rcv_nxt`.
+///
+/// The window is the largest one this host can advertise (`Config::rcv_wnd_max`), since
+/// the socket's current window is not readable here; an in-window segment ahead of
+/// `rcv_nxt` is accepted by TCP (out of order) and so is kept. Sockets in other states, and
+/// segments without a full TCP socket, are not judged (true).
+#[inline(never)]
+fn acceptable(ctx: &SkBuffContext, th: &[u8; 20], payload_len: u32) -> bool {
+    // SAFETY: reading a context field.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return true;
+    }
+    // SAFETY: the helper checks its argument (a non-null socket pointer from the context)
+    // and returns null for anything but a full TCP socket.
+    let tp = unsafe { bpf_tcp_sock(sk) };
+    if tp.is_null() {
+        return true;
+    }
+    // SAFETY: non-null pointers returned by the verifier-checked context and helper; the
+    // fields are read-only views of the socket.
+    let (state, rcv_nxt, snd_una, snd_nxt) =
+        unsafe { ((*sk).state, (*tp).rcv_nxt, (*tp).snd_una, (*tp).snd_nxt) };
+    if !synchronized(state) {
+        return true;
+    }
+    let flags = th[13];
+    let seq = u32::from_be_bytes([th[4], th[5], th[6], th[7]]);
+    if flags & tcp_flag::RST != 0 {
+        // Linux's tcp_reset_check: after the peer's FIN was taken (CLOSE_WAIT 8, LAST_ACK 9,
+        // CLOSING 11) a RST one below rcv_nxt, at the FIN's own sequence, is accepted too.
+        return seq == rcv_nxt || (seq == rcv_nxt.wrapping_sub(1) && matches!(state, 8 | 9 | 11));
+    }
+    if flags & tcp_flag::SYN != 0 || flags & tcp_flag::ACK == 0 {
+        return false;
+    }
+    let wnd = rcv_wnd_max();
+    let ack = u32::from_be_bytes([th[8], th[9], th[10], th[11]]);
+    if seq_before(snd_nxt, ack) || seq_before(ack, snd_una.wrapping_sub(wnd)) {
+        return false;
+    }
+    let fin = (flags & tcp_flag::FIN) as u32;
+    let end = seq.wrapping_add(payload_len).wrapping_add(fin);
+    !seq_before(rcv_nxt.wrapping_add(wnd), seq) && !seq_before(end, rcv_nxt.wrapping_sub(wnd))
 }
 
 /// The `PACKET` record.

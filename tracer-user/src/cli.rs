@@ -67,6 +67,10 @@ pub struct TraceArgs {
     /// node (the single-ended view; unlike --netns, which only filters what is printed).
     #[arg(long = "visible-netns")]
     pub visible_netns: Vec<u32>,
+    /// Sockets the kernel keeps packet state for (an LRU map; least recently used entries
+    /// are evicted beyond it, counted as `skmap_evictions`).
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub max_sockets: u32,
 }
 
 impl TraceArgs {
@@ -89,6 +93,7 @@ impl TraceArgs {
             ringbuf_bytes,
             packets: !self.no_packets,
             max_conns: self.max_conns,
+            max_sockets: self.max_sockets,
             probe_report: self.probe_report,
             visible_netns: self.visible_netns,
         })

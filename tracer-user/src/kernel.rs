@@ -549,3 +549,49 @@ print fmt: \"family=%s\"
         }
     }
 }
+
+/// The largest receive window a TCP socket on this host can advertise, in bytes: a window
+/// never exceeds the receive buffer, which autotuning grows to at most `tcp_rmem[2]` and
+/// `SO_RCVBUF` to at most twice `rmem_max`. Clamped to `[1 MiB, 1 GiB]`; `None` when
+/// neither sysctl is readable (the kernel then uses the 1 GiB protocol maximum). These are
+/// the values of the agent's network namespace: a namespace configured with larger buffers
+/// can see segments judged unacceptable (counted as `unaccepted`, never turned into
+/// evidence).
+pub fn rcv_wnd_max() -> Option<u32> {
+    let read = |p: &str| fs::read_to_string(p).ok();
+    let rmem = read("/proc/sys/net/ipv4/tcp_rmem")
+        .and_then(|s| s.split_whitespace().nth(2)?.parse::<u64>().ok());
+    let core = read("/proc/sys/net/core/rmem_max")
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(|v| v.saturating_mul(2));
+    rcv_wnd_bound(rmem, core)
+}
+
+fn rcv_wnd_bound(tcp_rmem_max: Option<u64>, core_rmem_max2: Option<u64>) -> Option<u32> {
+    let raw = match (tcp_rmem_max, core_rmem_max2) {
+        (None, None) => return None,
+        (a, b) => a.unwrap_or(0).max(b.unwrap_or(0)),
+    };
+    let clamped = raw.clamp(1 << 20, 1 << 30);
+    u32::try_from(clamped).ok()
+}
+
+#[cfg(test)]
+mod rcv_wnd_tests {
+    use super::rcv_wnd_bound;
+
+    #[test]
+    fn bound_is_the_larger_buffer_clamped() {
+        assert_eq!(rcv_wnd_bound(None, None), None);
+        assert_eq!(
+            rcv_wnd_bound(Some(6_291_456), Some(425_984)),
+            Some(6_291_456)
+        );
+        assert_eq!(
+            rcv_wnd_bound(Some(6_291_456), Some(67_108_864)),
+            Some(67_108_864)
+        );
+        assert_eq!(rcv_wnd_bound(Some(4096), None), Some(1 << 20));
+        assert_eq!(rcv_wnd_bound(None, Some(u64::MAX)), Some(1 << 30));
+    }
+}

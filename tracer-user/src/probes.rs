@@ -7,7 +7,7 @@ use std::{collections::HashMap, fs::File, path::Path};
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, KProbe, TracePoint},
 };
 use log::{info, warn};
@@ -81,6 +81,8 @@ pub struct LoadOptions {
     pub mode: ProbeMode,
     pub ringbuf_bytes: u32,
     pub packets: bool,
+    /// Entries of the per-socket packet map `SK_PKT`.
+    pub max_sockets: u32,
 }
 
 pub struct Probes {
@@ -134,13 +136,14 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
     let btf = load_kernel_btf();
     let offsets = btf.as_ref().map(KernelBtf::offsets).unwrap_or_default();
     offsets.apply(&mut config);
+    config.rcv_wnd_max = kernel::rcv_wnd_max().unwrap_or(0);
     let rst_reason_names = btf
         .as_ref()
         .map(KernelBtf::rst_reason_names)
         .unwrap_or_default();
     drop(btf);
 
-    let (mut ebpf, logger) = load_object(&config, opts.ringbuf_bytes)?;
+    let (mut ebpf, logger) = load_object(&config, opts.ringbuf_bytes, opts.max_sockets)?;
     attach_tracepoints(&mut ebpf, &usable_tp, &mut programs)?;
     let probe_mode = attach_close_hook(&mut ebpf, opts.mode, &mut programs)?;
     let packets = if opts.packets {
@@ -238,10 +241,15 @@ fn load_kernel_btf() -> Option<KernelBtf> {
 /// The reader of kernel-side log records (aya-log).
 pub type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-fn load_object(config: &Config, ringbuf_bytes: u32) -> anyhow::Result<(Ebpf, Option<Logger>)> {
+fn load_object(
+    config: &Config,
+    ringbuf_bytes: u32,
+    max_sockets: u32,
+) -> anyhow::Result<(Ebpf, Option<Logger>)> {
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", config, true)
         .map_max_entries("EVENTS", ringbuf_bytes)
+        .map_max_entries("SK_PKT", max_sockets.max(1))
         .load(OBJECT)
         .context("loading the eBPF object")?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -494,15 +502,27 @@ impl Probes {
             .ebpf
             .take_map("COUNTERS")
             .ok_or_else(|| anyhow!("COUNTERS map missing"))?;
+        // Kept only to count its entries (evictions); the programs hold their own reference.
+        let sockets = self.ebpf.take_map("SK_PKT").and_then(|m| {
+            AyaHashMap::<MapData, u64, [u8; PKT_STATE_SIZE]>::try_from(m)
+                .inspect_err(|e| warn!("per-socket map unreadable ({e}); evictions not counted"))
+                .ok()
+        });
         Ok(Counters {
             map: PerCpuArray::try_from(map)?,
+            sockets,
         })
     }
 }
 
+/// Size of the kernel's per-socket packet state (`PktState` in tracer-ebpf's maps.rs); only
+/// counted here, never read.
+const PKT_STATE_SIZE: usize = 80;
+
 /// The kernel-side per-CPU counters.
 pub struct Counters {
     map: PerCpuArray<MapData, u64>,
+    sockets: Option<AyaHashMap<MapData, u64, [u8; PKT_STATE_SIZE]>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -517,9 +537,27 @@ pub struct CounterSnapshot {
     pub h2_frames: u64,
     /// HTTP/2 directions whose frame sync the kernel lost (capture gap).
     pub h2_desyncs: u64,
+    /// Ingress segments the socket's TCP would not accept (forged or stale): dropped
+    /// before they became evidence.
+    pub unaccepted: u64,
+    /// Per-socket packet states the kernel's LRU map evicted to make room (created minus
+    /// removed at close minus still present; `--max-sockets` sizes the map). An evicted
+    /// socket's later segments are seen as mid-stream. Counted for the final `stats` line
+    /// only (it walks the map).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skmap_evictions: Option<u64>,
 }
 
 impl Counters {
+    /// Created minus removed minus present. Walks the map's keys (one syscall per entry,
+    /// at most `--max-sockets`); races with the programs can skew it by the few sockets
+    /// created or removed meanwhile, so it saturates at zero.
+    fn skmap_evictions(&self, inserts: u64, removes: u64) -> Option<u64> {
+        let m = self.sockets.as_ref()?;
+        let present = m.keys().filter(Result::is_ok).count() as u64;
+        Some(inserts.saturating_sub(removes).saturating_sub(present))
+    }
+
     pub fn snapshot(&self) -> anyhow::Result<CounterSnapshot> {
         let per_cpu = |idx: u32| -> anyhow::Result<Vec<u64>> {
             Ok(self.map.get(&idx, 0)?.iter().copied().collect())
@@ -534,6 +572,18 @@ impl Counters {
             read_errors: per_cpu(counter::READ_ERRORS)?.iter().sum(),
             h2_frames: per_cpu(counter::H2_FRAMES)?.iter().sum(),
             h2_desyncs: per_cpu(counter::H2_DESYNCS)?.iter().sum(),
+            unaccepted: per_cpu(counter::UNACCEPTED)?.iter().sum(),
+            skmap_evictions: None,
         })
+    }
+
+    /// [`Self::snapshot`] plus the evictions of the per-socket map (`None` if the map is
+    /// unreadable).
+    pub fn final_snapshot(&self) -> anyhow::Result<CounterSnapshot> {
+        let mut s = self.snapshot()?;
+        let sum = |idx: u32| -> anyhow::Result<u64> { Ok(self.map.get(&idx, 0)?.iter().sum()) };
+        s.skmap_evictions =
+            self.skmap_evictions(sum(counter::SKMAP_INSERTS)?, sum(counter::SKMAP_REMOVES)?);
+        Ok(s)
     }
 }

@@ -36,6 +36,8 @@ pub struct TraceOptions {
     pub ringbuf_bytes: u32,
     pub packets: bool,
     pub max_conns: usize,
+    /// Entries of the kernel's per-socket packet map (`--max-sockets`).
+    pub max_sockets: u32,
     pub probe_report: bool,
     /// When not empty, only these network namespaces are this host: events from others
     /// are discarded before the connection table, as if those sockets lived elsewhere.
@@ -172,7 +174,7 @@ impl Loop {
         out: &mut Output<W>,
     ) -> io::Result<()> {
         self.drain(rb, out)?;
-        let kernel = self.counters.snapshot().unwrap_or_default();
+        let kernel = self.counters.final_snapshot().unwrap_or_default();
         self.table
             .note_ringbuf_drops(export::monotonic_ns(), kernel.ringbuf_drops);
         out.all(self.table.take_all_closed())?;
@@ -291,6 +293,7 @@ pub async fn run(opts: TraceOptions) -> anyhow::Result<()> {
         mode: opts.mode,
         ringbuf_bytes: opts.ringbuf_bytes,
         packets: opts.packets,
+        max_sockets: opts.max_sockets,
     })
     .context("attaching the probes (whoclosed trace must run as root)")?;
     if opts.probe_report {
@@ -364,6 +367,7 @@ mod tests {
             ringbuf_bytes: 4096,
             packets,
             max_conns: 7,
+            max_sockets: 1024,
             probe_report: false,
         }
     }

@@ -20,8 +20,12 @@ pub struct FuzzArgs {
     #[arg(long, default_value_t = 60)]
     pub secs: u64,
     /// Fuzz target: a file name in `fuzz/fuzz_targets/`, without `.rs`.
-    #[arg(long, default_value = "h2_frames")]
+    #[arg(long, default_value = "h2_frames", conflicts_with = "all")]
     pub target: String,
+    /// Run every target in `fuzz/fuzz_targets/`, one after the other, `--secs` each (for CI:
+    /// `cargo xtask fuzz --all --secs 60`); fails if any crashed.
+    #[arg(long)]
+    pub all: bool,
     /// Extra libFuzzer options, after `--` (e.g. `-- -max_len=512 -seed=1`).
     #[arg(last = true)]
     pub libfuzzer_args: Vec<String>,
@@ -132,15 +136,54 @@ impl Stats {
     }
 }
 
+/// Names of the targets in `fuzz/fuzz_targets/`, sorted.
+fn all_targets(root: &Path) -> Result<Vec<String>> {
+    let dir = root.join("fuzz").join("fuzz_targets");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_suffix(".rs").map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 pub fn run(root: &Path, args: &FuzzArgs) -> Result<()> {
+    if !args.all {
+        return run_one(root, args, &args.target);
+    }
+    let targets = all_targets(root)?;
+    if targets.is_empty() {
+        bail!("no fuzz targets in fuzz/fuzz_targets/");
+    }
+    let mut failed = Vec::new();
+    for t in &targets {
+        if let Err(e) = run_one(root, args, t) {
+            eprintln!("xtask: fuzz target {t}: {e:#}");
+            failed.push(t.as_str());
+        }
+    }
+    if !failed.is_empty() {
+        bail!("fuzz target(s) failed: {}", failed.join(", "));
+    }
+    println!(
+        "fuzz: {} target(s) ran {} s each without a crash",
+        targets.len(),
+        args.secs
+    );
+    Ok(())
+}
+
+fn run_one(root: &Path, args: &FuzzArgs, target: &str) -> Result<()> {
     let fuzz_dir = root.join("fuzz");
-    let target_src = fuzz_dir
-        .join("fuzz_targets")
-        .join(format!("{}.rs", args.target));
+    let target_src = fuzz_dir.join("fuzz_targets").join(format!("{target}.rs"));
     if !target_src.is_file() {
         bail!(
             "no fuzz target {:?} ({} not found)",
-            args.target,
+            target,
             target_src.display()
         );
     }
@@ -148,13 +191,13 @@ pub fn run(root: &Path, args: &FuzzArgs) -> Result<()> {
     setup_cargo_fuzz()?;
 
     // First directory: the corpus libFuzzer adds to; the seeds after it are only read.
-    let corpus = fuzz_dir.join("corpus").join(&args.target);
+    let corpus = fuzz_dir.join("corpus").join(target);
     std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
-    let seeds = fuzz_dir.join("seeds").join(&args.target);
+    let seeds = fuzz_dir.join("seeds").join(target);
 
     let mut cmd = rustup_cargo();
     cmd.current_dir(&fuzz_dir)
-        .args(["+nightly", "fuzz", "run", &args.target])
+        .args(["+nightly", "fuzz", "run", target])
         .arg(&corpus);
     if seeds.is_dir() {
         cmd.arg(&seeds);
@@ -164,7 +207,7 @@ pub fn run(root: &Path, args: &FuzzArgs) -> Result<()> {
         .arg("-print_final_stats=1")
         .args(&args.libfuzzer_args)
         .stderr(Stdio::piped());
-    eprintln!("xtask: fuzzing {} for {} s", args.target, args.secs);
+    eprintln!("xtask: fuzzing {} for {} s", target, args.secs);
     let started = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     let mut stats = Stats::default();
@@ -193,24 +236,24 @@ pub fn run(root: &Path, args: &FuzzArgs) -> Result<()> {
     };
     println!(
         "fuzz {}: {execs} executions, {rate} exec/s, {} crash(es) ({duration}, {wall} s in all with the build)",
-        args.target,
+        target,
         stats.crashes(),
     );
     for artifact in &stats.artifacts {
         println!(
             "  crash input: {artifact}\n  reproduce: (cd fuzz && cargo +nightly fuzz run {} {artifact})",
-            args.target
+            target
         );
     }
     if stats.crashes() > 0 || stats.error_report {
         bail!(
             "fuzz target {} crashed ({} input(s) saved)",
-            args.target,
+            target,
             stats.crashes()
         );
     }
     if !status.success() {
-        bail!("cargo fuzz run {} failed: {status}", args.target);
+        bail!("cargo fuzz run {} failed: {status}", target);
     }
     Ok(())
 }

@@ -117,6 +117,16 @@ fn run(sock: &mut Option<TcpStream>, cmd: &str, rest: &[&str]) -> io::Result<Str
         .as_mut()
         .ok_or_else(|| io::Error::other("no socket (already closed)"))?;
     match cmd {
+        "sendhex" => {
+            // Exact bytes (e.g. an HTTP/2 frame) in one write.
+            let hex = rest.first().copied().unwrap_or("");
+            let bytes = (0..hex.len() / 2)
+                .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("zz"), 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .map_err(|e| io::Error::other(format!("bad hex: {e}")))?;
+            s.write_all(&bytes)?;
+            Ok(format!("sent {}", bytes.len()))
+        }
         "send" => {
             let n = num(rest, 0)?;
             s.write_all(&vec![b'x'; n])?;

@@ -84,6 +84,10 @@ impl Table {
                 return;
             }
         } else if new == TcpState::SynSent {
+            // A socket that connects no longer listens, even if its LISTEN -> CLOSE was
+            // lost: left in `listeners`, its connection could never close (found by the
+            // event_sequences fuzz target).
+            self.listeners.remove(&sk);
             if !self.open(ev, Role::Client, false, out) {
                 return;
             }

@@ -992,3 +992,27 @@ fn a_dying_peer_finishing_our_socket_is_not_our_exit() {
         );
     }
 }
+
+/// A listener whose LISTEN -> CLOSE was lost (ring-buffer drop) and that then connects:
+/// its connection still gets its one verdict (the event_sequences fuzz target found it
+/// left in the table forever).
+#[test]
+fn listener_that_connects_after_a_lost_close_still_gets_a_verdict() {
+    let mut t = Table::default();
+    let lt = tuple("127.0.0.1:8080", "0.0.0.0:0");
+    let ct = tuple("127.0.0.1:8080", "127.0.0.1:50000");
+    t.on_event(&state(1, 0x10, lt, TcpState::Close, TcpState::Listen));
+    // LISTEN -> CLOSE lost; the socket connects.
+    t.on_event(&state(2, 0x10, ct, TcpState::Close, TcpState::SynSent));
+    t.on_event(&state(
+        3,
+        0x10,
+        ct,
+        TcpState::SynSent,
+        TcpState::Established,
+    ));
+    t.on_event(&state(4, 0x10, ct, TcpState::Established, TcpState::Close));
+    let closed = t.take_all_closed();
+    assert_eq!(closed.len(), 1, "{closed:#?}");
+    assert!(t.is_empty());
+}

@@ -121,12 +121,13 @@ impl<W: Write> Output<W> {
     }
 
     pub(crate) fn closed(&mut self, c: &Closed) -> io::Result<()> {
-        let k8s = self.k8s_of(c);
-        if let Some(a) = &mut self.agent {
-            a.observe(c);
-        }
         if !self.filter.matches(c) {
             return Ok(());
+        }
+        let k8s = self.k8s_of(c);
+        // The agent's filters set its scope: what it writes, keeps and counts.
+        if let Some(a) = &mut self.agent {
+            a.observe(c);
         }
         self.printed += 1;
         match self.format {

@@ -184,10 +184,12 @@ pub struct ReplayArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "json")]
     pub output: Format,
-    /// Only print sockets whose local or remote port is one of these (repeatable).
+    /// Print sockets with these local or remote ports (repeatable), instead of what the
+    /// recorded session's own filters selected.
     #[arg(long = "port")]
     pub ports: Vec<u16>,
-    /// Only print sockets whose local or remote address is one of these (repeatable).
+    /// Print sockets with these local or remote addresses (repeatable), instead of what the
+    /// recorded session's own filters selected.
     #[arg(long = "addr")]
     pub addrs: Vec<IpAddr>,
 }

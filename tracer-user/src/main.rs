@@ -35,11 +35,11 @@ fn main() -> ExitCode {
         Command::Replay(a) => tracer_user::record::replay(
             &a.file,
             a.output,
-            tracer_user::export::Filter {
+            (!a.ports.is_empty() || !a.addrs.is_empty()).then(|| tracer_user::export::Filter {
                 ports: a.ports,
                 addrs: a.addrs,
                 ..Default::default()
-            },
+            }),
             std::io::stdout().lock(),
         )
         .map(|_| ()),

@@ -77,6 +77,17 @@ struct Header {
     ephemeral: (u16, u16),
     packet_facts: bool,
     rst_reason_names: BTreeMap<u32, String>,
+    /// The session's output filters: replay prints what the session printed.
+    filter: RecordedFilter,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RecordedFilter {
+    ports: Vec<u16>,
+    addrs: Vec<std::net::IpAddr>,
+    netns: Vec<u32>,
+    pid: Option<u32>,
+    comm: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -92,7 +103,12 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn create(path: &Path, clock: ClockBase, cfg: &TableConfig) -> io::Result<Self> {
+    pub fn create(
+        path: &Path,
+        clock: ClockBase,
+        cfg: &TableConfig,
+        filter: &Filter,
+    ) -> io::Result<Self> {
         let header = Header {
             whoclosed: env!("CARGO_PKG_VERSION").to_string(),
             wire_version: tracer_common::WIRE_VERSION,
@@ -111,6 +127,13 @@ impl Writer {
                 .iter()
                 .map(|(k, v)| (*k, v.clone()))
                 .collect(),
+            filter: RecordedFilter {
+                ports: filter.ports.clone(),
+                addrs: filter.addrs.clone(),
+                netns: filter.netns.clone(),
+                pid: filter.pid,
+                comm: filter.comm.clone(),
+            },
         };
         let json = serde_json::to_vec(&header).map_err(io::Error::other)?;
         let mut out = BufWriter::new(File::create(path)?);
@@ -274,8 +297,14 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// `whoclosed replay FILE`: the verdicts of a recording, as the live session wrote them.
-/// Needs no privilege; writes `close` lines (or table rows) to `out`.
-pub fn replay(path: &Path, format: Format, filter: Filter, out: impl Write) -> anyhow::Result<u64> {
+/// Needs no privilege; writes `close` lines (or table rows) to `out`. `filter`, when given,
+/// replaces the session's own filters (the recording holds every socket's records).
+pub fn replay(
+    path: &Path,
+    format: Format,
+    filter: Option<Filter>,
+    out: impl Write,
+) -> anyhow::Result<u64> {
     let open = || -> anyhow::Result<_> {
         let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         Reader::open(BufReader::new(f)).with_context(|| path.display().to_string())
@@ -308,6 +337,14 @@ pub fn replay(path: &Path, format: Format, filter: Filter, out: impl Write) -> a
         ephemeral: header.ephemeral,
         packet_facts: header.packet_facts,
         rst_reason_names: header.rst_reason_names.into_iter().collect(),
+    });
+    let recorded = header.filter;
+    let filter = filter.unwrap_or(Filter {
+        ports: recorded.ports,
+        addrs: recorded.addrs,
+        netns: recorded.netns,
+        pid: recorded.pid,
+        comm: recorded.comm,
     });
     let mut output = Output::new(out, format, filter, base);
     output.recorded_k8s = Some(pods);
@@ -353,7 +390,7 @@ mod tests {
             mono0_ns: 42,
             real0: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
         };
-        let mut w = Writer::create(&path, base, &cfg).unwrap();
+        let mut w = Writer::create(&path, base, &cfg, &Filter::default()).unwrap();
         w.event(&[1, 2, 3]).unwrap();
         w.tick(99).unwrap();
         w.finish().unwrap();

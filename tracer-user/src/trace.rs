@@ -387,7 +387,7 @@ pub(crate) async fn pipeline<W: Write>(
     let cfg = table_config(opts, &probes.report);
     if let Some(path) = &opts.record {
         out.recorder = Some(
-            crate::record::Writer::create(path, out.clock_base, &cfg)
+            crate::record::Writer::create(path, out.clock_base, &cfg, &out.filter)
                 .with_context(|| format!("--record {}", path.display()))?,
         );
     }

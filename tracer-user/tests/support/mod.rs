@@ -225,3 +225,32 @@ pub fn which_prometheus() -> Result<PathBuf, ()> {
         })
         .ok_or(())
 }
+
+const SCHEMA_BASE: &str = "https://whoclosed.invalid/schema/v1/";
+
+/// A validator for `docs/schema/v1/record.schema.json` (any NDJSON line), offline.
+pub fn record_validator() -> jsonschema::Validator {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/schema/v1");
+    let mut builder = jsonschema::Registry::new();
+    for t in ["close", "ready", "drops", "stats", "conn", "record"] {
+        let path = dir.join(format!("{t}.schema.json"));
+        let schema: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read schema"))
+                .expect("schema is JSON");
+        builder = builder
+            .add(format!("{SCHEMA_BASE}{t}.schema.json"), schema)
+            .expect("register schema");
+    }
+    let registry = builder.prepare().expect("schemas resolve");
+    jsonschema::options()
+        .with_registry(&registry)
+        .should_validate_formats(true)
+        .build(&serde_json::json!({"$ref": format!("{SCHEMA_BASE}record.schema.json")}))
+        .expect("a valid schema")
+}
+
+pub fn schema_errors(v: &jsonschema::Validator, instance: &serde_json::Value) -> Vec<String> {
+    v.iter_errors(instance)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect()
+}

@@ -379,6 +379,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     .await;
 
     state.set_ready(false);
+    state.close_followers();
     let _ = stop_tx.send(true);
     for s in servers {
         let abort = s.abort_handle();

@@ -87,7 +87,8 @@ pub fn explain(status: &str, lockdown: &str, eperm: bool) -> String {
             .map(|c| format!("{} ({})", c.name, c.why))
             .collect();
         return format!(
-            "missing capabilities: {} (effective set {eff:#x}); run as root or grant them",
+            "missing capabilities: {} (effective set {eff:#x}); grant them to the process (being \
+             uid 0 is not enough when a container runtime or setpriv dropped them)",
             list.join(", ")
         );
     }

@@ -166,6 +166,9 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
     let port = listener.local_addr().expect("addr").port();
     let metrics_port = support::free_port();
     let sock = dir.join("run/whoclosed.sock");
+    let api_port = support::free_port();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "s3cret-token\n").expect("token file");
     let rec = dir.join("session.rec");
     let args: Vec<String> = [
         "agent",
@@ -187,6 +190,10 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
         "test-node",
         "--output-file",
         dir.join("verdicts.ndjson").to_str().unwrap(),
+        "--api-addr",
+        &format!("127.0.0.1:{api_port}"),
+        "--api-token-file",
+        token_file.to_str().unwrap(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -201,6 +208,24 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
         .ok()
         .map(|bin| Prometheus::start(&bin, "agent", &format!("127.0.0.1:{metrics_port}")));
     assert!(prom.is_some() || !require(), "prometheus is not installed");
+
+    // A follower streams the verdicts as they come.
+    let mut follower = Command::new(BIN)
+        .args(["closes", "--follow", "-o", "json", "--agent"])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start closes --follow");
+    let (ftx, frx) = mpsc::channel::<String>();
+    let fout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(fout).lines().map_while(Result::ok) {
+            if ftx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
 
     // A: an orderly close, client first.
     let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -315,6 +340,56 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
     assert_eq!(c_client["verdict"]["closed_by"], "client", "{c_client}");
     assert_eq!(c_client["verdict"]["mechanism"], "rst", "{c_client}");
 
+    // The follower saw the same six, as they came.
+    let mut followed = Vec::new();
+    while followed.len() < 6 {
+        match frx.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) => followed.push(serde_json::from_str::<Value>(&l).unwrap()),
+            Err(_) => panic!("the follower got {} lines: {followed:#?}", followed.len()),
+        }
+    }
+    let ids = |v: &[Value]| {
+        let mut ids: Vec<String> = v.iter().map(|c| c["conn"]["id"].to_string()).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&followed), ids(&closes));
+
+    // The TCP API needs the token; two agents' stats are summed (here one agent twice).
+    let http = format!("http://127.0.0.1:{api_port}");
+    let out = Command::new(BIN)
+        .args([
+            "closes",
+            "-o",
+            "json",
+            "--agent",
+            &http,
+            "--token",
+            "s3cret-token",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(ids(&json_lines(&out)), ids(&closes));
+    let out = Command::new(BIN)
+        .args(["closes", "--agent", &http])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{out:?}"
+    );
+    let out = Command::new(BIN)
+        .args(["stats", "-o", "json", "--token", "s3cret-token", "--agent"])
+        .arg(&sock)
+        .args(["--agent", &http])
+        .output()
+        .unwrap();
+    let st: Value = serde_json::from_str(&text(&out)).unwrap();
+    assert_eq!(st["records"], 12, "{st}");
+    assert_eq!(st["agents"].as_object().unwrap().len(), 2, "{st}");
+
     // Table output.
     let out = cli(
         &sock,
@@ -418,6 +493,13 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
     assert_eq!(live.last().unwrap()["type"], "stats");
     assert_eq!(live.last().unwrap()["printed"], 6);
     assert!(!sock.exists(), "socket removed on exit");
+    // The follower's stream ended with the agent, cleanly.
+    let fstatus = follower.wait().expect("follower exits");
+    assert_eq!(
+        fstatus.code(),
+        Some(0),
+        "closes --follow after the agent stopped"
+    );
     let live_closes: Vec<&String> = agent
         .seen
         .iter()
@@ -441,4 +523,35 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
     drop(cleanup);
     let _ = std::fs::remove_dir_all(&dir);
     let _: PathBuf = dir;
+}
+
+/// Without the capabilities (dropped from the bounding set, so root has none of them), the
+/// error names each missing one instead of "must run as root".
+#[test]
+fn missing_capabilities_are_named() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 || Command::new("setpriv").arg("--version").output().is_err()
+    {
+        assert!(!require(), "needs root and setpriv");
+        eprintln!("SKIP missing_capabilities_are_named: needs root and setpriv");
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args([
+            "--bounding-set",
+            "-bpf,-perfmon,-net_admin,-sys_admin",
+            "--inh-caps",
+            "-all",
+            "--",
+            BIN,
+            "trace",
+        ])
+        .output()
+        .expect("setpriv");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for cap in ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"] {
+        assert!(err.contains(cap), "{cap} not named: {err}");
+    }
+    assert!(!err.contains("must run as root"), "{err}");
 }

@@ -57,7 +57,8 @@ pub struct ApiState {
     ready: AtomicBool,
     metrics: Arc<Metrics>,
     /// New `close` lines for `--follow` clients.
-    new_lines: tokio::sync::broadcast::Sender<Arc<str>>,
+    /// `None` once [`ApiState::close_followers`] ended their streams (shutdown).
+    new_lines: Mutex<Option<tokio::sync::broadcast::Sender<Arc<str>>>>,
     /// Asks the pipeline for a snapshot of its connection table (`/v1/conns`).
     conns: Option<tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<String>>>,
 }
@@ -68,7 +69,7 @@ impl ApiState {
             history: Mutex::new(history),
             ready: AtomicBool::new(false),
             metrics,
-            new_lines: tokio::sync::broadcast::channel(FOLLOW_BUFFER).0,
+            new_lines: Mutex::new(Some(tokio::sync::broadcast::channel(FOLLOW_BUFFER).0)),
             conns: None,
         }
     }
@@ -91,8 +92,23 @@ impl ApiState {
     pub fn record(&self, line: &str) -> Result<(), history::PushError> {
         self.history().push(line, Instant::now())?;
         // No follower is not an error.
-        let _ = self.new_lines.send(Arc::from(line.trim_end()));
+        if let Some(tx) = self.followers().as_ref() {
+            let _ = tx.send(Arc::from(line.trim_end()));
+        }
         Ok(())
+    }
+
+    fn followers(&self) -> MutexGuard<'_, Option<tokio::sync::broadcast::Sender<Arc<str>>>> {
+        match self.new_lines.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Ends every `follow=true` stream (their answers complete normally), so that a
+    /// graceful shutdown does not wait for them; later follows get the kept lines only.
+    pub fn close_followers(&self) {
+        self.followers().take();
     }
 
     /// The history, even if a panic poisoned the lock (its state is always consistent
@@ -282,7 +298,10 @@ async fn closes(
         return ndjson(&lines);
     }
     // Subscribe before reading the history, so nothing falls between the two.
-    let rx = s.new_lines.subscribe();
+    let Some(rx) = s.followers().as_ref().map(|tx| tx.subscribe()) else {
+        let lines = s.history().query(&q, Instant::now());
+        return ndjson(&lines);
+    };
     let kept = s.history().query(&q, Instant::now());
     let first = futures_util::stream::iter(
         kept.into_iter()

@@ -301,6 +301,10 @@ struct ConnView<'a> {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    if opts.trace.probe_report {
+        // Only the report: no socket, no listeners.
+        return trace::run(opts.trace).await;
+    }
     let metrics = Arc::new(Metrics::new());
     let (conn_tx, conn_rx) = mpsc::channel(8);
     let state =

@@ -509,11 +509,30 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
     let file = std::fs::read_to_string(dir.join("verdicts.ndjson")).unwrap();
     assert_eq!(file.lines().collect::<Vec<_>>(), live_closes);
 
-    // replay: the same lines, byte for byte, without the kernel.
-    let out = Command::new(BIN)
-        .args(["replay", rec.to_str().unwrap()])
-        .output()
-        .expect("replay");
+    // replay: the same lines, byte for byte, without the kernel and without privileges
+    // (as nobody, every capability dropped, when setpriv is there).
+    let unprivileged = Command::new("setpriv").arg("--version").output().is_ok();
+    let out = if unprivileged {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--",
+                BIN,
+                "replay",
+                rec.to_str().unwrap(),
+            ])
+            .output()
+            .expect("replay")
+    } else {
+        Command::new(BIN)
+            .args(["replay", rec.to_str().unwrap()])
+            .output()
+            .expect("replay")
+    };
     assert!(out.status.success(), "{out:?}");
     let replayed: Vec<String> = text(&out).lines().map(str::to_string).collect();
     let live_closes: Vec<String> = live_closes.into_iter().cloned().collect();

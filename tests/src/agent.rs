@@ -167,6 +167,16 @@ impl Agent {
         self.wait_object(what, timeout, |v| v["type"] == "close" && pred(v))
     }
 
+    /// First object of this `type` (`drops`, `stats`, …) received or arriving within `timeout`.
+    pub fn wait_for_type(&mut self, ty: &str, timeout: Duration) -> Result<Value> {
+        self.wait_object(&format!("a {ty} record"), timeout, |v| v["type"] == ty)
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Close object with `conn.local == local` and `conn.remote == remote`, and, if
     /// `netns` is given, `conn.netns == netns`.
     pub fn wait_for_close(

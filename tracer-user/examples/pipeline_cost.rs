@@ -183,6 +183,7 @@ fn main() -> std::io::Result<()> {
         let s = serde_json::to_vec(&CloseObject {
             closed: c,
             clock: &clock,
+            k8s: None,
         })?;
         bytes += s.len();
         std::io::Write::write_all(&mut sink, &s)?;

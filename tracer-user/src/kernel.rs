@@ -393,9 +393,27 @@ pub fn cgroup2_root() -> Result<PathBuf, KernelError> {
     cgroup2_root_from_mountinfo(&text).ok_or(KernelError::NoCgroup2)
 }
 
-/// Picks the cgroup2 mount whose root is `/` (a bind mount of a sub-cgroup would only see
+/// Picks the cgroup2 mount of the root cgroup (a bind mount of a sub-cgroup would only see
 /// part of the host); prefers `/sys/fs/cgroup` when several qualify.
 pub fn cgroup2_root_from_mountinfo(text: &str) -> Option<PathBuf> {
+    cgroup2_root_from_mountinfo_with(text, |mnt| !mnt.join("cgroup.type").exists())
+}
+
+/// A mount's root as mountinfo shows it, seen from inside a private cgroup namespace
+/// (containerd and CRI-O on cgroup v2): the host's root cgroup is an ancestor of the
+/// namespace's root, so its root field is `/..`, `/../..`, ... instead of `/`.
+fn is_ancestor_root(root: &str) -> bool {
+    root.strip_prefix('/')
+        .is_some_and(|r| !r.is_empty() && r.split('/').all(|seg| seg == ".."))
+}
+
+/// [`cgroup2_root_from_mountinfo`] with the check that a mount whose root is only `..`
+/// segments really is the root cgroup (`is_root_cgroup`: the root cgroup has no
+/// `cgroup.type` file; any other cgroup does).
+pub fn cgroup2_root_from_mountinfo_with(
+    text: &str,
+    is_root_cgroup: impl Fn(&Path) -> bool,
+) -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = Vec::new();
     for line in text.lines() {
         // id parent major:minor root mountpoint opts [optional...] - fstype source superopts
@@ -407,10 +425,13 @@ pub fn cgroup2_root_from_mountinfo(text: &str) -> Option<PathBuf> {
             continue;
         }
         let cols: Vec<&str> = left.split_whitespace().collect();
-        if cols.len() < 5 || cols[3] != "/" {
+        if cols.len() < 5 {
             continue;
         }
-        found.push(PathBuf::from(cols[4].replace("\\040", " ")));
+        let mnt = PathBuf::from(cols[4].replace("\\040", " "));
+        if cols[3] == "/" || is_ancestor_root(cols[3]) && is_root_cgroup(&mnt) {
+            found.push(mnt);
+        }
     }
     found.sort_by_key(|p| p != Path::new("/sys/fs/cgroup"));
     found.into_iter().next()
@@ -496,6 +517,28 @@ print fmt: \"family=%s\"
         assert_eq!(l.off[field::SOCKADDR_STYLE], NO_FIELD);
         assert_eq!(l.off[field::SPORT], 28);
         assert_eq!(l.off[field::SADDR_V6], 40);
+    }
+
+    #[test]
+    fn cgroup2_root_inside_a_private_cgroup_namespace() {
+        // podman --cgroupns private / containerd on cgroup v2, host /sys/fs/cgroup mounted.
+        let ns = "1 0 0:1 / / rw - overlay overlay rw\n\
+                  30 1 0:26 /../.. /sys/fs/cgroup ro,nosuid - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_root_from_mountinfo_with(ns, |_| true),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        // The same root field on a mount that is not the root cgroup (it has cgroup.type).
+        assert_eq!(cgroup2_root_from_mountinfo_with(ns, |_| false), None);
+        // A sub-cgroup bind mount, or a mixed path, is never accepted.
+        for root in ["/kubepods", "/../kubepods", "/..x", "/", "//"] {
+            let line = format!("30 1 0:26 {root} /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
+            let got = cgroup2_root_from_mountinfo_with(&line, |_| true);
+            assert_eq!(got.is_some(), root == "/", "root {root:?}");
+        }
+        assert!(is_ancestor_root("/.."));
+        assert!(is_ancestor_root("/../../.."));
+        assert!(!is_ancestor_root("/"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! Kernel facts ([`event`]) feed a per-socket state machine ([`conn`]) whose finished
 //! timelines go through a pure classifier ([`classify`]) and out through [`export`].
+pub mod agent;
 pub mod api;
 pub mod classify;
 pub mod cli;
@@ -14,6 +15,9 @@ pub mod history;
 pub mod k8s;
 pub mod kernel;
 pub mod metrics;
+pub mod privilege;
 pub mod probes;
+pub mod query;
+pub mod record;
 pub mod timeline;
 pub mod trace;

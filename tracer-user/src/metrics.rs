@@ -28,7 +28,8 @@ const CONFIDENCE: &[&str] = &["high", "medium", "low"];
 /// What a label value outside its known set is counted as.
 pub const OTHER: &str = "other";
 
-fn known_reason(reason: &str) -> bool {
+/// A reason the classifier can produce (docs/events.md).
+pub fn known_reason(reason: &str) -> bool {
     crate::classify::Reason::is_known(reason)
 }
 
@@ -209,6 +210,32 @@ impl Metrics {
             Ok(mut l) => *l = Some(labels),
             Err(poisoned) => *poisoned.into_inner() = Some(labels),
         }
+    }
+
+    /// The agent-wide numbers of `/v1/stats` (`whoclosed stats`): ring-buffer drops,
+    /// tracked connections, resets, retransmits and how the probes are attached.
+    pub fn agent_summary(&self) -> serde_json::Value {
+        let probe = match self.probe.0.lock() {
+            Ok(l) => l.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let resets = |d: Direction| {
+            self.resets
+                .get_or_create(&DirectionLabels {
+                    direction: d.label(),
+                })
+                .get()
+        };
+        serde_json::json!({
+            "ringbuf_drops": self.ringbuf_drops.get(),
+            "tracked_connections": self.tracked.get(),
+            "resets_sent": resets(Direction::Sent),
+            "resets_received": resets(Direction::Received),
+            "retransmits": self.retransmits.get(),
+            "probe_mode": probe.as_ref().map(|p| p.probe_mode.clone()),
+            "packet_facts": probe.as_ref().map(|p| p.packet_facts == "true"),
+            "kernel": probe.as_ref().map(|p| p.kernel.clone()),
+        })
     }
 
     /// The OpenMetrics text exposition (serve with [`CONTENT_TYPE`]).

@@ -19,7 +19,9 @@ use crate::{
     conn::{Closed, Table, TableConfig, ephemeral_range},
     event,
     export::{self, Clock, Drops, Filter, Ready, Stats},
+    k8s::K8sEnds,
     probes::{self, Counters, LoadOptions, Logger, ProbeMode, ProbeReport, Probes},
+    record::ClockBase,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -42,6 +44,8 @@ pub struct TraceOptions {
     /// When not empty, only these network namespaces are this host: events from others
     /// are discarded before the connection table, as if those sockets lived elsewhere.
     pub visible_netns: Vec<u32>,
+    /// `--record FILE`: the raw kernel records, for `whoclosed replay`.
+    pub record: Option<std::path::PathBuf>,
 }
 
 /// The table's configuration: the options, and what the probes actually attached (packet
@@ -56,15 +60,40 @@ pub fn table_config(opts: &TraceOptions, report: &ProbeReport) -> TableConfig {
     }
 }
 
-struct Output<W: Write> {
-    out: W,
-    format: Format,
-    filter: Filter,
-    clock: Clock,
-    printed: u64,
+/// Everything that leaves the pipeline: the printed records, and (for `whoclosed agent`)
+/// the API's history, the metrics and pod names, and (with `--record`) the recording.
+pub(crate) struct Output<W: Write> {
+    pub(crate) out: W,
+    pub(crate) format: Format,
+    pub(crate) filter: Filter,
+    pub(crate) clock: Clock,
+    /// What `clock` was made from (kept in a recording so that replay writes the same `ts`).
+    pub(crate) clock_base: ClockBase,
+    pub(crate) printed: u64,
+    /// One serialised `close` line, reused.
+    line: Vec<u8>,
+    pub(crate) agent: Option<crate::agent::Side>,
+    pub(crate) recorder: Option<crate::record::Writer>,
+    /// Pod names recorded with `--record`, for `whoclosed replay` (by `conn.id`).
+    pub(crate) recorded_k8s: Option<std::collections::HashMap<String, K8sEnds>>,
 }
 
 impl<W: Write> Output<W> {
+    pub(crate) fn new(out: W, format: Format, filter: Filter, clock_base: ClockBase) -> Self {
+        Output {
+            out,
+            format,
+            filter,
+            clock: clock_base.clock(),
+            clock_base,
+            printed: 0,
+            line: Vec::with_capacity(4096),
+            agent: None,
+            recorder: None,
+            recorded_k8s: None,
+        }
+    }
+
     fn now(&self) -> String {
         self.clock.rfc3339(export::monotonic_ns())
     }
@@ -78,30 +107,88 @@ impl<W: Write> Output<W> {
         Ok(())
     }
 
-    fn closed(&mut self, c: &Closed) -> io::Result<()> {
+    /// The pods of both ends: resolved live by the agent, or as recorded.
+    fn k8s_of(&mut self, c: &Closed) -> K8sEnds {
+        if let Some(map) = &self.recorded_k8s {
+            return map.get(&c.conn.id).cloned().unwrap_or_default();
+        }
+        let ends = match &mut self.agent {
+            Some(a) => a.k8s_of(c),
+            None => K8sEnds::default(),
+        };
+        if !ends.is_empty()
+            && let Some(r) = &mut self.recorder
+            && let Err(e) = r.k8s(&c.conn.id, &ends)
+        {
+            warn!("recording pod names: {e}");
+        }
+        ends
+    }
+
+    pub(crate) fn closed(&mut self, c: &Closed) -> io::Result<()> {
         if !self.filter.matches(c) {
             return Ok(());
+        }
+        let k8s = self.k8s_of(c);
+        // The agent's filters set its scope: what it writes, keeps and counts.
+        if let Some(a) = &mut self.agent {
+            a.observe(c);
         }
         self.printed += 1;
         match self.format {
             Format::Json => {
+                self.line.clear();
                 serde_json::to_writer(
-                    &mut self.out,
+                    &mut self.line,
                     &export::CloseObject {
                         closed: c,
                         clock: &self.clock,
+                        k8s: (!k8s.is_empty()).then_some(&k8s),
                     },
                 )?;
-                self.out.write_all(b"\n")
+                self.out.write_all(&self.line)?;
+                self.out.write_all(b"\n")?;
+                if let Some(a) = &mut self.agent {
+                    a.keep(&self.line);
+                }
+                Ok(())
             }
             Format::Table => writeln!(self.out, "{}", export::close_line(c, &self.clock)),
         }
     }
 
-    fn all(&mut self, closed: Vec<Closed>) -> io::Result<()> {
+    pub(crate) fn all(&mut self, closed: Vec<Closed>) -> io::Result<()> {
         closed.iter().try_for_each(|c| self.closed(c))
     }
+
+    /// Sockets whose linger ended by `now_ns` (a tick), recorded for replay.
+    /// Judges the sockets whose linger is over at `now_ns`, after noting the kernel's
+    /// ring-buffer drop total (when known) so that connections alive during a loss say so.
+    pub(crate) fn tick(
+        &mut self,
+        table: &mut Table,
+        now_ns: u64,
+        ringbuf_drops: Option<u64>,
+    ) -> io::Result<()> {
+        if let Some(r) = &mut self.recorder {
+            r.tick(now_ns, ringbuf_drops)?;
+        }
+        if let Some(d) = ringbuf_drops {
+            table.note_ringbuf_drops(now_ns, d);
+        }
+        let due = table.take_due(now_ns);
+        self.all(due)?;
+        if let Some(a) = &mut self.agent {
+            a.tracked(table.len());
+        }
+        Ok(())
+    }
 }
+
+/// Ring-buffer records read per wake-up before the loop serves its other sources.
+const DRAIN_BATCH: usize = 4096;
+/// How long the shutdown flush keeps reading a ring buffer that refills.
+const FLUSH_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 struct Loop {
     table: Table,
@@ -112,12 +199,24 @@ struct Loop {
 }
 
 impl Loop {
+    /// Reads at most `budget` records; true when it stopped at the budget (more may wait).
+    /// A bounded batch keeps the loop's timers, drop reports and signals served while the
+    /// kernel refills the buffer faster than it drains.
     fn drain<W: Write>(
         &mut self,
         rb: &mut RingBuf<MapData>,
         out: &mut Output<W>,
-    ) -> io::Result<()> {
-        while let Some(item) = rb.next() {
+        budget: usize,
+    ) -> io::Result<bool> {
+        let mut read = 0usize;
+        while read < budget {
+            let Some(item) = rb.next() else {
+                return Ok(false);
+            };
+            read += 1;
+            if let Some(r) = &mut out.recorder {
+                r.event(&item)?;
+            }
             match event::decode(&item) {
                 Ok(ev) => {
                     log::trace!("{ev:?}");
@@ -134,6 +233,9 @@ impl Loop {
                             }
                         };
                     if !hidden {
+                        if let Some(a) = &mut out.agent {
+                            a.on_event(&ev);
+                        }
                         out.all(self.table.on_event(&ev))?;
                     }
                 }
@@ -145,13 +247,16 @@ impl Loop {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Reports ring-buffer losses since the last check.
     fn check_drops<W: Write>(&mut self, out: &mut Output<W>) -> io::Result<()> {
         match self.counters.snapshot() {
             Ok(s) if s.ringbuf_drops > self.last_drops => {
+                if let Some(a) = &out.agent {
+                    a.drops(s.ringbuf_drops);
+                }
                 let new = s.ringbuf_drops - self.last_drops;
                 warn!(
                     "ring buffer full: {new} kernel events lost ({} in total); raise --ringbuf-kib",
@@ -173,7 +278,9 @@ impl Loop {
         rb: &mut RingBuf<MapData>,
         out: &mut Output<W>,
     ) -> io::Result<()> {
-        self.drain(rb, out)?;
+        // What is in the buffer now, within a bounded time even if a flood keeps refilling it.
+        let deadline = std::time::Instant::now() + FLUSH_DRAIN_LIMIT;
+        while self.drain(rb, out, DRAIN_BATCH)? && std::time::Instant::now() < deadline {}
         let kernel = self.counters.final_snapshot().unwrap_or_default();
         self.table
             .note_ringbuf_drops(export::monotonic_ns(), kernel.ringbuf_drops);
@@ -193,6 +300,9 @@ impl Loop {
             &kernel,
         );
         out.record(&stats)?;
+        if let Some(r) = &mut out.recorder {
+            r.finish()?;
+        }
         out.out.flush()
     }
 }
@@ -200,15 +310,6 @@ impl Loop {
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.downcast_ref::<io::Error>()
         .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
-}
-
-fn warn_unless_root() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        warn!(
-            "not running as root: loading eBPF programs needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
-        );
-    }
 }
 
 fn print_probe_report(probes: &Probes) -> anyhow::Result<()> {
@@ -247,18 +348,22 @@ async fn event_loop<W: Write>(
     rb: &mut Events,
     logger: &mut Option<KernelLog>,
     out: &mut Output<W>,
+    mut conn_requests: Option<crate::agent::ConnRequests>,
 ) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut drops_tick = tokio::time::interval(Duration::from_secs(1));
-    info!("tracing; Ctrl-C to stop");
+    info!("tracing; Ctrl-C or SIGTERM to stop");
     loop {
         tokio::select! {
             guard = rb.readable_mut() => {
                 let mut guard = guard?;
-                state.drain(guard.get_inner_mut(), out)?;
-                guard.clear_ready();
+                // Readiness stays set while records remain: the next turn comes back here,
+                // after select! has given the other ready branches their chance.
+                if !state.drain(guard.get_inner_mut(), out, DRAIN_BATCH)? {
+                    guard.clear_ready();
+                }
             }
             guard = async {
                 match logger.as_mut() {
@@ -273,12 +378,21 @@ async fn event_loop<W: Write>(
             _ = tick.tick() => {
                 let now = export::monotonic_ns();
                 // Before judging: a connection alive while the ring buffer overflowed may
-                // miss facts, and its verdict must say so.
-                if let Ok(s) = state.counters.snapshot() {
-                    state.table.note_ringbuf_drops(now, s.ringbuf_drops);
-                }
-                out.all(state.table.take_due(now))?;
+                // miss facts, and its verdict must say so (the total is recorded with the
+                // tick, so a replay lowers the same verdicts).
+                let drops = state.counters.snapshot().ok().map(|s| s.ringbuf_drops);
+                out.tick(&mut state.table, now, drops)?;
                 out.out.flush()?;
+            }
+            req = async {
+                match conn_requests.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let (Some(reply), Some(a)) = (req, out.agent.as_mut()) {
+                    let _ = reply.send(a.conns(&state.table, export::monotonic_ns()));
+                }
             }
             _ = drops_tick.tick() => state.check_drops(out)?,
             _ = sigint.recv() => return Ok(()),
@@ -287,45 +401,76 @@ async fn event_loop<W: Write>(
     }
 }
 
-pub async fn run(opts: TraceOptions) -> anyhow::Result<()> {
-    warn_unless_root();
-    let mut probes = probes::load(&LoadOptions {
+/// Loads the probes, or says why not (naming a missing capability or a seccomp refusal).
+pub fn load_probes(opts: &TraceOptions) -> anyhow::Result<Probes> {
+    probes::load(&LoadOptions {
         mode: opts.mode,
         ringbuf_bytes: opts.ringbuf_bytes,
         packets: opts.packets,
         max_sockets: opts.max_sockets,
     })
-    .context("attaching the probes (whoclosed trace must run as root)")?;
+    .map_err(|e| {
+        let why = crate::privilege::explain_load_failure(&e);
+        e.context(format!("attaching the probes: {why}"))
+    })
+}
+
+/// `whoclosed trace`.
+pub async fn run(opts: TraceOptions) -> anyhow::Result<()> {
+    let probes = load_probes(&opts)?;
     if opts.probe_report {
         return print_probe_report(&probes);
     }
+    let stdout = io::stdout();
+    let out = Output::new(
+        io::BufWriter::new(stdout.lock()),
+        opts.format,
+        opts.filter.clone(),
+        ClockBase::now(),
+    );
+    pipeline(&opts, probes, out, None).await
+}
 
+/// The one kernel pipeline of `trace` and `agent`: ring buffer → decode → connection table
+/// → classifier → `out`, until SIGINT or SIGTERM; then everything still buffered is judged
+/// and written with the final `stats` record.
+pub(crate) async fn pipeline<W: Write>(
+    opts: &TraceOptions,
+    mut probes: Probes,
+    mut out: Output<W>,
+    conn_requests: Option<crate::agent::ConnRequests>,
+) -> anyhow::Result<()> {
     let (mut rb, mut logger) = poll_sources(&mut probes)?;
+    let cfg = table_config(opts, &probes.report);
+    if let Some(path) = &opts.record {
+        out.recorder = Some(
+            crate::record::Writer::create(path, out.clock_base, &cfg, &out.filter)
+                .with_context(|| format!("--record {}", path.display()))?,
+        );
+    }
     let mut state = Loop {
-        table: Table::new(table_config(&opts, &probes.report)),
+        table: Table::new(cfg),
         counters: probes.take_counters()?,
         decode_errors: 0,
         last_drops: 0,
         visible_netns: opts.visible_netns.clone(),
-    };
-    let stdout = io::stdout();
-    let mut out = Output {
-        out: io::BufWriter::new(stdout.lock()),
-        format: opts.format,
-        filter: opts.filter,
-        clock: Clock::now(),
-        printed: 0,
     };
     match opts.format {
         Format::Json => out.record(&Ready::new(out.now(), &probes.report))?,
         Format::Table => writeln!(out.out, "{}", export::TABLE_HEADER)?,
     }
     out.out.flush()?;
+    if let Some(a) = &out.agent {
+        a.attached(&probes.report);
+    }
 
-    match event_loop(&mut state, &mut rb, &mut logger, &mut out).await {
+    match event_loop(&mut state, &mut rb, &mut logger, &mut out, conn_requests).await {
         Err(e) if is_broken_pipe(&e) => return Ok(()),
         Err(e) => return Err(e),
         Ok(()) => {}
+    }
+    if let Some(a) = &mut out.agent {
+        a.stopping();
     }
     state.flush(rb.get_mut(), &mut out)?;
     info!("detaching probes");
@@ -369,6 +514,7 @@ mod tests {
             max_conns: 7,
             max_sockets: 1024,
             probe_report: false,
+            record: None,
         }
     }
 

@@ -9,13 +9,14 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, Write},
     net::TcpListener,
-    path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
 };
 
 use tracer_user::k8s::{Limits, PodIdentity, Resolver, Roots};
+
+mod support;
+use support::{Cleanup, cgroup2_mount, kubelet_layout, socket_owner, spawn_connector};
 
 const UID_A: &str = "3f0c6a52-1d2e-4b7f-9a8c-0e1d2c3b4a59";
 const CID_A: &str = "5b1f3e7a9c0d2e4f6a8b0c1d3e5f7a9b1c3d5e7f9a0b2c4d6e8f0a1b3c5d7e9f";
@@ -28,121 +29,6 @@ fn skip_or_fail(why: &str) {
     }
     eprintln!("SKIP k8s_cgroups: {why}");
 }
-
-/// The cgroup2 mount point, from `/proc/self/mountinfo`.
-fn cgroup2_mount() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        (post.split_whitespace().next()? == "cgroup2")
-            .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
-    })
-}
-
-/// Removes the cgroup directories it created (deepest first) and the temporary host root,
-/// after the children are gone.
-struct Cleanup {
-    children: Vec<Child>,
-    cgroups: Vec<PathBuf>,
-    host_root: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for dir in self.cgroups.iter().rev() {
-            if let Err(e) = std::fs::remove_dir(dir) {
-                eprintln!("k8s_cgroups: cannot remove {}: {e}", dir.display());
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.host_root);
-    }
-}
-
-impl Cleanup {
-    /// Creates `rel` under `base` one directory at a time, remembering each for removal.
-    fn mkdirs(&mut self, base: &Path, rel: &str) -> PathBuf {
-        let mut dir = base.to_path_buf();
-        for seg in rel.split('/').filter(|s| !s.is_empty()) {
-            dir.push(seg);
-            if !dir.exists() {
-                std::fs::create_dir(&dir)
-                    .unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-                self.cgroups.push(dir.clone());
-            }
-        }
-        dir
-    }
-}
-
-/// A shell that waits for a line, connects to `port` on loopback, says so, and holds the
-/// connection until killed.
-fn spawn_connector(port: u16) -> (Child, ChildStdin, BufReader<std::process::ChildStdout>) {
-    let mut child = Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "read go; exec 3<>/dev/tcp/127.0.0.1/{port}; echo connected; read done"
-        ))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn bash");
-    let stdin = child.stdin.take().expect("stdin piped");
-    let stdout = BufReader::new(child.stdout.take().expect("stdout piped"));
-    (child, stdin, stdout)
-}
-
-/// The pid owning the TCP socket `127.0.0.1:local_port -> 127.0.0.1:remote_port`, found the
-/// way a user would check it: `/proc/net/tcp` for the inode, then every process's fds.
-fn socket_owner(local_port: u16, remote_port: u16) -> Option<u32> {
-    let tcp = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    let want_local = format!("0100007F:{local_port:04X}");
-    let want_remote = format!("0100007F:{remote_port:04X}");
-    let inode = tcp.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(1) == Some(&want_local.as_str()) && f.get(2) == Some(&want_remote.as_str()))
-            .then(|| f.get(9).map(|s| s.to_string()))?
-    })?;
-    let target = format!("socket:[{inode}]");
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            if std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == target) {
-                return Some(pid);
-            }
-        }
-    }
-    None
-}
-
-fn kubelet_layout(host_root: &Path, ns: &str, pod: &str, uid: &str, container: &str, cid: &str) {
-    let cdir = host_root
-        .join("var/log/pods")
-        .join(format!("{ns}_{pod}_{uid}"))
-        .join(container);
-    std::fs::create_dir_all(&cdir).expect("mkdir pods");
-    std::fs::write(cdir.join("0.log"), b"").expect("write log");
-    let links = host_root.join("var/log/containers");
-    std::fs::create_dir_all(&links).expect("mkdir containers");
-    std::os::unix::fs::symlink(
-        cdir.join("0.log"),
-        links.join(format!("{pod}_{ns}_{container}-{cid}.log")),
-    )
-    .expect("symlink");
-}
-
 #[test]
 fn pod_identity_from_real_cgroups() {
     // SAFETY: geteuid has no preconditions and cannot fail.

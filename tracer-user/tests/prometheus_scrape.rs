@@ -6,51 +6,15 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::{
-    net::TcpListener,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use tracer_user::metrics::{Direction, Metrics, router};
 
-struct Prometheus {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-/// `query` through Prometheus's HTTP API: the scalar value of the single result, if any.
-fn instant_query(prom_port: u16, query: &str) -> Option<f64> {
-    let out = Command::new("curl")
-        .args(["-sf", "--max-time", "5", "-G"])
-        .arg(format!("http://127.0.0.1:{prom_port}/api/v1/query"))
-        .arg("--data-urlencode")
-        .arg(format!("query={query}"))
-        .output()
-        .ok()?;
-    let body: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let result = body["data"]["result"].as_array()?;
-    if result.len() != 1 {
-        return None;
-    }
-    result[0]["value"][1].as_str()?.parse().ok()
-}
+mod support;
+use support::{Prometheus, free_port, instant_query, which_prometheus};
 
 #[test]
 fn real_prometheus_scrapes_the_metrics_endpoint() {
@@ -109,7 +73,11 @@ fn real_prometheus_scrapes_the_metrics_endpoint() {
         .stderr(std::fs::File::create(dir.join("prometheus.log")).expect("log file"))
         .spawn()
         .expect("start prometheus");
-    let prom = Prometheus { child, dir };
+    let prom = Prometheus {
+        child,
+        dir,
+        port: prom_port,
+    };
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let query = r#"sum(whoclosed_closes_total{closed_by="server",reason="server_idle_timeout",confidence="high"})"#;
@@ -154,14 +122,4 @@ fn real_prometheus_scrapes_the_metrics_endpoint() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(instant_query(prom_port, query), Some(4.0));
-}
-
-fn which_prometheus() -> Result<PathBuf, ()> {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|p| p.join("prometheus"))
-                .find(|p| p.is_file())
-        })
-        .ok_or(())
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use jsonschema::{Registry, Validator};
 use serde_json::{Value, json};
 
-const TYPES: [&str; 4] = ["close", "ready", "drops", "stats"];
+const TYPES: [&str; 5] = ["close", "ready", "drops", "stats", "conn"];
 const BASE: &str = "https://whoclosed.invalid/schema/v1/";
 
 fn repo() -> PathBuf {
@@ -101,7 +101,7 @@ fn every_golden_and_sample_record_is_valid() {
     }
     assert_eq!(
         seen_types.into_iter().collect::<Vec<_>>(),
-        ["close", "drops", "ready", "stats"],
+        ["close", "conn", "drops", "ready", "stats"],
         "the samples cover every record type"
     );
     assert!(

@@ -5,11 +5,15 @@
 //! no ELF interpreter, copied into a context with `deploy/Containerfile` (`FROM scratch`),
 //! built with Debian's buildah (`--pull=never`: nothing is downloaded).
 //!
-//! `check`: runs `whoclosed trace` in the image with podman, `--cap-drop ALL` plus
-//! [`CAPS`], the host mounts of [`MOUNTS`], a read-only root filesystem and no network
-//! (`--network none`), makes a loopback connection on the host — outside the container — and
-//! requires its verdict in the container's output. Then it runs once more without each
-//! capability to show that every one of them is needed, and prints what each absence broke.
+//! `check`: runs `whoclosed agent` in the image as the DaemonSet does, with podman,
+//! `--cap-drop ALL` plus [`CAPS`], the host mounts of [`MOUNTS`] (and the host's `/proc` and
+//! `/var/log` under `/host` for pod names), a read-only root filesystem with a tmpfs for the
+//! API socket, no network (`--network none`) and a private cgroup namespace (what containerd
+//! and CRI-O give pods on cgroup v2), makes a loopback connection on the host — outside the
+//! container — and requires its verdict in the container's output and from
+//! `whoclosed closes` run inside the container against the agent's socket. Then it runs once
+//! more without each capability to show that every one of them is needed, and prints what
+//! each absence broke.
 
 use std::{
     io::{Read, Write},
@@ -170,6 +174,8 @@ fn build(root: &Path, tag: &str) -> Result<()> {
 struct Outcome {
     /// The container's effective capabilities as the runtime reports them.
     caps: String,
+    /// `whoclosed closes -o json` inside the container, against the agent's socket.
+    queried: Vec<serde_json::Value>,
     verdicts: Vec<serde_json::Value>,
     ready: Option<serde_json::Value>,
     stderr: String,
@@ -198,7 +204,8 @@ fn podman_run(
             "--ulimit",
             "nproc=4096:4096",
         ])
-        .args(["--network", "none", "--read-only", "--cgroupns", "host"])
+        .args(["--network", "none", "--read-only", "--cgroupns", "private"])
+        .args(["--tmpfs", "/run/whoclosed:rw,mode=0700,size=1m"])
         .args(["--security-opt", "no-new-privileges"])
         .args(["--cap-drop", "ALL"]);
     if our_seccomp {
@@ -217,8 +224,19 @@ fn podman_run(
     }
     let cg2 = cgroup2_mount()?;
     c.args(["-v", &format!("{0}:{0}:ro", cg2.display())]);
-    c.arg(tag)
-        .args(["trace", "-o", "json", "--port", &port.to_string()]);
+    c.args([
+        "-v",
+        "/proc:/host/proc:ro",
+        "-v",
+        "/var/log:/host/var/log:ro",
+    ]);
+    c.arg(tag).args([
+        "agent",
+        "--host-root=/host",
+        "--node-name=image-check",
+        "--port",
+        &port.to_string(),
+    ]);
     crate::run(c.stdout(Stdio::null()))?;
 
     // Wait for `ready` (or the container's end), then drive one connection on the host.
@@ -243,6 +261,22 @@ fn podman_run(
     let caps_seen =
         crate::output(Command::new("podman").args(["inspect", "-f", "{{.EffectiveCaps}}", &name]))
             .unwrap_or_default();
+    let queried = if ready.is_some() {
+        crate::output(Command::new("podman").args([
+            "exec",
+            &name,
+            "/whoclosed",
+            "closes",
+            "-o",
+            "json",
+        ]))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .collect()
+    } else {
+        Vec::new()
+    };
     let _ = Command::new("podman")
         .args(["stop", "-t", "10", &name])
         .stdout(Stdio::null())
@@ -259,6 +293,7 @@ fn podman_run(
         .collect();
     Ok(Outcome {
         caps: caps_seen.trim().to_string(),
+        queried,
         verdicts,
         ready,
         stderr: err,
@@ -330,7 +365,11 @@ fn free_port() -> Result<u16> {
 }
 
 fn client_close(o: &Outcome, port: u16) -> bool {
-    o.verdicts.iter().any(|v| {
+    is_client_close(&o.verdicts, port)
+}
+
+fn is_client_close(verdicts: &[serde_json::Value], port: u16) -> bool {
+    verdicts.iter().any(|v| {
         v["conn"]["remote"] == format!("127.0.0.1:{port}")
             && v["verdict"]["closed_by"] == "client"
             && v["verdict"]["reason"] == "client_close"
@@ -370,8 +409,14 @@ fn check(root: &Path, tag: &str, necessity: bool) -> Result<()> {
             o.stderr
         );
     }
+    if !is_client_close(&o.queried, port) {
+        bail!(
+            "`whoclosed closes` inside the container did not return the verdict; got {:#?}",
+            o.queried
+        );
+    }
     eprintln!(
-        "xtask: image check: {tag} with only CAP_{{{}}}, read-only root, no network: {} verdicts, ready = {ready}",
+        "xtask: image check: {tag} agent with only CAP_{{{}}}, read-only root, no network, private cgroup namespace: {} verdicts (also from `whoclosed closes`), ready = {ready}",
         caps.join(","),
         o.verdicts.len()
     );

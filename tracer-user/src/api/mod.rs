@@ -7,6 +7,7 @@
 //! | `GET /metrics` | OpenMetrics text ([`crate::metrics`]) |
 //! | `GET /v1/closes` | matching `close` records as NDJSON, oldest first; query parameters below |
 //! | `GET /v1/closes/{id}` | one socket's `close` record (`conn.id`), 404 when not kept |
+//! | `GET /v1/conns` | the live connection table as NDJSON `conn` lines (agent only, else 503) |
 //! | `GET /v1/stats` | counts by `closed_by`, `reason`, `confidence`, top remotes and pods (JSON); same filters |
 //!
 //! `/v1/closes` parameters (lists are comma-separated): `closed_by`, `reason`, `confidence`,
@@ -56,7 +57,10 @@ pub struct ApiState {
     ready: AtomicBool,
     metrics: Arc<Metrics>,
     /// New `close` lines for `--follow` clients.
-    new_lines: tokio::sync::broadcast::Sender<Arc<str>>,
+    /// `None` once [`ApiState::close_followers`] ended their streams (shutdown).
+    new_lines: Mutex<Option<tokio::sync::broadcast::Sender<Arc<str>>>>,
+    /// Asks the pipeline for a snapshot of its connection table (`/v1/conns`).
+    conns: Option<tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<String>>>,
 }
 
 impl ApiState {
@@ -65,8 +69,18 @@ impl ApiState {
             history: Mutex::new(history),
             ready: AtomicBool::new(false),
             metrics,
-            new_lines: tokio::sync::broadcast::channel(FOLLOW_BUFFER).0,
+            new_lines: Mutex::new(Some(tokio::sync::broadcast::channel(FOLLOW_BUFFER).0)),
+            conns: None,
         }
+    }
+
+    /// Serves `/v1/conns` by asking the pipeline through `tx`.
+    pub fn with_conns(
+        mut self,
+        tx: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<String>>,
+    ) -> Self {
+        self.conns = Some(tx);
+        self
     }
 
     /// Marks the agent ready (probes attached) or not.
@@ -78,8 +92,23 @@ impl ApiState {
     pub fn record(&self, line: &str) -> Result<(), history::PushError> {
         self.history().push(line, Instant::now())?;
         // No follower is not an error.
-        let _ = self.new_lines.send(Arc::from(line.trim_end()));
+        if let Some(tx) = self.followers().as_ref() {
+            let _ = tx.send(Arc::from(line.trim_end()));
+        }
         Ok(())
+    }
+
+    fn followers(&self) -> MutexGuard<'_, Option<tokio::sync::broadcast::Sender<Arc<str>>>> {
+        match self.new_lines.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Ends every `follow=true` stream (their answers complete normally), so that a
+    /// graceful shutdown does not wait for them; later follows get the kept lines only.
+    pub fn close_followers(&self) {
+        self.followers().take();
     }
 
     /// The history, even if a panic poisoned the lock (its state is always consistent
@@ -100,8 +129,39 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/closes", get(closes))
         .route("/v1/closes/{id}", get(close_by_id))
         .route("/v1/stats", get(stats))
+        .route("/v1/conns", get(conns))
         .with_state(state.clone())
         .merge(crate::metrics::router(state.metrics.clone()))
+}
+
+/// `/healthz`, `/readyz` and `/metrics` only: what `--metrics-addr` serves without a token
+/// (no verdicts, addresses or pods).
+pub fn probe_router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state.clone())
+        .merge(crate::metrics::router(state.metrics.clone()))
+}
+
+/// How long `/v1/conns` waits for the pipeline (busy draining a burst) to answer.
+const CONNS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn conns(State(s): State<Arc<ApiState>>) -> Response {
+    let unavailable =
+        |why: &str| (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
+    let Some(tx) = &s.conns else {
+        return unavailable("no connection table here");
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if tx.send(reply).await.is_err() {
+        return unavailable("the agent is stopping");
+    }
+    match tokio::time::timeout(CONNS_TIMEOUT, answer).await {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, NDJSON)], body).into_response(),
+        Ok(Err(_)) => unavailable("the agent is stopping or not tracing yet"),
+        Err(_) => unavailable("the pipeline did not answer within 5 s"),
+    }
 }
 
 async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
@@ -238,7 +298,10 @@ async fn closes(
         return ndjson(&lines);
     }
     // Subscribe before reading the history, so nothing falls between the two.
-    let rx = s.new_lines.subscribe();
+    let Some(rx) = s.followers().as_ref().map(|tx| tx.subscribe()) else {
+        let lines = s.history().query(&q, Instant::now());
+        return ndjson(&lines);
+    };
     let kept = s.history().query(&q, Instant::now());
     let first = futures_util::stream::iter(
         kept.into_iter()
@@ -276,7 +339,18 @@ async fn stats(
         Err(e) => return e.into_response(),
     };
     let summary = s.history().summary(&q, Instant::now(), TOP);
-    match serde_json::to_string(&summary) {
+    let mut value = match serde_json::to_value(&summary) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("encoding the summary: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    value["agent"] = s.metrics.agent_summary();
+    match serde_json::to_string(&value) {
         Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,

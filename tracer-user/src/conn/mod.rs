@@ -196,6 +196,12 @@ impl Table {
         self.conns.is_empty()
     }
 
+    /// Read-only view of the tracked sockets (`whoclosed conns`), each with the time of its
+    /// last event (CLOCK_MONOTONIC ns).
+    pub fn live(&self) -> impl Iterator<Item = (&Conn, u64)> {
+        self.conns.values().map(|c| (c, c.last_ns.max(c.first_ns)))
+    }
+
     /// Feeds one event; returns connections that had to be finished early (address reuse).
     pub fn on_event(&mut self, ev: &Event) -> Vec<Closed> {
         self.stats.events += 1;

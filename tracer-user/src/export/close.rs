@@ -13,6 +13,7 @@ use super::{Clock, SCHEMA_VERSION, ms};
 use crate::{
     conn::{Closed, h2::H2State},
     event::{TcpState, errno_name},
+    k8s::{K8sEnds, PodIdentity},
     timeline::{Fact, FactKind, Role},
 };
 
@@ -245,6 +246,8 @@ struct PeerJson<'a> {
     comm: Option<&'a str>,
     netns: Option<u32>,
     exited: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    k8s: Option<&'a PodIdentity>,
 }
 
 #[derive(Serialize)]
@@ -258,6 +261,8 @@ struct ConnJson<'a> {
     pid: Option<u32>,
     comm: Option<&'a str>,
     netns: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    k8s: Option<&'a PodIdentity>,
 }
 
 #[derive(Serialize)]
@@ -272,6 +277,8 @@ struct StatsJson {
 pub struct CloseObject<'a> {
     pub closed: &'a Closed,
     pub clock: &'a Clock,
+    /// `conn.k8s` / `peer.k8s`, when the agent resolved the owners' pods.
+    pub k8s: Option<&'a K8sEnds>,
 }
 
 impl Serialize for CloseObject<'_> {
@@ -301,6 +308,7 @@ impl Serialize for CloseObject<'_> {
                 pid: c.owner.as_ref().map(|o| o.0),
                 comm: c.owner.as_ref().map(|o| o.1.as_str()),
                 netns: conn.netns,
+                k8s: self.k8s.and_then(|k| k.conn.as_ref()),
             },
         )?;
         m.serialize_entry("verdict", &c.verdict)?;
@@ -323,6 +331,7 @@ impl Serialize for CloseObject<'_> {
                 comm: p.comm.as_deref(),
                 netns: p.netns,
                 exited: p.exited,
+                k8s: self.k8s.and_then(|k| k.peer.as_ref()),
             }),
         )?;
         m.end()
@@ -331,5 +340,10 @@ impl Serialize for CloseObject<'_> {
 
 /// The `close` object as a JSON value (tests and callers that edit it).
 pub fn close_json(c: &Closed, clock: &Clock) -> Value {
-    serde_json::to_value(CloseObject { closed: c, clock }).unwrap_or(Value::Null)
+    serde_json::to_value(CloseObject {
+        closed: c,
+        clock,
+        k8s: None,
+    })
+    .unwrap_or(Value::Null)
 }

@@ -20,14 +20,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The pod and container that own a socket, as a future `conn.k8s` / `peer.k8s`.
 ///
 /// `pod_uid` is always known (it is what makes a process a pod's). Names are `null` when the
 /// kubelet's log layout does not (yet) list them: a container that is starting, a runtime
 /// that logs elsewhere, or the pod's sandbox (`pause`) container, which has no log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodIdentity {
     pub node: Option<String>,
     pub namespace: Option<String>,
@@ -43,6 +43,21 @@ impl PodIdentity {
         self.namespace.is_some()
             && self.pod.is_some()
             && (self.container_id.is_none() || self.container.is_some())
+    }
+}
+
+/// The pods of a connection's two ends, as written in `conn.k8s` and `peer.k8s`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct K8sEnds {
+    /// The socket's owner.
+    pub conn: Option<PodIdentity>,
+    /// The other end's owner, when that socket is on this node too.
+    pub peer: Option<PodIdentity>,
+}
+
+impl K8sEnds {
+    pub fn is_empty(&self) -> bool {
+        self.conn.is_none() && self.peer.is_none()
     }
 }
 

@@ -1,0 +1,437 @@
+//! `--record FILE` and `whoclosed replay FILE`: the raw kernel records of a session, and
+//! the same decode → connection table → classifier → exporter run on them offline.
+//!
+//! A recording is a small versioned header and then length-prefixed frames:
+//!
+//! ```text
+//! "WHOCLREC" | u32 LE format version (1) | u32 LE header length | header (JSON)
+//! then frames: u8 kind | u32 LE length | payload
+//!   1 = one ring-buffer record, as the kernel wrote it
+//!   2 = a tick: u64 LE CLOCK_MONOTONIC ns at which the table judged lingering sockets,
+//!       then (when known) u64 LE the kernel's ring-buffer drop total read just before
+//!   3 = the pods of one verdict (JSON: {"id", "conn", "peer"}), as the agent resolved them
+//! ```
+//!
+//! The header holds the table's configuration (linger, limits, ephemeral range, packet
+//! facts, kernel RST reason names) and the clock base (monotonic and wall time at start), so
+//! replay judges the same sockets at the same points with the same settings and writes the
+//! same `close` lines, `ts` included. Ticks are recorded because a verdict can depend on
+//! which late facts arrived before its linger ended.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    io::{self, BufReader, BufWriter, Read, Write},
+    path::Path,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    conn::{Table, TableConfig},
+    event,
+    export::{Clock, Filter, monotonic_ns},
+    k8s::{K8sEnds, PodIdentity},
+    trace::{Format, Output},
+};
+
+const MAGIC: &[u8; 8] = b"WHOCLREC";
+/// Version of the recording format (not of the kernel records inside it).
+pub const FORMAT_VERSION: u32 = 1;
+/// Largest frame accepted on reading (a kernel record is a few hundred bytes).
+const MAX_FRAME: u32 = 1 << 20;
+
+const FRAME_EVENT: u8 = 1;
+const FRAME_TICK: u8 = 2;
+const FRAME_K8S: u8 = 3;
+
+/// The monotonic and wall-clock times a session's [`Clock`] maps from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockBase {
+    pub mono0_ns: u64,
+    pub real0: SystemTime,
+}
+
+impl ClockBase {
+    pub fn now() -> Self {
+        ClockBase {
+            mono0_ns: monotonic_ns(),
+            real0: SystemTime::now(),
+        }
+    }
+
+    pub fn clock(&self) -> Clock {
+        Clock::fixed(self.mono0_ns, self.real0)
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    whoclosed: String,
+    wire_version: u8,
+    mono0_ns: u64,
+    real0_unix_ns: u128,
+    linger_ns: u64,
+    max_conns: usize,
+    ephemeral: (u16, u16),
+    packet_facts: bool,
+    rst_reason_names: BTreeMap<u32, String>,
+    /// The session's output filters: replay prints what the session printed.
+    filter: RecordedFilter,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RecordedFilter {
+    ports: Vec<u16>,
+    addrs: Vec<std::net::IpAddr>,
+    netns: Vec<u32>,
+    pid: Option<u32>,
+    comm: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct K8sFrame {
+    id: String,
+    conn: Option<PodIdentity>,
+    peer: Option<PodIdentity>,
+}
+
+/// Writes a recording.
+pub struct Writer {
+    out: BufWriter<File>,
+}
+
+impl Writer {
+    pub fn create(
+        path: &Path,
+        clock: ClockBase,
+        cfg: &TableConfig,
+        filter: &Filter,
+    ) -> io::Result<Self> {
+        let header = Header {
+            whoclosed: env!("CARGO_PKG_VERSION").to_string(),
+            wire_version: tracer_common::WIRE_VERSION,
+            mono0_ns: clock.mono0_ns,
+            real0_unix_ns: clock
+                .real0
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+            linger_ns: cfg.linger_ns,
+            max_conns: cfg.max_conns,
+            ephemeral: cfg.ephemeral,
+            packet_facts: cfg.packet_facts,
+            rst_reason_names: cfg
+                .rst_reason_names
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
+            filter: RecordedFilter {
+                ports: filter.ports.clone(),
+                addrs: filter.addrs.clone(),
+                netns: filter.netns.clone(),
+                pid: filter.pid,
+                comm: filter.comm.clone(),
+            },
+        };
+        let json = serde_json::to_vec(&header).map_err(io::Error::other)?;
+        let mut out = BufWriter::new(File::create(path)?);
+        out.write_all(MAGIC)?;
+        out.write_all(&FORMAT_VERSION.to_le_bytes())?;
+        out.write_all(&len32(json.len())?.to_le_bytes())?;
+        out.write_all(&json)?;
+        Ok(Writer { out })
+    }
+
+    fn frame(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
+        self.out.write_all(&[kind])?;
+        self.out.write_all(&len32(payload.len())?.to_le_bytes())?;
+        self.out.write_all(payload)
+    }
+
+    /// One ring-buffer record, exactly as read.
+    pub fn event(&mut self, raw: &[u8]) -> io::Result<()> {
+        self.frame(FRAME_EVENT, raw)
+    }
+
+    /// The table judged lingering sockets at `now_ns`, with the drop total it noted.
+    pub fn tick(&mut self, now_ns: u64, ringbuf_drops: Option<u64>) -> io::Result<()> {
+        let mut payload = [0u8; 16];
+        payload[..8].copy_from_slice(&now_ns.to_le_bytes());
+        match ringbuf_drops {
+            Some(d) => {
+                payload[8..].copy_from_slice(&d.to_le_bytes());
+                self.frame(FRAME_TICK, &payload)
+            }
+            None => self.frame(FRAME_TICK, &payload[..8]),
+        }
+    }
+
+    /// The pods resolved for one verdict (a replay cannot read the node's files).
+    pub fn k8s(&mut self, id: &str, ends: &K8sEnds) -> io::Result<()> {
+        let json = serde_json::to_vec(&K8sFrame {
+            id: id.to_string(),
+            conn: ends.conn.clone(),
+            peer: ends.peer.clone(),
+        })
+        .map_err(io::Error::other)?;
+        self.frame(FRAME_K8S, &json)
+    }
+
+    pub fn finish(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+fn len32(n: usize) -> io::Result<u32> {
+    u32::try_from(n).map_err(|_| io::Error::other(format!("a {n}-byte frame is too large")))
+}
+
+/// A decoded frame.
+#[derive(Debug)]
+enum Frame {
+    Event(Vec<u8>),
+    Tick(u64, Option<u64>),
+    K8s(Box<K8sFrame>),
+}
+
+struct Reader<R: Read> {
+    inp: R,
+    offset: u64,
+}
+
+impl<R: Read> Reader<R> {
+    fn open(mut inp: R) -> anyhow::Result<(Self, Header)> {
+        let mut magic = [0u8; 8];
+        inp.read_exact(&mut magic)
+            .context("reading the file header")?;
+        if &magic != MAGIC {
+            bail!(
+                "not a whoclosed recording (made with `whoclosed agent --record FILE` or `whoclosed trace --record FILE`)"
+            );
+        }
+        let mut word = [0u8; 4];
+        inp.read_exact(&mut word)?;
+        let version = u32::from_le_bytes(word);
+        if version != FORMAT_VERSION {
+            bail!(
+                "recording format version {version}; this whoclosed reads version {FORMAT_VERSION}"
+            );
+        }
+        inp.read_exact(&mut word)?;
+        let len = u32::from_le_bytes(word);
+        if len > MAX_FRAME {
+            bail!("corrupt recording: a {len}-byte header");
+        }
+        let mut json = vec![0u8; len as usize];
+        inp.read_exact(&mut json)?;
+        let header: Header = serde_json::from_slice(&json).context("the recording's header")?;
+        if header.wire_version != tracer_common::WIRE_VERSION {
+            bail!(
+                "recorded by whoclosed {} with kernel record format {}; this whoclosed reads format {}",
+                header.whoclosed,
+                header.wire_version,
+                tracer_common::WIRE_VERSION
+            );
+        }
+        Ok((
+            Reader {
+                inp,
+                offset: 16 + u64::from(len),
+            },
+            header,
+        ))
+    }
+
+    /// The next frame; `None` at the end. A frame cut short (the agent was killed while
+    /// writing) ends the recording with a warning.
+    fn next(&mut self) -> anyhow::Result<Option<Frame>> {
+        let mut head = [0u8; 5];
+        match read_full(&mut self.inp, &mut head)? {
+            0 => return Ok(None),
+            5 => {}
+            n => {
+                log::warn!(
+                    "recording ends inside a frame header at byte {}",
+                    self.offset + n as u64
+                );
+                return Ok(None);
+            }
+        }
+        let kind = head[0];
+        let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
+        if len > MAX_FRAME {
+            bail!(
+                "corrupt recording: a {len}-byte frame at byte {}",
+                self.offset
+            );
+        }
+        let mut payload = vec![0u8; len as usize];
+        if read_full(&mut self.inp, &mut payload)? != payload.len() {
+            log::warn!("recording ends inside a frame at byte {}", self.offset);
+            return Ok(None);
+        }
+        let at = self.offset;
+        self.offset += 5 + u64::from(len);
+        Ok(Some(match kind {
+            FRAME_EVENT => Frame::Event(payload),
+            FRAME_TICK => {
+                let word = |i: usize| {
+                    payload
+                        .get(i..i + 8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_le_bytes)
+                };
+                match (payload.len(), word(0), word(8)) {
+                    (8, Some(now), _) => Frame::Tick(now, None),
+                    (16, Some(now), Some(drops)) => Frame::Tick(now, Some(drops)),
+                    _ => bail!("corrupt tick frame at byte {at}"),
+                }
+            }
+            FRAME_K8S => Frame::K8s(Box::new(
+                serde_json::from_slice(&payload)
+                    .with_context(|| format!("pod frame at byte {at}"))?,
+            )),
+            k => bail!("corrupt recording: unknown frame kind {k} at byte {at}"),
+        }))
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// `whoclosed replay FILE`: the verdicts of a recording, as the live session wrote them.
+/// Needs no privilege; writes `close` lines (or table rows) to `out`. `filter`, when given,
+/// replaces the session's own filters (the recording holds every socket's records).
+pub fn replay(
+    path: &Path,
+    format: Format,
+    filter: Option<Filter>,
+    out: impl Write,
+) -> anyhow::Result<u64> {
+    let open = || -> anyhow::Result<_> {
+        let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Reader::open(BufReader::new(f)).with_context(|| path.display().to_string())
+    };
+    // First pass: the pods recorded for each verdict (written when the verdict was made,
+    // so after the tick that made it).
+    let (mut reader, header) = open()?;
+    let mut pods: HashMap<String, K8sEnds> = HashMap::new();
+    while let Some(frame) = reader.next()? {
+        if let Frame::K8s(k) = frame {
+            let k = *k;
+            pods.insert(
+                k.id,
+                K8sEnds {
+                    conn: k.conn,
+                    peer: k.peer,
+                },
+            );
+        }
+    }
+    let (mut reader, _) = open()?;
+    let base = ClockBase {
+        mono0_ns: header.mono0_ns,
+        real0: UNIX_EPOCH
+            + Duration::from_nanos(u64::try_from(header.real0_unix_ns).unwrap_or(u64::MAX)),
+    };
+    let mut table = Table::new(TableConfig {
+        linger_ns: header.linger_ns,
+        max_conns: header.max_conns,
+        ephemeral: header.ephemeral,
+        packet_facts: header.packet_facts,
+        rst_reason_names: header.rst_reason_names.into_iter().collect(),
+    });
+    let recorded = header.filter;
+    let filter = filter.unwrap_or(Filter {
+        ports: recorded.ports,
+        addrs: recorded.addrs,
+        netns: recorded.netns,
+        pid: recorded.pid,
+        comm: recorded.comm,
+    });
+    let mut output = Output::new(out, format, filter, base);
+    output.recorded_k8s = Some(pods);
+    if format == Format::Table {
+        writeln!(output.out, "{}", crate::export::TABLE_HEADER)?;
+    }
+    let mut decode_errors = 0u64;
+    while let Some(frame) = reader.next()? {
+        match frame {
+            Frame::Event(raw) => match event::decode(&raw) {
+                Ok(ev) => output.all(table.on_event(&ev))?,
+                Err(e) => {
+                    decode_errors += 1;
+                    if decode_errors <= 10 {
+                        log::warn!("dropping malformed kernel record: {e}");
+                    }
+                }
+            },
+            Frame::Tick(now, drops) => output.tick(&mut table, now, drops)?,
+            Frame::K8s(_) => {}
+        }
+    }
+    output.all(table.take_all_closed())?;
+    output.out.flush()?;
+    Ok(output.printed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_and_frames_round_trip_and_truncation_ends_cleanly() {
+        let dir = std::env::temp_dir().join(format!("whoclosed-rec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.rec");
+        let cfg = TableConfig {
+            linger_ns: 5,
+            rst_reason_names: [(2, "NO_SOCKET".to_string())].into_iter().collect(),
+            ..TableConfig::default()
+        };
+        let base = ClockBase {
+            mono0_ns: 42,
+            real0: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        };
+        let mut w = Writer::create(&path, base, &cfg, &Filter::default()).unwrap();
+        w.event(&[1, 2, 3]).unwrap();
+        w.tick(99, None).unwrap();
+        w.tick(100, Some(7)).unwrap();
+        w.finish().unwrap();
+        drop(w);
+        let bytes = std::fs::read(&path).unwrap();
+        let (mut r, h) = Reader::open(bytes.as_slice()).unwrap();
+        assert_eq!(h.linger_ns, 5);
+        assert_eq!(h.mono0_ns, 42);
+        assert_eq!(
+            h.rst_reason_names.get(&2).map(String::as_str),
+            Some("NO_SOCKET")
+        );
+        assert!(matches!(r.next(), Ok(Some(Frame::Event(v))) if v == [1, 2, 3]));
+        assert!(matches!(r.next(), Ok(Some(Frame::Tick(99, None)))));
+        assert!(matches!(r.next(), Ok(Some(Frame::Tick(100, Some(7))))));
+        assert!(matches!(r.next(), Ok(None)));
+        // Cut inside the last frame: ends without an error.
+        let cut = &bytes[..bytes.len() - 3];
+        let (mut r, _) = Reader::open(cut).unwrap();
+        assert!(matches!(r.next(), Ok(Some(Frame::Event(_)))));
+        assert!(matches!(r.next(), Ok(Some(Frame::Tick(99, None)))));
+        assert!(matches!(r.next(), Ok(None)));
+        // Not a recording.
+        assert!(Reader::open(&b"{\"v\":1}\n........"[..]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,576 @@
+//! A real `whoclosed agent` (root: it loads eBPF) on a temporary socket, real loopback
+//! connections (one from a process placed in a cgroup named as the kubelet names a pod's),
+//! and the CLI verbs against it: `closes` (JSON and table), `conns`, `explain`, `stats`, their
+//! exit codes; every JSON line validated against docs/schema; a real Prometheus scraping
+//! `--metrics-addr`; SIGTERM; and `replay` of the `--record` file reproducing the verdicts.
+//!
+//! Skips with a reason when not root, unless `WHOCLOSED_E2E=require`.
+// Test code: a failed expectation is meant to stop the test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+mod support;
+use support::{Cleanup, Prometheus, cgroup2_mount, kubelet_layout, spawn_connector};
+
+const UID: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+const CID: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
+const BIN: &str = env!("CARGO_BIN_EXE_whoclosed");
+
+fn require() -> bool {
+    std::env::var("WHOCLOSED_E2E").as_deref() == Ok("require")
+}
+
+fn cli(sock: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--agent")
+        .arg(sock)
+        .output()
+        .expect("run the whoclosed CLI")
+}
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json_lines(o: &Output) -> Vec<Value> {
+    text(o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+struct AgentProc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl AgentProc {
+    fn start(args: &[String]) -> AgentProc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start whoclosed agent");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut a = AgentProc {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !a.seen.iter().any(|l| l.contains("\"type\":\"ready\"")) {
+            match a
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) => a.seen.push(l),
+                Err(_) => {
+                    let _ = a.child.kill();
+                    let mut err = String::new();
+                    if let Some(mut e) = a.child.stderr.take() {
+                        let _ = e.read_to_string(&mut err);
+                    }
+                    panic!("the agent never became ready: {err}");
+                }
+            }
+        }
+        a
+    }
+}
+
+fn abort(c: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a pointer to a linger struct of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER");
+    drop(c);
+}
+
+fn port_of(addr: &Value) -> u16 {
+    addr.as_str()
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn live_agent_answers_the_cli_and_replay_reproduces_it() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(!require(), "the agent test needs root");
+        eprintln!("SKIP agent_api: needs root to load eBPF");
+        return;
+    }
+    let Some(cg2) = cgroup2_mount() else {
+        assert!(!require(), "no cgroup2 mount");
+        eprintln!("SKIP agent_api: no cgroup2 mount");
+        return;
+    };
+    let pid = std::process::id();
+    let dir = std::env::temp_dir().join(format!("whoclosed-agent-{pid}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let host_root = dir.join("host");
+    let mut cleanup = Cleanup {
+        children: Vec::new(),
+        cgroups: Vec::new(),
+        host_root: host_root.clone(),
+    };
+    let leaf = cleanup.mkdirs(
+        &cg2,
+        &format!("whoclosed-agent-test-{pid}/kubepods/burstable/pod{UID}/{CID}"),
+    );
+    kubelet_layout(&host_root, "shop", "web-7f9c-abcde", UID, "app", CID);
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let metrics_port = support::free_port();
+    let sock = dir.join("run/whoclosed.sock");
+    let api_port = support::free_port();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "s3cret-token\n").expect("token file");
+    let rec = dir.join("session.rec");
+    let args: Vec<String> = [
+        "agent",
+        "--linger-ms",
+        "300",
+        "--port",
+        &port.to_string(),
+        "--socket",
+        sock.to_str().unwrap(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics_port}"),
+        "--record",
+        rec.to_str().unwrap(),
+        "--host-root",
+        host_root.to_str().unwrap(),
+        "--proc-root",
+        "/proc",
+        "--node-name",
+        "test-node",
+        "--output-file",
+        dir.join("verdicts.ndjson").to_str().unwrap(),
+        "--api-addr",
+        &format!("127.0.0.1:{api_port}"),
+        "--api-token-file",
+        token_file.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut agent = AgentProc::start(&args);
+    let mode = std::fs::metadata(&sock).expect("socket exists");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    let prom = support::which_prometheus()
+        .ok()
+        .map(|bin| Prometheus::start(&bin, "agent", &format!("127.0.0.1:{metrics_port}")));
+    assert!(prom.is_some() || !require(), "prometheus is not installed");
+
+    // A follower streams the verdicts as they come.
+    let mut follower = Command::new(BIN)
+        .args(["closes", "--follow", "-o", "json", "--agent"])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start closes --follow");
+    let (ftx, frx) = mpsc::channel::<String>();
+    let fout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(fout).lines().map_while(Result::ok) {
+            if ftx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+
+    // A: an orderly close, client first.
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (mut s, _) = listener.accept().expect("accept");
+    let a_port = c.local_addr().expect("addr").port();
+    c.write_all(b"hi").expect("write");
+    let mut buf = [0u8; 2];
+    s.read_exact(&mut buf).expect("read");
+    drop(c);
+    let _ = s.read_to_end(&mut Vec::new());
+    drop(s);
+
+    // B: a client in a pod's cgroup; while it is open, `conns` shows it with its pod.
+    let (child, mut stdin, mut stdout) = spawn_connector(port);
+    let child_pid = child.id();
+    cleanup.children.push(child);
+    std::fs::write(leaf.join("cgroup.procs"), child_pid.to_string()).expect("into the pod");
+    writeln!(stdin, "go").expect("go");
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("child output");
+    assert_eq!(line.trim(), "connected");
+    let (server_b, b_peer) = listener.accept().expect("accept B");
+    std::thread::sleep(Duration::from_millis(200));
+
+    let out = cli(&sock, &["conns", "-o", "json", "--port", &port.to_string()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let conns = json_lines(&out);
+    let client_b = conns
+        .iter()
+        .find(|c| port_of(&c["local"]) == b_peer.port())
+        .unwrap_or_else(|| panic!("B's client socket in conns: {conns:#?}"));
+    assert_eq!(client_b["state"], "ESTABLISHED");
+    assert_eq!(client_b["role"], "client");
+    assert_eq!(client_b["pid"], child_pid);
+    assert_eq!(client_b["k8s"]["pod"], "web-7f9c-abcde");
+    assert!(client_b["age_ms"].as_f64().unwrap() >= 150.0, "{client_b}");
+    assert!(client_b["idle_ms"].as_f64().unwrap() >= 150.0, "{client_b}");
+    let out = cli(&sock, &["conns", "--port", &port.to_string()]);
+    let table = text(&out);
+    assert!(table.lines().next().unwrap().contains("IDLE"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("ESTABLISHED") && l.contains("shop/web-7f9c-abcde")),
+        "{table}"
+    );
+
+    // B ends: the server closes first, then the pod's process exits.
+    drop(server_b);
+    std::thread::sleep(Duration::from_millis(100));
+    writeln!(stdin, "done").expect("done");
+    drop(stdin);
+
+    // C: the client aborts (SO_LINGER 0 sends a RST).
+    let c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (s, _) = listener.accept().expect("accept");
+    let c_port = c.local_addr().expect("addr").port();
+    abort(c);
+    std::thread::sleep(Duration::from_millis(100));
+    drop(s);
+
+    // Six verdicts (two sockets per connection).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let closes = loop {
+        let out = cli(&sock, &["closes", "-o", "json"]);
+        let v = if out.status.code() == Some(0) {
+            json_lines(&out)
+        } else {
+            Vec::new()
+        };
+        if v.len() >= 6 || Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(closes.len(), 6, "{closes:#?}");
+    let validator = support::record_validator();
+    for v in closes.iter().chain(conns.iter()) {
+        let errs = support::schema_errors(&validator, v);
+        assert!(errs.is_empty(), "{v}\n{errs:#?}");
+    }
+    let by_local = |p: u16| {
+        closes
+            .iter()
+            .find(|c| port_of(&c["conn"]["local"]) == p)
+            .unwrap_or_else(|| panic!("no verdict for local port {p}: {closes:#?}"))
+    };
+    let by_remote = |p: u16| {
+        closes
+            .iter()
+            .find(|c| port_of(&c["conn"]["remote"]) == p)
+            .unwrap_or_else(|| panic!("no verdict for remote port {p}: {closes:#?}"))
+    };
+    // A: both ends say the client closed, high confidence.
+    for v in [by_local(a_port), by_remote(a_port)] {
+        assert_eq!(v["verdict"]["closed_by"], "client", "{v}");
+        assert_eq!(v["verdict"]["reason"], "client_close", "{v}");
+        assert_eq!(v["verdict"]["confidence"], "high", "{v}");
+    }
+    // B: the server closed; the client socket is the pod's, and the server socket's peer is.
+    let b_client = by_local(b_peer.port());
+    let b_server = by_remote(b_peer.port());
+    assert_eq!(b_client["verdict"]["closed_by"], "server", "{b_client}");
+    assert_eq!(b_server["verdict"]["closed_by"], "server", "{b_server}");
+    let pod = json!({"node": "test-node", "namespace": "shop", "pod": "web-7f9c-abcde",
+        "container": "app", "pod_uid": UID, "container_id": CID});
+    assert_eq!(b_client["conn"]["k8s"], pod, "{b_client}");
+    assert_eq!(b_server["peer"]["k8s"], pod, "{b_server}");
+    assert!(b_server["conn"].get("k8s").is_none(), "{b_server}");
+    // C: the client's abort.
+    let c_client = by_local(c_port);
+    assert_eq!(c_client["verdict"]["closed_by"], "client", "{c_client}");
+    assert_eq!(c_client["verdict"]["mechanism"], "rst", "{c_client}");
+
+    // The follower saw the same six, as they came.
+    let mut followed = Vec::new();
+    while followed.len() < 6 {
+        match frx.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) => followed.push(serde_json::from_str::<Value>(&l).unwrap()),
+            Err(_) => panic!("the follower got {} lines: {followed:#?}", followed.len()),
+        }
+    }
+    let ids = |v: &[Value]| {
+        let mut ids: Vec<String> = v.iter().map(|c| c["conn"]["id"].to_string()).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&followed), ids(&closes));
+
+    // The TCP API needs the token; two agents' stats are summed (here one agent twice).
+    let http = format!("http://127.0.0.1:{api_port}");
+    let out = Command::new(BIN)
+        .args([
+            "closes",
+            "-o",
+            "json",
+            "--agent",
+            &http,
+            "--token",
+            "s3cret-token",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(ids(&json_lines(&out)), ids(&closes));
+    let out = Command::new(BIN)
+        .args(["closes", "--agent", &http])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{out:?}"
+    );
+    let out = Command::new(BIN)
+        .args(["stats", "-o", "json", "--token", "s3cret-token", "--agent"])
+        .arg(&sock)
+        .args(["--agent", &http])
+        .output()
+        .unwrap();
+    let st: Value = serde_json::from_str(&text(&out)).unwrap();
+    assert_eq!(st["records"], 12, "{st}");
+    assert_eq!(st["agents"].as_object().unwrap().len(), 2, "{st}");
+
+    // Table output.
+    let out = cli(
+        &sock,
+        &[
+            "closes",
+            "--closed-by",
+            "client",
+            "--port",
+            &a_port.to_string(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let table = text(&out);
+    let mut rows = table.lines();
+    let header = rows.next().unwrap();
+    for col in ["TIME", "LOCAL", "REMOTE", "CLOSED_BY", "REASON", "CONF"] {
+        assert!(header.contains(col), "{table}");
+    }
+    let rows: Vec<&str> = rows.collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(
+        rows.iter()
+            .all(|r| r.contains("client_close") && r.contains("high"))
+    );
+    let out = cli(&sock, &["closes", "-o", "wide", "--namespace", "shop"]);
+    let wide = text(&out);
+    assert_eq!(
+        wide.lines().count(),
+        2,
+        "header and B's client socket: {wide}"
+    );
+    assert!(wide.contains("shop/web-7f9c-abcde"), "{wide}");
+
+    // explain.
+    let id = by_local(a_port)["conn"]["id"].as_str().unwrap().to_string();
+    let out = cli(&sock, &["explain", &id]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let ex = text(&out);
+    assert!(
+        ex.contains("closed by client (client_close, high confidence)"),
+        "{ex}"
+    );
+    assert!(ex.contains("ESTABLISHED -> FIN_WAIT1"), "{ex}");
+    assert!(ex.contains("hint: "), "{ex}");
+    let out = cli(&sock, &["explain", &id, "-o", "json"]);
+    assert_eq!(json_lines(&out), vec![by_local(a_port).clone()]);
+
+    // stats.
+    let out = cli(&sock, &["stats", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let st: Value = serde_json::from_str(&text(&out)).unwrap();
+    assert_eq!(st["records"], 6, "{st}");
+    assert_eq!(st["by_closed_by"]["client"], 4, "{st}");
+    assert_eq!(st["by_closed_by"]["server"], 2, "{st}");
+    assert_eq!(st["top_pods"][0]["key"], "shop/web-7f9c-abcde", "{st}");
+    let agent_key = format!("unix:{}", sock.display());
+    assert_eq!(st["agents"][&agent_key]["probe_mode"], "tracepoint", "{st}");
+    let out = cli(&sock, &["stats"]);
+    let t = text(&out);
+    assert!(t.contains("CLOSED_BY") && t.contains("PROBE_MODE"), "{t}");
+
+    // Exit codes.
+    let code = |o: Output| o.status.code();
+    assert_eq!(
+        code(cli(&sock, &["closes", "--closed-by", "middlebox"])),
+        Some(1)
+    );
+    assert_eq!(code(cli(&sock, &["explain", "00000000deadbeef"])), Some(1));
+    assert_eq!(code(cli(&sock, &["closes", "--reason", "bogus"])), Some(2));
+    assert_eq!(code(cli(&dir.join("nothing.sock"), &["closes"])), Some(3));
+    assert_eq!(code(cli(&dir.join("nothing.sock"), &["stats"])), Some(3));
+
+    // A real Prometheus sees the same count.
+    if let Some(prom) = &prom {
+        let got = prom.wait_for("sum(whoclosed_closes_total)", 6.0, Duration::from_secs(60));
+        assert_eq!(got, Some(6.0), "prometheus log:\n{}", prom.log());
+        let got = prom.wait_for(
+            r#"sum(whoclosed_closes_total{closed_by="client",reason="client_close",confidence="high"})"#,
+            2.0,
+            Duration::from_secs(10),
+        );
+        assert_eq!(got, Some(2.0));
+    }
+
+    // SIGTERM: everything flushed, the stats line last, the socket gone.
+    // SAFETY: kill with our own child's pid and a valid signal.
+    unsafe { libc::kill(agent.child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = agent.child.wait().expect("wait");
+    assert!(status.success(), "agent exited with {status}");
+    agent.seen.extend(agent.lines.iter());
+    let live: Vec<Value> = agent
+        .seen
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for v in &live {
+        let errs = support::schema_errors(&validator, v);
+        assert!(errs.is_empty(), "{v}\n{errs:#?}");
+    }
+    assert_eq!(live.first().unwrap()["type"], "ready");
+    assert_eq!(live.last().unwrap()["type"], "stats");
+    assert_eq!(live.last().unwrap()["printed"], 6);
+    assert!(!sock.exists(), "socket removed on exit");
+    // The follower's stream ended with the agent, cleanly.
+    let fstatus = follower.wait().expect("follower exits");
+    assert_eq!(
+        fstatus.code(),
+        Some(0),
+        "closes --follow after the agent stopped"
+    );
+    let live_closes: Vec<&String> = agent
+        .seen
+        .iter()
+        .filter(|l| l.contains("\"type\":\"close\""))
+        .collect();
+    assert_eq!(live_closes.len(), 6);
+    let file = std::fs::read_to_string(dir.join("verdicts.ndjson")).unwrap();
+    assert_eq!(file.lines().collect::<Vec<_>>(), live_closes);
+
+    // replay: the same lines, byte for byte, without the kernel and without privileges
+    // (as nobody, every capability dropped, when setpriv is there).
+    let unprivileged = Command::new("setpriv").arg("--version").output().is_ok();
+    let out = if unprivileged {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--",
+                BIN,
+                "replay",
+                rec.to_str().unwrap(),
+            ])
+            .output()
+            .expect("replay")
+    } else {
+        Command::new(BIN)
+            .args(["replay", rec.to_str().unwrap()])
+            .output()
+            .expect("replay")
+    };
+    assert!(out.status.success(), "{out:?}");
+    let replayed: Vec<String> = text(&out).lines().map(str::to_string).collect();
+    let live_closes: Vec<String> = live_closes.into_iter().cloned().collect();
+    assert_eq!(replayed, live_closes);
+
+    drop(prom);
+    drop(cleanup);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _: PathBuf = dir;
+}
+
+/// Without the capabilities (dropped from the bounding set, so root has none of them), the
+/// error names each missing one instead of "must run as root".
+#[test]
+fn missing_capabilities_are_named() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 || Command::new("setpriv").arg("--version").output().is_err()
+    {
+        assert!(!require(), "needs root and setpriv");
+        eprintln!("SKIP missing_capabilities_are_named: needs root and setpriv");
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args([
+            "--bounding-set",
+            "-bpf,-perfmon,-net_admin,-sys_admin",
+            "--inh-caps",
+            "-all",
+            "--",
+            BIN,
+            "trace",
+        ])
+        .output()
+        .expect("setpriv");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for cap in ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"] {
+        assert!(err.contains(cap), "{cap} not named: {err}");
+    }
+    assert!(!err.contains("must run as root"), "{err}");
+}

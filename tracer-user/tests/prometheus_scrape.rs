@@ -6,7 +6,6 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::{
-    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -14,7 +13,7 @@ use std::{
 use tracer_user::metrics::{Direction, Metrics, router};
 
 mod support;
-use support::{Prometheus, free_port, instant_query, which_prometheus};
+use support::{Prometheus, instant_query, which_prometheus};
 
 #[test]
 fn real_prometheus_scrapes_the_metrics_endpoint() {
@@ -50,40 +49,13 @@ fn real_prometheus_scrapes_the_metrics_endpoint() {
     });
     drop(server); // detached: ends with the test process
 
-    let dir = std::env::temp_dir().join(format!("whoclosed-prom-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: whoclosed\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
-        ),
-    )
-    .expect("write config");
-    let prom_port = free_port();
-    let child = Command::new(prom)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("prometheus.log")).expect("log file"))
-        .spawn()
-        .expect("start prometheus");
-    let prom = Prometheus {
-        child,
-        dir,
-        port: prom_port,
-    };
+    let prom = Prometheus::start(&prom, "scrape", &format!("127.0.0.1:{metrics_port}"));
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let query = r#"sum(whoclosed_closes_total{closed_by="server",reason="server_idle_timeout",confidence="high"})"#;
     let mut got = None;
     while Instant::now() < deadline {
-        got = instant_query(prom_port, query);
+        got = instant_query(prom.port, query);
         if got.is_some() {
             break;
         }
@@ -94,23 +66,23 @@ fn real_prometheus_scrapes_the_metrics_endpoint() {
 
     // The scrape itself succeeded and the other series arrived with the right values.
     assert_eq!(
-        instant_query(prom_port, r#"up{job="whoclosed"}"#),
+        instant_query(prom.port, r#"up{job="whoclosed"}"#),
         Some(1.0)
     );
     assert_eq!(
-        instant_query(prom_port, "sum(whoclosed_closes_total)"),
+        instant_query(prom.port, "sum(whoclosed_closes_total)"),
         Some(4.0)
     );
     assert_eq!(
         instant_query(
-            prom_port,
+            prom.port,
             r#"whoclosed_tcp_resets_total{direction="received"}"#
         ),
         Some(4.0)
     );
     assert_eq!(
         instant_query(
-            prom_port,
+            prom.port,
             r#"whoclosed_probe_info{probe_mode="tracepoint"}"#
         ),
         Some(1.0)
@@ -118,8 +90,8 @@ fn real_prometheus_scrapes_the_metrics_endpoint() {
     // A counter that advances between scrapes is seen advancing.
     metrics.observe_close("server", "server_idle_timeout", "high");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline && instant_query(prom_port, query) != Some(4.0) {
+    while Instant::now() < deadline && instant_query(prom.port, query) != Some(4.0) {
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(instant_query(prom_port, query), Some(4.0));
+    assert_eq!(instant_query(prom.port, query), Some(4.0));
 }

@@ -135,11 +135,10 @@ impl Side {
 
     /// Metrics of one verdict (every verdict, whatever the output filters).
     pub(crate) fn observe(&mut self, c: &Closed) {
-        let label = |v: &dyn erased::Label| v.label();
         self.metrics.observe_close(
-            &label(&c.verdict.closed_by),
+            c.verdict.closed_by.as_str(),
             c.verdict.reason.as_str(),
-            &label(&c.verdict.confidence),
+            c.verdict.confidence.as_str(),
         );
         let (mut sent, mut received) = (0, 0);
         for f in &c.conn.facts {
@@ -254,20 +253,6 @@ fn ms(ns: u64) -> f64 {
 }
 
 /// Serialised labels of the verdict's enums (they serialise as their documented names).
-mod erased {
-    pub trait Label {
-        fn label(&self) -> String;
-    }
-    impl<T: serde::Serialize> Label for T {
-        fn label(&self) -> String {
-            match serde_json::to_value(self) {
-                Ok(serde_json::Value::String(s)) => s,
-                _ => String::new(),
-            }
-        }
-    }
-}
-
 /// One live connection (`/v1/conns`, `docs/schema/v1/conn.schema.json`).
 #[derive(Serialize)]
 struct ConnView<'a> {

@@ -16,6 +16,18 @@ pub enum ClosedBy {
     Unknown,
 }
 
+impl ClosedBy {
+    /// The JSON name (same as the serde form; a test keeps them equal).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClosedBy::Client => "client",
+            ClosedBy::Server => "server",
+            ClosedBy::Middlebox => "middlebox",
+            ClosedBy::Unknown => "unknown",
+        }
+    }
+}
+
 impl From<Role> for ClosedBy {
     fn from(r: Role) -> Self {
         match r {
@@ -49,6 +61,22 @@ pub enum Mechanism {
     None,
 }
 
+impl Mechanism {
+    /// The JSON name (same as the serde form; a test keeps them equal).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::Fin => "fin",
+            Mechanism::Rst => "rst",
+            Mechanism::Timeout => "timeout",
+            Mechanism::GoawayThenFin => "goaway_then_fin",
+            Mechanism::GoawayThenRst => "goaway_then_rst",
+            Mechanism::GoawayThenTimeout => "goaway_then_timeout",
+            Mechanism::PingTimeout => "ping_timeout",
+            Mechanism::None => "none",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Confidence {
@@ -58,6 +86,15 @@ pub enum Confidence {
 }
 
 impl Confidence {
+    /// The JSON name (same as the serde form; a test keeps them equal).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Confidence::Low => "low",
+            Confidence::Medium => "medium",
+            Confidence::High => "high",
+        }
+    }
+
     pub(crate) fn lower(self) -> Self {
         match self {
             Confidence::High => Confidence::Medium,
@@ -425,6 +462,41 @@ pub(super) fn verdict(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `as_str` is the serde name for every variant: the table view and the metrics labels
+    /// use the first, the JSON the second.
+    #[test]
+    fn names_match_the_json_form() {
+        fn json<T: Serialize>(v: T) -> String {
+            serde_json::to_value(v)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        }
+        for c in [
+            ClosedBy::Client,
+            ClosedBy::Server,
+            ClosedBy::Middlebox,
+            ClosedBy::Unknown,
+        ] {
+            assert_eq!(c.as_str(), json(c));
+        }
+        for m in [
+            Mechanism::Fin,
+            Mechanism::Rst,
+            Mechanism::Timeout,
+            Mechanism::GoawayThenFin,
+            Mechanism::GoawayThenRst,
+            Mechanism::GoawayThenTimeout,
+            Mechanism::PingTimeout,
+            Mechanism::None,
+        ] {
+            assert_eq!(m.as_str(), json(m));
+        }
+        for k in [Confidence::Low, Confidence::Medium, Confidence::High] {
+            assert_eq!(k.as_str(), json(k));
+        }
+    }
 
     const ALL_CAUSES: [(Cause, &str); CAUSES] = [
         (Cause::Close, "close"),

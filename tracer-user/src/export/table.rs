@@ -1,7 +1,5 @@
 //! `-o table`: one human-readable line per ended socket.
 
-use serde_json::{Value, json};
-
 use super::{Clock, terminal_safe};
 use crate::conn::Closed;
 
@@ -14,7 +12,6 @@ pub fn close_line(c: &Closed, clock: &Clock) -> String {
         None => ("?".into(), "?".into()),
     };
     let v = &c.verdict;
-    let val = |x: Value| x.as_str().unwrap_or("?").to_string();
     let proc_ = c
         .owner
         .as_ref()
@@ -31,10 +28,10 @@ pub fn close_line(c: &Closed, clock: &Clock) -> String {
         c.conn.role.name(),
         l,
         r,
-        val(json!(v.closed_by)),
+        v.closed_by.as_str(),
         v.reason,
-        val(json!(v.mechanism)),
-        val(json!(v.confidence)),
+        v.mechanism.as_str(),
+        v.confidence.as_str(),
         proc_,
         mbox
     )

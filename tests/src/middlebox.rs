@@ -66,19 +66,9 @@ impl Haproxy {
             bind,
             pid,
         };
-        let want = bind.to_string();
-        let res = wait_until(
-            &format!("haproxy listening on {bind} in {ns}"),
-            Duration::from_secs(10),
-            || {
-                if let Some(st) = h.child.try_wait()? {
-                    bail!("haproxy exited ({st}): {}", h.log());
-                }
-                let out = run_cmd("ip", &["netns", "exec", ns, "ss", "-Hltn"])?;
-                Ok(out.split_whitespace().any(|w| w == want))
-            },
-        );
-        res.with_context(|| h.log())?;
+        let log = h.dir.join("haproxy.log");
+        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        listening(ns, bind, Some(("haproxy", &mut h.child)), &read_log)?;
         Ok(h)
     }
 
@@ -169,19 +159,9 @@ impl Nginx {
             bind,
             pid,
         };
-        let want = bind.to_string();
-        let res = wait_until(
-            &format!("nginx listening on {bind} in {ns}"),
-            Duration::from_secs(10),
-            || {
-                if let Some(st) = n.child.try_wait()? {
-                    bail!("nginx exited ({st}): {}", n.log());
-                }
-                let out = run_cmd("ip", &["netns", "exec", ns, "ss", "-Hltn"])?;
-                Ok(out.split_whitespace().any(|w| w == want))
-            },
-        );
-        res.with_context(|| n.log())?;
+        let dir = n.dir.clone();
+        let read_log = || nginx_log(&dir);
+        listening(ns, bind, Some(("nginx", &mut n.child)), &read_log)?;
         Ok(n)
     }
 
@@ -191,8 +171,7 @@ impl Nginx {
 
     /// Its stderr and error log so far.
     pub fn log(&self) -> String {
-        let r = |f: &str| std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
-        format!("{}{}", r("stderr.log"), r("error.log"))
+        nginx_log(&self.dir)
     }
 }
 
@@ -204,17 +183,40 @@ impl Drop for Nginx {
     }
 }
 
+fn nginx_log(dir: &std::path::Path) -> String {
+    let r = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    format!("{}{}", r("stderr.log"), r("error.log"))
+}
+
 /// Waits until something in `ns` listens on `addr` (TCP).
 pub fn wait_listening(ns: &str, addr: SocketAddr) -> Result<()> {
+    listening(ns, addr, None, &String::new)
+}
+
+/// Waits until something in `ns` listens on `addr`; with a named child process, fails as
+/// soon as it exits instead. Errors carry `log()`.
+fn listening(
+    ns: &str,
+    addr: SocketAddr,
+    mut child: Option<(&str, &mut std::process::Child)>,
+    log: &dyn Fn() -> String,
+) -> Result<()> {
     let want = addr.to_string();
+    let what = child.as_ref().map_or("a listener", |(name, _)| *name);
     wait_until(
-        &format!("a listener on {addr} in {ns}"),
+        &format!("{what} listening on {addr} in {ns}"),
         Duration::from_secs(10),
         || {
+            if let Some((name, c)) = child.as_mut() {
+                if let Some(st) = c.try_wait()? {
+                    bail!("{name} exited ({st}): {}", log());
+                }
+            }
             let out = run_cmd("ip", &["netns", "exec", ns, "ss", "-Hltn"])?;
             Ok(out.split_whitespace().any(|w| w == want))
         },
     )
+    .with_context(log)
 }
 
 /// A throwaway self-signed P-256 certificate and key in `dir` (`cert.pem`, `key.pem`).

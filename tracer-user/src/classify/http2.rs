@@ -2,13 +2,11 @@
 
 use super::{
     Cause, ClosedBy, Confidence, Initiator, Mechanism, Middlebox, MiddleboxKind, Party, Reason,
-    Verdict,
-    ending::{first_ending, retransmits},
-    verdict::verdict,
+    Verdict, ending::first_ending, verdict::verdict,
 };
 use crate::{
     h2::Reason as ErrorCode,
-    timeline::{GoAway, H2Summary, Role, Timeline},
+    timeline::{FactKind, GoAway, H2Summary, Role, Timeline},
 };
 
 /// The debug text names an idle timeout of the connection ("max_idle", "idleTimeout",
@@ -312,7 +310,11 @@ fn keepalive(
             // socket was open here: the path dropped it. (A PING TCP acknowledged but HTTP/2
             // never answered is a stuck server, not the path.)
             let peer_open = t.peer.as_ref().is_some_and(|p| !p.closed_first);
-            if peer_open && retransmits(t) > 0 {
+            let unacked_since_ping = t
+                .facts
+                .iter()
+                .any(|f| f.at_ns >= since && matches!(f.kind, FactKind::Retransmit { .. }));
+            if peer_open && unacked_since_ping {
                 return Some(ping_blackhole(
                     t,
                     since,

@@ -1045,6 +1045,35 @@ fn cases() -> Vec<Case> {
             confidence: K::High,
         },
         Case {
+            name: "a retransmission long before the unanswered PING is no proof the path lost the PING",
+            timeline: with_h2(
+                tl(
+                    Role::Client,
+                    client_open(),
+                    [
+                        vec![f(
+                            500,
+                            FactKind::Retransmit {
+                                state: S::Established,
+                            },
+                        )],
+                        client_fin_after(3_000),
+                    ]
+                    .concat(),
+                    peer(false, false),
+                ),
+                H2Summary {
+                    unanswered_sent_since: Some(1_000),
+                    ..synced(vec![])
+                },
+            ),
+            closed_by: C::Client,
+            reason: "client_keepalive_timeout",
+            initiator: I::Local,
+            mechanism: M::PingTimeout,
+            confidence: K::High,
+        },
+        Case {
             name: "client app gives up on a PING TCP acknowledged but HTTP/2 never answered: stuck server, not the path",
             timeline: with_h2(
                 tl(

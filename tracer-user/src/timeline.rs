@@ -192,6 +192,10 @@ pub struct PeerSummary {
     /// Its addresses are not this socket's reversed: the two were joined by sequence
     /// numbers through address translation (DNAT/SNAT) on the way.
     pub translated: bool,
+    /// When it first sent a FIN, and first received one (egress/ingress hooks), to order
+    /// FINs that crossed on the wire (same clock on both ends).
+    pub fin_sent_ns: Option<u64>,
+    pub fin_received_ns: Option<u64>,
 }
 
 /// How one socket's connection ended, from that socket's point of view: the first

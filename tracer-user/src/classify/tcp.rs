@@ -27,28 +27,54 @@ pub(super) fn classify_tcp(t: &Timeline) -> Verdict {
              check `whoclosed trace --probe-report` for hooks that did not load",
         );
     };
+    let crossed = crossed_fins(t);
+    let ending = match (ending, crossed) {
+        (Ending::LocalFin { .. }, Some(true)) => Ending::RemoteFin,
+        (e, _) => e,
+    };
+    let crossed = crossed.is_some();
     match ending {
-        Ending::LocalFin { exiting } => simultaneous(t, local_fin(t, exiting)),
-        Ending::RemoteFin => simultaneous(t, remote_fin(t)),
+        Ending::LocalFin { exiting } => simultaneous(t, crossed, local_fin(t, exiting)),
+        Ending::RemoteFin => simultaneous(t, crossed, remote_fin(t)),
         Ending::LocalRst { exiting } => local_rst(t, exiting),
         Ending::RemoteRst { ttl, origin } => rst::remote_rst(t, at, ttl, origin),
         Ending::Timeout { errno } => timeout::timeout(t, errno),
     }
 }
 
+/// With the peer socket on this host too: did each end send its FIN before receiving the
+/// other's (the FINs crossed)? Then `Some(peer's was sent first)`, on the one clock both
+/// records share. Each socket alone sees its own FIN first in that case; without this both
+/// would name themselves the initiator.
+fn crossed_fins(t: &Timeline) -> Option<bool> {
+    let first = |pred: fn(&FactKind) -> bool| {
+        t.facts
+            .iter()
+            .filter(|f| pred(&f.kind))
+            .map(|f| f.at_ns)
+            .min()
+    };
+    let sent = first(|k| matches!(k, FactKind::FinSent))?;
+    let received = first(|k| matches!(k, FactKind::FinReceived { .. }))?;
+    let p = t.peer.as_ref()?;
+    let (peer_sent, peer_received) = (p.fin_sent_ns?, p.fin_received_ns?);
+    (sent <= received && peer_sent <= peer_received).then_some(peer_sent < sent)
+}
+
 /// Both ends called close() before either saw the other's FIN (the socket went through
-/// CLOSING): the first FIN on the wire is still named, but neither side's close was a reaction
-/// to the other's, so the verdict is not proof of who decided.
-fn simultaneous(t: &Timeline, mut v: Verdict) -> Verdict {
-    let crossed = t.facts.iter().any(|f| {
-        matches!(
-            f.kind,
-            FactKind::State {
-                to: TcpState::Closing,
-                ..
-            }
-        )
-    });
+/// CLOSING, or both records show it): the first FIN on the wire is still named, but neither
+/// side's close was a reaction to the other's, so the verdict is not proof of who decided.
+fn simultaneous(t: &Timeline, crossed_on_wire: bool, mut v: Verdict) -> Verdict {
+    let crossed = crossed_on_wire
+        || t.facts.iter().any(|f| {
+            matches!(
+                f.kind,
+                FactKind::State {
+                    to: TcpState::Closing,
+                    ..
+                }
+            )
+        });
     if crossed {
         v.confidence = v.confidence.lower();
         v.hint.push_str(

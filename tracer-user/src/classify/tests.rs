@@ -203,6 +203,81 @@ fn cases() -> Vec<Case> {
             confidence: K::Medium,
         },
         Case {
+            name: "FINs crossed on the wire, server view: each end sent before it received, \
+                   the client's sent first (no CLOSING on this socket)",
+            timeline: tl(
+                Role::Server,
+                server_open(),
+                vec![
+                    st_by(100, S::Established, S::FinWait1, false),
+                    f(102, FactKind::FinSent),
+                    f(102, FactKind::FinReceived { ttl: 64 }),
+                    st(103, S::FinWait1, S::FinWait2),
+                    st(104, S::FinWait2, S::Close),
+                ],
+                Some(PeerSummary {
+                    id: "c".into(),
+                    fin_sent_ns: Some(101),
+                    fin_received_ns: Some(103),
+                    ..Default::default()
+                }),
+            ),
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Remote,
+            mechanism: M::Fin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "FINs crossed on the wire, client view: its own FIN was first",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    st_by(100, S::Established, S::FinWait1, false),
+                    f(101, FactKind::FinSent),
+                    f(103, FactKind::FinReceived { ttl: 64 }),
+                    st(103, S::FinWait1, S::Closing),
+                    st(104, S::Closing, S::Close),
+                ],
+                Some(PeerSummary {
+                    id: "s".into(),
+                    fin_sent_ns: Some(102),
+                    fin_received_ns: Some(102),
+                    ..Default::default()
+                }),
+            ),
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::Medium,
+        },
+        Case {
+            name: "peer on this host received our FIN before it sent its own: not crossed",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    st_by(100, S::Established, S::FinWait1, false),
+                    f(101, FactKind::FinSent),
+                    f(105, FactKind::FinReceived { ttl: 64 }),
+                    st(106, S::FinWait2, S::Close),
+                ],
+                Some(PeerSummary {
+                    id: "s".into(),
+                    fin_sent_ns: Some(104),
+                    fin_received_ns: Some(102),
+                    ..Default::default()
+                }),
+            ),
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::High,
+        },
+        Case {
             name: "server FIN first, seen on the client, packets unavailable (states only)",
             timeline: tl(
                 Role::Client,

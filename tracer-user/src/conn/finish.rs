@@ -2,7 +2,7 @@
 //! resolved (peer, RST origins) and the classifier gives its verdict.
 
 use super::{
-    Closed, Table,
+    Closed, Conn, Table,
     h2::{H2State, H2Track},
 };
 use crate::{
@@ -11,9 +11,14 @@ use crate::{
 };
 
 impl Table {
-    /// Connections whose linger period is over at `now_ns` (CLOCK_MONOTONIC).
+    /// Connections whose linger period is over at `now_ns` (CLOCK_MONOTONIC), after every
+    /// record retired since the last call (address reuse).
     pub fn take_due(&mut self, now_ns: u64) -> Vec<Closed> {
         let linger = self.cfg.linger_ns;
+        // Retired records first: they closed (or were last seen) before anything that
+        // lingers now at their address, and their peers may look them up.
+        let retired = std::mem::take(&mut self.retired);
+        let mut out: Vec<Closed> = retired.into_iter().map(|c| self.judge(c)).collect();
         let mut due: Vec<(u64, u64)> = self
             .conns
             .values()
@@ -26,8 +31,11 @@ impl Table {
         // Oldest first: a socket's verdict may rest on its peer's resolved record (which RST
         // reached it, from whom), and the peer that closed first is resolved first.
         due.sort_unstable();
-        let due = due.into_iter().map(|(_, sk)| sk);
-        let mut out: Vec<Closed> = due.filter_map(|sk| self.finish(sk)).collect();
+        for (_, sk) in due {
+            if let Some(c) = self.take(sk) {
+                out.push(self.judge(c));
+            }
+        }
         out.sort_by_key(|c| c.conn.closed_ns);
         out
     }
@@ -37,12 +45,38 @@ impl Table {
         self.take_due(u64::MAX)
     }
 
-    /// Removes a connection, resolves cross-socket evidence and classifies it.
-    pub(super) fn finish(&mut self, sk: u64) -> Option<Closed> {
-        let mut conn = self.conns.remove(&sk)?;
+    /// Removes `sk`'s record from the live table and its tuple index.
+    fn take(&mut self, sk: u64) -> Option<Conn> {
+        let conn = self.conns.remove(&sk)?;
         if let Some(t) = conn.tuple {
             self.unindex(sk, t);
         }
+        Some(conn)
+    }
+
+    /// The record at `sk` belongs to a socket that is gone: another socket now has its
+    /// address. It is judged at the next [`Self::take_due`] (after the drop total is read).
+    /// If its CLOSE was never seen, its end was lost and its verdict says so. Returns a
+    /// verdict at once only when more retired records wait than the table may hold; that
+    /// one is marked as having lost events, since whether it did is not yet known.
+    pub(super) fn retire(&mut self, sk: u64) -> Option<Closed> {
+        let mut conn = self.take(sk)?;
+        if conn.closed_ns.is_none() {
+            conn.gap = true;
+            conn.closed_ns = Some(conn.last_ns.max(conn.first_ns));
+            self.stats.ends_unseen += 1;
+        }
+        self.retired.push(conn);
+        if self.retired.len() <= self.cfg.max_conns {
+            return None;
+        }
+        let mut oldest = self.retired.remove(0);
+        oldest.gap = true;
+        Some(self.judge(oldest))
+    }
+
+    /// Resolves cross-socket evidence for a record out of the table and classifies it.
+    fn judge(&mut self, mut conn: Conn) -> Closed {
         let found = self.find_peer(&conn);
         let peer_closed_ns = found.as_ref().and_then(|(_, c)| *c);
         let peer = found.map(|(mut s, closed)| {
@@ -63,7 +97,8 @@ impl Table {
         let until = conn
             .closed_ns
             .map_or(u64::MAX, |c| c.saturating_add(self.cfg.linger_ns));
-        let events_lost = conn.facts_dropped > 0 || self.drops_during(conn.first_ns, until);
+        let events_lost =
+            conn.gap || conn.facts_dropped > 0 || self.drops_during(conn.first_ns, until);
         let timeline = Timeline {
             role: conn.role,
             role_inferred: conn.role_inferred,
@@ -81,12 +116,12 @@ impl Table {
         self.stats.conns_closed += 1;
         self.stats.facts_dropped += u64::from(conn.facts_dropped);
         let owner = conn.owner();
-        Some(Closed {
+        Closed {
             conn,
             verdict,
             peer,
             owner,
-        })
+        }
     }
 }
 

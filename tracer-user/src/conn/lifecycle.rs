@@ -3,12 +3,12 @@
 
 use super::{Closed, Conn, Table};
 use crate::{
-    event::{Event, TcpState},
+    event::{Event, EventKind, TcpState, Tuple},
     timeline::{FactKind, Role},
 };
 
 impl Table {
-    /// Creates the connection for `sk`, first finishing any older one at the same address
+    /// Creates the connection for `sk`, first retiring any older one at the same address
     /// (the kernel reuses freed socket memory).
     pub(super) fn open(
         &mut self,
@@ -17,11 +17,7 @@ impl Table {
         preexisting: bool,
         out: &mut Vec<Closed>,
     ) -> bool {
-        if self.conns.contains_key(&ev.skaddr) {
-            if let Some(c) = self.finish(ev.skaddr) {
-                out.push(c);
-            }
-        }
+        out.extend(self.retire(ev.skaddr));
         // A new connection at a refused socket's address is a new chance for it.
         self.refused.remove(&ev.skaddr);
         if self.conns.len() >= self.cfg.max_conns {
@@ -42,6 +38,33 @@ impl Table {
         self.conns.insert(ev.skaddr, conn);
         self.stats.conns_opened += 1;
         true
+    }
+
+    /// A state change of `ev.skaddr` whose addresses are not those of the record there
+    /// comes from another socket at a reused address: the first socket's CLOSE and the
+    /// second's opening were both lost (a full ring buffer). Merging them would make one
+    /// record of two sockets; the old one is retired with its end unseen and the event opens
+    /// a record met mid-life whose start is unseen too. Only state changes are compared:
+    /// they carry the socket's own addresses, packets may carry translated ones.
+    pub(super) fn split_if_other_socket(&mut self, ev: &Event, out: &mut Vec<Closed>) {
+        let (Some(t), &EventKind::State { old, new }) = (ev.tuple, &ev.kind) else {
+            return;
+        };
+        let other = self.conns.get(&ev.skaddr).is_some_and(|c| {
+            c.state_tuple
+                .is_some_and(|was| was.is_complete() && t.is_complete() && was != t)
+        });
+        if !other {
+            return;
+        }
+        out.extend(self.retire(ev.skaddr));
+        // A birth event opens the new record itself; anything else meets it mid-life.
+        let birth = old == TcpState::Listen || new == TcpState::SynSent || new == TcpState::Listen;
+        if !birth && self.ensure(ev, out) {
+            if let Some(c) = self.conns.get_mut(&ev.skaddr) {
+                c.gap = true;
+            }
+        }
     }
 
     /// Makes sure a connection exists for an event about an already-open socket.
@@ -71,9 +94,7 @@ impl Table {
             return; // the end of a connection the full table refused
         }
         if new == TcpState::Listen {
-            if let Some(c) = self.finish(sk) {
-                out.push(c);
-            }
+            out.extend(self.retire(sk));
             self.listeners.insert(sk);
             return;
         }
@@ -98,6 +119,9 @@ impl Table {
             return;
         };
         c.state = new;
+        if let Some(t) = ev.tuple.filter(Tuple::is_complete) {
+            c.state_tuple = Some(t);
+        }
         // PF_EXITING is the current task's. A transition to CLOSE may run in softirq for
         // another socket (on loopback a dying peer's RST is processed in the peer's context)
         // or from a timer: the flag is this socket's only with its owner's pid.

@@ -89,11 +89,18 @@ pub struct TableStats {
     /// Sent RSTs pushed out of the provenance log by its cap while still recent: a RST
     /// received around then can no longer be proven "not sent by the peer".
     pub rst_log_evictions: u64,
+    /// Sockets whose end was never seen: their address was reused (or used by a socket with
+    /// other addresses) while their record was still open, so their CLOSE was lost.
+    pub ends_unseen: u64,
 }
 
 pub struct Table {
     cfg: TableConfig,
     conns: HashMap<u64, Conn>,
+    /// Records taken out of `conns` because their address was reused: judged at the next
+    /// [`Table::take_due`], after the ring-buffer drop total has been read, never before
+    /// (a verdict given at once could not know whether its events were lost meanwhile).
+    retired: Vec<Conn>,
     by_tuple: HashMap<Tuple, Vec<u64>>,
     listeners: HashSet<u64>,
     /// Sockets refused because the table was full: their later events are ignored until
@@ -132,6 +139,7 @@ impl Table {
         Table {
             cfg,
             conns: HashMap::new(),
+            retired: Vec::new(),
             by_tuple: HashMap::new(),
             listeners: HashSet::new(),
             refused: HashSet::new(),
@@ -202,10 +210,12 @@ impl Table {
         self.conns.values().map(|c| (c, c.last_ns.max(c.first_ns)))
     }
 
-    /// Feeds one event; returns connections that had to be finished early (address reuse).
+    /// Feeds one event. Returns connections that had to be judged at once: only when more
+    /// reused-address records wait than the table may hold (see [`Table::take_due`]).
     pub fn on_event(&mut self, ev: &Event) -> Vec<Closed> {
         self.stats.events += 1;
         let mut out = Vec::new();
+        self.split_if_other_socket(ev, &mut out);
         match ev.kind {
             EventKind::State { old, new } => self.on_state(ev, old, new, &mut out),
             EventKind::Packet(p) => self.on_packet(ev, &p),

@@ -16,6 +16,9 @@ pub struct Conn {
     pub id: String,
     pub skaddr: u64,
     pub tuple: Option<Tuple>,
+    /// The addresses the socket's own state changes carry (packets may carry translated
+    /// ones, e.g. after OUTPUT-chain DNAT): to tell a reused address from the same socket.
+    pub(super) state_tuple: Option<Tuple>,
     pub netns: Option<u32>,
     pub role: Role,
     pub role_inferred: bool,
@@ -26,6 +29,10 @@ pub struct Conn {
     pub state: TcpState,
     pub facts: Vec<Fact>,
     pub facts_dropped: u32,
+    /// Part of this socket's life was certainly not seen: its end (the address was reused
+    /// before its CLOSE arrived) or its start (another socket's events at its address).
+    /// Like lost facts, it lowers the verdict's confidence.
+    pub gap: bool,
     pub ttl_baseline: Option<u8>,
     pub egress_seq0: Option<u32>,
     pub ingress_seq0: Option<u32>,
@@ -53,6 +60,7 @@ impl Conn {
             id: make_id(skaddr, at_ns),
             skaddr,
             tuple: None,
+            state_tuple: None,
             netns: None,
             role,
             role_inferred: preexisting,
@@ -63,6 +71,7 @@ impl Conn {
             state: TcpState::Close,
             facts: Vec::new(),
             facts_dropped: 0,
+            gap: false,
             ttl_baseline: None,
             egress_seq0: None,
             ingress_seq0: None,
@@ -81,6 +90,15 @@ impl Conn {
         }
         self.facts.push(Fact { at_ns, kind });
         Some(self.facts.len() - 1)
+    }
+
+    /// Time of the first fact matching `pred`.
+    pub(super) fn first_at(&self, pred: impl Fn(&FactKind) -> bool) -> Option<u64> {
+        self.facts
+            .iter()
+            .filter(|f| pred(&f.kind))
+            .map(|f| f.at_ns)
+            .min()
     }
 
     pub(super) fn has(&self, pred: impl Fn(&FactKind) -> bool) -> bool {
@@ -152,6 +170,8 @@ impl Conn {
                 } => Some(f.at_ns),
                 _ => None,
             }),
+            fin_sent_ns: self.first_at(|k| matches!(k, FactKind::FinSent)),
+            fin_received_ns: self.first_at(|k| matches!(k, FactKind::FinReceived { .. })),
             id: self.id.clone(),
             pid: owner.as_ref().map(|o| o.0),
             comm: owner.map(|o| o.1),

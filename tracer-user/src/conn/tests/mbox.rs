@@ -393,9 +393,18 @@ fn peer_reset_by_a_middlebox_passes_it_on_when_judged_out_of_turn() {
     ] {
         tbl.on_event(&ev);
     }
-    // The server socket's memory is reused at once: it is judged now, the client lingers.
+    // The server socket's memory is reused at once: it is judged at the next tick, before
+    // the client's linger is over.
     let reused = tuple("10.9.2.2:8080", "10.9.1.9:41000");
-    let early = tbl.on_event(&state(1060 * MS, p.s, reused, Listen, SynRecv));
+    assert!(
+        tbl.on_event(&state(1060 * MS, p.s, reused, Listen, SynRecv))
+            .is_empty()
+    );
+    let early = tbl.take_due(1100 * MS);
+    assert!(
+        early.iter().all(|c| c.conn.skaddr != p.c),
+        "the client lingers"
+    );
     let v = verdict_of(&early, p.s);
     assert_eq!(
         (v.closed_by, v.reason.as_str(), v.confidence),

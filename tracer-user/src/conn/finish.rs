@@ -17,8 +17,11 @@ impl Table {
         let linger = self.cfg.linger_ns;
         // Retired records first: they closed (or were last seen) before anything that
         // lingers now at their address, and their peers may look them up.
-        let retired = std::mem::take(&mut self.retired);
-        let mut out: Vec<Closed> = retired.into_iter().map(|c| self.judge(c)).collect();
+        // One at a time: the ones still waiting stay visible to the peer lookup.
+        let mut out: Vec<Closed> = Vec::new();
+        while let Some(c) = self.retired.pop_front() {
+            out.push(self.judge(c));
+        }
         let mut due: Vec<(u64, u64)> = self
             .conns
             .values()
@@ -66,11 +69,11 @@ impl Table {
             conn.closed_ns = Some(conn.last_ns.max(conn.first_ns));
             self.stats.ends_unseen += 1;
         }
-        self.retired.push(conn);
+        self.retired.push_back(conn);
         if self.retired.len() <= self.cfg.max_conns {
             return None;
         }
-        let mut oldest = self.retired.remove(0);
+        let mut oldest = self.retired.pop_front()?;
         oldest.gap = true;
         Some(self.judge(oldest))
     }
@@ -99,10 +102,12 @@ impl Table {
             .map_or(u64::MAX, |c| c.saturating_add(self.cfg.linger_ns));
         let events_lost =
             conn.gap || conn.facts_dropped > 0 || self.drops_during(conn.first_ns, until);
+        // The facts move into the timeline and back: no copy of every fact (and its process
+        // name) per verdict.
         let timeline = Timeline {
             role: conn.role,
             role_inferred: conn.role_inferred,
-            facts: conn.facts.clone(),
+            facts: std::mem::take(&mut conn.facts),
             peer: peer.clone(),
             ttl_baseline: conn.ttl_baseline,
             h2: conn.h2.as_ref().map(h2_summary),
@@ -111,6 +116,7 @@ impl Table {
             proxy,
         };
         let verdict = classify::classify(&timeline);
+        conn.facts = timeline.facts;
         self.settle_leg(&conn, &own_ended);
         self.remember(&conn);
         self.stats.conns_closed += 1;

@@ -51,10 +51,16 @@ impl Table {
         }
         let want = t.reversed();
         let mut unsure: Vec<(PeerSummary, Option<u64>)> = Vec::new();
-        for sk in self.by_tuple.get(&want).into_iter().flatten() {
-            let Some(p) = self.conns.get(sk) else {
-                continue;
-            };
+        // Live records, and records retired (address reused) but not judged yet: in one
+        // take_due the two ends of a connection can both be retired, in either order.
+        let live = self
+            .by_tuple
+            .get(&want)
+            .into_iter()
+            .flatten()
+            .filter_map(|sk| self.conns.get(sk));
+        let retired = self.retired.iter().filter(|r| r.tuple == Some(want));
+        for p in live.chain(retired) {
             if p.skaddr == conn.skaddr {
                 continue;
             }
@@ -64,7 +70,8 @@ impl Table {
                 None => unsure.push((self.live_summary(p, conn), p.closed_ns)),
             }
         }
-        for r in self.recent.iter().rev().filter(|r| r.tuple == want) {
+        let serials = self.recent_by_tuple.get(&want).into_iter().flatten().rev();
+        for r in serials.filter_map(|&serial| self.recent_at(serial)) {
             match compatible(conn, r.egress_seq0, r.ingress_seq0) {
                 Some(true) => return Some((r.summary.clone(), r.closed_ns)),
                 Some(false) => {}
@@ -92,12 +99,22 @@ impl Table {
                 return Some((self.live_summary(p, conn), p.closed_ns));
             }
         }
-        let serial = *self.recent_seq.get(&key)?;
+        if let Some(p) = self.retired.iter().find(|p| {
+            p.skaddr != conn.skaddr && (p.egress_seq0, p.ingress_seq0) == (Some(key.0), Some(key.1))
+        }) {
+            return Some((self.live_summary(p, conn), p.closed_ns));
+        }
+        let r = self.recent_at(*self.recent_seq.get(&key)?)?;
+        (r.summary.id != conn.id).then(|| (r.summary.clone(), r.closed_ns))
+    }
+
+    /// The entry of the recent log with this serial, if still there.
+    fn recent_at(&self, serial: u64) -> Option<&Recent> {
         let front = self.recent.front()?.serial;
         let r = self
             .recent
             .get(usize::try_from(serial.checked_sub(front)?).ok()?)?;
-        (r.serial == serial && r.summary.id != conn.id).then(|| (r.summary.clone(), r.closed_ns))
+        (r.serial == serial).then_some(r)
     }
 
     /// The summary of a peer still in the table (lingering, or finished out of turn because
@@ -127,6 +144,7 @@ impl Table {
         if let (Some(e), Some(i)) = (conn.egress_seq0, conn.ingress_seq0) {
             self.recent_seq.insert((e, i), serial);
         }
+        self.recent_by_tuple.entry(t).or_default().push_back(serial);
         self.recent.push_back(Recent {
             serial,
             at_ns: at,
@@ -146,6 +164,15 @@ impl Table {
                 if let (Some(e), Some(i)) = (r.egress_seq0, r.ingress_seq0) {
                     if self.recent_seq.get(&(e, i)) == Some(&r.serial) {
                         self.recent_seq.remove(&(e, i));
+                    }
+                }
+                // The oldest entry of the log is the oldest of its tuple too.
+                if let Some(q) = self.recent_by_tuple.get_mut(&r.tuple) {
+                    if q.front() == Some(&r.serial) {
+                        q.pop_front();
+                    }
+                    if q.is_empty() {
+                        self.recent_by_tuple.remove(&r.tuple);
                     }
                 }
             }

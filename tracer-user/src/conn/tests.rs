@@ -1143,3 +1143,82 @@ fn listener_that_connects_after_a_lost_close_still_gets_a_verdict() {
     assert_eq!(closed.len(), 1, "{closed:#?}");
     assert!(t.is_empty());
 }
+
+/// The recent log's tuple index follows the log: bounded with it, and every entry in it.
+#[test]
+fn recent_tuple_index_stays_in_step_with_the_log() {
+    use TcpState::*;
+    let mut tbl = Table::new(TableConfig {
+        linger_ns: 0,
+        ..TableConfig::default()
+    });
+    let n = MAX_LOG as u64 + 3000;
+    for i in 0..n {
+        // 50 distinct tuples, reused over and over (ports recycle under churn).
+        let t = tuple(&format!("127.0.0.1:{}", 40000 + i % 50), "127.0.0.1:80");
+        tbl.on_event(&state(i * 10, 0x1000 + i, t, Close, SynSent));
+        tbl.on_event(&state(i * 10 + 1, 0x1000 + i, t, SynSent, Established));
+        tbl.on_event(&state(i * 10 + 2, 0x1000 + i, t, Established, Close));
+        tbl.take_due(i * 10 + 3);
+    }
+    let indexed: usize = tbl.recent_by_tuple.values().map(|q| q.len()).sum();
+    assert_eq!(indexed, tbl.recent.len());
+    assert!(tbl.recent.len() <= MAX_LOG);
+    assert_eq!(tbl.recent_by_tuple.len(), 50);
+}
+
+/// Both ends of a connection retired in one tick (both addresses reused before their
+/// linger ended): each still finds the other.
+#[test]
+fn both_ends_retired_in_one_tick_find_each_other() {
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let p = Pair {
+        c: 0xc1,
+        s: 0x51,
+        ct: tuple("127.0.0.1:43012", "127.0.0.1:8080"),
+        st: tuple("127.0.0.1:8080", "127.0.0.1:43012"),
+        cisn: 1000,
+        sisn: 9000,
+    };
+    handshake(&mut tbl, &p, (1, 1));
+    for ev in [
+        state(10, p.c, p.ct, Established, FinWait1),
+        pkt(11, p.c, p.ct, Dir::Egress, FIN | ACK, p.cisn + 1, 64),
+        pkt(12, p.s, p.st, Dir::Ingress, FIN | ACK, p.cisn + 1, 64),
+        state(12, p.s, p.st, Established, CloseWait),
+        state(13, p.s, p.st, CloseWait, LastAck),
+        pkt(13, p.s, p.st, Dir::Egress, FIN | ACK, p.sisn + 1, 64),
+        pkt(14, p.c, p.ct, Dir::Ingress, FIN | ACK, p.sisn + 1, 64),
+        state(14, p.c, p.ct, FinWait2, Close),
+        state(15, p.s, p.st, LastAck, Close),
+        // The server's address first, then the client's, go to new sockets.
+        state(
+            16,
+            p.s,
+            tuple("127.0.0.1:8080", "127.0.0.1:43020"),
+            Listen,
+            SynRecv,
+        ),
+        state(
+            17,
+            p.c,
+            tuple("127.0.0.1:43030", "127.0.0.1:8080"),
+            Close,
+            SynSent,
+        ),
+    ] {
+        tbl.on_event(&ev);
+    }
+    let out = tbl.take_due(18);
+    assert_eq!(out.len(), 2, "{out:?}");
+    for c in &out {
+        assert!(
+            c.peer.is_some(),
+            "no peer for {:?}: {:#?}",
+            c.conn.tuple,
+            c.verdict
+        );
+        assert_eq!(c.verdict.reason, "client_close", "{:#?}", c.verdict);
+    }
+}

@@ -104,6 +104,9 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     }
     // SAFETY: `sk` is a context field; its value (the socket address) is only recorded.
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk } as u64;
+    if tcp_flags & tcp_flag::RST == 0 && not_a_connection(ctx) {
+        return None;
+    }
 
     let dir_bit: u8 = if ingress { seen::INGRESS } else { seen::EGRESS };
     let mut evflags: u8 = if ingress { flag::INGRESS } else { 0 };
@@ -154,6 +157,25 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     Some(())
 }
 
+/// A listener (handshake segments are filtered against it), a request socket or a
+/// TIME_WAIT socket: none is a connection the agent tracks, and their segments were
+/// decoded only to be thrown away (a record, and a per-socket map entry, per handshake and
+/// per final ACK). RSTs are still recorded by the caller: every RST that leaves this host is
+/// provenance for the one that arrives.
+#[inline(always)]
+fn not_a_connection(ctx: &SkBuffContext) -> bool {
+    // SAFETY: reading a context field.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: non-null socket pointer from the context; `state` is readable for every kind
+    // of socket the hook can see.
+    let state = unsafe { (*sk).state };
+    // TCP_TIME_WAIT 6, TCP_LISTEN 10, TCP_NEW_SYN_RECV 12.
+    matches!(state, 6 | 10 | 12)
+}
+
 /// TCP states in which the receive checks of RFC 9293 §3.10.7.4 and RFC 5961 apply to a
 /// full socket: ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING.
 #[inline(always)]
@@ -171,8 +193,18 @@ fn seq_before(a: u32, b: u32) -> bool {
 /// - RST: only at exactly `rcv_nxt` (RFC 5961 §3.2; an in-window RST elsewhere gets a
 ///   challenge ACK and is ignored), or `rcv_nxt - 1` once the peer's FIN was taken;
 /// - SYN on a synchronised connection: ignored (RFC 5961 §4);
-/// - otherwise the ACK must be set and acknowledge nothing unsent and nothing older than a
-///   window (RFC 5961 §5), and the sequence range must lie within a window of `rcv_nxt`.
+/// - otherwise the ACK must be set and acknowledge nothing older than a window (RFC 5961
+///   §5) and nothing beyond both `snd_nxt` and a window past `snd_una` (see below), and the
+///   sequence range must lie within a window of `rcv_nxt`.
+///
+/// On loopback and veth the peer's answer can reach this hook while the sender is still
+/// inside `tcp_write_xmit`: the transmit raises the receive softirq, which runs when the
+/// sender re-enables bottom halves, before `tcp_event_new_data_sent` advances `snd_nxt`.
+/// The ACK of the segment just sent then acknowledges "unsent" data; the socket is owned by
+/// the sender, so TCP queues the segment to its backlog and accepts it after `snd_nxt`
+/// moved. Rejecting on `snd_nxt` alone counted about two benign segments per same-host
+/// connection as `unaccepted` and hid their payload from the HTTP/2 walker. Data in flight
+/// never exceeds a window past `snd_una`, so that is the upper bound used as well.
 ///
 /// The window is the largest one this host can advertise (`Config::rcv_wnd_max`), since
 /// the socket's current window is not readable here; an in-window segment ahead of
@@ -210,7 +242,8 @@ fn acceptable(ctx: &SkBuffContext, th: &[u8; 20], payload_len: u32) -> bool {
     }
     let wnd = rcv_wnd_max();
     let ack = u32::from_be_bytes([th[8], th[9], th[10], th[11]]);
-    if seq_before(snd_nxt, ack) || seq_before(ack, snd_una.wrapping_sub(wnd)) {
+    let unsent = seq_before(snd_nxt, ack) && seq_before(snd_una.wrapping_add(wnd), ack);
+    if unsent || seq_before(ack, snd_una.wrapping_sub(wnd)) {
         return false;
     }
     let fin = (flags & tcp_flag::FIN) as u32;

@@ -75,14 +75,20 @@ pub struct Config {
     /// Largest receive window a socket on this host can advertise, in bytes (from the
     /// `tcp_rmem` / `rmem_max` sysctls); 0: [`DEFAULT_RCV_WND_MAX`]. The ingress hook treats a
     /// segment further than this from the socket's `rcv_nxt` as one TCP will not accept.
-    /// Also rounds the struct up to a multiple of 8 bytes (212 -> 216).
     pub rcv_wnd_max: u32,
+    /// Ring-buffer fill level, in bytes, at which a record wakes the agent; below it records
+    /// are submitted with `BPF_RB_NO_WAKEUP` and the agent drains on its own short timer.
+    /// 0: wake on every record the kernel's default policy would (no batching).
+    pub wakeup_bytes: u32,
+    /// Keeps the struct a multiple of 8 bytes; always 0.
+    pub reserved: u32,
 }
 
 const _: () = {
     use core::mem::{offset_of, size_of};
     assert!(size_of::<TpLayout>() == field::COUNT * 2);
-    assert!(size_of::<Config>() == tp::COUNT * field::COUNT * 2 + 24);
+    assert!(size_of::<Config>() == tp::COUNT * field::COUNT * 2 + 32);
+    assert!(size_of::<Config>().is_multiple_of(8));
     assert!(offset_of!(Config, off_sk_net) == tp::COUNT * field::COUNT * 2);
     assert!(offset_of!(Config, off_task_flags) == tp::COUNT * field::COUNT * 2 + 16);
 };
@@ -97,6 +103,8 @@ impl Config {
             off_v6_daddr: u32::MAX,
             off_task_flags: u32::MAX,
             rcv_wnd_max: 0,
+            wakeup_bytes: 0,
+            reserved: 0,
         }
     }
 }

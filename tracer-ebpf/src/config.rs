@@ -90,3 +90,10 @@ pub fn rcv_wnd_max() -> u32 {
         w
     }
 }
+
+/// Fill level at which a record wakes the agent (0: every record may, the kernel's default).
+#[inline(always)]
+pub fn wakeup_bytes() -> u64 {
+    // SAFETY: plain static read.
+    u64::from(unsafe { read_volatile(&CONFIG.wakeup_bytes) })
+}

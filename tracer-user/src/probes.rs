@@ -122,6 +122,17 @@ fn err_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The ring-buffer fill level at which the kernel wakes the agent: a quarter of the buffer.
+/// Below it the agent drains on its timer ([`DRAIN_INTERVAL`]), so a wake-up comes once per
+/// batch, and a burst still leaves three quarters of the buffer to absorb the agent's
+/// reaction time.
+pub fn wakeup_bytes(ringbuf_bytes: u32) -> u32 {
+    ringbuf_bytes / 4
+}
+
+/// How often the agent drains the ring buffer without being woken.
+pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Loads the object and attaches every hook the kernel allows, in named steps: check the
 /// options, read the tracepoint layouts, read kernel BTF (once), load the object, attach
 /// the tracepoints, the tcp_close hook and the packet hooks, then report.
@@ -137,6 +148,7 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
     let offsets = btf.as_ref().map(KernelBtf::offsets).unwrap_or_default();
     offsets.apply(&mut config);
     config.rcv_wnd_max = kernel::rcv_wnd_max().unwrap_or(0);
+    config.wakeup_bytes = wakeup_bytes(opts.ringbuf_bytes);
     let rst_reason_names = btf
         .as_ref()
         .map(KernelBtf::rst_reason_names)

@@ -187,6 +187,8 @@ impl<W: Write> Output<W> {
 
 /// Ring-buffer records read per wake-up before the loop serves its other sources.
 const DRAIN_BATCH: usize = 4096;
+/// Batches read per drain tick at most (the kernel's wake-up covers a faster fill).
+const DRAIN_TICK_BATCHES: usize = 16;
 /// How long the shutdown flush keeps reading a ring buffer that refills.
 const FLUSH_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -354,6 +356,9 @@ async fn event_loop<W: Write>(
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut drops_tick = tokio::time::interval(Duration::from_secs(1));
+    // The kernel wakes us only when the buffer is a quarter full; anything less is read here.
+    let mut drain_tick = tokio::time::interval(crate::probes::DRAIN_INTERVAL);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!("tracing; Ctrl-C or SIGTERM to stop");
     loop {
         tokio::select! {
@@ -374,6 +379,15 @@ async fn event_loop<W: Write>(
                 let mut guard = guard?;
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
+            }
+            _ = drain_tick.tick() => {
+                // A bounded number of batches, then the other branches get their turn.
+                let inner = rb.get_mut();
+                for _ in 0..DRAIN_TICK_BATCHES {
+                    if !state.drain(inner, out, DRAIN_BATCH)? {
+                        break;
+                    }
+                }
             }
             _ = tick.tick() => {
                 let now = export::monotonic_ns();

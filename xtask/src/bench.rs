@@ -39,6 +39,8 @@ struct Phase {
     secs: f64,
     tracer_cpu: Option<f64>,
     bpf_ns: Option<u64>,
+    /// Per program that ran during the phase: name, runs, run time (ns).
+    programs: Vec<(String, u64, u64)>,
 }
 
 impl Phase {
@@ -108,8 +110,16 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / if hz > 0 { hz as f64 } else { 100.0 })
 }
 
-/// run_time_ns per loaded BPF program id (needs kernel.bpf_stats_enabled=1).
-fn bpf_run_times() -> HashMap<u64, u64> {
+/// Run time and run count of one loaded BPF program.
+#[derive(Clone, Default)]
+struct ProgStats {
+    name: String,
+    run_time_ns: u64,
+    run_cnt: u64,
+}
+
+/// Run statistics per loaded BPF program id (needs kernel.bpf_stats_enabled=1).
+fn bpf_run_times() -> HashMap<u64, ProgStats> {
     let mut out = HashMap::new();
     let Ok(o) = Command::new("bpftool")
         .args(["prog", "show", "--json"])
@@ -122,7 +132,14 @@ fn bpf_run_times() -> HashMap<u64, u64> {
     };
     for p in v.as_array().into_iter().flatten() {
         if let Some(id) = p["id"].as_u64() {
-            out.insert(id, p["run_time_ns"].as_u64().unwrap_or(0));
+            out.insert(
+                id,
+                ProgStats {
+                    name: p["name"].as_str().unwrap_or("?").to_string(),
+                    run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
+                    run_cnt: p["run_cnt"].as_u64().unwrap_or(0),
+                },
+            );
         }
     }
     out
@@ -180,10 +197,22 @@ fn phase(name: &str, args: &ChurnArgs, tracer: Option<Child>) -> Result<Phase> {
     let mut tracer = tracer;
     // The tracer attached before the first snapshot, so the run-time growth of every program
     // covers it; the bare phases measure what other programs on the host add.
-    let grown: u64 = after
+    let mut programs: Vec<(String, u64, u64)> = after
         .iter()
-        .filter_map(|(id, t)| before.get(id).map(|b| t.saturating_sub(*b)))
-        .sum();
+        .filter_map(|(id, a)| {
+            let b = before.get(id)?;
+            let runs = a.run_cnt.saturating_sub(b.run_cnt);
+            (runs > 0).then(|| {
+                (
+                    a.name.clone(),
+                    runs,
+                    a.run_time_ns.saturating_sub(b.run_time_ns),
+                )
+            })
+        })
+        .collect();
+    programs.sort_by_key(|p| std::cmp::Reverse(p.2));
+    let grown: u64 = programs.iter().map(|p| p.2).sum();
     if let Some(c) = tracer.as_mut() {
         stop(c);
     }
@@ -196,6 +225,7 @@ fn phase(name: &str, args: &ChurnArgs, tracer: Option<Child>) -> Result<Phase> {
             _ => None,
         },
         bpf_ns: Some(grown),
+        programs,
     })
 }
 
@@ -265,6 +295,23 @@ pub fn churn(root: &Path, args: &ChurnArgs) -> Result<()> {
     println!(
         "(BPF ns/conn: run time of all BPF programs during the phase per connection, minus the bare phases' background)"
     );
+    for p in phases.iter().filter(|p| !p.name.starts_with("bare")) {
+        println!("\n{}: BPF programs that ran (per connection)", p.name);
+        println!(
+            "{:<24} {:>10} {:>10} {:>12}",
+            "program", "runs/conn", "ns/run", "ns/conn"
+        );
+        let conns = p.conns.max(1) as f64;
+        for (name, runs, ns) in &p.programs {
+            println!(
+                "{:<24} {:>10.2} {:>10.0} {:>12.0}",
+                name,
+                *runs as f64 / conns,
+                *ns as f64 / (*runs).max(1) as f64,
+                *ns as f64 / conns
+            );
+        }
+    }
     Ok(())
 }
 

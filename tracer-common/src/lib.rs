@@ -4,6 +4,8 @@
 //! - [`config`]: what the agent writes into the kernel object before load.
 //! - [`h2sniff`]: the HTTP/2 sniffing rules (preface, TLS, plausible frame headers, chains)
 //!   the kernel walker applies and the agent's tests and fuzzer check, one copy of each.
+//! - [`tcpaccept`]: whether the receiving socket's TCP accepts a segment (the ingress
+//!   hook's evidence rule), pure and unit-tested across sequence wraparound.
 //!
 //! Layout rules for shared structs: `#[repr(C)]`, fields largest first (except where a
 //! comment says why not), explicit padding, no `bool`, and compile-time checks of size and
@@ -12,6 +14,7 @@
 
 pub mod config;
 pub mod h2sniff;
+pub mod tcpaccept;
 pub mod wire;
 
 pub use config::{Config, DEFAULT_RCV_WND_MAX, NO_FIELD, TpLayout, field, tp};

@@ -2,7 +2,10 @@
 //! netns). TCP flags, TTL and sequence numbers; payload goes to the HTTP/2 walker.
 
 use aya_ebpf::{helpers::bpf_tcp_sock, programs::SkBuffContext};
-use tracer_common::{AF_INET, AF_INET6, PacketRecord, counter, flag, kind, tcp_flag};
+use tracer_common::{
+    AF_INET, AF_INET6, PacketRecord, counter, flag, kind, tcp_flag,
+    tcpaccept::{self, SegSeq, SockSeq},
+};
 
 use crate::{
     config::rcv_wnd_max,
@@ -176,40 +179,11 @@ fn not_a_connection(ctx: &SkBuffContext) -> bool {
     matches!(state, 6 | 10 | 12)
 }
 
-/// TCP states in which the receive checks of RFC 9293 §3.10.7.4 and RFC 5961 apply to a
-/// full socket: ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING.
-#[inline(always)]
-fn synchronized(state: u32) -> bool {
-    matches!(state, 1 | 4 | 5 | 8 | 9 | 11)
-}
-
-#[inline(always)]
-fn seq_before(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) < 0
-}
-
 /// Whether the receiving socket's TCP can accept this ingress segment, judged from its
-/// state before TCP processes it (this hook runs before TCP's checks):
-/// - RST: only at exactly `rcv_nxt` (RFC 5961 §3.2; an in-window RST elsewhere gets a
-///   challenge ACK and is ignored), or `rcv_nxt - 1` once the peer's FIN was taken;
-/// - SYN on a synchronised connection: ignored (RFC 5961 §4);
-/// - otherwise the ACK must be set and acknowledge nothing older than a window (RFC 5961
-///   §5) and nothing beyond both `snd_nxt` and a window past `snd_una` (see below), and the
-///   sequence range must lie within a window of `rcv_nxt`.
-///
-/// On loopback and veth the peer's answer can reach this hook while the sender is still
-/// inside `tcp_write_xmit`: the transmit raises the receive softirq, which runs when the
-/// sender re-enables bottom halves, before `tcp_event_new_data_sent` advances `snd_nxt`.
-/// The ACK of the segment just sent then acknowledges "unsent" data; the socket is owned by
-/// the sender, so TCP queues the segment to its backlog and accepts it after `snd_nxt`
-/// moved. Rejecting on `snd_nxt` alone counted about two benign segments per same-host
-/// connection as `unaccepted` and hid their payload from the HTTP/2 walker. Data in flight
-/// never exceeds a window past `snd_una`, so that is the upper bound used as well.
-///
-/// The window is the largest one this host can advertise (`Config::rcv_wnd_max`), since
-/// the socket's current window is not readable here; an in-window segment ahead of
-/// `rcv_nxt` is accepted by TCP (out of order) and so is kept. Sockets in other states, and
-/// segments without a full TCP socket, are not judged (true).
+/// state before TCP processes it (this hook runs before TCP's checks): the rule is
+/// [`tracer_common::tcpaccept::acceptable`], documented and unit-tested there (the loopback
+/// ACK race and sequence wraparound included). Segments without a full TCP socket are not
+/// judged (true).
 #[inline(never)]
 fn acceptable(ctx: &SkBuffContext, th: &[u8; 20], payload_len: u32) -> bool {
     // SAFETY: reading a context field.
@@ -225,30 +199,22 @@ fn acceptable(ctx: &SkBuffContext, th: &[u8; 20], payload_len: u32) -> bool {
     }
     // SAFETY: non-null pointers returned by the verifier-checked context and helper; the
     // fields are read-only views of the socket.
-    let (state, rcv_nxt, snd_una, snd_nxt) =
-        unsafe { ((*sk).state, (*tp).rcv_nxt, (*tp).snd_una, (*tp).snd_nxt) };
-    if !synchronized(state) {
-        return true;
-    }
-    let flags = th[13];
-    let seq = u32::from_be_bytes([th[4], th[5], th[6], th[7]]);
-    if flags & tcp_flag::RST != 0 {
-        // Linux's tcp_reset_check: after the peer's FIN was taken (CLOSE_WAIT 8, LAST_ACK 9,
-        // CLOSING 11) a RST one below rcv_nxt, at the FIN's own sequence, is accepted too.
-        return seq == rcv_nxt || (seq == rcv_nxt.wrapping_sub(1) && matches!(state, 8 | 9 | 11));
-    }
-    if flags & tcp_flag::SYN != 0 || flags & tcp_flag::ACK == 0 {
-        return false;
-    }
-    let wnd = rcv_wnd_max();
-    let ack = u32::from_be_bytes([th[8], th[9], th[10], th[11]]);
-    let unsent = seq_before(snd_nxt, ack) && seq_before(snd_una.wrapping_add(wnd), ack);
-    if unsent || seq_before(ack, snd_una.wrapping_sub(wnd)) {
-        return false;
-    }
-    let fin = (flags & tcp_flag::FIN) as u32;
-    let end = seq.wrapping_add(payload_len).wrapping_add(fin);
-    !seq_before(rcv_nxt.wrapping_add(wnd), seq) && !seq_before(end, rcv_nxt.wrapping_sub(wnd))
+    let sock = unsafe {
+        SockSeq {
+            state: (*sk).state,
+            rcv_nxt: (*tp).rcv_nxt,
+            snd_una: (*tp).snd_una,
+            snd_nxt: (*tp).snd_nxt,
+            wnd: rcv_wnd_max(),
+        }
+    };
+    let seg = SegSeq {
+        flags: th[13],
+        seq: u32::from_be_bytes([th[4], th[5], th[6], th[7]]),
+        ack: u32::from_be_bytes([th[8], th[9], th[10], th[11]]),
+        payload_len,
+    };
+    tcpaccept::acceptable(&sock, &seg)
 }
 
 /// The `PACKET` record.

@@ -154,3 +154,36 @@ fn tiny_ring_buffer_under_a_flood() {
         stats
     );
 }
+
+/// A full connection table is reported while the agent runs, not only in the final stats:
+/// with `--max-conns 4` and a dozen connections held open, a `drops` record counts the
+/// refused ones in `losses_new.conns_dropped`.
+#[test]
+fn full_table_is_reported_live() {
+    if !should_run("full_table_is_reported_live") {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let args: Vec<String> = ["trace", "--max-conns", "4", "--port", &port.to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut agent =
+        Agent::spawn(&agent_bin(), &args, Duration::from_secs(30)).expect("start the agent");
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        let c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (s, _) = listener.accept().expect("accept");
+        held.push((c, s));
+    }
+    let drops = agent.wait_for_type("drops", Duration::from_secs(10));
+    drop(held);
+    let _ = agent.stop();
+    let drops = drops.expect("a drops record while the connections are open");
+    assert_eq!(drops["ringbuf_drops"], 0, "{drops}");
+    let refused = drops["losses_new"]["conns_dropped"].as_u64().unwrap_or(0);
+    // 24 sockets, 4 tracked.
+    assert!(refused >= 20, "{drops}");
+    assert_eq!(drops["losses"]["conns_dropped"], refused, "{drops}");
+}

@@ -18,7 +18,7 @@ use tokio::{
 use crate::{
     conn::{Closed, Table, TableConfig, ephemeral_range},
     event,
-    export::{self, Clock, Drops, Filter, Ready, Stats},
+    export::{self, Clock, Drops, Filter, Losses, Ready, Stats},
     k8s::K8sEnds,
     probes::{self, Counters, LoadOptions, Logger, ProbeMode, ProbeReport, Probes},
     record::ClockBase,
@@ -197,6 +197,7 @@ struct Loop {
     counters: Counters,
     decode_errors: u64,
     last_drops: u64,
+    last_losses: Losses,
     visible_netns: Vec<u32>,
 }
 
@@ -252,24 +253,40 @@ impl Loop {
         Ok(true)
     }
 
-    /// Reports ring-buffer losses since the last check.
+    /// Reports losses since the last check: ring-buffer drops, and what the table or the
+    /// kernel's socket map had to give up (a `drops` record whenever any of them grew).
     fn check_drops<W: Write>(&mut self, out: &mut Output<W>) -> io::Result<()> {
-        match self.counters.snapshot() {
-            Ok(s) if s.ringbuf_drops > self.last_drops => {
-                if let Some(a) = &out.agent {
-                    a.drops(s.ringbuf_drops);
-                }
-                let new = s.ringbuf_drops - self.last_drops;
-                warn!(
-                    "ring buffer full: {new} kernel events lost ({} in total); raise --ringbuf-kib",
-                    s.ringbuf_drops
-                );
-                out.record(&Drops::new(out.now(), new, &s))?;
-                self.last_drops = s.ringbuf_drops;
+        let s = match self.counters.snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("reading kernel counters: {e}");
+                return Ok(());
             }
-            Ok(_) => {}
-            Err(e) => warn!("reading kernel counters: {e}"),
+        };
+        let losses = Losses::of(&self.table.stats, &s);
+        let losses_new = losses.since(&self.last_losses);
+        let new = s.ringbuf_drops.saturating_sub(self.last_drops);
+        if new == 0 && !losses_new.any() {
+            return Ok(());
         }
+        if new > 0 {
+            if let Some(a) = &out.agent {
+                a.drops(s.ringbuf_drops);
+            }
+            warn!(
+                "ring buffer full: {new} kernel events lost ({} in total); raise --ringbuf-kib",
+                s.ringbuf_drops
+            );
+        }
+        if losses_new.conns_dropped > 0 {
+            warn!(
+                "connection table full: {} connections not tracked ({} in total); raise --max-conns",
+                losses_new.conns_dropped, losses.conns_dropped
+            );
+        }
+        out.record(&Drops::new(out.now(), new, &s, losses, losses_new))?;
+        self.last_drops = s.ringbuf_drops;
+        self.last_losses = losses;
         Ok(())
     }
 
@@ -467,6 +484,7 @@ pub(crate) async fn pipeline<W: Write>(
         counters: probes.take_counters()?,
         decode_errors: 0,
         last_drops: 0,
+        last_losses: Losses::default(),
         visible_netns: opts.visible_netns.clone(),
     };
     match opts.format {

@@ -258,6 +258,12 @@ fn wrong_records_are_rejected() {
     for t in ["ready", "drops", "stats"] {
         assert!(v.is_valid(&sample_of(t)), "{t} sample");
     }
+    // A drops record for a loss other than the ring buffer's is valid.
+    let mut table_full = sample_of("drops");
+    table_full["ringbuf_drops"] = json!(0);
+    table_full["losses"]["conns_dropped"] = json!(3);
+    table_full["losses_new"]["conns_dropped"] = json!(3);
+    assert!(v.is_valid(&table_full), "{table_full}");
 }
 
 /// Every line a live `whoclosed trace` writes (root: it loads eBPF) is valid: ready, the

@@ -15,7 +15,7 @@ use std::{
 
 pub use close::{CloseObject, close_json};
 pub use filter::Filter;
-pub use records::{Drops, Ready, Stats};
+pub use records::{Drops, Losses, Ready, Stats};
 pub use table::{TABLE_HEADER, close_line};
 
 /// Text that came from outside (process names, GOAWAY debug text) made safe for a terminal:

@@ -1,5 +1,5 @@
 //! The records other than `close`: `ready` (once, after the probes attached), `drops`
-//! (when the ring buffer lost events) and `stats` (once, on exit). Field order is the
+//! (when events or evidence were lost) and `stats` (once, on exit). Field order is the
 //! order of the JSON output.
 
 use serde::Serialize;
@@ -39,7 +39,8 @@ impl<'a> Ready<'a> {
     }
 }
 
-/// `{"type":"drops"}`: kernel events lost to a full ring buffer since the last report.
+/// `{"type":"drops"}`: evidence lost since the last report (checked every second): kernel
+/// events to a full ring buffer, and what the agent's table had to give up.
 #[derive(Debug, Serialize)]
 pub struct Drops<'a> {
     v: u32,
@@ -49,11 +50,66 @@ pub struct Drops<'a> {
     ringbuf_drops: u64,
     ringbuf_drops_total: u64,
     per_cpu: &'a [u64],
+    /// Totals so far of the other losses.
+    losses: Losses,
+    /// The same, since the previous report.
+    losses_new: Losses,
+}
+
+/// Losses other than ring-buffer drops, each a count that only grows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Losses {
+    /// Connections refused by a full table (`--max-conns`).
+    pub conns_dropped: u64,
+    /// Sockets whose CLOSE never arrived before their address was reused.
+    pub ends_unseen: u64,
+    /// Facts over the per-connection cap.
+    pub facts_dropped: u64,
+    /// Sent RSTs pushed out of the provenance log while still recent.
+    pub rst_log_evictions: u64,
+    /// Per-socket packet states the kernel could not insert.
+    pub skmap_fails: u64,
+}
+
+impl Losses {
+    pub fn of(table: &TableStats, kernel: &CounterSnapshot) -> Self {
+        Losses {
+            conns_dropped: table.conns_dropped,
+            ends_unseen: table.ends_unseen,
+            facts_dropped: table.facts_dropped,
+            rst_log_evictions: table.rst_log_evictions,
+            skmap_fails: kernel.skmap_fails,
+        }
+    }
+
+    /// What grew since `before`.
+    pub fn since(&self, before: &Losses) -> Losses {
+        Losses {
+            conns_dropped: self.conns_dropped.saturating_sub(before.conns_dropped),
+            ends_unseen: self.ends_unseen.saturating_sub(before.ends_unseen),
+            facts_dropped: self.facts_dropped.saturating_sub(before.facts_dropped),
+            rst_log_evictions: self
+                .rst_log_evictions
+                .saturating_sub(before.rst_log_evictions),
+            skmap_fails: self.skmap_fails.saturating_sub(before.skmap_fails),
+        }
+    }
+
+    pub fn any(&self) -> bool {
+        *self != Losses::default()
+    }
 }
 
 impl<'a> Drops<'a> {
-    /// `new`: lost since the previous report.
-    pub fn new(ts: String, new: u64, kernel: &'a CounterSnapshot) -> Self {
+    /// `new`: ring-buffer records lost since the previous report; `losses` now and their
+    /// growth since then.
+    pub fn new(
+        ts: String,
+        new: u64,
+        kernel: &'a CounterSnapshot,
+        losses: Losses,
+        losses_new: Losses,
+    ) -> Self {
         Drops {
             v: SCHEMA_VERSION,
             kind: "drops",
@@ -61,6 +117,8 @@ impl<'a> Drops<'a> {
             ringbuf_drops: new,
             ringbuf_drops_total: kernel.ringbuf_drops,
             per_cpu: &kernel.ringbuf_drops_per_cpu,
+            losses,
+            losses_new,
         }
     }
 }

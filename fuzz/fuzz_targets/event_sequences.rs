@@ -199,7 +199,7 @@ fuzz_target!(|data: &[u8]| {
             cookie: 0,
             pid: 0,
             tid: 0,
-            comm: String::new(),
+            comm: "".into(),
             exiting: false,
             netns: None,
             tuple: None,

@@ -229,7 +229,7 @@ impl Side {
                 state: c.state.name(),
                 preexisting: c.preexisting,
                 pid: owner.as_ref().map(|o| o.0),
-                comm: owner.as_ref().map(|o| o.1.as_str()),
+                comm: owner.as_ref().map(|o| &*o.1),
                 netns: c.netns,
                 age_ms: ms(now_ns.saturating_sub(c.opened_ns.unwrap_or(c.first_ns))),
                 idle_ms: ms(now_ns.saturating_sub(last_ns)),

@@ -220,7 +220,7 @@ pub struct Event {
     pub cookie: u64,
     pub pid: u32,
     pub tid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub exiting: bool,
     pub netns: Option<u32>,
     pub tuple: Option<Tuple>,
@@ -246,9 +246,32 @@ fn addr(family: u16, raw: &[u8; 16]) -> Option<IpAddr> {
     }
 }
 
-fn comm(raw: &[u8; 16]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+/// A process name (`task->comm`), shared: the same few names come with most events, so
+/// they are interned instead of allocated per event and per fact.
+pub type Comm = std::sync::Arc<str>;
+
+/// Distinct names kept by the interner before it starts over.
+const MAX_INTERNED: usize = 4096;
+
+thread_local! {
+    static COMMS: std::cell::RefCell<std::collections::HashMap<[u8; 16], Comm>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+fn comm(raw: &[u8; 16]) -> Comm {
+    COMMS.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some(v) = c.get(raw) {
+            return v.clone();
+        }
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        let v: Comm = String::from_utf8_lossy(&raw[..end]).into();
+        if c.len() >= MAX_INTERNED {
+            c.clear();
+        }
+        c.insert(*raw, v.clone());
+        v
+    })
 }
 
 /// Reads a `T` from the start of `bytes` ([`check_header`] has matched the sizes already;
@@ -319,7 +342,7 @@ fn bare(hdr: &Header, kind: EventKind) -> Event {
         cookie: 0,
         pid: 0,
         tid: 0,
-        comm: String::new(),
+        comm: Comm::from(""),
         exiting: false,
         netns: None,
         tuple: None,
@@ -504,7 +527,7 @@ mod tests {
         );
         assert_eq!(ev.pid, 1000);
         assert_eq!(ev.tid, 1001);
-        assert_eq!(ev.comm, "curl");
+        assert_eq!(&*ev.comm, "curl");
         assert!(ev.exiting);
         assert_eq!(ev.netns, Some(4026531993));
         let t = ev.tuple.expect("tuple");

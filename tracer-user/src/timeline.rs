@@ -76,7 +76,7 @@ pub enum FactKind {
         from: TcpState,
         to: TcpState,
         pid: u32,
-        comm: String,
+        comm: crate::event::Comm,
         exiting: bool,
     },
     FinSent,
@@ -106,7 +106,7 @@ pub enum FactKind {
     },
     CloseCall {
         pid: u32,
-        comm: String,
+        comm: crate::event::Comm,
         exiting: bool,
     },
     GoAway(GoAway),

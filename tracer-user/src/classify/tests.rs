@@ -14,7 +14,7 @@ fn st(at: u64, from: S, to: S) -> Fact {
             from,
             to,
             pid: 0,
-            comm: String::new(),
+            comm: "".into(),
             exiting: false,
         },
     }

@@ -71,7 +71,7 @@ pub struct Closed {
     pub conn: Conn,
     pub verdict: Verdict,
     pub peer: Option<PeerSummary>,
-    pub owner: Option<(u32, String)>,
+    pub owner: Option<(u32, crate::event::Comm)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]

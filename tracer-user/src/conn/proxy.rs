@@ -63,6 +63,11 @@ pub(super) struct Legs {
 
 /// The socket's own ending, from its facts in time order.
 pub(super) fn own_end(facts: &[Fact]) -> Option<(u64, LegEnd)> {
+    // Judged records are sorted already; only a live record's facts may be out of order
+    // (events of several CPUs), and only those are copied.
+    if facts.is_sorted_by_key(|f| f.at_ns) {
+        return leg_end(facts);
+    }
     let mut sorted = facts.to_vec();
     sorted.sort_by_key(|f| f.at_ns);
     leg_end(&sorted)
@@ -205,7 +210,9 @@ impl Table {
             };
             let talks_to_itself = peer.is_some_and(|p| p.pid == Some(pid));
             if !talks_to_itself {
-                if let Some(v) = self.view(&leg, comm, conn.netns, own_ended.clone(), true) {
+                if let Some(v) =
+                    self.view(&leg, comm.to_string(), conn.netns, own_ended.clone(), true)
+                {
                     return Some(v);
                 }
             }

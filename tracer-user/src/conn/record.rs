@@ -112,7 +112,7 @@ impl Conn {
 
     /// The owning process, from facts that only happen in the owner's context: connect(),
     /// close()/shutdown() and the tcp_close hook.
-    pub fn owner(&self) -> Option<(u32, String)> {
+    pub fn owner(&self) -> Option<(u32, crate::event::Comm)> {
         let from_proc = self.facts.iter().find_map(|f| match &f.kind {
             FactKind::CloseCall { pid, comm, .. } if *pid != 0 => Some((*pid, comm.clone())),
             FactKind::State {
@@ -174,7 +174,7 @@ impl Conn {
             fin_received_ns: self.first_at(|k| matches!(k, FactKind::FinReceived { .. })),
             id: self.id.clone(),
             pid: owner.as_ref().map(|o| o.0),
-            comm: owner.map(|o| o.1),
+            comm: owner.map(|o| o.1.to_string()),
             exited: self.exited(),
             closed_first: false,
             netns: self.netns,

@@ -26,7 +26,7 @@ fn base(ts: u64, sk: u64, t: Option<Tuple>, kind: EventKind) -> Event {
         cookie: 0,
         pid: 0,
         tid: 0,
-        comm: String::new(),
+        comm: "".into(),
         exiting: false,
         netns: Some(4026531993),
         tuple: t,
@@ -179,7 +179,7 @@ fn client_close_both_sides() {
         (ClosedBy::Client, "client_close")
     );
     assert_eq!(c.verdict.tcp_initiator, Initiator::Local);
-    assert_eq!(c.owner, Some((100, "client".to_string())));
+    assert_eq!(c.owner, Some((100, "client".into())));
     assert_eq!(c.conn.role, Role::Client);
     assert_eq!(
         c.conn.tuple,
@@ -192,7 +192,7 @@ fn client_close_both_sides() {
         (ClosedBy::Client, "client_close")
     );
     assert_eq!(s.verdict.tcp_initiator, Initiator::Remote);
-    assert_eq!(s.owner, Some((200, "server".to_string())));
+    assert_eq!(s.owner, Some((200, "server".into())));
     assert_eq!(
         s.peer.as_ref().map(|p| p.id.as_str()),
         Some(c.conn.id.as_str())
@@ -247,7 +247,7 @@ fn killed_server_with_unread_data() {
         (ClosedBy::Server, "server_process_exit")
     );
     assert_eq!(s.verdict.mechanism, Mechanism::Rst);
-    assert_eq!(s.owner, Some((200, "server".to_string())));
+    assert_eq!(s.owner, Some((200, "server".into())));
     let c = only(&out, p.c);
     assert_eq!(
         (c.verdict.closed_by, c.verdict.reason.as_str()),

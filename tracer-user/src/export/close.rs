@@ -306,7 +306,7 @@ impl Serialize for CloseObject<'_> {
                 role: conn.role,
                 preexisting: conn.preexisting,
                 pid: c.owner.as_ref().map(|o| o.0),
-                comm: c.owner.as_ref().map(|o| o.1.as_str()),
+                comm: c.owner.as_ref().map(|o| &*o.1),
                 netns: conn.netns,
                 k8s: self.k8s.and_then(|k| k.conn.as_ref()),
             },

@@ -40,7 +40,7 @@ impl Filter {
             }
         }
         if let Some(comm) = &self.comm {
-            if c.owner.as_ref().map(|o| o.1.as_str()) != Some(comm.as_str()) {
+            if c.owner.as_ref().map(|o| &*o.1) != Some(comm.as_str()) {
                 return false;
             }
         }

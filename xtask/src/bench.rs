@@ -51,7 +51,7 @@ impl Phase {
 
 /// Accepts, reads to EOF, closes; clients connect, write, close first. Returns completed
 /// client connections and elapsed seconds.
-fn churn_load(secs: u64, clients: usize, bytes: usize) -> Result<(u64, f64)> {
+pub(crate) fn churn_load(secs: u64, clients: usize, bytes: usize) -> Result<(u64, f64)> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding the loopback listener")?;
     let addr: SocketAddr = listener.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));

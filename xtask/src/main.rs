@@ -4,6 +4,7 @@
 //! so it is cheap to run before every build.
 
 mod bench;
+mod bench_scale;
 mod deploy;
 mod fuzz;
 mod image;
@@ -53,6 +54,10 @@ enum Task {
     BenchChurn(bench::ChurnArgs),
     /// HTTP/2 benchmark: the same h2load transfer with the agent detached and attached.
     BenchH2(bench::H2Args),
+    /// Userspace pipeline: record a loopback churn, then time `whoclosed replay` of it.
+    BenchPipeline(bench_scale::PipelineArgs),
+    /// Memory: hold many loopback connections open and read the agent's RSS.
+    BenchLive(bench_scale::LiveArgs),
     /// Boot stock Debian kernels under QEMU and run the end-to-end tests inside them.
     Vm(vm::VmArgs),
     /// Run the HTTP/2 frame parser fuzz target for a bounded time (cargo-fuzz, nightly).
@@ -361,6 +366,16 @@ fn main() -> Result<()> {
             setup()?;
             build(&root, true)?;
             bench::h2(&root, &args)
+        }
+        Task::BenchPipeline(args) => {
+            setup()?;
+            build(&root, true)?;
+            bench_scale::pipeline(&root, &args)
+        }
+        Task::BenchLive(args) => {
+            setup()?;
+            build(&root, true)?;
+            bench_scale::live(&root, &args)
         }
         Task::Vm(args) => {
             setup()?;

@@ -1,0 +1,289 @@
+//! Two benchmarks of the agent's own budget (issue #10), printing numbers and asserting
+//! nothing:
+//! - `bench-pipeline`: records a loopback churn with `whoclosed trace --record`, then times
+//!   `whoclosed replay` of that file (decode, table, classifier, JSON) on one core;
+//! - `bench-live`: holds many loopback connections open at once and reads the agent's
+//!   resident memory while it tracks them all.
+
+use std::{
+    io::Read as _,
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::bench::churn_load;
+
+#[derive(clap::Args)]
+pub struct PipelineArgs {
+    /// Seconds of loopback churn to record.
+    #[arg(long, default_value_t = 4)]
+    secs: u64,
+}
+
+#[derive(clap::Args)]
+pub struct LiveArgs {
+    /// Connections held open at once (each is two tracked sockets, both ends on this host).
+    #[arg(long, default_value_t = 50_000)]
+    conns: usize,
+}
+
+/// A scratch directory under target/, emptied first.
+fn scratch(root: &Path, name: &str) -> Result<PathBuf> {
+    let dir = root.join("target/bench").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// `whoclosed trace` with `args`, stdout to `out`; returns once its `ready` line is there.
+fn start_agent(bin: &Path, args: &[&str], out: &Path) -> Result<Child> {
+    let file = std::fs::File::create(out).with_context(|| format!("{}", out.display()))?;
+    let mut child = Command::new(bin)
+        .arg("trace")
+        .args(args)
+        .stdout(file)
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(out).is_ok_and(|s| s.contains("\"type\":\"ready\"")) {
+            return Ok(child);
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            bail!("the agent exited before it was ready: {st}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    bail!("the agent did not become ready in 30 s")
+}
+
+/// SIGINT, then wait (killed after 20 s).
+fn stop_agent(child: &mut Child) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The agent's final `stats` record from its output file.
+fn final_stats(out: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(out).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| l.contains("\"type\":\"stats\""))
+        .and_then(|l| serde_json::from_str(l).ok())
+}
+
+/// CPU seconds (user + system) used by waited-for children so far.
+fn children_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer, RUSAGE_CHILDREN always exists.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+fn n(v: &serde_json::Value, ptr: &str) -> u64 {
+    v.pointer(ptr).and_then(|x| x.as_u64()).unwrap_or(0)
+}
+
+pub fn pipeline(root: &Path, args: &PipelineArgs) -> Result<()> {
+    let bin = root.join("target/release/whoclosed");
+    let dir = scratch(root, "pipeline")?;
+    let rec = dir.join("churn.rec");
+    let out = dir.join("trace.jsonl");
+    let rec_arg = rec.to_string_lossy().into_owned();
+    let mut agent = start_agent(&bin, &["--linger-ms", "200", "--record", &rec_arg], &out)?;
+    let (conns, secs) = churn_load(args.secs, 2, 64)?;
+    stop_agent(&mut agent);
+    let stats = final_stats(&out).context("the agent's final stats line")?;
+    let events = n(&stats, "/table/events");
+    let drops = n(&stats, "/kernel/ringbuf_drops");
+    let size = std::fs::metadata(&rec).map(|m| m.len()).unwrap_or(0);
+
+    let cpu0 = children_cpu();
+    let t0 = Instant::now();
+    let mut replay = Command::new(&bin)
+        .args(["replay", "-o", "json"])
+        .arg(&rec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting whoclosed replay")?;
+    // Count the verdicts as they stream by (the reading costs this process, not replay's).
+    let mut stdout = replay.stdout.take().context("replay stdout")?;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut lines = 0u64;
+    let mut bytes = 0u64;
+    loop {
+        let k = stdout.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        bytes += k as u64;
+        lines += buf[..k].iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+    let status = replay.wait()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = children_cpu() - cpu0;
+    if !status.success() {
+        bail!("whoclosed replay failed: {status}");
+    }
+    println!(
+        "recorded: {conns} connections in {secs:.1} s of loopback churn; {events} kernel records \
+         ({} per connection), {drops} lost to a full ring buffer; file {:.1} MiB",
+        if conns > 0 {
+            format!("{:.1}", events as f64 / conns as f64)
+        } else {
+            "-".into()
+        },
+        size as f64 / (1 << 20) as f64
+    );
+    println!(
+        "{:<28} {:>12} {:>12} {:>14} {:>14}",
+        "replay (decode..JSON)", "wall s", "CPU s", "events/s CPU", "verdicts/s CPU"
+    );
+    let per = |x: u64| {
+        if cpu > 0.0 {
+            format!("{:.0}", x as f64 / cpu)
+        } else {
+            "-".into()
+        }
+    };
+    println!(
+        "{:<28} {:>12.3} {:>12.3} {:>14} {:>14}",
+        format!("{lines} lines, {:.1} MiB", bytes as f64 / (1 << 20) as f64),
+        wall,
+        cpu,
+        per(events),
+        per(lines)
+    );
+    println!("(budget of issue #10: at least 1,000,000 events/s on one core)");
+    Ok(())
+}
+
+/// Resident and peak resident memory of `pid`, in KiB.
+fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn raise_nofile(want: u64) -> Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want,
+    };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        bail!(
+            "raising RLIMIT_NOFILE to {want}: {} (root and fs.nr_open >= {want} needed)",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+pub fn live(root: &Path, args: &LiveArgs) -> Result<()> {
+    let bin = root.join("target/release/whoclosed");
+    let dir = scratch(root, "live")?;
+    let out = dir.join("trace.jsonl");
+    raise_nofile((args.conns as u64) * 2 + 4096)?;
+    let max = (args.conns * 2 + 1024).to_string();
+    let mut agent = start_agent(&bin, &["--linger-ms", "200", "--max-conns", &max], &out)?;
+    let pid = agent.id();
+    thread::sleep(Duration::from_millis(500));
+    let (idle_rss, _) = rss_kib(pid).context("the agent's memory")?;
+
+    // One ephemeral port range per listener: spread the connections over enough of them.
+    let per_listener = 20_000usize;
+    let listeners: Vec<TcpListener> = (0..args.conns.div_ceil(per_listener).max(1))
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()
+        .context("binding the loopback listeners")?;
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<_>>()?;
+    let acceptors: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let want = per_listener.min(args.conns.saturating_sub(i * per_listener));
+            thread::spawn(move || {
+                let mut held = Vec::with_capacity(want);
+                while held.len() < want {
+                    match l.accept() {
+                        Ok((s, _)) => held.push(s),
+                        Err(_) => break,
+                    }
+                }
+                held
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    let mut clients: Vec<TcpStream> = Vec::with_capacity(args.conns);
+    for i in 0..args.conns {
+        let addr = addrs[i / per_listener];
+        clients.push(TcpStream::connect(addr).with_context(|| format!("connection {i}"))?);
+    }
+    let servers: Vec<TcpStream> = acceptors
+        .into_iter()
+        .flat_map(|a| a.join().unwrap_or_default())
+        .collect();
+    let opened = t0.elapsed().as_secs_f64();
+    // Let the agent read everything the openings produced.
+    thread::sleep(Duration::from_secs(2));
+    let (held_rss, hwm) = rss_kib(pid).context("the agent's memory")?;
+    let sockets = clients.len() + servers.len();
+    drop(clients);
+    drop(servers);
+    thread::sleep(Duration::from_secs(2));
+    stop_agent(&mut agent);
+    let stats = final_stats(&out).unwrap_or_default();
+    println!(
+        "{} connections ({} sockets, both ends traced) opened in {:.1} s and held open",
+        args.conns, sockets, opened
+    );
+    println!(
+        "{:<34} {:>12}",
+        "agent RSS idle (KiB)",
+        idle_rss.to_string()
+    );
+    println!("{:<34} {:>12}", "agent RSS all open (KiB)", held_rss);
+    println!("{:<34} {:>12}", "agent peak RSS (KiB)", hwm);
+    println!(
+        "{:<34} {:>12.0}",
+        "bytes per tracked socket",
+        (held_rss.saturating_sub(idle_rss) as f64 * 1024.0) / sockets.max(1) as f64
+    );
+    println!(
+        "agent stats: conns_opened {}, conns_dropped {}, ringbuf_drops {}",
+        n(&stats, "/table/conns_opened"),
+        n(&stats, "/table/conns_dropped"),
+        n(&stats, "/kernel/ringbuf_drops")
+    );
+    println!("(budget of issue #10: RSS at most 64 MiB with 100k live tracked connections)");
+    Ok(())
+}

@@ -29,6 +29,36 @@ use crate::{
 use h2::{H2State, H2Track};
 pub use record::{Conn, MAX_FACTS};
 
+/// Hashes a kernel socket address: one multiply. The keys are kernel pointers, which no
+/// remote party chooses, so the DoS-resistant default (SipHash, a few percent of the agent
+/// under churn in `perf`) buys nothing here. Tuple-keyed maps, whose keys a remote party
+/// does choose, keep the default hasher.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct SkHasher(u64);
+
+impl std::hash::Hasher for SkHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        // Socket addresses are aligned: fold the high bits of the product down so the low
+        // bits the table indexes by depend on all of them.
+        let m = (self.0 ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = m ^ (m >> 29);
+    }
+}
+
+type SkBuild = std::hash::BuildHasherDefault<SkHasher>;
+type SkMap<V> = HashMap<u64, V, SkBuild>;
+type SkSet = HashSet<u64, SkBuild>;
+
 /// Bounds of the cross-socket logs (sent RSTs, recently finished connections).
 const MAX_LOG: usize = 16_384;
 const LOG_WINDOW_NS: u64 = 60_000_000_000;
@@ -96,17 +126,17 @@ pub struct TableStats {
 
 pub struct Table {
     cfg: TableConfig,
-    conns: HashMap<u64, Conn>,
+    conns: SkMap<Conn>,
     /// Records taken out of `conns` because their address was reused: judged at the next
     /// [`Table::take_due`], after the ring-buffer drop total has been read, never before
     /// (a verdict given at once could not know whether its events were lost meanwhile).
     retired: VecDeque<Conn>,
     by_tuple: HashMap<Tuple, Vec<u64>>,
-    listeners: HashSet<u64>,
+    listeners: SkSet,
     /// Sockets refused because the table was full: their later events are ignored until
     /// they close (counted once, never brought back as `preexisting`). At most `max_conns`.
-    refused: HashSet<u64>,
-    orphans: HashMap<u64, packets::Orphan>,
+    refused: SkSet,
+    orphans: SkMap<packets::Orphan>,
     rst_log: VecDeque<rst::SentRst>,
     /// Time of the newest sent RST the log's cap pushed out while still inside the window.
     rst_log_evicted_ns: Option<u64>,
@@ -142,12 +172,12 @@ impl Table {
     pub fn new(cfg: TableConfig) -> Self {
         Table {
             cfg,
-            conns: HashMap::new(),
+            conns: SkMap::default(),
             retired: VecDeque::new(),
             by_tuple: HashMap::new(),
-            listeners: HashSet::new(),
-            refused: HashSet::new(),
-            orphans: HashMap::new(),
+            listeners: SkSet::default(),
+            refused: SkSet::default(),
+            orphans: SkMap::default(),
             rst_log: VecDeque::new(),
             rst_log_evicted_ns: None,
             recent: VecDeque::new(),

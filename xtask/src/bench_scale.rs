@@ -232,9 +232,15 @@ pub fn live(root: &Path, args: &LiveArgs) -> Result<()> {
             let want = per_listener.min(args.conns.saturating_sub(i * per_listener));
             thread::spawn(move || {
                 let mut held = Vec::with_capacity(want);
-                while held.len() < want {
+                // Bounded: if connecting fails half-way, the bench still ends.
+                let deadline = Instant::now() + Duration::from_secs(120);
+                let _ = l.set_nonblocking(true);
+                while held.len() < want && Instant::now() < deadline {
                     match l.accept() {
                         Ok((s, _)) => held.push(s),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(1));
+                        }
                         Err(_) => break,
                     }
                 }

@@ -192,11 +192,13 @@ const CI_REPORTS: &[&str] = &["5.10", "6.1"];
 
 /// ...and end-to-end runs (kernel, mode, suites): each mode once, the oldest kernel with the
 /// least evidence (no tcp_close hook), 6.1 in the mode `auto` picks there, the newest
-/// verifier. The HTTP/2 suite runs on 5.10 and 6.1, whose verifiers the in-kernel HTTP/2
-/// walker has workarounds for; it adds about a minute and a half to each of those boots.
+/// verifier. The HTTP/2 suite runs on 5.10, the oldest verifier the in-kernel HTTP/2 walker
+/// has workarounds for (about two minutes of the boot); on 6.1 the report boot proves that
+/// the same walker loads, and `vm matrix` runs the HTTP/2 suite there (kept out of CI to
+/// keep `.ci/run` well under 30 minutes).
 const CI_SET: &[(&str, Mode, &[Suite])] = &[
     ("5.10", Mode::Tracepoint, &Suite::ALL),
-    ("6.1", Mode::Fentry, &Suite::ALL),
+    ("6.1", Mode::Fentry, &[Suite::Tcp]),
     ("newest", Mode::Kprobe, &[Suite::Tcp]),
 ];
 

@@ -18,10 +18,16 @@ impl Table {
         // Retired records first: they closed (or were last seen) before anything that
         // lingers now at their address, and their peers may look them up.
         // One at a time: the ones still waiting stay visible to the peer lookup.
+        self.index_retired();
         let mut out: Vec<Closed> = Vec::new();
-        while let Some(c) = self.retired.pop_front() {
-            out.push(self.judge(c));
+        for i in 0..self.retired.len() {
+            if let Some(c) = self.retired.get_mut(i).and_then(Option::take) {
+                out.push(self.judge(c));
+            }
         }
+        self.retired.clear();
+        self.retired_by_tuple.clear();
+        self.retired_by_seq.clear();
         let mut due: Vec<(u64, u64)> = self
             .conns
             .values()
@@ -69,13 +75,36 @@ impl Table {
             conn.closed_ns = Some(conn.last_ns.max(conn.first_ns));
             self.stats.ends_unseen += 1;
         }
-        self.retired.push_back(conn);
+        self.retired.push(Some(conn));
         if self.retired.len() <= self.cfg.max_conns {
             return None;
         }
-        let mut oldest = self.retired.pop_front()?;
+        // Rare (more retired than the table holds between two ticks): judge the oldest now,
+        // without the index of the others.
+        let mut oldest = self.retired.iter_mut().find_map(Option::take)?;
+        self.retired.retain(Option::is_some);
         oldest.gap = true;
         Some(self.judge(oldest))
+    }
+
+    /// Indexes the waiting retired records for the peer lookup.
+    fn index_retired(&mut self) {
+        self.retired_by_tuple.clear();
+        self.retired_by_seq.clear();
+        for (i, c) in self.retired.iter().enumerate() {
+            let Some(c) = c else { continue };
+            if let Some(t) = c.tuple {
+                self.retired_by_tuple.entry(t).or_default().push(i);
+            }
+            if let (Some(e), Some(g)) = (c.egress_seq0, c.ingress_seq0) {
+                self.retired_by_seq.insert((e, g), i);
+            }
+        }
+    }
+
+    /// A retired record still waiting at position `i`.
+    pub(super) fn retired_at(&self, i: usize) -> Option<&Conn> {
+        self.retired.get(i)?.as_ref()
     }
 
     /// Resolves cross-socket evidence for a record out of the table and classifies it.

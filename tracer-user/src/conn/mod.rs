@@ -130,7 +130,13 @@ pub struct Table {
     /// Records taken out of `conns` because their address was reused: judged at the next
     /// [`Table::take_due`], after the ring-buffer drop total has been read, never before
     /// (a verdict given at once could not know whether its events were lost meanwhile).
-    retired: VecDeque<Conn>,
+    retired: Vec<Option<Conn>>,
+    /// Positions in `retired` by tuple and by (first egress, first ingress) sequence
+    /// numbers, built when a take_due starts judging them: the peer lookup of each retired
+    /// record is then a hash lookup, not a scan of all of them (quadratic under churn,
+    /// when thousands are retired between two ticks).
+    retired_by_tuple: HashMap<Tuple, Vec<usize>>,
+    retired_by_seq: HashMap<(u32, u32), usize>,
     by_tuple: HashMap<Tuple, Vec<u64>>,
     listeners: SkSet,
     /// Sockets refused because the table was full: their later events are ignored until
@@ -173,7 +179,9 @@ impl Table {
         Table {
             cfg,
             conns: SkMap::default(),
-            retired: VecDeque::new(),
+            retired: Vec::new(),
+            retired_by_tuple: HashMap::new(),
+            retired_by_seq: HashMap::new(),
             by_tuple: HashMap::new(),
             listeners: SkSet::default(),
             refused: SkSet::default(),

@@ -59,7 +59,12 @@ impl Table {
             .into_iter()
             .flatten()
             .filter_map(|sk| self.conns.get(sk));
-        let retired = self.retired.iter().filter(|r| r.tuple == Some(want));
+        let retired = self
+            .retired_by_tuple
+            .get(&want)
+            .into_iter()
+            .flatten()
+            .filter_map(|&i| self.retired_at(i));
         for p in live.chain(retired) {
             if p.skaddr == conn.skaddr {
                 continue;
@@ -99,9 +104,15 @@ impl Table {
                 return Some((self.live_summary(p, conn), p.closed_ns));
             }
         }
-        if let Some(p) = self.retired.iter().find(|p| {
-            p.skaddr != conn.skaddr && (p.egress_seq0, p.ingress_seq0) == (Some(key.0), Some(key.1))
-        }) {
+        if let Some(p) = self
+            .retired_by_seq
+            .get(&key)
+            .and_then(|&i| self.retired_at(i))
+            .filter(|p| {
+                p.skaddr != conn.skaddr
+                    && (p.egress_seq0, p.ingress_seq0) == (Some(key.0), Some(key.1))
+            })
+        {
             return Some((self.live_summary(p, conn), p.closed_ns));
         }
         let r = self.recent_at(*self.recent_seq.get(&key)?)?;

@@ -355,6 +355,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     };
     let result = async {
         let probes = trace::load_probes(&opts.trace)?;
+        trace::release_load_memory();
         let stdout = io::stdout();
         let mut out = Output::new(
             BufWriter::new(stdout.lock()),

@@ -109,7 +109,8 @@ pub enum FactKind {
         comm: crate::event::Comm,
         exiting: bool,
     },
-    GoAway(GoAway),
+    /// Boxed: the largest fact by far, and rare; every other fact stays small.
+    GoAway(Box<GoAway>),
 }
 
 impl FactKind {

@@ -432,6 +432,13 @@ async fn event_loop<W: Write>(
     }
 }
 
+/// Gives back to the kernel the heap that loading used and freed (parsed kernel BTF, the
+/// object's relocations: tens of MiB glibc would otherwise keep for the agent's lifetime).
+pub fn release_load_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe { libc::malloc_trim(0) };
+}
+
 /// Loads the probes, or says why not (naming a missing capability or a seccomp refusal).
 pub fn load_probes(opts: &TraceOptions) -> anyhow::Result<Probes> {
     probes::load(&LoadOptions {
@@ -449,6 +456,7 @@ pub fn load_probes(opts: &TraceOptions) -> anyhow::Result<Probes> {
 /// `whoclosed trace`.
 pub async fn run(opts: TraceOptions) -> anyhow::Result<()> {
     let probes = load_probes(&opts)?;
+    release_load_memory();
     if opts.probe_report {
         return print_probe_report(&probes);
     }

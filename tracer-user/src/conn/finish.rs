@@ -60,7 +60,7 @@ impl Table {
         if let Some(t) = conn.tuple {
             self.unindex(sk, t);
         }
-        Some(conn)
+        Some(*conn)
     }
 
     /// The record at `sk` belongs to a socket that is gone: another socket now has its
@@ -139,7 +139,7 @@ impl Table {
             facts: std::mem::take(&mut conn.facts),
             peer: peer.clone(),
             ttl_baseline: conn.ttl_baseline,
-            h2: conn.h2.as_ref().map(h2_summary),
+            h2: conn.h2.as_deref().map(h2_summary),
             tls: conn.h2.as_ref().is_some_and(|h| h.state == H2State::Tls),
             events_lost,
             proxy,

@@ -35,7 +35,7 @@ impl Table {
             conn.egress_seq0 = o.egress_seq0;
             conn.ingress_seq0 = o.ingress_seq0;
         }
-        self.conns.insert(ev.skaddr, conn);
+        self.conns.insert(ev.skaddr, Box::new(conn));
         self.stats.conns_opened += 1;
         true
     }

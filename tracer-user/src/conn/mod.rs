@@ -126,7 +126,9 @@ pub struct TableStats {
 
 pub struct Table {
     cfg: TableConfig,
-    conns: SkMap<Conn>,
+    /// Boxed: a bucket is then 16 bytes, so the table's spare capacity (up to half of it
+    /// after a resize) costs pointers, not whole records (bench-live).
+    conns: SkMap<Box<Conn>>,
     /// Records taken out of `conns` because their address was reused: judged at the next
     /// [`Table::take_due`], after the ring-buffer drop total has been read, never before
     /// (a verdict given at once could not know whether its events were lost meanwhile).
@@ -250,7 +252,9 @@ impl Table {
     /// Read-only view of the tracked sockets (`whoclosed conns`), each with the time of its
     /// last event (CLOCK_MONOTONIC ns).
     pub fn live(&self) -> impl Iterator<Item = (&Conn, u64)> {
-        self.conns.values().map(|c| (c, c.last_ns.max(c.first_ns)))
+        self.conns
+            .values()
+            .map(|c| (&**c, c.last_ns.max(c.first_ns)))
     }
 
     /// Feeds one event. Returns connections that had to be judged at once: only when more
@@ -265,7 +269,7 @@ impl Table {
             EventKind::H2Proto { note, .. } => {
                 if let Some(c) = self.conns.get_mut(&ev.skaddr) {
                     let first = c.opened_ns.unwrap_or(c.first_ns);
-                    c.h2.get_or_insert_with(|| H2Track::new(first))
+                    c.h2.get_or_insert_with(|| Box::new(H2Track::new(first)))
                         .on_proto(note);
                 }
             }
@@ -277,13 +281,13 @@ impl Table {
             } => {
                 if let Some(c) = self.conns.get_mut(&ev.skaddr) {
                     let first = c.opened_ns.unwrap_or(c.first_ns);
-                    let track = c.h2.get_or_insert_with(|| H2Track::new(first));
+                    let track = c.h2.get_or_insert_with(|| Box::new(H2Track::new(first)));
                     if track.state == H2State::Unsynced && track.frames == 0 {
                         // Frames only come from a synced walker.
                         track.state = H2State::Synced;
                     }
                     if let Some(g) = track.on_frame(ev.ts_ns, dir, head, payload).cloned() {
-                        c.push(ev.ts_ns, FactKind::GoAway(g));
+                        c.push(ev.ts_ns, FactKind::GoAway(Box::new(g)));
                     }
                 }
             }

@@ -58,7 +58,7 @@ impl Table {
             .get(&want)
             .into_iter()
             .flatten()
-            .filter_map(|sk| self.conns.get(sk));
+            .filter_map(|sk| self.conns.get(sk).map(|c| &**c));
         let retired = self
             .retired_by_tuple
             .get(&want)

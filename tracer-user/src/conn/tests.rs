@@ -1222,3 +1222,20 @@ fn both_ends_retired_in_one_tick_find_each_other() {
         assert_eq!(c.verdict.reason, "client_close", "{:#?}", c.verdict);
     }
 }
+
+/// Memory per tracked socket (bench-live: 1 121 bytes per socket before the HTTP/2 tracker
+/// and GOAWAY facts were boxed): the record sits inline in the table's buckets and every
+/// fact in its vector, so their sizes are the budget's first term.
+#[test]
+fn record_sizes_stay_small() {
+    assert!(
+        std::mem::size_of::<Conn>() <= 384,
+        "{}",
+        std::mem::size_of::<Conn>()
+    );
+    assert!(
+        std::mem::size_of::<crate::timeline::Fact>() <= 48,
+        "{}",
+        std::mem::size_of::<crate::timeline::Fact>()
+    );
+}

@@ -1,11 +1,13 @@
-"""Policy checks on deploy/daemonset.yaml beyond the Kubernetes schemas (which
+"""Policy checks on deploy/daemonset.yaml (and the rendered chart) beyond the Kubernetes schemas (which
 `kubernetes-validate --strict` checks): least privilege, read-only host mounts, probes.
 Run by `cargo xtask deploy-check` with the venv that has kubernetes-validate (and PyYAML)."""
 import sys
 
 import yaml
 
-CAPS = {"BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"}
+CAPS = {"BPF", "PERFMON", "NET_ADMIN"}
+# Needed on kernels before 5.11 only (RLIMIT_MEMLOCK); the chart can leave it out.
+OPTIONAL_CAPS = {"SYS_RESOURCE"}
 HOST_PATHS = {"/sys/kernel/tracing", "/sys/kernel/btf", "/sys/fs/cgroup", "/proc", "/var/log"}
 
 
@@ -34,8 +36,12 @@ def check(path):
         caps = sc.get("capabilities", {})
         if caps.get("drop") != ["ALL"]:
             errors.append(f"{c['name']}: does not drop ALL capabilities")
-        if set(caps.get("add", [])) != CAPS:
-            errors.append(f"{c['name']}: capabilities {caps.get('add')} != {sorted(CAPS)}")
+        added = set(caps.get("add", []))
+        if not CAPS <= added or not added <= CAPS | OPTIONAL_CAPS:
+            errors.append(
+                f"{c['name']}: capabilities {caps.get('add')} are not {sorted(CAPS)}"
+                f" (+ optionally {sorted(OPTIONAL_CAPS)})"
+            )
         if sc.get("seccompProfile", {}).get("type") not in ("Localhost", "RuntimeDefault"):
             errors.append(f"{c['name']}: no seccomp profile")
         for m in c.get("volumeMounts", []):

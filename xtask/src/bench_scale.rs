@@ -2,12 +2,12 @@
 //! nothing:
 //! - `bench-pipeline`: records a loopback churn with `whoclosed trace --record`, then times
 //!   `whoclosed replay` of that file (decode, table, classifier, JSON) on one core;
-//! - `bench-live`: holds many loopback connections open at once and reads the agent's
+//! - `bench-live`: holds many loopback connections open at once, spread over network
+//!   namespaces it creates (`wcbench-live-*`, deleted after), and reads the agent's
 //!   resident memory while it tracks them all.
 
 use std::{
     io::Read as _,
-    net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -189,94 +189,134 @@ fn rss_kib(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-fn raise_nofile(want: u64) -> Result<()> {
-    let lim = libc::rlimit {
-        rlim_cur: want,
-        rlim_max: want,
-    };
-    // SAFETY: setrlimit with a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        bail!(
-            "raising RLIMIT_NOFILE to {want}: {} (root and fs.nr_open >= {want} needed)",
-            std::io::Error::last_os_error()
-        );
+/// Holds `n` loopback connections open in its own network namespace, then waits for its
+/// stdin to close. One process per namespace: a process may hold only as many descriptors
+/// as its hard limit allows (20 000 on the CI machine, and raising it is refused there).
+const HOLDER: &str = r#"
+import resource, socket, sys
+n = int(sys.argv[1])
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(4096)
+addr = ls.getsockname()
+held = []
+for _ in range(n):
+    c = socket.create_connection(addr)
+    s, _ = ls.accept()
+    held.append((c, s))
+print("ready", len(held), flush=True)
+sys.stdin.read()
+"#;
+
+/// Connections per holder process (two descriptors each, under a 20 000 limit).
+const PER_HOLDER: usize = 9_000;
+
+fn netns(args: &[&str]) -> Result<()> {
+    let st = Command::new("ip")
+        .args(args)
+        .stderr(Stdio::null())
+        .status()
+        .context("running ip")?;
+    if !st.success() {
+        bail!("ip {}: {st}", args.join(" "));
     }
     Ok(())
 }
 
 pub fn live(root: &Path, args: &LiveArgs) -> Result<()> {
+    use std::io::BufRead as _;
     let bin = root.join("target/release/whoclosed");
     let dir = scratch(root, "live")?;
     let out = dir.join("trace.jsonl");
-    raise_nofile((args.conns as u64) * 2 + 4096)?;
     let max = (args.conns * 2 + 1024).to_string();
     let mut agent = start_agent(&bin, &["--linger-ms", "200", "--max-conns", &max], &out)?;
     let pid = agent.id();
     thread::sleep(Duration::from_millis(500));
     let (idle_rss, _) = rss_kib(pid).context("the agent's memory")?;
 
-    // One ephemeral port range per listener: spread the connections over enough of them.
-    let per_listener = 20_000usize;
-    let listeners: Vec<TcpListener> = (0..args.conns.div_ceil(per_listener).max(1))
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()
-        .context("binding the loopback listeners")?;
-    let addrs: Vec<SocketAddr> = listeners
-        .iter()
-        .map(|l| l.local_addr())
-        .collect::<std::io::Result<_>>()?;
-    let acceptors: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let want = per_listener.min(args.conns.saturating_sub(i * per_listener));
-            thread::spawn(move || {
-                let mut held = Vec::with_capacity(want);
-                // Bounded: if connecting fails half-way, the bench still ends.
-                let deadline = Instant::now() + Duration::from_secs(120);
-                let _ = l.set_nonblocking(true);
-                while held.len() < want && Instant::now() < deadline {
-                    match l.accept() {
-                        Ok((s, _)) => held.push(s),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            thread::sleep(Duration::from_millis(1));
-                        }
-                        Err(_) => break,
-                    }
-                }
-                held
-            })
-        })
-        .collect();
+    let holders = args.conns.div_ceil(PER_HOLDER).max(1);
+    let names: Vec<String> = (0..holders).map(|i| format!("wcbench-live-{i}")).collect();
     let t0 = Instant::now();
-    let mut clients: Vec<TcpStream> = Vec::with_capacity(args.conns);
-    for i in 0..args.conns {
-        let addr = addrs[i / per_listener];
-        clients.push(TcpStream::connect(addr).with_context(|| format!("connection {i}"))?);
+    let mut procs = Vec::new();
+    let mut result = Ok(0usize);
+    for (i, name) in names.iter().enumerate() {
+        let _ = netns(&["netns", "del", name]);
+        if let Err(e) = netns(&["netns", "add", name])
+            .and_then(|_| netns(&["-n", name, "link", "set", "lo", "up"]))
+        {
+            result = Err(e);
+            break;
+        }
+        let n = PER_HOLDER.min(args.conns - i * PER_HOLDER);
+        match Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                name,
+                "python3",
+                "-c",
+                HOLDER,
+                &n.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => procs.push(c),
+            Err(e) => {
+                result = Err(e.into());
+                break;
+            }
+        }
     }
-    let servers: Vec<TcpStream> = acceptors
-        .into_iter()
-        .flat_map(|a| a.join().unwrap_or_default())
-        .collect();
+    // Wait for every holder's "ready <n>".
+    if result.is_ok() {
+        let mut total = 0usize;
+        for p in procs.iter_mut() {
+            let mut line = String::new();
+            if let Some(o) = p.stdout.as_mut() {
+                let _ = std::io::BufReader::new(o).read_line(&mut line);
+            }
+            match line
+                .trim()
+                .strip_prefix("ready ")
+                .and_then(|v| v.parse::<usize>().ok())
+            {
+                Some(k) => total += k,
+                None => {
+                    result = Err(anyhow::anyhow!("a holder did not get ready: {line:?}"));
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            result = Ok(total);
+        }
+    }
     let opened = t0.elapsed().as_secs_f64();
     // Let the agent read everything the openings produced.
     thread::sleep(Duration::from_secs(2));
-    let (held_rss, hwm) = rss_kib(pid).context("the agent's memory")?;
-    let sockets = clients.len() + servers.len();
-    drop(clients);
-    drop(servers);
-    thread::sleep(Duration::from_secs(2));
+    let rss = rss_kib(pid);
+    for mut p in procs {
+        drop(p.stdin.take());
+        let _ = p.wait();
+    }
+    for name in &names {
+        let _ = netns(&["netns", "del", name]);
+    }
+    thread::sleep(Duration::from_secs(1));
     stop_agent(&mut agent);
+    let held = result?;
+    let (held_rss, hwm) = rss.context("the agent's memory")?;
     let stats = final_stats(&out).unwrap_or_default();
+    let sockets = held * 2;
     println!(
-        "{} connections ({} sockets, both ends traced) opened in {:.1} s and held open",
-        args.conns, sockets, opened
+        "{held} connections ({sockets} sockets, both ends traced) in {holders} network \
+         namespaces, opened in {opened:.1} s and held open"
     );
-    println!(
-        "{:<34} {:>12}",
-        "agent RSS idle (KiB)",
-        idle_rss.to_string()
-    );
+    println!("{:<34} {:>12}", "agent RSS idle (KiB)", idle_rss);
     println!("{:<34} {:>12}", "agent RSS all open (KiB)", held_rss);
     println!("{:<34} {:>12}", "agent peak RSS (KiB)", hwm);
     println!(

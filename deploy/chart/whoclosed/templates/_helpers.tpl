@@ -1,0 +1,3 @@
+{{- define "whoclosed.labels" -}}
+app.kubernetes.io/name: whoclosed
+{{- end -}}

@@ -173,7 +173,8 @@ fn start_tracer(mut cmd: Command, ready: impl Fn(&str) -> bool + Send + 'static)
     Ok(child)
 }
 
-fn stop(child: &mut Child) {
+/// SIGINT, then wait (killed after 10 s).
+pub(crate) fn stop(child: &mut Child) {
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -64,21 +64,6 @@ fn start_agent(bin: &Path, args: &[&str], out: &Path) -> Result<Child> {
     bail!("the agent did not become ready in 30 s")
 }
 
-/// SIGINT, then wait (killed after 20 s).
-fn stop_agent(child: &mut Child) {
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 /// The agent's final `stats` record from its output file.
 fn final_stats(out: &Path) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(out).ok()?;
@@ -110,7 +95,7 @@ pub fn pipeline(root: &Path, args: &PipelineArgs) -> Result<()> {
     let rec_arg = rec.to_string_lossy().into_owned();
     let mut agent = start_agent(&bin, &["--linger-ms", "200", "--record", &rec_arg], &out)?;
     let (conns, secs) = churn_load(args.secs, 2, 64)?;
-    stop_agent(&mut agent);
+    crate::bench::stop(&mut agent);
     let stats = final_stats(&out).context("the agent's final stats line")?;
     let events = n(&stats, "/table/events");
     let drops = n(&stats, "/kernel/ringbuf_drops");
@@ -307,7 +292,7 @@ pub fn live(root: &Path, args: &LiveArgs) -> Result<()> {
         let _ = netns(&["netns", "del", name]);
     }
     thread::sleep(Duration::from_secs(1));
-    stop_agent(&mut agent);
+    crate::bench::stop(&mut agent);
     let held = result?;
     let (held_rss, hwm) = rss.context("the agent's memory")?;
     let stats = final_stats(&out).unwrap_or_default();

@@ -173,6 +173,8 @@ fn client_close_case(v6: bool) {
     let agent_ns = t.inodes().expect("inodes");
     let mut agent = start_agent(&agent_ns);
     let mut conn = Conn::open(&t, v6);
+    // Idle for a moment after the last payload: both ends' records must measure it.
+    std::thread::sleep(Duration::from_millis(300));
     conn.client_closes_first();
 
     let c = conn.client_verdict(&mut agent);
@@ -198,6 +200,13 @@ fn client_close_case(v6: bool) {
         },
     );
     check_pair(&c, &s);
+    for v in [&c, &s] {
+        let idle = v["stats"]["idle_before_end_ms"].as_f64().unwrap_or(-1.0);
+        assert!(
+            (250.0..30_000.0).contains(&idle),
+            "idle_before_end_ms {idle}: {v}"
+        );
+    }
     stop(agent);
 }
 

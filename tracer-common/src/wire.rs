@@ -5,7 +5,7 @@
 //! | kind                                   | struct              | size |
 //! |----------------------------------------|---------------------|------|
 //! | `STATE` … `CLOSE_CALL` (lifecycle)     | [`LifecycleRecord`] | 112  |
-//! | `PACKET`                               | [`PacketRecord`]    | 80   |
+//! | `PACKET`                               | [`PacketRecord`]    | 88   |
 //! | `H2_FRAME`                             | [`H2FrameRecord`]   | 112  |
 //! | `H2_NOTE`                              | [`H2NoteRecord`]    | 32   |
 //!
@@ -20,9 +20,10 @@
 
 use core::mem::{offset_of, size_of};
 
-/// Version of this format, in every [`Header`]. Version 1 was the single 128/208-byte
+/// Version of this format, in every [`Header`]. Version 3 added `PacketRecord::last_data_ns`;
+/// version 2 was the first with a header; version 1 was the single 128/208-byte
 /// `RawEvent`/`H2Record` layout without a header.
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 
 /// What produced a record. [`Header::kind`].
 pub mod kind {
@@ -190,8 +191,13 @@ pub struct PacketRecord {
     pub ttl: u8,
     /// Bits from [`flag`]: `INGRESS`, `FIRST_IN_DIR`, `TTL_CHANGED`, `HAS_TUPLE`.
     pub flags: u8,
-    /// Explicit tail padding to the 8-byte alignment of the header.
+    /// Explicit padding to the 8-byte alignment of `last_data_ns`.
     pub _pad: u8,
+    /// When the socket last sent or received a segment with payload, this one included
+    /// (`bpf_ktime_get_ns`, CLOCK_MONOTONIC); 0: none seen. On a FIN or RST it gives how
+    /// long the connection had been idle when it ended: the idle timeout of whatever ended
+    /// it, even when the payload is TLS.
+    pub last_data_ns: u64,
 }
 
 /// One HTTP/2 frame: kind `H2_FRAME`. Control frames (RST_STREAM, SETTINGS, PING, GOAWAY)
@@ -234,7 +240,7 @@ pub struct H2NoteRecord {
 
 pub const HEADER_SIZE: usize = 24;
 pub const LIFECYCLE_SIZE: usize = 112;
-pub const PACKET_SIZE: usize = 80;
+pub const PACKET_SIZE: usize = 88;
 pub const H2_FRAME_SIZE: usize = 112;
 pub const H2_NOTE_SIZE: usize = 32;
 
@@ -296,6 +302,7 @@ const _: () = {
     assert!(offset_of!(PacketRecord, ttl) == 77);
     assert!(offset_of!(PacketRecord, flags) == 78);
     assert!(offset_of!(PacketRecord, _pad) == 79);
+    assert!(offset_of!(PacketRecord, last_data_ns) == 80);
 
     assert!(size_of::<H2FrameRecord>() == H2_FRAME_SIZE);
     assert!(offset_of!(H2FrameRecord, hdr) == 0);
@@ -415,6 +422,7 @@ impl PacketRecord {
             ttl: 0,
             flags: 0,
             _pad: 0,
+            last_data_ns: 0,
         }
     }
 }

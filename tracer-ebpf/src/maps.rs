@@ -103,11 +103,14 @@ pub struct PktState {
     pub seen: u8,
     /// One of [`sk_proto`].
     pub proto: u8,
-    /// Explicit tail padding to the 4-byte alignment of `DirState`, rounded to 80.
+    /// Explicit padding to the 8-byte alignment of `last_data_ns`.
     pub _pad: [u8; 5],
+    /// When a segment with payload last passed, either direction (`bpf_ktime_get_ns`);
+    /// 0: none yet. Reported in every packet record (`PacketRecord::last_data_ns`).
+    pub last_data_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<PktState>() == 80);
+const _: () = assert!(core::mem::size_of::<PktState>() == 88);
 
 pub const EMPTY_DIR: DirState = DirState {
     next_hdr: 0,
@@ -126,6 +129,7 @@ pub const FRESH: PktState = PktState {
     seen: seen::START,
     proto: sk_proto::UNKNOWN,
     _pad: [0; 5],
+    last_data_ns: 0,
 };
 
 /// State of a socket first met mid-connection (its first payload byte may be missed).

@@ -1,7 +1,10 @@
 //! Packets of local sockets: cgroup_skb ingress and egress at the cgroup v2 root (every
 //! netns). TCP flags, TTL and sequence numbers; payload goes to the HTTP/2 walker.
 
-use aya_ebpf::{helpers::bpf_tcp_sock, programs::SkBuffContext};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_tcp_sock},
+    programs::SkBuffContext,
+};
 use tracer_common::{
     AF_INET, AF_INET6, PacketRecord, counter, flag, kind, tcp_flag,
     tcpaccept::{self, SegSeq, SockSeq},
@@ -143,9 +146,13 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
         evflags |= flag::TTL_CHANGED;
         st.ttl_in = seg.ttl;
     }
+    if payload_len > 0 {
+        // SAFETY: helper without preconditions.
+        st.last_data_ns = unsafe { bpf_ktime_get_ns() };
+    }
     let control = tcp_flags & (tcp_flag::SYN | tcp_flag::FIN | tcp_flag::RST) != 0;
     if control || evflags & (flag::FIRST_IN_DIR | flag::TTL_CHANGED) != 0 {
-        emit_packet(&seg, &th, sk, evflags, payload_len);
+        emit_packet(&seg, &th, sk, evflags, payload_len, st.last_data_ns);
     }
     if payload_len > 0 && payload_len < 0x0100_0000 {
         let info = SegInfo {
@@ -219,9 +226,17 @@ fn acceptable(ctx: &SkBuffContext, th: &[u8; 20], payload_len: u32) -> bool {
 
 /// The `PACKET` record.
 #[inline(always)]
-fn emit_packet(seg: &Seg, th: &[u8; 20], sk: u64, evflags: u8, payload_len: u32) {
+fn emit_packet(
+    seg: &Seg,
+    th: &[u8; 20],
+    sk: u64,
+    evflags: u8,
+    payload_len: u32,
+    last_data_ns: u64,
+) {
     let ingress = evflags & flag::INGRESS != 0;
     emit(kind::PACKET, sk, |ev: &mut PacketRecord| {
+        ev.last_data_ns = last_data_ns;
         ev.ep.family = seg.family;
         ev.ttl = seg.ttl;
         ev.tcp_flags = th[13];

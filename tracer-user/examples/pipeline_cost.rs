@@ -44,6 +44,7 @@ fn pk(dir: Dir, flags: u8, seq: u32) -> EventKind {
         payload_len: 0,
         first_in_dir: true,
         ttl_changed: false,
+        last_data_ns: None,
     })
 }
 fn main() -> std::io::Result<()> {

@@ -156,6 +156,9 @@ pub struct Packet {
     pub payload_len: u32,
     pub first_in_dir: bool,
     pub ttl_changed: bool,
+    /// When the socket last carried payload, either direction, this segment included
+    /// (CLOCK_MONOTONIC); `None` if never.
+    pub last_data_ns: Option<u64>,
 }
 
 impl Packet {
@@ -410,6 +413,7 @@ pub fn from_packet(rec: &PacketRecord) -> Event {
             payload_len: rec.payload_len,
             first_in_dir: rec.flags & flag::FIRST_IN_DIR != 0,
             ttl_changed: rec.flags & flag::TTL_CHANGED != 0,
+            last_data_ns: (rec.last_data_ns != 0).then_some(rec.last_data_ns),
         }),
     );
     ev.tuple = tuple(rec.flags, &rec.ep);

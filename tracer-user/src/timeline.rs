@@ -298,6 +298,9 @@ pub struct Timeline {
     pub events_lost: bool,
     /// A proxy on this host holds this connection's end and another leg.
     pub proxy: Option<ProxyView>,
+    /// When the connection last carried payload, either direction (packet hooks), to tell
+    /// an idle timeout from its length even when the payload is opaque (TLS).
+    pub last_data_ns: Option<u64>,
 }
 
 impl Timeline {

@@ -106,11 +106,15 @@ const KNOWN_IDLE_TIMEOUTS: [(&str, u64); 5] = [
     ("IPVS (kube-proxy ipvs mode)", 900),
 ];
 
-/// When the connection had been idle (no open HTTP/2 stream) for about a well-known
-/// idle timeout before the other side ended it, say so: an inference for the hint only.
+/// When the connection had been idle for about a well-known idle timeout before the other
+/// side ended it, say so: an inference for the hint only. Idle is "no open HTTP/2 stream"
+/// when HTTP/2 was parsed (keepalive PINGs are bytes but not activity), otherwise "no
+/// payload either way" from the packet hooks, which works for TLS and plain TCP too.
 fn idle_hint(t: &Timeline) -> Option<String> {
-    let h = t.h2.as_ref()?;
-    let since = h.idle_since_ns?;
+    let since =
+        t.h2.as_ref()
+            .and_then(|h| h.idle_since_ns)
+            .or(t.last_data_ns)?;
     let (end, _) = ending::first_ending(t)?;
     let idle_s = end.saturating_sub(since) as f64 / 1e9;
     let (name, secs) = KNOWN_IDLE_TIMEOUTS

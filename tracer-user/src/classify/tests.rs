@@ -61,6 +61,7 @@ fn tl(role: Role, open: Vec<Fact>, rest: Vec<Fact>, peer: Option<PeerSummary>) -
         tls: false,
         events_lost: false,
         proxy: None,
+        last_data_ns: None,
     }
 }
 
@@ -946,6 +947,7 @@ fn cases() -> Vec<Case> {
                 tls: false,
                 events_lost: false,
                 proxy: None,
+                last_data_ns: None,
             },
             closed_by: C::Unknown,
             reason: "remote_close",
@@ -1458,4 +1460,36 @@ fn single_ended_idle_close_near_a_known_lb_timeout_is_named_in_the_hint() {
         "{}",
         v.hint
     );
+}
+
+/// TLS (or any opaque payload): no HTTP/2 idle time, but the packet hooks' last payload
+/// time gives the idle period before the remote RST, and it names the device.
+#[test]
+fn single_ended_tls_idle_reset_near_a_known_lb_timeout_is_named_from_l4_idle() {
+    let s = 1_000_000_000u64;
+    let mut t = tl(
+        Role::Client,
+        client_open(),
+        vec![f(
+            361 * s,
+            FactKind::RstReceived {
+                ttl: 63,
+                origin: RstOrigin::Untraced,
+                sender_reason: None,
+            },
+        )],
+        None,
+    );
+    t.tls = true;
+    t.last_data_ns = Some(11 * s);
+    let v = classify(&t);
+    assert!(
+        v.hint.contains("AWS NLB idle timeout (350 s)"),
+        "{}",
+        v.hint
+    );
+    // Without the packet hooks' payload time there is no idle figure to match.
+    t.last_data_ns = None;
+    let v = classify(&t);
+    assert!(!v.hint.contains("idle timeout ("), "{}", v.hint);
 }

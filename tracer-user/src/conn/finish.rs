@@ -143,6 +143,7 @@ impl Table {
             tls: conn.h2.as_ref().is_some_and(|h| h.state == H2State::Tls),
             events_lost,
             proxy,
+            last_data_ns: conn.last_data_ns,
         };
         let verdict = classify::classify(&timeline);
         conn.facts = timeline.facts;

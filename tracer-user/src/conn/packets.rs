@@ -43,6 +43,9 @@ impl Table {
         } else {
             p.seq
         };
+        if let Some(t) = p.last_data_ns {
+            c.last_data_ns = Some(c.last_data_ns.map_or(t, |x| x.max(t)));
+        }
         let had_both = c.egress_seq0.is_some() && c.ingress_seq0.is_some();
         match p.dir {
             Dir::Egress => {

@@ -36,6 +36,8 @@ pub struct Conn {
     pub ttl_baseline: Option<u8>,
     pub egress_seq0: Option<u32>,
     pub ingress_seq0: Option<u32>,
+    /// When the socket last carried payload (either direction), from its packet records.
+    pub last_data_ns: Option<u64>,
     pub retransmits: u32,
     /// HTTP/2 state, once any payload of this socket was classified.
     /// Boxed: most connections are not HTTP/2, and the tracker is larger than the rest of
@@ -77,6 +79,7 @@ impl Conn {
             ttl_baseline: None,
             egress_seq0: None,
             ingress_seq0: None,
+            last_data_ns: None,
             retransmits: 0,
             h2: None,
             last_cpu: u32::MAX,
@@ -94,8 +97,24 @@ impl Conn {
         Some(self.facts.len() - 1)
     }
 
+    /// How long the connection had carried no payload when it ended: from the last segment
+    /// with payload to its first FIN or RST either way (0 if data came after). `None` without
+    /// packet facts or without an ending.
+    pub fn idle_before_end_ns(&self) -> Option<u64> {
+        let end = self.first_at(|k| {
+            matches!(
+                k,
+                FactKind::FinSent
+                    | FactKind::FinReceived { .. }
+                    | FactKind::RstSent { .. }
+                    | FactKind::RstReceived { .. }
+            )
+        })?;
+        Some(end.saturating_sub(self.last_data_ns?))
+    }
+
     /// Time of the first fact matching `pred`.
-    pub(super) fn first_at(&self, pred: impl Fn(&FactKind) -> bool) -> Option<u64> {
+    pub fn first_at(&self, pred: impl Fn(&FactKind) -> bool) -> Option<u64> {
         self.facts
             .iter()
             .filter(|f| pred(&f.kind))

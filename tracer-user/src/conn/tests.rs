@@ -61,6 +61,7 @@ fn pkt(ts: u64, sk: u64, t: Tuple, dir: Dir, flags: u8, seq: u32, ttl: u8) -> Ev
             payload_len: 0,
             first_in_dir: false,
             ttl_changed: false,
+            last_data_ns: None,
         }),
     )
 }
@@ -1237,5 +1238,46 @@ fn record_sizes_stay_small() {
         std::mem::size_of::<crate::timeline::Fact>() <= 48,
         "{}",
         std::mem::size_of::<crate::timeline::Fact>()
+    );
+}
+
+/// The packet records' last-payload time reaches the record: idle from the last payload to
+/// the first FIN or RST, whichever way it went, and the timeline's L4 idle figure.
+#[test]
+fn idle_before_end_comes_from_the_packet_records() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::new(TableConfig {
+        linger_ns: 0,
+        ..TableConfig::default()
+    });
+    let t = tuple("10.0.0.1:45000", "10.0.0.2:443");
+    let with_data = |mut ev: Event, at: u64| {
+        if let EventKind::Packet(p) = &mut ev.kind {
+            p.last_data_ns = Some(at);
+        }
+        ev
+    };
+    tbl.on_event(&state(0, 0x61, t, Close, SynSent));
+    tbl.on_event(&pkt(1, 0x61, t, Egress, SYN, 100, 64));
+    tbl.on_event(&state(2, 0x61, t, SynSent, Established));
+    // First ingress segment carried data at 5 ms; then 361 s of silence and a RST.
+    tbl.on_event(&with_data(
+        pkt(5 * MS, 0x61, t, Ingress, ACK, 900, 63),
+        5 * MS,
+    ));
+    tbl.on_event(&with_data(
+        pkt(361_005 * MS, 0x61, t, Ingress, RST, 950, 63),
+        5 * MS,
+    ));
+    tbl.on_event(&state(361_005 * MS, 0x61, t, Established, Close));
+    let out = tbl.take_all_closed();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].conn.last_data_ns, Some(5 * MS));
+    assert_eq!(out[0].conn.idle_before_end_ns(), Some(361_000 * MS));
+    assert!(
+        out[0].verdict.hint.contains("AWS NLB idle timeout (350 s)"),
+        "{}",
+        out[0].verdict.hint
     );
 }

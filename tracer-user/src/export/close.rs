@@ -271,6 +271,8 @@ struct StatsJson {
     retransmits: u32,
     ttl_baseline: Option<u8>,
     facts_dropped: u32,
+    /// No payload either way for this long before the first FIN or RST (packet hooks).
+    idle_before_end_ms: Option<f64>,
 }
 
 /// The `close` object for one ended socket, ready to serialise.
@@ -320,6 +322,7 @@ impl Serialize for CloseObject<'_> {
                 retransmits: conn.retransmits,
                 ttl_baseline: conn.ttl_baseline,
                 facts_dropped: conn.facts_dropped,
+                idle_before_end_ms: conn.idle_before_end_ns().map(ms),
             },
         )?;
         m.serialize_entry("h2", &h2_json(c))?;

@@ -49,6 +49,7 @@ fn p(dir: Dir, flags: u8, seq: u32, ttl: u8) -> EventKind {
         payload_len: 0,
         first_in_dir: true,
         ttl_changed: false,
+        last_data_ns: None,
     })
 }
 

@@ -23,6 +23,11 @@ pub use wire::{
     flag, kind, proto,
 };
 
+/// Size of the kernel's private per-socket packet state (`tracer-ebpf` `PktState`, the value
+/// of the `SK_PKT` map). The agent only counts the map's entries, but opening it needs the
+/// value size; the kernel crate asserts this at compile time so the two cannot drift.
+pub const PKT_STATE_SIZE: usize = 88;
+
 /// HTTP/2 frame payload bytes copied per control frame.
 pub const H2_CAPTURE: usize = 64;
 

@@ -110,7 +110,7 @@ pub struct PktState {
     pub last_data_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<PktState>() == 88);
+const _: () = assert!(core::mem::size_of::<PktState>() == tracer_common::PKT_STATE_SIZE);
 
 pub const EMPTY_DIR: DirState = DirState {
     next_hdr: 0,

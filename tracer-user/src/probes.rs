@@ -516,7 +516,7 @@ impl Probes {
             .ok_or_else(|| anyhow!("COUNTERS map missing"))?;
         // Kept only to count its entries (evictions); the programs hold their own reference.
         let sockets = self.ebpf.take_map("SK_PKT").and_then(|m| {
-            AyaHashMap::<MapData, u64, [u8; PKT_STATE_SIZE]>::try_from(m)
+            AyaHashMap::<MapData, u64, [u8; tracer_common::PKT_STATE_SIZE]>::try_from(m)
                 .inspect_err(|e| warn!("per-socket map unreadable ({e}); evictions not counted"))
                 .ok()
         });
@@ -527,14 +527,10 @@ impl Probes {
     }
 }
 
-/// Size of the kernel's per-socket packet state (`PktState` in tracer-ebpf's maps.rs); only
-/// counted here, never read.
-const PKT_STATE_SIZE: usize = 80;
-
 /// The kernel-side per-CPU counters.
 pub struct Counters {
     map: PerCpuArray<MapData, u64>,
-    sockets: Option<AyaHashMap<MapData, u64, [u8; PKT_STATE_SIZE]>>,
+    sockets: Option<AyaHashMap<MapData, u64, [u8; tracer_common::PKT_STATE_SIZE]>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -8,9 +8,9 @@
 //!   its nghttp2 cases, the grpcio ones skip in guests, see [`Suite::H2`]).
 //! * `matrix`: `report` on every kernel, then `test` for every mode that loaded; prints the
 //!   tables and, with `--write-doc`, writes `docs/kernel-support.md`.
-//! * `ci`: the quick subset (7 to 10 minutes, with the load of the host): report boots of
-//!   the two oldest kernels, then the end-to-end tests once per probe mode, the HTTP/2 ones
-//!   on 5.10 and 6.1 (see `CI_REPORTS`, `CI_SET`).
+//! * `ci`: the quick subset (about 14 minutes under TCG here): a report boot of the oldest
+//!   kernel, then the end-to-end tests once per probe mode, the HTTP/2 ones on 5.10 (see
+//!   `CI_REPORTS`, `CI_SET`).
 //! * `run`: any command in a guest (debugging).
 //!
 //! Each guest is one boot of `qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 1G
@@ -101,10 +101,9 @@ enum VmCmd {
         #[command(flatten)]
         common: Common,
     },
-    /// Quick subset for CI (7-10 minutes): report boots of 5.10 and 6.1 (every mode must
-    /// load), then the end-to-end tests once per mode: tracepoint on 5.10 and fentry on 6.1
-    /// (both suites: the HTTP/2 walker's verifier workarounds are for these two), kprobe on
-    /// the newest kernel (tcp suite).
+    /// Quick subset for CI (about 14 minutes): a report boot of 5.10 (every mode must load),
+    /// then the end-to-end tests once per mode: tracepoint on 5.10 (both suites), fentry on
+    /// 6.1 and kprobe on the newest kernel (tcp suite).
     Ci {
         #[command(flatten)]
         common: Common,
@@ -186,9 +185,12 @@ impl Suite {
     }
 }
 
-/// CI: kernels whose report boot must show every probe mode loading (the oldest
-/// verifiers are the strict ones)...
-const CI_REPORTS: &[&str] = &["5.10", "6.1"];
+/// CI: kernels whose report boot must show every probe mode loading (the oldest verifier
+/// is the strictest). 6.1's report boot (about 150 s under TCG) left CI to keep `.ci/run`
+/// well under 30 minutes: its fentry test boot loads the same kernel programs, and the only
+/// programs of the other modes, tcp_close_kprobe and the tracepoints, are the same code
+/// that loads on 5.10 and on the newest kernel; `vm matrix` reports every kernel...
+const CI_REPORTS: &[&str] = &["5.10"];
 
 /// ...and end-to-end runs (kernel, mode, suites): each mode once, the oldest kernel with the
 /// least evidence (no tcp_close hook), 6.1 in the mode `auto` picks there, the newest

@@ -217,7 +217,7 @@ impl Side {
             let view = ConnView {
                 v: SCHEMA_VERSION,
                 kind: "conn",
-                id: &c.id,
+                id: c.id,
                 family: match c.tuple {
                     Some(t) if t.local.is_ipv4() => "ipv4",
                     Some(_) => "ipv6",
@@ -259,7 +259,7 @@ struct ConnView<'a> {
     v: u32,
     #[serde(rename = "type")]
     kind: &'static str,
-    id: &'a str,
+    id: crate::timeline::ConnId,
     family: &'static str,
     local: Option<SocketAddr>,
     remote: Option<SocketAddr>,

@@ -6,6 +6,29 @@ use serde::Serialize;
 
 use crate::{event::TcpState, h2::Reason as ErrorCode};
 
+/// A socket record's id (`conn.id`): 64 bits shown as 16 hex digits. A number, not a
+/// string, so that copying it into peer summaries and proxy legs costs nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl Serialize for ConnId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl PartialEq<str> for ConnId {
+    fn eq(&self, other: &str) -> bool {
+        other.len() == 16 && u64::from_str_radix(other, 16).is_ok_and(|v| v == self.0)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -168,9 +191,9 @@ pub struct H2Summary {
 /// What the peer socket did, when the peer is on this host too.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PeerSummary {
-    pub id: String,
+    pub id: ConnId,
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<crate::event::Comm>,
     /// Its owner was exiting when it closed (crash, kill -9, exit without close).
     pub exited: bool,
     /// It reached TCP_CLOSE before our socket did.
@@ -254,7 +277,7 @@ pub enum ProxyLeg {
 /// alive during this one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OtherLeg {
-    pub id: String,
+    pub id: ConnId,
     pub local: Option<std::net::SocketAddr>,
     pub remote: Option<std::net::SocketAddr>,
     /// How the proxy's socket on that leg ended, if it has.

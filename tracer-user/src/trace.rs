@@ -110,7 +110,7 @@ impl<W: Write> Output<W> {
     /// The pods of both ends: resolved live by the agent, or as recorded.
     fn k8s_of(&mut self, c: &Closed) -> K8sEnds {
         if let Some(map) = &self.recorded_k8s {
-            return map.get(&c.conn.id).cloned().unwrap_or_default();
+            return map.get(&c.conn.id.to_string()).cloned().unwrap_or_default();
         }
         let ends = match &mut self.agent {
             Some(a) => a.k8s_of(c),
@@ -118,7 +118,7 @@ impl<W: Write> Output<W> {
         };
         if !ends.is_empty()
             && let Some(r) = &mut self.recorder
-            && let Err(e) = r.k8s(&c.conn.id, &ends)
+            && let Err(e) = r.k8s(&c.conn.id.to_string(), &ends)
         {
             warn!("recording pod names: {e}");
         }

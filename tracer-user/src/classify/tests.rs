@@ -101,7 +101,7 @@ fn client_fin_after(at: u64) -> Vec<Fact> {
 
 fn peer(exited: bool, closed_first: bool) -> Option<PeerSummary> {
     Some(PeerSummary {
-        id: "p".into(),
+        id: ConnId(0x70),
         exited,
         closed_first,
         ..Default::default()
@@ -217,7 +217,7 @@ fn cases() -> Vec<Case> {
                     st(104, S::FinWait2, S::Close),
                 ],
                 Some(PeerSummary {
-                    id: "c".into(),
+                    id: ConnId(0x63),
                     fin_sent_ns: Some(101),
                     fin_received_ns: Some(103),
                     ..Default::default()
@@ -242,7 +242,7 @@ fn cases() -> Vec<Case> {
                     st(104, S::Closing, S::Close),
                 ],
                 Some(PeerSummary {
-                    id: "s".into(),
+                    id: ConnId(0x73),
                     fin_sent_ns: Some(102),
                     fin_received_ns: Some(102),
                     ..Default::default()
@@ -266,7 +266,7 @@ fn cases() -> Vec<Case> {
                     st(106, S::FinWait2, S::Close),
                 ],
                 Some(PeerSummary {
-                    id: "s".into(),
+                    id: ConnId(0x73),
                     fin_sent_ns: Some(104),
                     fin_received_ns: Some(102),
                     ..Default::default()
@@ -528,7 +528,7 @@ fn cases() -> Vec<Case> {
                     st(5000, S::Established, S::Close),
                 ],
                 Some(PeerSummary {
-                    id: "p".into(),
+                    id: ConnId(0x70),
                     closed_first: true,
                     ended: Some((700, LegEnd::Timeout)),
                     retransmits: 3,
@@ -559,7 +559,7 @@ fn cases() -> Vec<Case> {
                     st(5000, S::Established, S::Close),
                 ],
                 Some(PeerSummary {
-                    id: "p".into(),
+                    id: ConnId(0x70),
                     closed_first: true,
                     ended: Some((700, LegEnd::FarRst)),
                     middlebox_reset_at: Some(700),
@@ -778,7 +778,7 @@ fn cases() -> Vec<Case> {
                         },
                     )),
                     other: Some(OtherLeg {
-                        id: "u".into(),
+                        id: ConnId(0x75),
                         local: None,
                         remote: None,
                         ended: Some((50, LegEnd::OwnFin)),
@@ -807,7 +807,7 @@ fn cases() -> Vec<Case> {
                     leg: ProxyLeg::Downstream,
                     ended: Some((100, LegEnd::OwnFin)),
                     other: Some(OtherLeg {
-                        id: "u".into(),
+                        id: ConnId(0x75),
                         local: None,
                         remote: None,
                         ended: Some((90_000_000_000, LegEnd::OwnFin)),

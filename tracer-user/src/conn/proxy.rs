@@ -12,7 +12,7 @@ use super::{Conn, LOG_WINDOW_NS, Table};
 use crate::{
     classify::leg_end,
     event::Tuple,
-    timeline::{Fact, LegEnd, OtherLeg, PeerSummary, ProxyLeg, ProxyView, Role},
+    timeline::{ConnId, Fact, LegEnd, OtherLeg, PeerSummary, ProxyLeg, ProxyView, Role},
 };
 
 /// Closed sockets remembered per process, and processes remembered at all.
@@ -48,7 +48,7 @@ pub(super) fn known_proxy(comm: &str) -> bool {
 #[derive(Clone, Debug)]
 pub(super) struct LegRec {
     skaddr: u64,
-    id: String,
+    id: ConnId,
     role: Role,
     tuple: Option<Tuple>,
     opened_ns: Option<u64>,
@@ -81,9 +81,9 @@ fn opposite(a: Role, b: Role) -> bool {
 }
 
 /// What is known about the socket whose other leg is looked for.
-struct Leg<'a> {
+struct Leg {
     pid: u32,
-    id: &'a str,
+    id: ConnId,
     role: Role,
     tuple: Option<Tuple>,
     opened_ns: Option<u64>,
@@ -104,7 +104,7 @@ impl Table {
         }
         let rec = LegRec {
             skaddr: sk,
-            id: c.id.clone(),
+            id: c.id,
             role: c.role,
             tuple: c.tuple,
             opened_ns: c.opened_ns,
@@ -183,7 +183,7 @@ impl Table {
             _ => best.ended.clone(),
         };
         Some(OtherLeg {
-            id: best.id.clone(),
+            id: best.id,
             local: best.tuple.map(|t| t.local),
             remote: best.tuple.map(|t| t.remote),
             ended,
@@ -202,7 +202,7 @@ impl Table {
         if let Some((pid, comm)) = conn.owner() {
             let leg = Leg {
                 pid,
-                id: &conn.id,
+                id: conn.id,
                 role: conn.role,
                 tuple: conn.tuple,
                 opened_ns: conn.opened_ns,
@@ -210,18 +210,16 @@ impl Table {
             };
             let talks_to_itself = peer.is_some_and(|p| p.pid == Some(pid));
             if !talks_to_itself {
-                if let Some(v) =
-                    self.view(&leg, comm.to_string(), conn.netns, own_ended.clone(), true)
-                {
+                if let Some(v) = self.view(&leg, &comm, conn.netns, own_ended.clone(), true) {
                     return Some(v);
                 }
             }
         }
         let p = peer?;
-        let (pid, comm) = (p.pid?, p.comm.clone()?);
+        let (pid, comm) = (p.pid?, p.comm.as_deref()?);
         let leg = Leg {
             pid,
-            id: &p.id,
+            id: p.id,
             role: conn.role.opposite(),
             tuple: conn.tuple.map(|t| t.reversed()),
             opened_ns: p.opened_ns,
@@ -236,7 +234,7 @@ impl Table {
     fn view(
         &self,
         leg: &Leg,
-        comm: String,
+        comm: &str,
         netns: Option<u32>,
         ended: Option<(u64, LegEnd)>,
         local: bool,
@@ -247,14 +245,14 @@ impl Table {
             Role::Unknown => return None,
         };
         let other = self.other_leg(leg);
-        let known_name = known_proxy(&comm);
+        let known_name = known_proxy(comm);
         if other.is_none() && !(known_name && side == ProxyLeg::Upstream) {
             return None;
         }
         Some(ProxyView {
             local,
             pid: leg.pid,
-            comm,
+            comm: comm.to_string(),
             netns,
             leg: side,
             ended,

@@ -3,7 +3,7 @@
 
 use crate::{
     event::{TcpState, Tuple},
-    timeline::{Fact, FactKind, LegEnd, PeerSummary, Role},
+    timeline::{ConnId, Fact, FactKind, LegEnd, PeerSummary, Role},
 };
 
 use super::h2::H2Track;
@@ -13,7 +13,7 @@ pub const MAX_FACTS: usize = 128;
 
 #[derive(Clone, Debug)]
 pub struct Conn {
-    pub id: String,
+    pub id: ConnId,
     pub skaddr: u64,
     pub tuple: Option<Tuple>,
     /// The addresses the socket's own state changes carry (packets may carry translated
@@ -50,12 +50,12 @@ pub struct Conn {
     pub(super) rst_in: Vec<(usize, Option<u32>)>,
 }
 
-fn make_id(skaddr: u64, first_ns: u64) -> String {
+fn make_id(skaddr: u64, first_ns: u64) -> ConnId {
     use std::hash::{Hash, Hasher};
     // Not the raw kernel address: ids end up in logs and must not leak kernel layout.
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (skaddr, first_ns).hash(&mut h);
-    format!("{:016x}", h.finish())
+    ConnId(h.finish())
 }
 
 impl Conn {
@@ -193,9 +193,9 @@ impl Conn {
             }),
             fin_sent_ns: self.first_at(|k| matches!(k, FactKind::FinSent)),
             fin_received_ns: self.first_at(|k| matches!(k, FactKind::FinReceived { .. })),
-            id: self.id.clone(),
+            id: self.id,
             pid: owner.as_ref().map(|o| o.0),
-            comm: owner.map(|o| o.1.to_string()),
+            comm: owner.map(|o| o.1),
             exited: self.exited(),
             closed_first: false,
             netns: self.netns,

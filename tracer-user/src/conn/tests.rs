@@ -194,10 +194,7 @@ fn client_close_both_sides() {
     );
     assert_eq!(s.verdict.tcp_initiator, Initiator::Remote);
     assert_eq!(s.owner, Some((200, "server".into())));
-    assert_eq!(
-        s.peer.as_ref().map(|p| p.id.as_str()),
-        Some(c.conn.id.as_str())
-    );
+    assert_eq!(s.peer.as_ref().map(|p| p.id), Some(c.conn.id));
     assert!(tbl.is_empty());
 }
 
@@ -431,15 +428,9 @@ fn identical_addresses_in_two_namespaces_stay_apart() {
     assert_eq!(bs.verdict.reason, "server_close");
     assert_eq!((ac.conn.netns, bc.conn.netns), (Some(11), Some(21)));
     // Peers are matched by sequence space, not just by the (identical) tuples.
-    assert_eq!(
-        as_.peer.as_ref().map(|p| p.id.clone()),
-        Some(ac.conn.id.clone())
-    );
-    assert_eq!(
-        bs.peer.as_ref().map(|p| p.id.clone()),
-        Some(bc.conn.id.clone())
-    );
-    let mut ids: Vec<_> = out.iter().map(|c| c.conn.id.clone()).collect();
+    assert_eq!(as_.peer.as_ref().map(|p| p.id), Some(ac.conn.id));
+    assert_eq!(bs.peer.as_ref().map(|p| p.id), Some(bc.conn.id));
+    let mut ids: Vec<_> = out.iter().map(|c| c.conn.id).collect();
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 4);

@@ -241,7 +241,7 @@ fn h2_json(c: &Closed) -> Option<H2Json<'_>> {
 
 #[derive(Serialize)]
 struct PeerJson<'a> {
-    id: &'a str,
+    id: crate::timeline::ConnId,
     pid: Option<u32>,
     comm: Option<&'a str>,
     netns: Option<u32>,
@@ -252,7 +252,7 @@ struct PeerJson<'a> {
 
 #[derive(Serialize)]
 struct ConnJson<'a> {
-    id: &'a str,
+    id: crate::timeline::ConnId,
     family: &'static str,
     local: Option<SocketAddr>,
     remote: Option<SocketAddr>,
@@ -301,7 +301,7 @@ impl Serialize for CloseObject<'_> {
         m.serialize_entry(
             "conn",
             &ConnJson {
-                id: &conn.id,
+                id: conn.id,
                 family,
                 local: conn.tuple.map(|t| t.local),
                 remote: conn.tuple.map(|t| t.remote),
@@ -329,7 +329,7 @@ impl Serialize for CloseObject<'_> {
         m.serialize_entry(
             "peer",
             &c.peer.as_ref().map(|p| PeerJson {
-                id: &p.id,
+                id: p.id,
                 pid: p.pid,
                 comm: p.comm.as_deref(),
                 netns: p.netns,

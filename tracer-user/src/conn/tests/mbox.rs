@@ -249,15 +249,12 @@ fn ends_join_through_dnat_by_sequence_numbers() {
     let c = only(&out, p.c);
     let s = only(&out, p.s);
     assert_eq!(
-        c.peer.as_ref().map(|x| x.id.as_str()),
-        Some(s.conn.id.as_str()),
+        c.peer.as_ref().map(|x| x.id),
+        Some(s.conn.id),
         "the client socket is joined to the server socket behind the VIP"
     );
     assert!(c.peer.as_ref().is_some_and(|x| x.translated));
-    assert_eq!(
-        s.peer.as_ref().map(|x| x.id.as_str()),
-        Some(c.conn.id.as_str())
-    );
+    assert_eq!(s.peer.as_ref().map(|x| x.id), Some(c.conn.id));
     assert_eq!(
         (c.verdict.closed_by, c.verdict.reason.as_str()),
         (ClosedBy::Server, "server_close")

@@ -52,10 +52,10 @@ fn main() -> std::io::Result<()> {
     let n = 100_000u64;
     let mut evs = Vec::new();
     for i in 0..n {
-        let ct = Tuple {
-            local: SocketAddr::from(([127, 0, 0, 1], 30000 + (i % 30000) as u16)),
-            remote: SocketAddr::from(([127, 0, 0, 1], 80)),
-        };
+        let ct = Tuple::new(
+            SocketAddr::from(([127, 0, 0, 1], 30000 + (i % 30000) as u16)),
+            SocketAddr::from(([127, 0, 0, 1], 80)),
+        );
         let st = ct.reversed();
         let (c, s, ts) = (0x1000_0000 + i * 2, 0x1000_0001 + i * 2, i * 1000);
         let isn = (i as u32).wrapping_mul(0x9e3779b9);

@@ -124,26 +124,120 @@ pub enum Dir {
     Egress,
 }
 
-/// Local and remote endpoints of a socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Local and remote endpoints of a socket, stored compactly: every record, index entry
+/// and log entry of the connection table holds one or two of these, so they are 38 bytes
+/// (and `Option<Tuple>` too) instead of two 32-byte `SocketAddr`s, and hash in two
+/// writes. IPv4 addresses sit in the first four bytes of their array, the rest zero.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Tuple {
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
+    laddr: [u8; 16],
+    raddr: [u8; 16],
+    lport: u16,
+    rport: u16,
+    family: Family,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl std::hash::Hash for Tuple {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        let fam = u64::from(self.family == Family::V6);
+        let l = u128::from_ne_bytes(self.laddr);
+        let r = u128::from_ne_bytes(self.raddr);
+        h.write_u128(l ^ r.rotate_left(64));
+        h.write_u64(u64::from(self.lport) | u64::from(self.rport) << 16 | fam << 32);
+    }
+}
+
+impl std::fmt::Debug for Tuple {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} -> {}", self.local(), self.remote())
+    }
+}
+
+fn octets(ip: IpAddr) -> ([u8; 16], Family) {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            (b, Family::V4)
+        }
+        IpAddr::V6(a) => (a.octets(), Family::V6),
+    }
 }
 
 impl Tuple {
+    /// Both ends must be of one family; an IPv4 end with an IPv6 one is stored as IPv6
+    /// (the IPv4 address mapped).
+    pub fn new(local: SocketAddr, remote: SocketAddr) -> Self {
+        let (mut l, lf) = octets(local.ip());
+        let (mut r, rf) = octets(remote.ip());
+        let family = if lf == rf {
+            lf
+        } else {
+            if lf == Family::V4 {
+                l = mapped(l);
+            }
+            if rf == Family::V4 {
+                r = mapped(r);
+            }
+            Family::V6
+        };
+        Tuple {
+            laddr: l,
+            raddr: r,
+            lport: local.port(),
+            rport: remote.port(),
+            family,
+        }
+    }
+
+    fn addr(&self, b: [u8; 16], port: u16) -> SocketAddr {
+        match self.family {
+            Family::V4 => SocketAddr::new(IpAddr::from([b[0], b[1], b[2], b[3]]), port),
+            Family::V6 => SocketAddr::new(IpAddr::from(b), port),
+        }
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        self.addr(self.laddr, self.lport)
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        self.addr(self.raddr, self.rport)
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.family == Family::V4
+    }
+
     pub fn reversed(self) -> Self {
         Self {
-            local: self.remote,
-            remote: self.local,
+            laddr: self.raddr,
+            raddr: self.laddr,
+            lport: self.rport,
+            rport: self.lport,
+            family: self.family,
         }
     }
 
     /// A tuple is complete once both ports are known (a client socket's local port is
     /// chosen after its SYN_SENT transition).
     pub fn is_complete(&self) -> bool {
-        self.local.port() != 0 && self.remote.port() != 0
+        self.lport != 0 && self.rport != 0
     }
+}
+
+fn mapped(v4: [u8; 16]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[10] = 0xff;
+    b[11] = 0xff;
+    b[12..].copy_from_slice(&v4[..4]);
+    b
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,10 +453,10 @@ fn tuple(flags: u8, ep: &Endpoints) -> Option<Tuple> {
         return None;
     }
     match (addr(ep.family, &ep.saddr), addr(ep.family, &ep.daddr)) {
-        (Some(l), Some(r)) => Some(Tuple {
-            local: SocketAddr::new(l, ep.sport),
-            remote: SocketAddr::new(r, ep.dport),
-        }),
+        (Some(l), Some(r)) => Some(Tuple::new(
+            SocketAddr::new(l, ep.sport),
+            SocketAddr::new(r, ep.dport),
+        )),
         _ => None,
     }
 }
@@ -535,8 +629,8 @@ mod tests {
         assert!(ev.exiting);
         assert_eq!(ev.netns, Some(4026531993));
         let t = ev.tuple.expect("tuple");
-        assert_eq!(t.local.to_string(), "10.0.0.1:51234");
-        assert_eq!(t.remote.to_string(), "10.0.0.2:80");
+        assert_eq!(t.local().to_string(), "10.0.0.1:51234");
+        assert_eq!(t.remote().to_string(), "10.0.0.2:80");
     }
 
     /// Each lifecycle kind reads its own fields, and only those (the others are set to
@@ -624,7 +718,7 @@ mod tests {
         assert_eq!(ev.skaddr, 9);
         assert_eq!(ev.netns, None);
         assert_eq!(
-            ev.tuple.expect("tuple").local.to_string(),
+            ev.tuple.expect("tuple").local().to_string(),
             "[fd00::1]:40000"
         );
     }
@@ -646,8 +740,8 @@ mod tests {
             r.flags = flag::HAS_TUPLE;
         });
         let t = decode(&bytes).expect("decode").tuple.expect("tuple");
-        assert_eq!(t.local.to_string(), "10.241.1.2:40000");
-        assert_eq!(t.remote.to_string(), "10.241.2.2:8080");
+        assert_eq!(t.local().to_string(), "10.241.1.2:40000");
+        assert_eq!(t.remote().to_string(), "10.241.2.2:8080");
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub use record::{Conn, MAX_FACTS};
 /// Hashes a kernel socket address: one multiply. The keys are kernel pointers, which no
 /// remote party chooses, so the DoS-resistant default (SipHash, a few percent of the agent
 /// under churn in `perf`) buys nothing here. Tuple-keyed maps, whose keys a remote party
-/// does choose, keep the default hasher.
+/// does choose, use [`FastMap`].
 #[derive(Clone, Copy, Default)]
 pub(crate) struct SkHasher(u64);
 
@@ -56,6 +56,10 @@ impl std::hash::Hasher for SkHasher {
 }
 
 type SkBuild = std::hash::BuildHasherDefault<SkHasher>;
+/// Maps keyed by addresses or sequence numbers, which remote parties choose: foldhash with
+/// a per-process random seed. SipHash, std's default, cost about 3 % of the agent under
+/// churn in `perf`.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type SkMap<V> = HashMap<u64, V, SkBuild>;
 type SkSet = HashSet<u64, SkBuild>;
 
@@ -137,9 +141,9 @@ pub struct Table {
     /// numbers, built when a take_due starts judging them: the peer lookup of each retired
     /// record is then a hash lookup, not a scan of all of them (quadratic under churn,
     /// when thousands are retired between two ticks).
-    retired_by_tuple: HashMap<Tuple, Vec<usize>>,
-    retired_by_seq: HashMap<(u32, u32), usize>,
-    by_tuple: HashMap<Tuple, Vec<u64>>,
+    retired_by_tuple: FastMap<Tuple, Vec<usize>>,
+    retired_by_seq: FastMap<(u32, u32), usize>,
+    by_tuple: FastMap<Tuple, Vec<u64>>,
     listeners: SkSet,
     /// Sockets refused because the table was full: their later events are ignored until
     /// they close (counted once, never brought back as `preexisting`). At most `max_conns`.
@@ -150,16 +154,16 @@ pub struct Table {
     rst_log_evicted_ns: Option<u64>,
     recent: VecDeque<peer::Recent>,
     /// Reasons of no-socket resets reported by `tcp_send_reset`, waiting for their segment.
-    pending_reasons: HashMap<Tuple, String>,
+    pending_reasons: FastMap<Tuple, String>,
     /// Live sockets by (first egress, first ingress) sequence number: the two ends of one
     /// connection have them crossed, whatever NAT did to the addresses.
-    live_seq: HashMap<(u32, u32), u64>,
+    live_seq: FastMap<(u32, u32), u64>,
     /// The same for recently finished sockets: the serial of their [`peer::Recent`] entry.
-    recent_seq: HashMap<(u32, u32), u64>,
+    recent_seq: FastMap<(u32, u32), u64>,
     /// Serials of recently finished sockets by tuple, oldest first: a peer lookup reads the
     /// few entries with its reversed tuple instead of scanning the whole log (which, full at
     /// 16 384 entries under churn, took most of the agent's CPU).
-    recent_by_tuple: HashMap<Tuple, VecDeque<u64>>,
+    recent_by_tuple: FastMap<Tuple, VecDeque<u64>>,
     recent_serial: u64,
     /// Closed sockets per owning process, to find a proxy's other leg.
     legs: proxy::Legs,
@@ -182,19 +186,19 @@ impl Table {
             cfg,
             conns: SkMap::default(),
             retired: Vec::new(),
-            retired_by_tuple: HashMap::new(),
-            retired_by_seq: HashMap::new(),
-            by_tuple: HashMap::new(),
+            retired_by_tuple: FastMap::default(),
+            retired_by_seq: FastMap::default(),
+            by_tuple: FastMap::default(),
             listeners: SkSet::default(),
             refused: SkSet::default(),
             orphans: SkMap::default(),
             rst_log: VecDeque::new(),
             rst_log_evicted_ns: None,
             recent: VecDeque::new(),
-            pending_reasons: HashMap::new(),
-            live_seq: HashMap::new(),
-            recent_seq: HashMap::new(),
-            recent_by_tuple: HashMap::new(),
+            pending_reasons: FastMap::default(),
+            live_seq: FastMap::default(),
+            recent_seq: FastMap::default(),
+            recent_by_tuple: FastMap::default(),
             recent_serial: 0,
             legs: proxy::Legs::default(),
             drop_windows: VecDeque::new(),
@@ -319,7 +323,7 @@ impl Table {
         let Some(t) = t else { return Role::Unknown };
         let (lo, hi) = self.cfg.ephemeral;
         let eph = |p: u16| p >= lo && p <= hi;
-        match (eph(t.local.port()), eph(t.remote.port())) {
+        match (eph(t.local().port()), eph(t.remote().port())) {
             (true, false) => Role::Client,
             (false, true) => Role::Server,
             _ => Role::Unknown,

@@ -184,8 +184,8 @@ impl Table {
         };
         Some(OtherLeg {
             id: best.id,
-            local: best.tuple.map(|t| t.local),
-            remote: best.tuple.map(|t| t.remote),
+            local: best.tuple.map(|t| t.local()),
+            remote: best.tuple.map(|t| t.remote()),
             ended,
         })
     }

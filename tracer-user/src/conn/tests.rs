@@ -13,10 +13,10 @@ use tracer_common::tcp_flag::{ACK, FIN, RST, SYN};
 const MS: u64 = 1_000_000;
 
 fn tuple(local: &str, remote: &str) -> Tuple {
-    Tuple {
-        local: local.parse::<SocketAddr>().expect("local"),
-        remote: remote.parse::<SocketAddr>().expect("remote"),
-    }
+    Tuple::new(
+        local.parse::<SocketAddr>().expect("local"),
+        remote.parse::<SocketAddr>().expect("remote"),
+    )
 }
 
 fn base(ts: u64, sk: u64, t: Option<Tuple>, kind: EventKind) -> Event {
@@ -90,10 +90,7 @@ fn handshake_by(tbl: &mut Table, p: &Pair, netns: (u32, u32), pid: u32, comm: &s
             state(
                 0,
                 p.c,
-                Tuple {
-                    local: SocketAddr::new(p.ct.local.ip(), 0),
-                    remote: p.ct.remote,
-                },
+                Tuple::new(SocketAddr::new(p.ct.local().ip(), 0), p.ct.remote()),
                 Close,
                 SynSent,
             ),

@@ -290,7 +290,7 @@ impl Serialize for CloseObject<'_> {
         let closed = conn.closed_ns.unwrap_or(conn.first_ns);
         let lifetime_from = conn.opened_ns.unwrap_or(conn.first_ns);
         let family = match conn.tuple {
-            Some(t) if t.local.is_ipv4() => "ipv4",
+            Some(t) if t.is_ipv4() => "ipv4",
             Some(_) => "ipv6",
             None => "unknown",
         };
@@ -303,8 +303,8 @@ impl Serialize for CloseObject<'_> {
             &ConnJson {
                 id: conn.id,
                 family,
-                local: conn.tuple.map(|t| t.local),
-                remote: conn.tuple.map(|t| t.remote),
+                local: conn.tuple.map(|t| t.local()),
+                remote: conn.tuple.map(|t| t.remote()),
                 role: conn.role,
                 preexisting: conn.preexisting,
                 pid: c.owner.as_ref().map(|o| o.0),

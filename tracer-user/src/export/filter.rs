@@ -19,14 +19,14 @@ impl Filter {
         let t = c.conn.tuple;
         if !self.ports.is_empty()
             && !t.is_some_and(|t| {
-                self.ports.contains(&t.local.port()) || self.ports.contains(&t.remote.port())
+                self.ports.contains(&t.local().port()) || self.ports.contains(&t.remote().port())
             })
         {
             return false;
         }
         if !self.addrs.is_empty()
             && !t.is_some_and(|t| {
-                self.addrs.contains(&t.local.ip()) || self.addrs.contains(&t.remote.ip())
+                self.addrs.contains(&t.local().ip()) || self.addrs.contains(&t.remote().ip())
             })
         {
             return false;

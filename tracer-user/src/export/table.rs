@@ -8,7 +8,7 @@ pub const TABLE_HEADER: &str = "TIME                        ROLE    LOCAL       
 /// One human-readable line for `-o table`.
 pub fn close_line(c: &Closed, clock: &Clock) -> String {
     let (l, r) = match c.conn.tuple {
-        Some(t) => (t.local.to_string(), t.remote.to_string()),
+        Some(t) => (t.local().to_string(), t.remote().to_string()),
         None => ("?".into(), "?".into()),
     };
     let v = &c.verdict;

@@ -30,10 +30,10 @@ fn ev(ts: u64, sk: u64, t: &str, kind: EventKind, pid: u32, comm: &str, exiting:
         comm: comm.into(),
         exiting,
         netns: Some(4026532000),
-        tuple: Some(Tuple {
-            local: l.parse::<SocketAddr>().expect("local"),
-            remote: r.parse::<SocketAddr>().expect("remote"),
-        }),
+        tuple: Some(Tuple::new(
+            l.parse::<SocketAddr>().expect("local"),
+            r.parse::<SocketAddr>().expect("remote"),
+        )),
         cpu: 1,
         kind,
     }

@@ -192,7 +192,8 @@ fn len32(n: usize) -> io::Result<u32> {
 /// A decoded frame.
 #[derive(Debug)]
 enum Frame {
-    Event(Vec<u8>),
+    /// A kernel record, in [`Reader::event`] until the next call.
+    Event,
     Tick(u64, Option<u64>),
     K8s(Box<K8sFrame>),
 }
@@ -200,6 +201,8 @@ enum Frame {
 struct Reader<R: Read> {
     inp: R,
     offset: u64,
+    /// The last frame's payload, reused: no allocation per record.
+    buf: Vec<u8>,
 }
 
 impl<R: Read> Reader<R> {
@@ -240,9 +243,15 @@ impl<R: Read> Reader<R> {
             Reader {
                 inp,
                 offset: 16 + u64::from(len),
+                buf: Vec::new(),
             },
             header,
         ))
+    }
+
+    /// The payload of the last [`Frame::Event`].
+    fn event(&self) -> &[u8] {
+        &self.buf
     }
 
     /// The next frame; `None` at the end. A frame cut short (the agent was killed while
@@ -268,15 +277,17 @@ impl<R: Read> Reader<R> {
                 self.offset
             );
         }
-        let mut payload = vec![0u8; len as usize];
-        if read_full(&mut self.inp, &mut payload)? != payload.len() {
+        self.buf.clear();
+        self.buf.resize(len as usize, 0);
+        if read_full(&mut self.inp, &mut self.buf)? != self.buf.len() {
             log::warn!("recording ends inside a frame at byte {}", self.offset);
             return Ok(None);
         }
         let at = self.offset;
         self.offset += 5 + u64::from(len);
+        let payload = &self.buf;
         Ok(Some(match kind {
-            FRAME_EVENT => Frame::Event(payload),
+            FRAME_EVENT => Frame::Event,
             FRAME_TICK => {
                 let word = |i: usize| {
                     payload
@@ -291,7 +302,7 @@ impl<R: Read> Reader<R> {
                 }
             }
             FRAME_K8S => Frame::K8s(Box::new(
-                serde_json::from_slice(&payload)
+                serde_json::from_slice(payload)
                     .with_context(|| format!("pod frame at byte {at}"))?,
             )),
             k => bail!("corrupt recording: unknown frame kind {k} at byte {at}"),
@@ -370,7 +381,7 @@ pub fn replay(
     let mut decode_errors = 0u64;
     while let Some(frame) = reader.next()? {
         match frame {
-            Frame::Event(raw) => match event::decode(&raw) {
+            Frame::Event => match event::decode(reader.event()) {
                 Ok(ev) => output.all(table.on_event(&ev))?,
                 Err(e) => {
                     decode_errors += 1;
@@ -420,14 +431,15 @@ mod tests {
             h.rst_reason_names.get(&2).map(String::as_str),
             Some("NO_SOCKET")
         );
-        assert!(matches!(r.next(), Ok(Some(Frame::Event(v))) if v == [1, 2, 3]));
+        assert!(matches!(r.next(), Ok(Some(Frame::Event))));
+        assert_eq!(r.event(), [1, 2, 3]);
         assert!(matches!(r.next(), Ok(Some(Frame::Tick(99, None)))));
         assert!(matches!(r.next(), Ok(Some(Frame::Tick(100, Some(7))))));
         assert!(matches!(r.next(), Ok(None)));
         // Cut inside the last frame: ends without an error.
         let cut = &bytes[..bytes.len() - 3];
         let (mut r, _) = Reader::open(cut).unwrap();
-        assert!(matches!(r.next(), Ok(Some(Frame::Event(_)))));
+        assert!(matches!(r.next(), Ok(Some(Frame::Event))));
         assert!(matches!(r.next(), Ok(Some(Frame::Tick(99, None)))));
         assert!(matches!(r.next(), Ok(None)));
         // Not a recording.

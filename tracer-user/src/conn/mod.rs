@@ -60,6 +60,9 @@ type SkBuild = std::hash::BuildHasherDefault<SkHasher>;
 /// a per-process random seed. SipHash, std's default, cost about 3 % of the agent under
 /// churn in `perf`.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// The sockets (or log entries) at one tuple: almost always one, so it is kept inline
+/// (no allocation per indexed socket; `bench-live`).
+type Few<T> = smallvec::SmallVec<[T; 1]>;
 type SkMap<V> = HashMap<u64, V, SkBuild>;
 type SkSet = HashSet<u64, SkBuild>;
 
@@ -141,9 +144,9 @@ pub struct Table {
     /// numbers, built when a take_due starts judging them: the peer lookup of each retired
     /// record is then a hash lookup, not a scan of all of them (quadratic under churn,
     /// when thousands are retired between two ticks).
-    retired_by_tuple: FastMap<Tuple, Vec<usize>>,
+    retired_by_tuple: FastMap<Tuple, Few<usize>>,
     retired_by_seq: FastMap<(u32, u32), usize>,
-    by_tuple: FastMap<Tuple, Vec<u64>>,
+    by_tuple: FastMap<Tuple, Few<u64>>,
     listeners: SkSet,
     /// Sockets refused because the table was full: their later events are ignored until
     /// they close (counted once, never brought back as `preexisting`). At most `max_conns`.
@@ -163,7 +166,7 @@ pub struct Table {
     /// Serials of recently finished sockets by tuple, oldest first: a peer lookup reads the
     /// few entries with its reversed tuple instead of scanning the whole log (which, full at
     /// 16 384 entries under churn, took most of the agent's CPU).
-    recent_by_tuple: FastMap<Tuple, VecDeque<u64>>,
+    recent_by_tuple: FastMap<Tuple, Few<u64>>,
     recent_serial: u64,
     /// Closed sockets per owning process, to find a proxy's other leg.
     legs: proxy::Legs,
@@ -359,7 +362,7 @@ impl Table {
     /// Drops `sk` from the tuple index.
     fn unindex(&mut self, sk: u64, t: Tuple) {
         if let Some(v) = self.by_tuple.get_mut(&t) {
-            v.retain(|&s| s != sk);
+            v.retain(|s| *s != sk);
             if v.is_empty() {
                 self.by_tuple.remove(&t);
             }

@@ -155,7 +155,7 @@ impl Table {
         if let (Some(e), Some(i)) = (conn.egress_seq0, conn.ingress_seq0) {
             self.recent_seq.insert((e, i), serial);
         }
-        self.recent_by_tuple.entry(t).or_default().push_back(serial);
+        self.recent_by_tuple.entry(t).or_default().push(serial);
         self.recent.push_back(Recent {
             serial,
             at_ns: at,
@@ -179,8 +179,8 @@ impl Table {
                 }
                 // The oldest entry of the log is the oldest of its tuple too.
                 if let Some(q) = self.recent_by_tuple.get_mut(&r.tuple) {
-                    if q.front() == Some(&r.serial) {
-                        q.pop_front();
+                    if q.first() == Some(&r.serial) {
+                        q.remove(0);
                     }
                     if q.is_empty() {
                         self.recent_by_tuple.remove(&r.tuple);

@@ -93,6 +93,11 @@ impl Conn {
             self.facts_dropped += 1;
             return None;
         }
+        if self.facts.capacity() == 0 {
+            // An open, idle connection holds two facts (its opening transitions): room for
+            // two, not the four a first push reserves (96 bytes per tracked socket).
+            self.facts.reserve_exact(2);
+        }
         self.facts.push(Fact { at_ns, kind });
         Some(self.facts.len() - 1)
     }

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::{Conn, LOG_WINDOW_NS, Table};
+use super::{Conn, FastMap, LOG_WINDOW_NS, Table};
 use crate::{
     classify::leg_end,
     event::Tuple,
@@ -18,6 +18,8 @@ use crate::{
 /// Closed sockets remembered per process, and processes remembered at all.
 const MAX_LEGS_PER_PID: usize = 256;
 const MAX_PIDS: usize = 16_384;
+/// Closed sockets waiting for their judgement, at most (more than a table holds by default).
+const MAX_UNSETTLED: usize = 1 << 17;
 /// Other-leg candidates checked per socket, nearest in time first.
 const MAX_CANDIDATES: usize = 8;
 
@@ -47,6 +49,8 @@ pub(super) fn known_proxy(comm: &str) -> bool {
 /// One closed socket of a process.
 #[derive(Clone, Debug)]
 pub(super) struct LegRec {
+    /// Increasing in each process's queue: found again by binary search.
+    serial: u64,
     skaddr: u64,
     id: ConnId,
     role: Role,
@@ -59,6 +63,11 @@ pub(super) struct LegRec {
 #[derive(Debug, Default)]
 pub(super) struct Legs {
     by_pid: HashMap<u32, VecDeque<LegRec>>,
+    /// Where each closed but not yet judged socket's entry is: (owner, serial). Settling it
+    /// at judgement was a scan of its owner's queue (a few percent of the agent under churn,
+    /// where one process owns every socket).
+    unsettled: FastMap<ConnId, (u32, u64)>,
+    serial: u64,
 }
 
 /// The socket's own ending, from its facts in time order.
@@ -102,7 +111,16 @@ impl Table {
         if !matches!(c.role, Role::Client | Role::Server) {
             return;
         }
+        let serial = self.legs.serial;
+        self.legs.serial += 1;
+        if self.legs.unsettled.len() >= MAX_UNSETTLED {
+            // Records taken without a judgement would otherwise pile up; losing these only
+            // loses late facts of their siblings' other legs.
+            self.legs.unsettled.clear();
+        }
+        self.legs.unsettled.insert(c.id, (pid, serial));
         let rec = LegRec {
+            serial,
             skaddr: sk,
             id: c.id,
             role: c.role,
@@ -126,12 +144,16 @@ impl Table {
 
     /// At finish: the record's final ending (late facts included), kept for its siblings.
     pub(super) fn settle_leg(&mut self, conn: &Conn, ended: &Option<(u64, LegEnd)>) {
-        let Some((pid, _)) = conn.owner() else { return };
-        if let Some(r) = self.legs.by_pid.get_mut(&pid).and_then(|q| {
-            q.iter_mut()
-                .find(|r| r.skaddr == conn.skaddr && r.id == conn.id)
-        }) {
-            r.ended = ended.clone();
+        let Some((pid, serial)) = self.legs.unsettled.remove(&conn.id) else {
+            return;
+        };
+        let Some(q) = self.legs.by_pid.get_mut(&pid) else {
+            return;
+        };
+        if let Ok(i) = q.binary_search_by_key(&serial, |r| r.serial) {
+            if let Some(r) = q.get_mut(i).filter(|r| r.skaddr == conn.skaddr) {
+                r.ended = ended.clone();
+            }
         }
     }
 

@@ -331,7 +331,7 @@ pub struct H2Args {
     #[arg(long, default_value_t = 10)]
     streams: u32,
     /// Detached/attached pairs; the table reports every run and the ratio of medians.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     rounds: u32,
 }
 
@@ -341,6 +341,12 @@ struct H2Phase {
     req_per_s: f64,
     mb_per_s: f64,
     tracer_cpu_s: Option<f64>,
+    /// CPU seconds of the workload itself: h2load and nghttpd.
+    work_cpu_s: f64,
+    /// Run time of every BPF program that ran during the phase (kernel.bpf_stats_enabled).
+    bpf_s: f64,
+    /// Per program: name, runs, run time (ns).
+    programs: Vec<(String, u64, u64)>,
 }
 
 /// Parses h2load's "finished in 1.23s, 325.20 req/s, 325.33MB/s" line.
@@ -381,10 +387,14 @@ fn h2load_phase(
     name: &'static str,
     url: &str,
     args: &H2Args,
+    server: u32,
     tracer: Option<Child>,
 ) -> Result<H2Phase> {
     let pid = tracer.as_ref().map(Child::id);
+    let before = bpf_run_times();
     let cpu0 = pid.and_then(cpu_seconds);
+    let srv0 = cpu_seconds(server).unwrap_or(0.0);
+    let kids0 = children_cpu();
     let out = Command::new("h2load")
         .args([
             "-n",
@@ -397,13 +407,31 @@ fn h2load_phase(
         ])
         .output()
         .context("running h2load (Debian nghttp2-client)")?;
+    let kids1 = children_cpu();
+    let srv1 = cpu_seconds(server).unwrap_or(0.0);
     let cpu1 = pid.and_then(cpu_seconds);
+    let after = bpf_run_times();
     let text = String::from_utf8_lossy(&out.stdout);
     let (secs, req_per_s, mb_per_s) =
         parse_h2load(&text).with_context(|| format!("unexpected h2load output:\n{text}"))?;
     if let Some(mut t) = tracer {
         stop(&mut t);
     }
+    let mut programs: Vec<(String, u64, u64)> = after
+        .iter()
+        .filter_map(|(id, a)| {
+            let b = before.get(id)?;
+            let runs = a.run_cnt.saturating_sub(b.run_cnt);
+            (runs > 0).then(|| {
+                (
+                    a.name.clone(),
+                    runs,
+                    a.run_time_ns.saturating_sub(b.run_time_ns),
+                )
+            })
+        })
+        .collect();
+    programs.sort_by_key(|p| std::cmp::Reverse(p.2));
     Ok(H2Phase {
         name,
         secs,
@@ -413,10 +441,33 @@ fn h2load_phase(
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
         },
+        work_cpu_s: (kids1 - kids0) + (srv1 - srv0),
+        bpf_s: programs.iter().map(|p| p.2).sum::<u64>() as f64 / 1e9,
+        programs,
     })
 }
 
+/// CPU seconds of this process's waited-for children (h2load, once it exited).
+fn children_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer, RUSAGE_CHILDREN always exists.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
 pub fn h2(root: &Path, args: &H2Args) -> Result<()> {
+    let stats_was =
+        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
+        .context("enabling kernel.bpf_stats_enabled (root needed)")?;
+    let r = h2_inner(root, args);
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim());
+    r
+}
+
+fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("whoclosed-bench-h2-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let body = vec![0x5au8; (args.mib as usize) << 20];
@@ -442,11 +493,11 @@ pub fn h2(root: &Path, args: &H2Args) -> Result<()> {
     let result = (|| -> Result<Vec<H2Phase>> {
         let mut phases = Vec::new();
         for _ in 0..args.rounds.max(1) {
-            phases.push(h2load_phase("detached", &url, args, None)?);
+            phases.push(h2load_phase("detached", &url, args, server.id(), None)?);
             let mut cmd = Command::new(root.join("target/release/whoclosed"));
             cmd.args(["trace", "--linger-ms", "200"]);
             let wc = start_tracer(cmd, |l| l.contains("\"type\":\"ready\""))?;
-            phases.push(h2load_phase("attached", &url, args, Some(wc))?);
+            phases.push(h2load_phase("attached", &url, args, server.id(), Some(wc))?);
         }
         Ok(phases)
     })();
@@ -469,27 +520,88 @@ pub fn h2(root: &Path, args: &H2Args) -> Result<()> {
         args.requests, args.mib, args.clients, args.streams
     );
     println!(
-        "{:<15} {:>8} {:>10} {:>10} {:>14} {:>16}",
-        "run", "secs", "req/s", "MB/s", "vs median bare", "agent CPU s"
+        "{:<10} {:>7} {:>9} {:>9} {:>9} {:>10} {:>12} {:>11} {:>10}",
+        "run",
+        "secs",
+        "req/s",
+        "MB/s",
+        "vs median",
+        "vs previous",
+        "workload CPU",
+        "agent CPU",
+        "BPF CPU"
     );
-    for p in &phases {
+    let mut pair_ratios = Vec::new();
+    for (i, p) in phases.iter().enumerate() {
+        // Each attached run against the detached run just before it: slow drift of the
+        // machine (other guests, thermal) cancels out of these.
+        let vs_prev = if p.name == "attached" && i > 0 {
+            let r = p.mb_per_s / phases[i - 1].mb_per_s;
+            pair_ratios.push(r);
+            format!("{r:.3}")
+        } else {
+            "-".into()
+        };
         println!(
-            "{:<15} {:>8.2} {:>10.1} {:>10.1} {:>14.3} {:>16}",
+            "{:<10} {:>7.2} {:>9.1} {:>9.1} {:>9.3} {:>10} {:>11.2}s {:>11} {:>9.3}s",
             p.name,
             p.secs,
             p.req_per_s,
             p.mb_per_s,
             p.mb_per_s / base,
+            vs_prev,
+            p.work_cpu_s,
             p.tracer_cpu_s
-                .map(|c| format!("{c:.2} ({:.1}%)", 100.0 * c / p.secs))
+                .map(|c| format!("{c:.2}s"))
                 .unwrap_or_else(|| "-".into()),
+            p.bpf_s,
         );
     }
+    pair_ratios.sort_by(f64::total_cmp);
+    let attached: Vec<&H2Phase> = phases.iter().filter(|p| p.name == "attached").collect();
+    let detached: Vec<&H2Phase> = phases.iter().filter(|p| p.name == "detached").collect();
+    let sum = |v: &[&H2Phase], f: fn(&H2Phase) -> f64| v.iter().map(|p| f(p)).sum::<f64>();
+    let bytes_att = sum(&attached, |p| p.mb_per_s * p.secs);
+    let bpf_bg = sum(&detached, |p| p.bpf_s) / sum(&detached, |p| p.secs).max(1e-9);
+    let bpf_att = (sum(&attached, |p| p.bpf_s) - bpf_bg * sum(&attached, |p| p.secs)).max(0.0);
+    let agent = sum(&attached, |p| p.tracer_cpu_s.unwrap_or(0.0));
+    let work = sum(&attached, |p| p.work_cpu_s);
     println!(
-        "median MB/s: detached {base:.1}, attached {:.1}; attached/detached = {:.3}",
+        "median MB/s: detached {base:.1}, attached {:.1}; attached/detached = {:.3}; median of attached/previous detached = {:.3}",
         median("attached"),
-        median("attached") / base
+        median("attached") / base,
+        pair_ratios
+            .get(pair_ratios.len() / 2)
+            .copied()
+            .unwrap_or(f64::NAN)
     );
+    println!(
+        "whoclosed's cost in the attached runs: BPF {:.0} ns per MB ({:.2} % of the workload's CPU), agent {:.0} ns per MB ({:.2} %)",
+        bpf_att * 1e9 / bytes_att.max(1e-9),
+        100.0 * bpf_att / work.max(1e-9),
+        agent * 1e9 / bytes_att.max(1e-9),
+        100.0 * agent / work.max(1e-9),
+    );
+    println!(
+        "(a CPU-bound transfer slows by about that share; the MB/s ratios also carry this 2-core VM's noise)"
+    );
+    if let Some(p) = attached.first() {
+        println!("\nBPF programs in the first attached run");
+        println!(
+            "{:<24} {:>12} {:>10} {:>12}",
+            "program", "runs", "ns/run", "ns per MB"
+        );
+        let mb = (p.mb_per_s * p.secs).max(1e-9);
+        for (name, runs, ns) in &p.programs {
+            println!(
+                "{:<24} {:>12} {:>10.0} {:>12.0}",
+                name,
+                runs,
+                *ns as f64 / (*runs).max(1) as f64,
+                *ns as f64 / mb
+            );
+        }
+    }
     Ok(())
 }
 

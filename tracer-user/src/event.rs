@@ -351,11 +351,23 @@ pub type Comm = std::sync::Arc<str>;
 const MAX_INTERNED: usize = 4096;
 
 thread_local! {
-    static COMMS: std::cell::RefCell<std::collections::HashMap<[u8; 16], Comm>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
+    static COMMS: std::cell::RefCell<
+        std::collections::HashMap<[u8; 16], Comm, foldhash::fast::RandomState>,
+    > =
+        std::cell::RefCell::new(std::collections::HashMap::default());
+    static NO_COMM: Comm = Comm::from("");
+}
+
+/// The empty name of records that carry none (packets, frames): shared, since
+/// `Comm::from("")` allocates a fresh `Arc` for every such record.
+fn no_comm() -> Comm {
+    NO_COMM.with(Comm::clone)
 }
 
 fn comm(raw: &[u8; 16]) -> Comm {
+    if raw[0] == 0 {
+        return no_comm();
+    }
     COMMS.with(|c| {
         let mut c = c.borrow_mut();
         if let Some(v) = c.get(raw) {
@@ -439,7 +451,7 @@ fn bare(hdr: &Header, kind: EventKind) -> Event {
         cookie: 0,
         pid: 0,
         tid: 0,
-        comm: Comm::from(""),
+        comm: no_comm(),
         exiting: false,
         netns: None,
         tuple: None,

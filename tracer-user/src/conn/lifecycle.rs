@@ -202,11 +202,7 @@ impl Table {
             return;
         };
         let best = self
-            .by_tuple
-            .get(&t)
-            .into_iter()
-            .flatten()
-            .filter_map(|s| self.conns.get(s))
+            .live_at(t)
             .max_by_key(|c| (c.last_cpu == ev.cpu, c.last_ns))
             .map(|c| c.skaddr);
         match best.and_then(|sk| self.conns.get_mut(&sk)) {

@@ -53,12 +53,7 @@ impl Table {
         let mut unsure: Vec<(PeerSummary, Option<u64>)> = Vec::new();
         // Live records, and records retired (address reused) but not judged yet: in one
         // take_due the two ends of a connection can both be retired, in either order.
-        let live = self
-            .by_tuple
-            .get(&want)
-            .into_iter()
-            .flatten()
-            .filter_map(|sk| self.conns.get(sk).map(|c| &**c));
+        let live = self.live_at(want);
         let retired = self
             .retired_by_tuple
             .get(&want)

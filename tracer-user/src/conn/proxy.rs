@@ -162,11 +162,7 @@ impl Table {
         let Some(t) = tuple else { return false };
         let want = t.reversed();
         let live = self
-            .by_tuple
-            .get(&want)
-            .into_iter()
-            .flatten()
-            .filter_map(|s| self.conns.get(s))
+            .live_at(want)
             .any(|c| c.owner().is_some_and(|(p, _)| p == pid));
         live || self
             .legs

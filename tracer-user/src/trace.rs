@@ -138,14 +138,12 @@ impl<W: Write> Output<W> {
         match self.format {
             Format::Json => {
                 self.line.clear();
-                serde_json::to_writer(
-                    &mut self.line,
-                    &export::CloseObject {
-                        closed: c,
-                        clock: &self.clock,
-                        k8s: (!k8s.is_empty()).then_some(&k8s),
-                    },
-                )?;
+                export::CloseObject {
+                    closed: c,
+                    clock: &self.clock,
+                    k8s: (!k8s.is_empty()).then_some(&k8s),
+                }
+                .write_json(&mut self.line)?;
                 self.out.write_all(&self.line)?;
                 self.out.write_all(b"\n")?;
                 if let Some(a) = &mut self.agent {

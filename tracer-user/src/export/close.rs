@@ -1,7 +1,7 @@
 //! The `close` object: one ended socket, its verdict, the evidence it rests on, its stats,
 //! its HTTP/2 state and its peer.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{collections::BTreeMap, io, net::SocketAddr};
 
 use serde::{
     Serialize, Serializer,
@@ -9,12 +9,16 @@ use serde::{
 };
 use serde_json::Value;
 
-use super::{Clock, SCHEMA_VERSION, ms};
+use super::{Clock, SCHEMA_VERSION, jsonw as w, ms};
 use crate::{
-    conn::{Closed, h2::H2State},
-    event::{TcpState, errno_name},
+    classify::{Initiator, Verdict},
+    conn::{
+        Closed,
+        h2::{H2State, H2Track},
+    },
+    event::{TcpState, Tuple, errno_name},
     k8s::{K8sEnds, PodIdentity},
-    timeline::{Fact, FactKind, Role},
+    timeline::{Fact, FactKind, Role, RstOrigin},
 };
 
 /// The `evidence` array, serialised straight from the facts (no intermediate `Value`:
@@ -341,12 +345,432 @@ impl Serialize for CloseObject<'_> {
     }
 }
 
+/// A socket's two addresses, (local, remote): the one place the writer reads a [`Tuple`].
+fn addrs(t: &Tuple) -> (SocketAddr, SocketAddr) {
+    (t.local(), t.remote())
+}
+
+/// The serde names of the enums whose type has no `as_str` (the tests check each variant).
+fn initiator_name(i: Initiator) -> &'static str {
+    match i {
+        Initiator::Local => "local",
+        Initiator::Remote => "remote",
+        Initiator::None => "none",
+    }
+}
+
+fn origin_name(o: RstOrigin) -> &'static str {
+    match o {
+        RstOrigin::PeerSocket => "peer_socket",
+        RstOrigin::PeerKernel => "peer_kernel",
+        RstOrigin::NotSentByPeer => "not_sent_by_peer",
+        RstOrigin::Untraced => "untraced",
+    }
+}
+
+fn h2_state_name(s: H2State) -> &'static str {
+    match s {
+        H2State::Synced => "synced",
+        H2State::Unsynced => "unsynced",
+        H2State::NotH2 => "not_h2",
+        H2State::Tls => "tls",
+    }
+}
+
+impl CloseObject<'_> {
+    /// The `close` object as one line of JSON, appended to `out`: byte for byte what the
+    /// `Serialize` impl above writes (the export tests compare the two on every shape), but
+    /// with the keys and punctuation as literals and no allocation. This runs for every
+    /// ended socket, and serde_json's escaping of every key byte by byte and its map
+    /// machinery were a quarter to a third of the pipeline's CPU (perf, `replay -o json`).
+    ///
+    /// Fails only if a `Display` impl or the serde fallback (`verdict.middlebox`) does.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> io::Result<()> {
+        let c = self.closed;
+        let conn = &c.conn;
+        let closed = conn.closed_ns.unwrap_or(conn.first_ns);
+        let lifetime_from = conn.opened_ns.unwrap_or(conn.first_ns);
+        let tuple = conn.tuple.as_ref().map(addrs);
+        let family = match tuple {
+            Some((local, _)) if local.is_ipv4() => "ipv4",
+            Some(_) => "ipv6",
+            None => "unknown",
+        };
+        out.reserve(1600);
+        out.extend_from_slice(b"{\"v\":");
+        w::int(out, SCHEMA_VERSION);
+        out.extend_from_slice(b",\"type\":\"close\",\"ts\":");
+        // What `Clock::rfc3339` returns, without the String.
+        w::display_str(
+            out,
+            humantime::format_rfc3339_micros(self.clock.wall(closed)),
+        )?;
+
+        out.extend_from_slice(b",\"conn\":{\"id\":");
+        w::display_str(out, conn.id)?;
+        out.extend_from_slice(b",\"family\":");
+        w::string(out, family);
+        out.extend_from_slice(b",\"local\":");
+        w::opt_addr(out, tuple.map(|t| t.0))?;
+        out.extend_from_slice(b",\"remote\":");
+        w::opt_addr(out, tuple.map(|t| t.1))?;
+        out.extend_from_slice(b",\"role\":");
+        w::string(out, conn.role.name());
+        out.extend_from_slice(b",\"preexisting\":");
+        w::boolean(out, conn.preexisting);
+        out.extend_from_slice(b",\"pid\":");
+        w::opt_int(out, c.owner.as_ref().map(|o| o.0));
+        out.extend_from_slice(b",\"comm\":");
+        w::opt_string(out, c.owner.as_ref().map(|o| &*o.1));
+        out.extend_from_slice(b",\"netns\":");
+        w::opt_int(out, conn.netns);
+        if let Some(k) = self.k8s.and_then(|k| k.conn.as_ref()) {
+            out.extend_from_slice(b",\"k8s\":");
+            write_pod(out, k);
+        }
+
+        out.extend_from_slice(b"},\"verdict\":");
+        write_verdict(out, &c.verdict)?;
+
+        out.extend_from_slice(b",\"evidence\":[");
+        for (i, f) in conn.facts.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_fact(out, c, f)?;
+        }
+
+        out.extend_from_slice(b"],\"stats\":{\"lifetime_ms\":");
+        w::float(out, ms(closed.saturating_sub(lifetime_from)));
+        out.extend_from_slice(b",\"retransmits\":");
+        w::int(out, conn.retransmits);
+        out.extend_from_slice(b",\"ttl_baseline\":");
+        w::opt_int(out, conn.ttl_baseline);
+        out.extend_from_slice(b",\"facts_dropped\":");
+        w::int(out, conn.facts_dropped);
+        out.extend_from_slice(b",\"idle_before_end_ms\":");
+        w::opt_float(out, conn.idle_before_end_ns().map(ms));
+
+        out.extend_from_slice(b"},\"h2\":");
+        match conn.h2.as_deref() {
+            Some(h) => write_h2(out, c, h)?,
+            None => w::null(out),
+        }
+
+        out.extend_from_slice(b",\"peer\":");
+        match &c.peer {
+            Some(p) => {
+                out.extend_from_slice(b"{\"id\":");
+                w::display_str(out, p.id)?;
+                out.extend_from_slice(b",\"pid\":");
+                w::opt_int(out, p.pid);
+                out.extend_from_slice(b",\"comm\":");
+                w::opt_string(out, p.comm.as_deref());
+                out.extend_from_slice(b",\"netns\":");
+                w::opt_int(out, p.netns);
+                out.extend_from_slice(b",\"exited\":");
+                w::boolean(out, p.exited);
+                if let Some(k) = self.k8s.and_then(|k| k.peer.as_ref()) {
+                    out.extend_from_slice(b",\"k8s\":");
+                    write_pod(out, k);
+                }
+                out.push(b'}');
+            }
+            None => w::null(out),
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
+/// The derived `Serialize` of [`PodIdentity`], by hand (the agent writes one or two per
+/// socket on Kubernetes). Destructured whole so that a new field does not compile here.
+fn write_pod(out: &mut Vec<u8>, p: &PodIdentity) {
+    let PodIdentity {
+        node,
+        namespace,
+        pod,
+        container,
+        pod_uid,
+        container_id,
+    } = p;
+    out.extend_from_slice(b"{\"node\":");
+    w::opt_string(out, node.as_deref());
+    out.extend_from_slice(b",\"namespace\":");
+    w::opt_string(out, namespace.as_deref());
+    out.extend_from_slice(b",\"pod\":");
+    w::opt_string(out, pod.as_deref());
+    out.extend_from_slice(b",\"container\":");
+    w::opt_string(out, container.as_deref());
+    out.extend_from_slice(b",\"pod_uid\":");
+    w::string(out, pod_uid);
+    out.extend_from_slice(b",\"container_id\":");
+    w::opt_string(out, container_id.as_deref());
+    out.push(b'}');
+}
+
+/// The derived `Serialize` of [`Verdict`], by hand; the rare `middlebox` object stays on
+/// serde. Destructured whole so that a new field does not compile here.
+fn write_verdict(out: &mut Vec<u8>, v: &Verdict) -> io::Result<()> {
+    let Verdict {
+        closed_by,
+        reason,
+        tcp_initiator,
+        mechanism,
+        confidence,
+        hint,
+        middlebox,
+    } = v;
+    out.extend_from_slice(b"{\"closed_by\":");
+    w::string(out, closed_by.as_str());
+    out.extend_from_slice(b",\"reason\":");
+    w::string(out, reason.as_str());
+    out.extend_from_slice(b",\"tcp_initiator\":");
+    w::string(out, initiator_name(*tcp_initiator));
+    out.extend_from_slice(b",\"mechanism\":");
+    w::string(out, mechanism.as_str());
+    out.extend_from_slice(b",\"confidence\":");
+    w::string(out, confidence.as_str());
+    out.extend_from_slice(b",\"hint\":");
+    w::string(out, hint);
+    if let Some(m) = middlebox {
+        out.extend_from_slice(b",\"middlebox\":");
+        serde_json::to_writer(&mut *out, m)?;
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// One `evidence` item: what [`EvidenceItem`] serialises.
+fn write_fact(out: &mut Vec<u8>, c: &Closed, f: &Fact) -> io::Result<()> {
+    out.extend_from_slice(b"{\"at_ms\":");
+    w::float(out, ms(f.at_ns.saturating_sub(c.conn.first_ns)));
+    out.extend_from_slice(b",\"what\":");
+    match &f.kind {
+        FactKind::State {
+            from,
+            to,
+            pid,
+            comm,
+            exiting,
+        } => {
+            out.extend_from_slice(b"\"state\",\"from\":");
+            w::string(out, from.name());
+            out.extend_from_slice(b",\"to\":");
+            w::string(out, to.name());
+            // Only transitions made by the owning process carry a meaningful task.
+            if matches!(
+                to,
+                TcpState::SynSent | TcpState::FinWait1 | TcpState::LastAck
+            ) || *exiting
+            {
+                out.extend_from_slice(b",\"pid\":");
+                w::int(out, *pid);
+                out.extend_from_slice(b",\"comm\":");
+                w::string(out, comm);
+            }
+            if *exiting {
+                out.extend_from_slice(b",\"owner_exiting\":true");
+            }
+        }
+        FactKind::FinSent => out.extend_from_slice(b"\"fin_sent\""),
+        FactKind::FinReceived { ttl } => {
+            out.extend_from_slice(b"\"fin_received\",\"ttl\":");
+            w::int(out, *ttl);
+        }
+        FactKind::RstSent {
+            exiting,
+            kernel_reason,
+        } => {
+            out.extend_from_slice(b"\"rst_sent\"");
+            if let Some(r) = kernel_reason {
+                out.extend_from_slice(b",\"kernel_reason\":");
+                w::string(out, r);
+            }
+            if *exiting {
+                out.extend_from_slice(b",\"owner_exiting\":true");
+            }
+        }
+        FactKind::RstReceived {
+            ttl,
+            origin,
+            sender_reason,
+        } => {
+            out.extend_from_slice(b"\"rst_received\"");
+            if let Some(r) = sender_reason {
+                out.extend_from_slice(b",\"sender_kernel_reason\":");
+                w::string(out, r);
+            }
+            if *ttl != 0 {
+                out.extend_from_slice(b",\"ttl\":");
+                w::int(out, *ttl);
+            }
+            if let Some(b) = c.conn.ttl_baseline {
+                out.extend_from_slice(b",\"ttl_baseline\":");
+                w::int(out, b);
+            }
+            out.extend_from_slice(b",\"origin\":");
+            w::string(out, origin_name(*origin));
+        }
+        FactKind::TtlChanged { ttl } => {
+            out.extend_from_slice(b"\"ttl_changed\",\"ttl\":");
+            w::int(out, *ttl);
+        }
+        FactKind::Retransmit { state } => {
+            out.extend_from_slice(b"\"retransmit\",\"state\":");
+            w::string(out, state.name());
+        }
+        FactKind::SocketError { errno } => {
+            out.extend_from_slice(b"\"socket_error\",\"errno\":");
+            w::int(out, *errno);
+            out.extend_from_slice(b",\"error\":");
+            w::string(out, errno_name(*errno));
+        }
+        FactKind::GoAway(g) => {
+            out.extend_from_slice(if g.sent {
+                b"\"goaway_sent\",\"error_code\":"
+            } else {
+                b"\"goaway_received\",\"error_code\":"
+            });
+            w::display_str(out, g.code)?;
+            out.extend_from_slice(b",\"last_stream_id\":");
+            w::int(out, g.last_stream_id);
+            out.extend_from_slice(b",\"debug\":");
+            w::string(out, &g.debug);
+        }
+        FactKind::CloseCall { pid, comm, exiting } => {
+            out.extend_from_slice(b"\"close_call\",\"pid\":");
+            w::int(out, *pid);
+            out.extend_from_slice(b",\"comm\":");
+            w::string(out, comm);
+            if *exiting {
+                out.extend_from_slice(b",\"owner_exiting\":true");
+            }
+        }
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// The `h2` object: what [`h2_json`] builds, written as it is read.
+fn write_h2(out: &mut Vec<u8>, c: &Closed, h: &H2Track) -> io::Result<()> {
+    let start = c.conn.first_ns;
+    let closed = c.conn.closed_ns.unwrap_or(start);
+    out.extend_from_slice(b"{\"state\":");
+    w::string(out, h2_state_name(h.state));
+    out.extend_from_slice(b",\"preface_seen\":");
+    w::boolean(out, h.preface_seen);
+    out.extend_from_slice(b",\"frames\":");
+    w::int(out, h.frames);
+    out.extend_from_slice(b",\"parse_errors\":");
+    w::int(out, h.parse_errors);
+    out.extend_from_slice(b",\"desyncs\":");
+    w::int(out, h.desyncs);
+    out.extend_from_slice(b",\"goaways\":[");
+    for (i, g) in h.goaways.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(if g.sent {
+            b"{\"dir\":\"sent\",\"at_ms\":"
+        } else {
+            b"{\"dir\":\"received\",\"at_ms\":"
+        });
+        w::float(out, ms(g.at_ns.saturating_sub(start)));
+        out.extend_from_slice(b",\"error_code\":");
+        w::display_str(out, g.code)?;
+        out.extend_from_slice(b",\"code\":");
+        w::int(out, g.code.0);
+        out.extend_from_slice(b",\"last_stream_id\":");
+        w::int(out, g.last_stream_id);
+        out.extend_from_slice(b",\"debug\":");
+        w::string(out, &g.debug);
+        out.extend_from_slice(b",\"debug_truncated\":");
+        w::boolean(out, g.debug_truncated);
+        out.extend_from_slice(b",\"idle_ms\":");
+        w::opt_float(out, opt_ms(g.idle_ns));
+        out.push(b'}');
+    }
+    let (sent, received) = (&h.ping_sent, &h.ping_received);
+    out.extend_from_slice(b"],\"pings\":{\"sent\":");
+    w::int(out, sent.pings);
+    out.extend_from_slice(b",\"received\":");
+    w::int(out, received.pings);
+    out.extend_from_slice(b",\"acks_sent\":");
+    w::int(out, sent.acks);
+    out.extend_from_slice(b",\"acks_received\":");
+    w::int(out, received.acks);
+    out.extend_from_slice(b",\"unanswered_sent\":");
+    w::int(out, sent.unanswered());
+    out.extend_from_slice(b",\"unanswered_received\":");
+    w::int(out, received.unanswered());
+    out.extend_from_slice(b",\"min_interval_ms_sent\":");
+    w::opt_float(out, opt_ms(sent.min_interval_ns()));
+    out.extend_from_slice(b",\"min_interval_ms_received\":");
+    w::opt_float(out, opt_ms(received.min_interval_ns()));
+    out.extend_from_slice(b",\"median_interval_ms_sent\":");
+    w::opt_float(out, opt_ms(sent.median_interval_ns()));
+    out.extend_from_slice(b",\"median_interval_ms_received\":");
+    w::opt_float(out, opt_ms(received.median_interval_ns()));
+    out.extend_from_slice(b"},\"rst_streams\":{\"sent\":");
+    write_counts(out, &h.rst_sent);
+    out.extend_from_slice(b",\"received\":");
+    write_counts(out, &h.rst_received);
+    out.extend_from_slice(b"},\"streams_open_at_close\":");
+    w::int(out, h.open_streams());
+    out.extend_from_slice(b",\"max_open_streams\":");
+    w::int(out, h.max_open_streams);
+    out.extend_from_slice(b",\"idle_before_close_ms\":");
+    w::opt_float(
+        out,
+        opt_ms(h.idle_since_ns.map(|t| closed.saturating_sub(t))),
+    );
+    out.push(b'}');
+    Ok(())
+}
+
+/// A map of counts by name (`rst_streams.sent`), in the map's order.
+fn write_counts(out: &mut Vec<u8>, m: &BTreeMap<String, u32>) {
+    out.push(b'{');
+    for (i, (k, v)) in m.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        w::string(out, k);
+        out.push(b':');
+        w::int(out, *v);
+    }
+    out.push(b'}');
+}
+
 /// The `close` object as a JSON value (tests and callers that edit it).
 pub fn close_json(c: &Closed, clock: &Clock) -> Value {
-    serde_json::to_value(CloseObject {
+    let obj = CloseObject {
         closed: c,
         clock,
         k8s: None,
-    })
-    .unwrap_or(Value::Null)
+    };
+    // Every test that builds a close object (the golden files among them) also checks that
+    // the writer the pipeline uses is byte for byte the serde form.
+    #[cfg(test)]
+    assert_writer_matches_serde(&obj);
+    serde_json::to_value(obj).unwrap_or(Value::Null)
+}
+
+/// Panics unless [`CloseObject::write_json`] writes exactly what serde_json writes for the
+/// `Serialize` impl (also when appending to a buffer that already holds something).
+#[cfg(test)]
+pub(super) fn assert_writer_matches_serde(obj: &CloseObject<'_>) {
+    let want = serde_json::to_vec(obj).expect("serde_json");
+    let mut got = b"previous line\n".to_vec();
+    obj.write_json(&mut got).expect("write_json");
+    let got = got.split_off(b"previous line\n".len());
+    if got != want {
+        let at = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        panic!(
+            "write_json differs from serde_json at byte {at}:\n  serde: {}\n  fast:  {}",
+            String::from_utf8_lossy(&want[at.saturating_sub(60)..]),
+            String::from_utf8_lossy(&got[at.saturating_sub(60)..]),
+        );
+    }
 }

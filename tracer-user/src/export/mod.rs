@@ -5,6 +5,7 @@
 
 mod close;
 mod filter;
+mod jsonw;
 mod records;
 mod table;
 

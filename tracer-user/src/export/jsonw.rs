@@ -1,0 +1,272 @@
+//! Helpers of the hand-written `close` writer ([`super::CloseObject::write_json`]): JSON
+//! values appended to a `Vec<u8>`, as the very bytes serde_json writes for them (its string
+//! escaping, `itoa` integers, `zmij` floats, `null` for a float that is not finite). The
+//! export tests compare the writer with serde_json on every shape of `close` object.
+
+use std::{
+    fmt,
+    io::{self, Write as _},
+    net::SocketAddr,
+};
+
+/// A byte serde_json escapes in a string: `"`, `\` and the C0 controls (nothing else, not
+/// even DEL or non-ASCII).
+#[inline]
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
+/// Does any byte of `s` need escaping? Without an early exit, so that it vectorises: the
+/// answer is almost always no, and the whole string is read either way.
+#[inline]
+fn any_escape(s: &[u8]) -> bool {
+    s.iter().fold(false, |acc, &b| acc | needs_escape(b))
+}
+
+/// The contents of a JSON string (no quotes), escaped as serde_json does: `\"`, `\\`,
+/// `\b \f \n \r \t`, and `\u00xx` (lowercase hex) for the other controls. `s` is UTF-8
+/// and only ASCII bytes are replaced, so the output is UTF-8 too.
+fn escaped(out: &mut Vec<u8>, s: &[u8]) {
+    if !any_escape(s) {
+        out.extend_from_slice(s);
+        return;
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut run = 0;
+    for (i, &b) in s.iter().enumerate() {
+        if !needs_escape(b) {
+            continue;
+        }
+        out.extend_from_slice(&s[run..i]);
+        run = i + 1;
+        let short = match b {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            0x08 => b'b',
+            0x0c => b'f',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            _ => {
+                out.extend_from_slice(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 0xf)],
+                ]);
+                continue;
+            }
+        };
+        out.extend_from_slice(&[b'\\', short]);
+    }
+    out.extend_from_slice(&s[run..]);
+}
+
+/// A JSON string.
+#[inline]
+pub(super) fn string(out: &mut Vec<u8>, s: &str) {
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    escaped(out, s.as_bytes());
+    out.push(b'"');
+}
+
+/// A JSON string or `null`.
+#[inline]
+pub(super) fn opt_string(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => string(out, s),
+        None => null(out),
+    }
+}
+
+/// A value's `Display` form as a JSON string (serde's `collect_str`), formatted straight
+/// into `out` and escaped afterwards in the rare case it needs it. Fails only if the
+/// `Display` impl does.
+pub(super) fn display_str(out: &mut Vec<u8>, v: impl fmt::Display) -> io::Result<()> {
+    out.push(b'"');
+    let start = out.len();
+    write!(out, "{v}")?;
+    if any_escape(&out[start..]) {
+        let raw = out.split_off(start);
+        escaped(out, &raw);
+    }
+    out.push(b'"');
+    Ok(())
+}
+
+/// A socket address as serde writes one for a human-readable format: its `Display` form,
+/// as a string. IPv4 (the common case) is formatted here, without `fmt`.
+pub(super) fn addr(out: &mut Vec<u8>, a: SocketAddr) -> io::Result<()> {
+    match a {
+        SocketAddr::V4(v4) => {
+            let [a, b, c, d] = v4.ip().octets();
+            out.push(b'"');
+            int(out, a);
+            out.push(b'.');
+            int(out, b);
+            out.push(b'.');
+            int(out, c);
+            out.push(b'.');
+            int(out, d);
+            out.push(b':');
+            int(out, v4.port());
+            out.push(b'"');
+            Ok(())
+        }
+        SocketAddr::V6(_) => display_str(out, a),
+    }
+}
+
+/// A socket address or `null`.
+pub(super) fn opt_addr(out: &mut Vec<u8>, a: Option<SocketAddr>) -> io::Result<()> {
+    match a {
+        Some(a) => addr(out, a),
+        None => {
+            null(out);
+            Ok(())
+        }
+    }
+}
+
+#[inline]
+pub(super) fn int(out: &mut Vec<u8>, v: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+}
+
+#[inline]
+pub(super) fn opt_int(out: &mut Vec<u8>, v: Option<impl itoa::Integer>) {
+    match v {
+        Some(v) => int(out, v),
+        None => null(out),
+    }
+}
+
+/// A float as serde_json writes it: shortest round-trip form by `zmij` (`0.0`, `0.001`,
+/// `1e16`), `null` when not finite.
+#[inline]
+pub(super) fn float(out: &mut Vec<u8>, v: f64) {
+    if v.is_finite() {
+        out.extend_from_slice(zmij::Buffer::new().format_finite(v).as_bytes());
+    } else {
+        null(out);
+    }
+}
+
+#[inline]
+pub(super) fn opt_float(out: &mut Vec<u8>, v: Option<f64>) {
+    match v {
+        Some(v) => float(out, v),
+        None => null(out),
+    }
+}
+
+#[inline]
+pub(super) fn boolean(out: &mut Vec<u8>, v: bool) {
+    out.extend_from_slice(if v { b"true" } else { b"false" });
+}
+
+#[inline]
+pub(super) fn null(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"null");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serde<T: serde::Serialize + ?Sized>(v: &T) -> Vec<u8> {
+        serde_json::to_vec(v).expect("serialise")
+    }
+
+    /// Every byte value alone, in runs and between text, including multi-byte UTF-8.
+    #[test]
+    fn strings_escape_like_serde_json() {
+        let mut cases: Vec<String> = (0u8..=0x7f).map(|b| char::from(b).to_string()).collect();
+        cases.extend((0u8..=0x7f).map(|b| format!("ab{}cd{}", char::from(b), char::from(b))));
+        cases.extend(
+            [
+                "",
+                "plain",
+                "say \"hi\"\\ now",
+                "\u{0}\u{1}\u{1f}\u{7f}\u{80}\u{9f}",
+                "tab\there\nnew\rline\u{8}\u{c}",
+                "caf\u{e9} \u{1f600} \u{202e}rtl \u{2028}\u{2029}",
+                "\u{1b}]0;pwned\u{7}\u{1b}[2J",
+                "trailing\\",
+                "\"",
+                "a very long string that has no escapes at all and is longer than any vector width",
+            ]
+            .map(String::from),
+        );
+        for s in &cases {
+            let mut fast = Vec::new();
+            string(&mut fast, s);
+            assert_eq!(fast, serde(s.as_str()), "{s:?}");
+            let mut disp = Vec::new();
+            display_str(&mut disp, s).expect("display");
+            assert_eq!(disp, serde(s.as_str()), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn numbers_and_addresses_like_serde_json() {
+        for v in [
+            0.0,
+            -0.0,
+            0.001,
+            0.1,
+            1.0,
+            2000.0,
+            123456.789,
+            1e15,
+            1e16,
+            u64::MAX as f64 / 1e6,
+            f64::MIN_POSITIVE,
+            f64::MAX,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            let mut fast = Vec::new();
+            float(&mut fast, v);
+            assert_eq!(fast, serde(&v), "{v}");
+        }
+        for v in [0u64, 1, 9, 10, 4_026_531_833, u64::MAX] {
+            let mut fast = Vec::new();
+            int(&mut fast, v);
+            assert_eq!(fast, serde(&v));
+        }
+        for v in [0i32, -1, 104, i32::MIN, i32::MAX] {
+            let mut fast = Vec::new();
+            int(&mut fast, v);
+            assert_eq!(fast, serde(&v));
+        }
+        for a in [
+            "0.0.0.0:0",
+            "10.9.1.2:40000",
+            "255.255.255.255:65535",
+            "[::]:0",
+            "[::1]:80",
+            "[fd00:9:1::2]:443",
+            "[::ffff:10.0.0.1]:8080",
+            "[1111:2222:3333:4444:5555:6666:7777:8888]:65535",
+        ] {
+            let a: SocketAddr = a.parse().expect("address");
+            let mut fast = Vec::new();
+            addr(&mut fast, a).expect("addr");
+            assert_eq!(fast, serde(&a), "{a}");
+        }
+        let scoped = SocketAddr::V6(std::net::SocketAddrV6::new(
+            "fe80::1".parse().expect("ip"),
+            443,
+            7,
+            u32::MAX,
+        ));
+        let mut fast = Vec::new();
+        addr(&mut fast, scoped).expect("addr");
+        assert_eq!(fast, serde(&scoped));
+    }
+}

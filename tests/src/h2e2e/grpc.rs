@@ -246,11 +246,14 @@ pub fn check_max_idle(g: &Grpc, c: &Value, sv: &Value) {
 /// Case 2: grpc's two-GOAWAY drain (GOAWAY 2^31-1 + PING, ack, GOAWAY last-stream). The
 /// client usually closes its idle transport on the first GOAWAY, so its FIN often precedes
 /// the second GOAWAY, which its kernel then answers with a RST: the L4 initiator and
-/// mechanism vary, the L7 verdict must not.
+/// mechanism vary, the L7 verdict must not. When the client's PING ack and FIN reach the
+/// server in one read, the server closes on the FIN without sending the second GOAWAY
+/// at all (seen once: one GOAWAY on both sockets, no RST), so one is enough on either
+/// side; the client never sees more than the server sent.
 pub fn check_max_age(g: &Grpc, c: &Value, sv: &Value) {
     for (obj, e, dir, need) in [
         (c, g.client_expect(), "received", 1),
-        (sv, g.server_expect(), "sent", 2),
+        (sv, g.server_expect(), "sent", 1),
     ] {
         check(
             obj,
@@ -262,8 +265,6 @@ pub fn check_max_age(g: &Grpc, c: &Value, sv: &Value) {
         );
         check_synced(obj);
         let n = goaway_count(obj);
-        // The server socket sends both; the client socket sees the second one only if it
-        // arrives (it does, possibly after the client's own FIN).
         if n < need || n > 2 {
             fail(obj, &format!("expected {need}..=2 GOAWAYs, got {n}"));
         }
@@ -283,6 +284,9 @@ pub fn check_max_age(g: &Grpc, c: &Value, sv: &Value) {
         if n == 2 && num(obj, "/h2/goaways/1/at_ms") < num(obj, "/h2/goaways/0/at_ms") {
             fail(obj, "GOAWAYs out of order");
         }
+    }
+    if goaway_count(c) > goaway_count(sv) {
+        fail(c, "the client received more GOAWAYs than the server sent");
     }
     // The drain PING: sent with the first GOAWAY by the server, acked by the client.
     if num(sv, "/h2/pings/sent") < 1.0 || num(sv, "/h2/pings/acks_received") < 1.0 {

@@ -14,28 +14,36 @@ use tracer_common::{
 };
 
 use crate::{
-    config::{kread, off_netns, off_task_flags, read_field, tp_off},
+    config::{TpRec, kread, off_netns, off_task_flags, read_field, tp_off},
     emit::emit,
     maps::{FRESH, SK_PKT, bump},
 };
 
 const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
+const TCP_FIN_WAIT1: i32 = 4;
 const TCP_CLOSE: i32 = 7;
+const TCP_LAST_ACK: i32 = 9;
 const TCP_LISTEN: i32 = 10;
+
+/// `bpf_map_update_elem` flags, and the error it returns for an existing key.
+const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
+const EEXIST: i32 = 17;
 
 /// `task_struct.flags` bit set by `do_exit()` before it releases the task's files.
 const PF_EXITING: u32 = 0x0000_0004;
 
 pub fn try_set_state(ctx: &TracePointContext) -> Option<()> {
+    let rec = TpRec::load(ctx)?;
     let t = tp::SET_STATE;
-    let proto: u16 = read_field(ctx, t, field::PROTOCOL)?;
+    let proto: u16 = read_field(&rec, t, field::PROTOCOL)?;
     if proto != IPPROTO_TCP {
         return None;
     }
-    let sk: u64 = read_field(ctx, t, field::SKADDR)?;
-    let old: i32 = read_field(ctx, t, field::OLDSTATE)?;
-    let new: i32 = read_field(ctx, t, field::NEWSTATE)?;
+    let sk: u64 = read_field(&rec, t, field::SKADDR)?;
+    let old: i32 = read_field(&rec, t, field::OLDSTATE)?;
+    let new: i32 = read_field(&rec, t, field::NEWSTATE)?;
     if new == TCP_CLOSE {
         if SK_PKT.remove(sk).is_ok() {
             bump(counter::SKMAP_REMOVES); // exported as `skmap_evictions` (with inserts)
@@ -45,11 +53,16 @@ pub fn try_set_state(ctx: &TracePointContext) -> Option<()> {
         // at its start is "other", not "unsynced".
         // By reference on purpose: `&FRESH` is promoted to read-only data, a value would be
         // a 56-byte copy on this program's stack.
-        let existed = SK_PKT.get_ptr(sk).is_some();
+        // One hash operation in the usual case (no entry yet); an entry left at a reused
+        // address (its CLOSE missed) is overwritten by a second one.
         #[allow(clippy::needless_borrows_for_generic_args)]
-        let inserted = SK_PKT.insert(sk, &FRESH, 0);
-        if inserted.is_ok() && !existed {
+        let mut inserted = SK_PKT.insert(sk, &FRESH, BPF_NOEXIST);
+        if inserted.is_ok() {
             bump(counter::SKMAP_INSERTS); // exported as `skmap_evictions` (with removes)
+        } else if inserted == Err(-EEXIST) {
+            #[allow(clippy::needless_borrows_for_generic_args)]
+            let again = SK_PKT.insert(sk, &FRESH, BPF_EXIST);
+            inserted = again;
         }
         if inserted.is_err() {
             bump(counter::SKMAP_FAILS); // exported as `skmap_fails`
@@ -57,38 +70,46 @@ pub fn try_set_state(ctx: &TracePointContext) -> Option<()> {
             debug!(ctx, "whoclosed: per-socket packet map insert failed");
         }
     }
+    // The task is the owner's only in connect() and close()/shutdown() (and in an abort to
+    // CLOSE); other transitions run in softirq or for whichever task holds the lock, and the
+    // agent reads no task from them (`Conn::owner`, `FactKind::is_exit_close`).
+    let owner_context = matches!(new, TCP_SYN_SENT | TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE);
     emit(kind::STATE, sk, |ev: &mut LifecycleRecord| {
         ev.old_state = old as u8;
         ev.state = new as u8;
-        read_tuple(ctx, t, ev);
+        read_tuple(&rec, t, ev);
         fill_netns(ev, sk);
-        fill_task(ev);
+        if owner_context {
+            fill_task(ev);
+        }
     });
     Some(())
 }
 
 pub fn try_retransmit(ctx: &TracePointContext) -> Option<()> {
+    let rec = TpRec::load(ctx)?;
     let t = tp::RETRANSMIT;
-    let sk: u64 = read_field(ctx, t, field::SKADDR)?;
-    let state: i32 = read_field(ctx, t, field::STATE).unwrap_or(0);
-    let err: i32 = read_field(ctx, t, field::VALUE).unwrap_or(0);
+    let sk: u64 = read_field(&rec, t, field::SKADDR)?;
+    let state: i32 = read_field(&rec, t, field::STATE).unwrap_or(0);
+    let err: i32 = read_field(&rec, t, field::VALUE).unwrap_or(0);
     emit(kind::RETRANSMIT, sk, |ev: &mut LifecycleRecord| {
         ev.state = state as u8;
         ev.error = err;
-        read_tuple(ctx, t, ev);
+        read_tuple(&rec, t, ev);
     });
     Some(())
 }
 
 pub fn try_send_reset(ctx: &TracePointContext) -> Option<()> {
+    let rec = TpRec::load(ctx)?;
     let t = tp::SEND_RESET;
-    let sk: u64 = read_field(ctx, t, field::SKADDR).unwrap_or(0);
-    let state: i32 = read_field(ctx, t, field::STATE).unwrap_or(0);
-    let reason: i32 = read_field(ctx, t, field::VALUE).unwrap_or(-1);
+    let sk: u64 = read_field(&rec, t, field::SKADDR).unwrap_or(0);
+    let state: i32 = read_field(&rec, t, field::STATE).unwrap_or(0);
+    let reason: i32 = read_field(&rec, t, field::VALUE).unwrap_or(-1);
     emit(kind::SEND_RESET, sk, |ev: &mut LifecycleRecord| {
         ev.state = state as u8;
         ev.reset_reason = reason;
-        read_tuple(ctx, t, ev);
+        read_tuple(&rec, t, ev);
         fill_netns(ev, sk);
         fill_task(ev);
     });
@@ -97,28 +118,30 @@ pub fn try_send_reset(ctx: &TracePointContext) -> Option<()> {
 
 /// `tcp_receive_reset` and `tcp_destroy_sock`: the socket, its cookie and its tuple.
 pub fn try_sk_event(ctx: &TracePointContext, t: usize, k: u8) -> Option<()> {
-    let sk: u64 = read_field(ctx, t, field::SKADDR)?;
-    let cookie: u64 = read_field(ctx, t, field::COOKIE).unwrap_or(0);
+    let rec = TpRec::load(ctx)?;
+    let sk: u64 = read_field(&rec, t, field::SKADDR)?;
+    let cookie: u64 = read_field(&rec, t, field::COOKIE).unwrap_or(0);
     if k == kind::DESTROY && SK_PKT.remove(sk).is_ok() {
         bump(counter::SKMAP_REMOVES); // exported as `skmap_evictions` (with inserts)
     }
     emit(k, sk, |ev: &mut LifecycleRecord| {
         ev.cookie = cookie;
-        read_tuple(ctx, t, ev);
+        read_tuple(&rec, t, ev);
     });
     Some(())
 }
 
 pub fn try_error_report(ctx: &TracePointContext) -> Option<()> {
+    let rec = TpRec::load(ctx)?;
     let t = tp::ERROR_REPORT;
-    let proto: u16 = read_field(ctx, t, field::PROTOCOL)?;
+    let proto: u16 = read_field(&rec, t, field::PROTOCOL)?;
     if proto != IPPROTO_TCP {
         return None;
     }
-    let error: i32 = read_field(ctx, t, field::VALUE)?;
+    let error: i32 = read_field(&rec, t, field::VALUE)?;
     emit(kind::ERROR_REPORT, 0, |ev: &mut LifecycleRecord| {
         ev.error = error;
-        read_tuple(ctx, t, ev);
+        read_tuple(&rec, t, ev);
         fill_task(ev);
     });
     Some(())
@@ -166,19 +189,19 @@ pub fn fill_netns(ev: &mut LifecycleRecord, sk: u64) {
 
 /// Local/remote addresses and ports from a tracepoint record.
 #[inline(always)]
-fn read_tuple(ctx: &TracePointContext, tp: usize, ev: &mut LifecycleRecord) {
-    if read_endpoints(ctx, tp, &mut ev.ep) {
+fn read_tuple(rec: &TpRec, tp: usize, ev: &mut LifecycleRecord) {
+    if read_endpoints(rec, tp, &mut ev.ep) {
         ev.flags |= flag::HAS_TUPLE;
     }
 }
 
 #[inline(always)]
-fn read_endpoints(ctx: &TracePointContext, tp: usize, ep: &mut Endpoints) -> bool {
+fn read_endpoints(rec: &TpRec, tp: usize, ep: &mut Endpoints) -> bool {
     if tp_off(tp, field::SOCKADDR_STYLE) != NO_FIELD {
         // 28-byte blobs holding a sockaddr_in or sockaddr_in6.
         let (Some(s), Some(d)) = (
-            read_field::<[u8; 28]>(ctx, tp, field::SADDR),
-            read_field::<[u8; 28]>(ctx, tp, field::DADDR),
+            read_field::<[u8; 28]>(rec, tp, field::SADDR),
+            read_field::<[u8; 28]>(rec, tp, field::DADDR),
         ) else {
             return false;
         };
@@ -198,16 +221,16 @@ fn read_endpoints(ctx: &TracePointContext, tp: usize, ep: &mut Endpoints) -> boo
         return true;
     }
     let (Some(sport), Some(dport)) = (
-        read_field::<u16>(ctx, tp, field::SPORT),
-        read_field::<u16>(ctx, tp, field::DPORT),
+        read_field::<u16>(rec, tp, field::SPORT),
+        read_field::<u16>(rec, tp, field::DPORT),
     ) else {
         return false;
     };
     ep.sport = sport;
     ep.dport = dport;
-    let s6 = read_field::<[u8; 16]>(ctx, tp, field::SADDR_V6).unwrap_or([0; 16]);
-    let d6 = read_field::<[u8; 16]>(ctx, tp, field::DADDR_V6).unwrap_or([0; 16]);
-    let family = match read_field::<u16>(ctx, tp, field::FAMILY) {
+    let s6 = read_field::<[u8; 16]>(rec, tp, field::SADDR_V6).unwrap_or([0; 16]);
+    let d6 = read_field::<[u8; 16]>(rec, tp, field::DADDR_V6).unwrap_or([0; 16]);
+    let family = match read_field::<u16>(rec, tp, field::FAMILY) {
         Some(f) => f,
         // Older layouts without `family`: IPv4 sockets carry v4-mapped v6 fields.
         None if s6[..10] == [0; 10] && s6[10] == 0xff && s6[11] == 0xff => AF_INET,
@@ -215,8 +238,8 @@ fn read_endpoints(ctx: &TracePointContext, tp: usize, ep: &mut Endpoints) -> boo
     };
     if family == AF_INET {
         let (Some(s4), Some(d4)) = (
-            read_field::<[u8; 4]>(ctx, tp, field::SADDR),
-            read_field::<[u8; 4]>(ctx, tp, field::DADDR),
+            read_field::<[u8; 4]>(rec, tp, field::SADDR),
+            read_field::<[u8; 4]>(rec, tp, field::DADDR),
         ) else {
             return false;
         };

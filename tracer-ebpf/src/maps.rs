@@ -14,6 +14,18 @@ use tracer_common::counter;
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
+/// One tracepoint record per CPU, copied at the start of a run ([`crate::config::TpRec`]).
+/// Twice the copied length, so that masked field offsets stay inside it. Only the classic
+/// tracepoint programs use it, and the kernel never nests those on one CPU (`trace_call_bpf`
+/// skips a program while another runs there), so a run's copy is not overwritten under it.
+#[map]
+pub static TP_SCRATCH: PerCpuArray<TpScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct TpScratch {
+    pub b: [u8; 2 * crate::config::TP_COPY],
+}
+
 /// Per-CPU counters, indexed by [`tracer_common::counter`]; the agent sums them.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

@@ -145,6 +145,29 @@ fn bpf_run_times() -> HashMap<u64, ProgStats> {
     out
 }
 
+/// Programs that ran between two snapshots: name, runs, run time (ns), costliest first.
+fn programs_between(
+    before: &HashMap<u64, ProgStats>,
+    after: &HashMap<u64, ProgStats>,
+) -> Vec<(String, u64, u64)> {
+    let mut programs: Vec<(String, u64, u64)> = after
+        .iter()
+        .filter_map(|(id, a)| {
+            let b = before.get(id)?;
+            let runs = a.run_cnt.saturating_sub(b.run_cnt);
+            (runs > 0).then(|| {
+                (
+                    a.name.clone(),
+                    runs,
+                    a.run_time_ns.saturating_sub(b.run_time_ns),
+                )
+            })
+        })
+        .collect();
+    programs.sort_by_key(|p| std::cmp::Reverse(p.2));
+    programs
+}
+
 /// Starts a tracer, waits until it has attached, drains its stdout in the background.
 fn start_tracer(mut cmd: Command, ready: impl Fn(&str) -> bool + Send + 'static) -> Result<Child> {
     let mut child = cmd
@@ -198,21 +221,7 @@ fn phase(name: &str, args: &ChurnArgs, tracer: Option<Child>) -> Result<Phase> {
     let mut tracer = tracer;
     // The tracer attached before the first snapshot, so the run-time growth of every program
     // covers it; the bare phases measure what other programs on the host add.
-    let mut programs: Vec<(String, u64, u64)> = after
-        .iter()
-        .filter_map(|(id, a)| {
-            let b = before.get(id)?;
-            let runs = a.run_cnt.saturating_sub(b.run_cnt);
-            (runs > 0).then(|| {
-                (
-                    a.name.clone(),
-                    runs,
-                    a.run_time_ns.saturating_sub(b.run_time_ns),
-                )
-            })
-        })
-        .collect();
-    programs.sort_by_key(|p| std::cmp::Reverse(p.2));
+    let programs = programs_between(&before, &after);
     let grown: u64 = programs.iter().map(|p| p.2).sum();
     if let Some(c) = tracer.as_mut() {
         stop(c);
@@ -417,21 +426,7 @@ fn h2load_phase(
     if let Some(mut t) = tracer {
         stop(&mut t);
     }
-    let mut programs: Vec<(String, u64, u64)> = after
-        .iter()
-        .filter_map(|(id, a)| {
-            let b = before.get(id)?;
-            let runs = a.run_cnt.saturating_sub(b.run_cnt);
-            (runs > 0).then(|| {
-                (
-                    a.name.clone(),
-                    runs,
-                    a.run_time_ns.saturating_sub(b.run_time_ns),
-                )
-            })
-        })
-        .collect();
-    programs.sort_by_key(|p| std::cmp::Reverse(p.2));
+    let programs = programs_between(&before, &after);
     Ok(H2Phase {
         name,
         secs,

@@ -26,7 +26,7 @@ use tracer_common::wire::{
 use tracer_common::{WIRE_VERSION, kind};
 use tracer_user::conn::{Closed, MAX_FACTS, Table, TableConfig};
 use tracer_user::event::{self, Event, EventKind, TcpState};
-use tracer_user::export::{Clock, close_json};
+use tracer_user::export::{Clock, CloseObject, close_json};
 
 const SOCKETS: [u64; 6] = [
     0xffff_8880_0000_1000,
@@ -102,7 +102,7 @@ fn put_tuple(buf: &mut [u8], ep: usize, i: usize) {
 
 struct Run {
     table: Table,
-    seen: HashSet<String>,
+    seen: HashSet<tracer_user::timeline::ConnId>,
     clock: Clock,
 }
 
@@ -110,7 +110,7 @@ impl Run {
     fn take(&mut self, closed: Vec<Closed>) {
         for c in closed {
             assert!(
-                self.seen.insert(c.conn.id.clone()),
+                self.seen.insert(c.conn.id),
                 "second verdict for connection {}",
                 c.conn.id
             );
@@ -118,6 +118,22 @@ impl Run {
             let json = close_json(&c, &self.clock);
             assert_eq!(json["v"], 1);
             assert!(serde_json::to_string(&json).is_ok());
+            // The pipeline writes close lines by hand: byte for byte serde's, whatever the
+            // record holds.
+            let obj = CloseObject {
+                closed: &c,
+                clock: &self.clock,
+                k8s: None,
+            };
+            let mut fast = Vec::new();
+            assert!(obj.write_json(&mut fast).is_ok());
+            let slow = serde_json::to_vec(&obj).unwrap_or_default();
+            assert!(
+                fast == slow,
+                "write_json differs from serde_json:\n{}\n{}",
+                String::from_utf8_lossy(&fast),
+                String::from_utf8_lossy(&slow)
+            );
         }
     }
 

@@ -218,11 +218,7 @@ impl Side {
                 v: SCHEMA_VERSION,
                 kind: "conn",
                 id: c.id,
-                family: match c.tuple {
-                    Some(t) if t.is_ipv4() => "ipv4",
-                    Some(_) => "ipv6",
-                    None => "unknown",
-                },
+                family: c.tuple.map_or("unknown", |t| t.family_name()),
                 local: c.tuple.map(|t| t.local()),
                 remote: c.tuple.map(|t| t.remote()),
                 role: c.role,

@@ -211,8 +211,12 @@ impl Tuple {
         self.addr(self.raddr, self.rport)
     }
 
-    pub fn is_ipv4(&self) -> bool {
-        self.family == Family::V4
+    /// `conn.family` in the JSON.
+    pub fn family_name(&self) -> &'static str {
+        match self.family {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
     }
 
     pub fn reversed(self) -> Self {

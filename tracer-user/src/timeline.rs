@@ -23,12 +23,6 @@ impl Serialize for ConnId {
     }
 }
 
-impl PartialEq<str> for ConnId {
-    fn eq(&self, other: &str) -> bool {
-        other.len() == 16 && u64::from_str_radix(other, 16).is_ok_and(|v| v == self.0)
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -67,6 +61,18 @@ pub enum RstOrigin {
     /// The peer is not on this host (or its RSTs cannot be seen); only TTL can hint at the
     /// sender.
     Untraced,
+}
+
+impl RstOrigin {
+    /// The JSON name (the serde form; the export tests check every variant).
+    pub fn name(self) -> &'static str {
+        match self {
+            RstOrigin::PeerSocket => "peer_socket",
+            RstOrigin::PeerKernel => "peer_kernel",
+            RstOrigin::NotSentByPeer => "not_sent_by_peer",
+            RstOrigin::Untraced => "untraced",
+        }
+    }
 }
 
 /// An HTTP/2 GOAWAY this socket sent or received: the one shape the HTTP/2 tracker records,

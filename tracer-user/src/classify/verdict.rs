@@ -46,6 +46,17 @@ pub enum Initiator {
     None,
 }
 
+impl Initiator {
+    /// The JSON name (same as the serde form; a test keeps them equal).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Initiator::Local => "local",
+            Initiator::Remote => "remote",
+            Initiator::None => "none",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mechanism {

@@ -34,6 +34,18 @@ pub enum H2State {
     Tls,
 }
 
+impl H2State {
+    /// The JSON name (the serde form; the export tests check every variant).
+    pub fn name(self) -> &'static str {
+        match self {
+            H2State::Synced => "synced",
+            H2State::Unsynced => "unsynced",
+            H2State::NotH2 => "not_h2",
+            H2State::Tls => "tls",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PingSide {
     pub pings: u32,

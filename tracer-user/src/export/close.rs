@@ -11,14 +11,14 @@ use serde_json::Value;
 
 use super::{Clock, SCHEMA_VERSION, jsonw as w, ms};
 use crate::{
-    classify::{Initiator, Verdict},
+    classify::Verdict,
     conn::{
         Closed,
         h2::{H2State, H2Track},
     },
-    event::{TcpState, Tuple, errno_name},
+    event::{TcpState, errno_name},
     k8s::{K8sEnds, PodIdentity},
-    timeline::{Fact, FactKind, Role, RstOrigin},
+    timeline::{Fact, FactKind, Role},
 };
 
 /// The `evidence` array, serialised straight from the facts (no intermediate `Value`:
@@ -293,11 +293,7 @@ impl Serialize for CloseObject<'_> {
         let conn = &c.conn;
         let closed = conn.closed_ns.unwrap_or(conn.first_ns);
         let lifetime_from = conn.opened_ns.unwrap_or(conn.first_ns);
-        let family = match conn.tuple {
-            Some(t) if t.is_ipv4() => "ipv4",
-            Some(_) => "ipv6",
-            None => "unknown",
-        };
+        let family = conn.tuple.map_or("unknown", |t| t.family_name());
         let mut m = s.serialize_map(None)?;
         m.serialize_entry("v", &SCHEMA_VERSION)?;
         m.serialize_entry("type", "close")?;
@@ -345,38 +341,6 @@ impl Serialize for CloseObject<'_> {
     }
 }
 
-/// A socket's two addresses, (local, remote): the one place the writer reads a [`Tuple`].
-fn addrs(t: &Tuple) -> (SocketAddr, SocketAddr) {
-    (t.local(), t.remote())
-}
-
-/// The serde names of the enums whose type has no `as_str` (the tests check each variant).
-fn initiator_name(i: Initiator) -> &'static str {
-    match i {
-        Initiator::Local => "local",
-        Initiator::Remote => "remote",
-        Initiator::None => "none",
-    }
-}
-
-fn origin_name(o: RstOrigin) -> &'static str {
-    match o {
-        RstOrigin::PeerSocket => "peer_socket",
-        RstOrigin::PeerKernel => "peer_kernel",
-        RstOrigin::NotSentByPeer => "not_sent_by_peer",
-        RstOrigin::Untraced => "untraced",
-    }
-}
-
-fn h2_state_name(s: H2State) -> &'static str {
-    match s {
-        H2State::Synced => "synced",
-        H2State::Unsynced => "unsynced",
-        H2State::NotH2 => "not_h2",
-        H2State::Tls => "tls",
-    }
-}
-
 impl CloseObject<'_> {
     /// The `close` object as one line of JSON, appended to `out`: byte for byte what the
     /// `Serialize` impl above writes (the export tests compare the two on every shape), but
@@ -390,12 +354,7 @@ impl CloseObject<'_> {
         let conn = &c.conn;
         let closed = conn.closed_ns.unwrap_or(conn.first_ns);
         let lifetime_from = conn.opened_ns.unwrap_or(conn.first_ns);
-        let tuple = conn.tuple.as_ref().map(addrs);
-        let family = match tuple {
-            Some((local, _)) if local.is_ipv4() => "ipv4",
-            Some(_) => "ipv6",
-            None => "unknown",
-        };
+        let family = conn.tuple.map_or("unknown", |t| t.family_name());
         out.reserve(1600);
         out.extend_from_slice(b"{\"v\":");
         w::int(out, SCHEMA_VERSION);
@@ -411,9 +370,9 @@ impl CloseObject<'_> {
         out.extend_from_slice(b",\"family\":");
         w::string(out, family);
         out.extend_from_slice(b",\"local\":");
-        w::opt_addr(out, tuple.map(|t| t.0))?;
+        w::opt_addr(out, conn.tuple.map(|t| t.local()))?;
         out.extend_from_slice(b",\"remote\":");
-        w::opt_addr(out, tuple.map(|t| t.1))?;
+        w::opt_addr(out, conn.tuple.map(|t| t.remote()))?;
         out.extend_from_slice(b",\"role\":");
         w::string(out, conn.role.name());
         out.extend_from_slice(b",\"preexisting\":");
@@ -526,7 +485,7 @@ fn write_verdict(out: &mut Vec<u8>, v: &Verdict) -> io::Result<()> {
     out.extend_from_slice(b",\"reason\":");
     w::string(out, reason.as_str());
     out.extend_from_slice(b",\"tcp_initiator\":");
-    w::string(out, initiator_name(*tcp_initiator));
+    w::string(out, tcp_initiator.as_str());
     out.extend_from_slice(b",\"mechanism\":");
     w::string(out, mechanism.as_str());
     out.extend_from_slice(b",\"confidence\":");
@@ -610,7 +569,7 @@ fn write_fact(out: &mut Vec<u8>, c: &Closed, f: &Fact) -> io::Result<()> {
                 w::int(out, b);
             }
             out.extend_from_slice(b",\"origin\":");
-            w::string(out, origin_name(*origin));
+            w::string(out, origin.name());
         }
         FactKind::TtlChanged { ttl } => {
             out.extend_from_slice(b"\"ttl_changed\",\"ttl\":");
@@ -657,7 +616,7 @@ fn write_h2(out: &mut Vec<u8>, c: &Closed, h: &H2Track) -> io::Result<()> {
     let start = c.conn.first_ns;
     let closed = c.conn.closed_ns.unwrap_or(start);
     out.extend_from_slice(b"{\"state\":");
-    w::string(out, h2_state_name(h.state));
+    w::string(out, h.state.name());
     out.extend_from_slice(b",\"preface_seen\":");
     w::boolean(out, h.preface_seen);
     out.extend_from_slice(b",\"frames\":");

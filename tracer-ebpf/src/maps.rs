@@ -115,10 +115,15 @@ pub struct PktState {
     pub seen: u8,
     /// One of [`sk_proto`].
     pub proto: u8,
-    /// Explicit padding to the 8-byte alignment of `last_data_ns`.
-    pub _pad: [u8; 5],
-    /// When a segment with payload last passed, either direction (`bpf_ktime_get_ns`);
-    /// 0: none yet. Reported in every packet record (`PacketRecord::last_data_ns`).
+    /// Explicit padding to the 4-byte alignment of `data_tick`.
+    pub _pad: u8,
+    /// Low 32 bits of `jiffies` when `last_data_ns` was last taken.
+    pub data_tick: u32,
+    /// When payload last passed, either direction (`bpf_ktime_get_ns`), to within one
+    /// scheduler tick: the clock is read on the first payload segment of each tick, and
+    /// later segments in the same tick leave it (a clock read per bulk segment was a fifth
+    /// of the packet programs' cost). 0: none yet. Reported in every packet record
+    /// (`PacketRecord::last_data_ns`).
     pub last_data_ns: u64,
 }
 
@@ -140,7 +145,8 @@ pub const FRESH: PktState = PktState {
     ttl_in: 0,
     seen: seen::START,
     proto: sk_proto::UNKNOWN,
-    _pad: [0; 5],
+    _pad: 0,
+    data_tick: 0,
     last_data_ns: 0,
 };
 

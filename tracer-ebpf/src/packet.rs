@@ -2,7 +2,7 @@
 //! netns). TCP flags, TTL and sequence numbers; payload goes to the HTTP/2 walker.
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_tcp_sock},
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns, bpf_tcp_sock},
     programs::SkBuffContext,
 };
 use tracer_common::{
@@ -147,8 +147,13 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
         st.ttl_in = seg.ttl;
     }
     if payload_len > 0 {
-        // SAFETY: helper without preconditions.
-        st.last_data_ns = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: helper without preconditions; the verifier inlines it as a load.
+        let tick = unsafe { bpf_jiffies64() } as u32;
+        if tick != st.data_tick || st.last_data_ns == 0 {
+            st.data_tick = tick;
+            // SAFETY: helper without preconditions.
+            st.last_data_ns = unsafe { bpf_ktime_get_ns() };
+        }
     }
     let control = tcp_flags & (tcp_flag::SYN | tcp_flag::FIN | tcp_flag::RST) != 0;
     if control || evflags & (flag::FIRST_IN_DIR | flag::TTL_CHANGED) != 0 {

@@ -1,6 +1,8 @@
 //! Packets of local sockets: cgroup_skb ingress and egress at the cgroup v2 root (every
 //! netns). TCP flags, TTL and sequence numbers; payload goes to the HTTP/2 walker.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     helpers::{bpf_jiffies64, bpf_ktime_get_ns, bpf_tcp_sock},
     programs::SkBuffContext,
@@ -14,37 +16,75 @@ use crate::{
     config::rcv_wnd_max,
     emit::emit,
     h2walk::{SegInfo, h2_segment},
-    maps::{FRESH, MIDSTREAM, PktState, SK_PKT, bump, seen},
+    maps::{FRESH, MIDSTREAM, PktState, SK_PKT, bump, seen, sync},
+    verifier::zero_in_place,
 };
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP_U8: u8 = 6;
 
-/// Parsed L3 facts of one segment.
+/// Parsed IP and TCP header facts of one segment. Laid out to 64 bytes so that it is
+/// zeroed with eight stores (`zero_in_place`) rather than a byte-wise `memset` call.
+#[repr(C, align(8))]
 struct Seg {
-    family: u16,
-    ttl: u8,
     src: [u8; 16],
     dst: [u8; 16],
-    l4_off: usize,
+    /// The fixed part of the TCP header.
+    th: [u8; 20],
+    family: u16,
+    ttl: u8,
+    _pad: u8,
     l3_payload: u32,
+    l4_off: u32,
 }
 
-/// Fills `seg` from the IP header; false for anything but the first fragment of TCP.
-/// Not inlined: its register spills (the 40-byte IPv6 header) then take a frame of their
-/// own beside `h2_segment`'s rather than under it (512 bytes for the chain, verifier.rs).
+const _: () = assert!(core::mem::size_of::<Seg>() == 64);
+
+/// Fills `seg` from the IP and TCP headers; false for anything but the first fragment of
+/// TCP. Not inlined: its register spills (the 40-byte IPv6 header) then take a frame of
+/// their own beside `h2_segment`'s rather than under it (512 bytes for the chain,
+/// verifier.rs), and the packet pointers it uses stay inside it, out of the states the
+/// verifier explores for the frame walker.
 #[inline(never)]
-fn parse_l3(ctx: &SkBuffContext, seg: &mut Seg) -> bool {
-    parse_l3_inner(ctx, seg).is_some()
+fn parse_headers(ctx: &SkBuffContext, seg: &mut Seg) -> bool {
+    parse_headers_inner(ctx, seg).is_some()
+}
+
+/// `N` bytes at `off`: read in place when the linear part of the skb holds them (the
+/// usual case: the kernel builds and receives TCP headers linear), which costs no helper
+/// call, else through `bpf_skb_load_bytes`.
+#[inline(always)]
+fn hdr<const N: usize>(ctx: &SkBuffContext, off: usize) -> Option<[u8; N]> {
+    // SAFETY: reading fields of the context the verifier hands us.
+    let (data, end) = unsafe {
+        (
+            (*ctx.skb.skb).data as usize,
+            (*ctx.skb.skb).data_end as usize,
+        )
+    };
+    if data + off + N <= end {
+        let p = (data + off) as *const u8;
+        let mut out = [0u8; N];
+        let mut i = 0;
+        while i < N {
+            // SAFETY: `p + i` is below `data_end`, checked above; volatile keeps LLVM from
+            // turning the loop into a `memcpy` call (verifier.rs).
+            out[i] = unsafe { core::ptr::read_volatile(p.add(i)) };
+            i += 1;
+        }
+        Some(out)
+    } else {
+        ctx.load(off).ok()
+    }
 }
 
 #[inline(always)]
-fn parse_l3_inner(ctx: &SkBuffContext, seg: &mut Seg) -> Option<()> {
+fn parse_headers_inner(ctx: &SkBuffContext, seg: &mut Seg) -> Option<()> {
     // SAFETY: reading a field of the context the verifier hands us.
     let proto = unsafe { (*ctx.skb.skb).protocol };
     if proto == ETH_P_IP.to_be() as u32 {
-        let h: [u8; 20] = ctx.load(0).ok()?;
+        let h: [u8; 20] = hdr(ctx, 0)?;
         if h[0] >> 4 != 4 || h[9] != IPPROTO_TCP_U8 {
             return None;
         }
@@ -58,10 +98,11 @@ fn parse_l3_inner(ctx: &SkBuffContext, seg: &mut Seg) -> Option<()> {
         seg.ttl = h[8];
         seg.src[..4].copy_from_slice(&h[12..16]);
         seg.dst[..4].copy_from_slice(&h[16..20]);
-        seg.l4_off = ihl;
+        seg.l4_off = ihl as u32;
         seg.l3_payload = total.saturating_sub(ihl as u32);
+        seg.th = hdr(ctx, ihl)?;
     } else if proto == ETH_P_IPV6.to_be() as u32 {
-        let h: [u8; 40] = ctx.load(0).ok()?;
+        let h: [u8; 40] = hdr(ctx, 0)?;
         if h[0] >> 4 != 6 || h[6] != IPPROTO_TCP_U8 {
             return None;
         }
@@ -71,6 +112,7 @@ fn parse_l3_inner(ctx: &SkBuffContext, seg: &mut Seg) -> Option<()> {
         seg.dst.copy_from_slice(&h[24..40]);
         seg.l4_off = 40;
         seg.l3_payload = u16::from_be_bytes([h[4], h[5]]) as u32;
+        seg.th = hdr(ctx, 40)?;
     } else {
         return None;
     }
@@ -78,31 +120,34 @@ fn parse_l3_inner(ctx: &SkBuffContext, seg: &mut Seg) -> Option<()> {
 }
 
 /// One segment: per-socket bookkeeping, a record for control segments and firsts, and the
-/// payload to the HTTP/2 walker.
+/// payload to the HTTP/2 walker. Inlined into both entry programs: every segment runs
+/// it, and a BPF-to-BPF call costs a call and a return (a return thunk on kernels with
+/// return-stack mitigations).
+#[inline(always)]
 pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
-    let mut seg = Seg {
-        family: 0,
-        ttl: 0,
-        src: [0; 16],
-        dst: [0; 16],
-        l4_off: 0,
-        l3_payload: 0,
+    let mut seg = MaybeUninit::<Seg>::uninit();
+    // SAFETY: a local of 64 bytes, 8-byte aligned; all zeroes is a valid `Seg`.
+    // Used through a reference: moving the value out (`assume_init`) is a copy of known
+    // zeroes, which LLVM turns back into a `memset` call.
+    let seg: &mut Seg = unsafe {
+        zero_in_place(seg.as_mut_ptr());
+        &mut *seg.as_mut_ptr()
     };
-    if !parse_l3(ctx, &mut seg) {
+    if !parse_headers(ctx, seg) {
         return None;
     }
     let l4_off = if seg.l4_off > 60 {
         return None;
     } else {
-        seg.l4_off
+        seg.l4_off as usize
     };
-    let th: [u8; 20] = ctx.load(l4_off).ok()?;
+    let th = &seg.th;
     bump(counter::PACKETS); // exported as `packets`
     let tcp_flags = th[13];
     let doff = ((th[12] >> 4) as u32) * 4;
     let seq = u32::from_be_bytes([th[4], th[5], th[6], th[7]]);
     let payload_len = seg.l3_payload.saturating_sub(doff);
-    if ingress && !acceptable(ctx, &th, payload_len) {
+    if ingress && !acceptable(ctx, th, payload_len) {
         // Not evidence: TCP will drop it (a forged or stale segment), so it must neither
         // become a fact nor move the walker nor the TTL baseline.
         bump(counter::UNACCEPTED); // exported as `unaccepted`
@@ -157,9 +202,11 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     }
     let control = tcp_flags & (tcp_flag::SYN | tcp_flag::FIN | tcp_flag::RST) != 0;
     if control || evflags & (flag::FIRST_IN_DIR | flag::TTL_CHANGED) != 0 {
-        emit_packet(&seg, &th, sk, evflags, payload_len, st.last_data_ns);
+        emit_packet(seg, th, sk, evflags, payload_len, st.last_data_ns);
     }
-    if payload_len > 0 && payload_len < 0x0100_0000 {
+    // Sockets whose payload is not HTTP/2 (TLS, anything else) skip the walker's call.
+    let walking = st.dir[if ingress { 1 } else { 0 }].sync != sync::OFF;
+    if walking && payload_len > 0 && payload_len < 0x0100_0000 {
         let info = SegInfo {
             sk,
             seq,

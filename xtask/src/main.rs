@@ -4,6 +4,7 @@
 //! so it is cheap to run before every build.
 
 mod bench;
+mod bench_packet;
 mod bench_scale;
 mod deploy;
 mod fuzz;
@@ -54,6 +55,8 @@ enum Task {
     BenchChurn(bench::ChurnArgs),
     /// HTTP/2 benchmark: the same h2load transfer with the agent detached and attached.
     BenchH2(bench::H2Args),
+    /// Per-segment cost of the packet programs: BPF_PROG_TEST_RUN on crafted segments.
+    BenchPacket(bench_packet::PacketArgs),
     /// Userspace pipeline: record a loopback churn, then time `whoclosed replay` of it.
     BenchPipeline(bench_scale::PipelineArgs),
     /// Memory: hold many loopback connections open and read the agent's RSS.
@@ -366,6 +369,11 @@ fn main() -> Result<()> {
             setup()?;
             build(&root, true)?;
             bench::h2(&root, &args)
+        }
+        Task::BenchPacket(args) => {
+            setup()?;
+            build(&root, true)?;
+            bench_packet::packet(&root, &args)
         }
         Task::BenchPipeline(args) => {
             setup()?;

@@ -147,37 +147,54 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     let doff = ((th[12] >> 4) as u32) * 4;
     let seq = u32::from_be_bytes([th[4], th[5], th[6], th[7]]);
     let payload_len = seg.l3_payload.saturating_sub(doff);
+    // SAFETY: `sk` is a context field; its value (the socket address) is only recorded.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk } as u64;
+    if tcp_flags & tcp_flag::RST == 0 && not_a_connection(ctx) {
+        return None;
+    }
+    let control = tcp_flags & (tcp_flag::SYN | tcp_flag::FIN | tcp_flag::RST) != 0;
+    let dir_bit: u8 = if ingress { seen::INGRESS } else { seen::EGRESS };
+    // A plain pointer, null when absent: an `Option` carried across the helper calls below
+    // is what 5.10 and 6.1 lose track of (verifier.rs).
+    let existing: *mut PktState = SK_PKT.get_ptr_mut(sk).unwrap_or(core::ptr::null_mut());
+    if !existing.is_null() {
+        // SAFETY: non-null map value pointer, valid for this program run.
+        let st = unsafe { &*existing };
+        // A bare ACK on a known socket that changes nothing (about half of a bulk
+        // transfer's segments): no record, no walk, no state change, so the acceptance
+        // check below has nothing to protect.
+        if payload_len == 0
+            && !control
+            && st.seen & dir_bit != 0
+            && (!ingress || st.ttl_in == seg.ttl)
+        {
+            return Some(());
+        }
+    }
     if ingress && !acceptable(ctx, th, payload_len) {
         // Not evidence: TCP will drop it (a forged or stale segment), so it must neither
         // become a fact nor move the walker nor the TTL baseline.
         bump(counter::UNACCEPTED); // exported as `unaccepted`
         return None;
     }
-    // SAFETY: `sk` is a context field; its value (the socket address) is only recorded.
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk } as u64;
-    if tcp_flags & tcp_flag::RST == 0 && not_a_connection(ctx) {
-        return None;
-    }
 
-    let dir_bit: u8 = if ingress { seen::INGRESS } else { seen::EGRESS };
     let mut evflags: u8 = if ingress { flag::INGRESS } else { 0 };
-    let st = match SK_PKT.get_ptr_mut(sk) {
-        Some(st) => st,
-        None => {
-            // Inserted from rodata: a copy on the stack would cost 80 of the 512 bytes the
-            // whole call chain (try_packet, h2_segment) may use (see verifier.rs).
-            let init: &PktState = if tcp_flags & tcp_flag::SYN == 0 {
-                &MIDSTREAM
-            } else {
-                &FRESH
-            };
-            if SK_PKT.insert(sk, init, 0).is_err() {
-                bump(counter::SKMAP_FAILS); // exported as `skmap_fails`
-            } else {
-                bump(counter::SKMAP_INSERTS); // exported as `skmap_evictions` (with removes)
-            }
-            SK_PKT.get_ptr_mut(sk)?
+    let st = if !existing.is_null() {
+        existing
+    } else {
+        // Inserted from rodata: a copy on the stack would cost 80 of the 512 bytes the
+        // whole call chain (try_packet, h2_segment) may use (see verifier.rs).
+        let init: &PktState = if tcp_flags & tcp_flag::SYN == 0 {
+            &MIDSTREAM
+        } else {
+            &FRESH
+        };
+        if SK_PKT.insert(sk, init, 0).is_err() {
+            bump(counter::SKMAP_FAILS); // exported as `skmap_fails`
+        } else {
+            bump(counter::SKMAP_INSERTS); // exported as `skmap_evictions` (with removes)
         }
+        SK_PKT.get_ptr_mut(sk)?
     };
     // SAFETY: map value pointer, valid for this program run.
     let st = unsafe { &mut *st };
@@ -200,7 +217,6 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
             st.last_data_ns = unsafe { bpf_ktime_get_ns() };
         }
     }
-    let control = tcp_flags & (tcp_flag::SYN | tcp_flag::FIN | tcp_flag::RST) != 0;
     if control || evflags & (flag::FIRST_IN_DIR | flag::TTL_CHANGED) != 0 {
         emit_packet(seg, th, sk, evflags, payload_len, st.last_data_ns);
     }

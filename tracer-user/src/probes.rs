@@ -546,7 +546,7 @@ pub struct CounterSnapshot {
     /// HTTP/2 directions whose frame sync the kernel lost (capture gap).
     pub h2_desyncs: u64,
     /// Ingress segments the socket's TCP would not accept (forged or stale): dropped
-    /// before they became evidence.
+    /// before they became evidence. Bare ACKs that would change nothing are not judged.
     pub unaccepted: u64,
     /// Per-socket packet states the kernel's LRU map evicted to make room (created minus
     /// removed at close minus still present; `--max-sockets` sizes the map). An evicted

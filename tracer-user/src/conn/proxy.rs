@@ -60,9 +60,39 @@ pub(super) struct LegRec {
     ended: Option<(u64, LegEnd)>,
 }
 
+/// One process's closed sockets, oldest first, and how many of them are of each role.
+#[derive(Debug, Default)]
+struct PidLegs {
+    q: VecDeque<LegRec>,
+    /// Entries in `q` whose role is client, and server. A process with legs of one role
+    /// only (most of them: a client pod's outgoing connections, a server's accepted ones)
+    /// has no other leg to find, and the lookup then costs no scan of `q`.
+    clients: u32,
+    servers: u32,
+}
+
+impl PidLegs {
+    fn count(&mut self, role: Role, add: bool) {
+        let n = match role {
+            Role::Client => &mut self.clients,
+            Role::Server => &mut self.servers,
+            Role::Unknown => return,
+        };
+        *n = if add { *n + 1 } else { n.saturating_sub(1) };
+    }
+
+    fn has(&self, role: Role) -> bool {
+        match role {
+            Role::Client => self.clients > 0,
+            Role::Server => self.servers > 0,
+            Role::Unknown => false,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Legs {
-    by_pid: HashMap<u32, VecDeque<LegRec>>,
+    by_pid: HashMap<u32, PidLegs>,
     /// Where each closed but not yet judged socket's entry is: (owner, serial). Settling it
     /// at judgement was a scan of its owner's queue (a few percent of the agent under churn,
     /// where one process owns every socket).
@@ -132,13 +162,17 @@ impl Table {
         if self.legs.by_pid.len() >= MAX_PIDS && !self.legs.by_pid.contains_key(&pid) {
             self.legs.by_pid.clear();
         }
-        let q = self.legs.by_pid.entry(pid).or_default();
-        q.push_back(rec);
-        while q.len() > MAX_LEGS_PER_PID
-            || q.front()
+        let p = self.legs.by_pid.entry(pid).or_default();
+        p.count(rec.role, true);
+        p.q.push_back(rec);
+        while p.q.len() > MAX_LEGS_PER_PID
+            || p.q
+                .front()
                 .is_some_and(|r| closed.saturating_sub(r.closed_ns) > LOG_WINDOW_NS)
         {
-            q.pop_front();
+            if let Some(old) = p.q.pop_front() {
+                p.count(old.role, false);
+            }
         }
     }
 
@@ -147,7 +181,7 @@ impl Table {
         let Some((pid, serial)) = self.legs.unsettled.remove(&conn.id) else {
             return;
         };
-        let Some(q) = self.legs.by_pid.get_mut(&pid) else {
+        let Some(q) = self.legs.by_pid.get_mut(&pid).map(|p| &mut p.q) else {
             return;
         };
         if let Ok(i) = q.binary_search_by_key(&serial, |r| r.serial) {
@@ -168,13 +202,22 @@ impl Table {
             .legs
             .by_pid
             .get(&pid)
-            .is_some_and(|q| q.iter().any(|r| r.tuple == Some(want)))
+            .is_some_and(|p| p.q.iter().any(|r| r.tuple == Some(want)))
     }
 
     /// The other leg of a proxy socket: a socket of the same process, of the opposite
     /// role, whose life overlapped this one's; the one that closed nearest in time.
     fn other_leg(&self, leg: &Leg) -> Option<OtherLeg> {
-        let q = self.legs.by_pid.get(&leg.pid)?;
+        let p = self.legs.by_pid.get(&leg.pid)?;
+        let wanted = match leg.role {
+            Role::Client => Role::Server,
+            Role::Server => Role::Client,
+            Role::Unknown => return None,
+        };
+        if !p.has(wanted) {
+            return None;
+        }
+        let q = &p.q;
         let reversed = leg.tuple.map(|t| t.reversed());
         let end = leg.closed_ns.unwrap_or(u64::MAX);
         let mut candidates: Vec<&LegRec> = q
@@ -277,5 +320,27 @@ impl Table {
             other,
             known_name,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PidLegs, Role};
+
+    #[test]
+    fn role_counts_follow_the_queue() {
+        let mut p = PidLegs::default();
+        assert!(!p.has(Role::Client) && !p.has(Role::Server) && !p.has(Role::Unknown));
+        p.count(Role::Client, true);
+        p.count(Role::Client, true);
+        p.count(Role::Unknown, true);
+        assert!(p.has(Role::Client) && !p.has(Role::Server));
+        p.count(Role::Server, true);
+        p.count(Role::Client, false);
+        assert!(p.has(Role::Client) && p.has(Role::Server));
+        p.count(Role::Client, false);
+        p.count(Role::Client, false); // never below zero
+        assert!(!p.has(Role::Client) && p.has(Role::Server));
+        assert_eq!((p.clients, p.servers), (0, 1));
     }
 }

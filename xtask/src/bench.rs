@@ -525,28 +525,18 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
         // the first or second run of a pair gains (a warm page cache, the tracer's exit
         // still being reaped) falls on both sides equally.
         for round in 0..args.rounds.max(1) {
-            let detached = |phases: &mut Vec<H2Phase>| -> Result<()> {
-                phases.push(h2load_phase("detached", &url, args, server.id(), None)?);
-                Ok(())
-            };
-            if round % 2 == 1 {
-                phases.push(h2load_phase(
-                    "attached",
-                    &url,
-                    args,
-                    server.id(),
-                    Some(tracer()?),
-                )?);
-                detached(&mut phases)?;
+            let order = if round % 2 == 1 {
+                [true, false]
             } else {
-                detached(&mut phases)?;
-                phases.push(h2load_phase(
-                    "attached",
-                    &url,
-                    args,
-                    server.id(),
-                    Some(tracer()?),
-                )?);
+                [false, true]
+            };
+            for attached in order {
+                let (name, tracer) = if attached {
+                    ("attached", Some(tracer()?))
+                } else {
+                    ("detached", None)
+                };
+                phases.push(h2load_phase(name, &url, args, server.id(), tracer)?);
             }
         }
         bpf_stats(true)?;

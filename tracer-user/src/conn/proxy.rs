@@ -72,6 +72,17 @@ struct PidLegs {
 }
 
 impl PidLegs {
+    fn push(&mut self, rec: LegRec) {
+        self.count(rec.role, true);
+        self.q.push_back(rec);
+    }
+
+    fn pop_front(&mut self) -> Option<LegRec> {
+        let old = self.q.pop_front()?;
+        self.count(old.role, false);
+        Some(old)
+    }
+
     fn count(&mut self, role: Role, add: bool) {
         let n = match role {
             Role::Client => &mut self.clients,
@@ -163,16 +174,13 @@ impl Table {
             self.legs.by_pid.clear();
         }
         let p = self.legs.by_pid.entry(pid).or_default();
-        p.count(rec.role, true);
-        p.q.push_back(rec);
+        p.push(rec);
         while p.q.len() > MAX_LEGS_PER_PID
             || p.q
                 .front()
                 .is_some_and(|r| closed.saturating_sub(r.closed_ns) > LOG_WINDOW_NS)
         {
-            if let Some(old) = p.q.pop_front() {
-                p.count(old.role, false);
-            }
+            p.pop_front();
         }
     }
 
@@ -209,12 +217,7 @@ impl Table {
     /// role, whose life overlapped this one's; the one that closed nearest in time.
     fn other_leg(&self, leg: &Leg) -> Option<OtherLeg> {
         let p = self.legs.by_pid.get(&leg.pid)?;
-        let wanted = match leg.role {
-            Role::Client => Role::Server,
-            Role::Server => Role::Client,
-            Role::Unknown => return None,
-        };
-        if !p.has(wanted) {
+        if !p.has(leg.role.opposite()) {
             return None;
         }
         let q = &p.q;
@@ -325,22 +328,49 @@ impl Table {
 
 #[cfg(test)]
 mod tests {
-    use super::{PidLegs, Role};
+    use super::{LegRec, PidLegs, Role};
+    use crate::timeline::ConnId;
 
+    fn rec(serial: u64, role: Role) -> LegRec {
+        LegRec {
+            serial,
+            skaddr: serial,
+            id: ConnId(serial),
+            role,
+            tuple: None,
+            opened_ns: None,
+            closed_ns: serial,
+            ended: None,
+        }
+    }
+
+    /// After every push and eviction, `has` says exactly whether the queue holds a leg of
+    /// that role: a count that fell to zero too early would hide a proxy's other leg.
     #[test]
     fn role_counts_follow_the_queue() {
+        let roles = [
+            Role::Client,
+            Role::Unknown,
+            Role::Client,
+            Role::Server,
+            Role::Client,
+            Role::Server,
+        ];
         let mut p = PidLegs::default();
-        assert!(!p.has(Role::Client) && !p.has(Role::Server) && !p.has(Role::Unknown));
-        p.count(Role::Client, true);
-        p.count(Role::Client, true);
-        p.count(Role::Unknown, true);
-        assert!(p.has(Role::Client) && !p.has(Role::Server));
-        p.count(Role::Server, true);
-        p.count(Role::Client, false);
-        assert!(p.has(Role::Client) && p.has(Role::Server));
-        p.count(Role::Client, false);
-        p.count(Role::Client, false); // never below zero
-        assert!(!p.has(Role::Client) && p.has(Role::Server));
-        assert_eq!((p.clients, p.servers), (0, 1));
+        let check = |p: &PidLegs| {
+            for role in [Role::Client, Role::Server] {
+                let in_queue = p.q.iter().any(|r| r.role == role);
+                assert_eq!(p.has(role), in_queue, "{role:?} after {:?}", p.q);
+            }
+            assert!(!p.has(Role::Unknown));
+        };
+        for (i, role) in roles.into_iter().enumerate() {
+            p.push(rec(i as u64, role));
+            check(&p);
+        }
+        while p.pop_front().is_some() {
+            check(&p);
+        }
+        assert_eq!((p.clients, p.servers), (0, 0));
     }
 }

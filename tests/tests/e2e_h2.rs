@@ -13,6 +13,7 @@
 
 use std::path::Path;
 use tests::Topology;
+use tests::h2e2e::frames::{self, Link};
 use tests::h2e2e::nghttp::{self, BIG};
 use tests::h2e2e::{Need, grpc, plain, prelude, start_agent, stop};
 use tests::h2peers::DocRoot;
@@ -163,5 +164,70 @@ fn plain_tcp_not_h2() {
     let mut agent = start_agent(&t);
     let (c, sv) = plain::exchange(Path::new(WC_PEER), &t, &mut agent);
     plain::check_not_h2((&c.0, c.1), (&sv.0, sv.1));
+    stop(agent);
+}
+
+/// Case 10: many small frames in one segment, the GOAWAY last. One program run walks 12
+/// frames; the continuation programs (tail calls, up to 33) walk on, so 10, 20 and 80
+/// PINGs before the GOAWAY over veth (one segment holds at most 1,448 bytes) and 300 on
+/// loopback (one segment holds 64 KiB) are all walked without losing sync. 600 are past
+/// the last tail call: the direction loses sync and says so (`h2.desyncs`), and the GOAWAY
+/// after the lost boundary is not made up.
+#[test]
+fn many_frames_in_one_segment() {
+    if !prelude("many_frames_in_one_segment", Need::Nothing) {
+        return;
+    }
+    let t = Topology::new().expect("topology");
+    let mut agent = start_agent(&t);
+    let cases = [
+        (10, Link::Veth),
+        (20, Link::Veth),
+        (80, Link::Veth),
+        (300, Link::Loopback),
+        (600, Link::Loopback),
+    ];
+    for (pings, path) in cases {
+        let c = frames::pings_then_goaway(Path::new(WC_PEER), &t, &mut agent, pings, path);
+        let goaway = frames::has_goaway(&c, "goaway_received");
+        let desyncs = c["h2"]["desyncs"].as_u64().unwrap_or(u64::MAX);
+        if pings <= 300 {
+            assert!(
+                goaway && desyncs == 0,
+                "GOAWAY after {pings} frames in one segment ({path:?}) not walked cleanly: {c:#}"
+            );
+        } else {
+            assert!(
+                !goaway && desyncs >= 1,
+                "{pings} frames in one segment are past the last tail call: the rest must be \
+                 reported lost, not walked: {c:#}"
+            );
+        }
+    }
+    stop(agent);
+}
+
+/// Case 11: bulk HTTP/2 on loopback, where Linux 6.3+ builds GSO packets larger than 64 KiB
+/// (IPv4 total length 0, as with BIG TCP): 16 MiB of DATA frames in one write, then a
+/// GOAWAY. Every frame header inside those packets is walked, so the sender's direction
+/// never loses sync and its GOAWAY is evidence. (Before the packet programs took such a
+/// packet's length from the skb, they saw no payload in it and lost sync about once per
+/// megabyte.) Older kernels build no such packets; the case then checks the plain path.
+#[test]
+fn gso_packets_over_64k_are_walked() {
+    if !prelude("gso_packets_over_64k_are_walked", Need::Nothing) {
+        return;
+    }
+    let t = Topology::new().expect("topology");
+    let mut agent = start_agent(&t);
+    let s = frames::bulk_data_then_goaway(Path::new(WC_PEER), &t, &mut agent, 1024, 16384);
+    assert_eq!(
+        s["h2"]["desyncs"], 0,
+        "the sender's frames in large GSO packets were not all walked: {s:#}"
+    );
+    assert!(
+        frames::has_goaway(&s, "goaway_sent"),
+        "GOAWAY after 16 MiB of DATA not seen: {s:#}"
+    );
     stop(agent);
 }

@@ -19,9 +19,11 @@ use crate::{
     verifier::{pkt_off, verifier_len},
 };
 
-/// Frame headers walked per segment; a segment with more small frames than this loses sync
-/// honestly (reported) rather than looping unboundedly. Measured: 32 makes the 5.10
-/// verifier give up (over 1M instructions processed for skb_ingress); 12 fits.
+/// Frame headers walked per program run. A segment with more frames than one run takes is
+/// walked on by the continuation programs (`skb_walk_in`, `skb_walk_out`, through a tail
+/// call, up to the kernel's 33 tail calls: 408 frames per segment); past that the direction
+/// loses sync honestly (reported) rather than looping unboundedly. Measured: 32 makes the
+/// 5.10 verifier give up (over 1M instructions processed for skb_ingress); 12 fits.
 const MAX_FRAMES_PER_SEG: usize = 12;
 /// Segments a mid-stream direction may try to resynchronise on before giving up.
 const MAX_RESYNC_TRIES: u8 = 64;
@@ -57,21 +59,23 @@ fn note(sk: u64, di: usize, seq: u32, what: u8) {
     });
 }
 
-/// One segment's payload for the HTTP/2 walker.
+/// One segment's payload for the HTTP/2 walker. True when frame headers are left in the
+/// segment after one run's bounded walk: the caller continues with [`h2_more`] in a
+/// tail-called program, or gives the rest up with [`h2_lost_rest`].
 #[inline(never)]
-pub fn h2_segment(ctx: &SkBuffContext, st: &mut PktState, seg: &SegInfo) {
+pub fn h2_segment(ctx: &SkBuffContext, st: &mut PktState, seg: &SegInfo) -> bool {
     let di = if seg.di == 1 { 1 } else { 0 };
     let proto_now = st.proto;
     let seen_bits = st.seen;
     let d = &mut st.dir[di];
     if d.sync == sync::OFF {
-        return;
+        return false;
     }
     let seg_end = seg.seq.wrapping_add(seg.plen);
     let mut start_off: u32 = 0;
     if d.have_end != 0 {
         if !before(d.end, seg_end) {
-            return; // a retransmission of bytes already walked
+            return false; // a retransmission of bytes already walked
         }
         if before(seg.seq, d.end) {
             start_off = d.end.wrapping_sub(seg.seq);
@@ -95,7 +99,7 @@ pub fn h2_segment(ctx: &SkBuffContext, st: &mut PktState, seg: &SegInfo) {
                     st.proto = p;
                     st.dir[0].sync = sync::OFF;
                     st.dir[1].sync = sync::OFF;
-                    return;
+                    return false;
                 }
                 Decided::Walk | Decided::Resync => {}
             }
@@ -103,10 +107,38 @@ pub fn h2_segment(ctx: &SkBuffContext, st: &mut PktState, seg: &SegInfo) {
     }
     let d = &mut st.dir[di];
     if d.sync == sync::UNSYNCED && (start_off != 0 || !resync(ctx, d, seg, di)) {
-        return;
+        return false;
     }
+    d.sync == sync::SYNCED && walk(ctx, d, seg, di)
+}
+
+/// The next run's share of a segment that [`h2_segment`] (or the run before) left frame
+/// headers in; true when some are still left. Checks that the state still describes this
+/// segment: it ends where the segment ends and its next header lies inside it.
+#[inline(never)]
+pub fn h2_more(ctx: &SkBuffContext, st: &mut PktState, seg: &SegInfo) -> bool {
+    let di = if seg.di == 1 { 1 } else { 0 };
+    let d = &mut st.dir[di];
+    if d.sync != sync::SYNCED
+        || d.have_end == 0
+        || d.end != seg.seq.wrapping_add(seg.plen)
+        || d.hdr_have != 0
+        || d.next_hdr.wrapping_sub(seg.seq) >= seg.plen
+    {
+        return false;
+    }
+    walk(ctx, d, seg, di)
+}
+
+/// Frame headers are left in this segment and no further run can walk them (the
+/// continuation program is missing or the tail-call limit is reached): boundaries are lost
+/// for this direction, say so.
+#[inline(never)]
+pub fn h2_lost_rest(st: &mut PktState, seg: &SegInfo) {
+    let di = if seg.di == 1 { 1 } else { 0 };
+    let d = &mut st.dir[di];
     if d.sync == sync::SYNCED {
-        walk(ctx, d, seg, di);
+        desync(d, seg, di);
     }
 }
 
@@ -222,14 +254,15 @@ fn desync(d: &mut DirState, seg: &SegInfo, di: usize) {
     note(seg.sk, di, seg.seq, proto::DESYNC);
 }
 
-/// Walks the frame headers that start inside this segment.
+/// Walks up to [`MAX_FRAMES_PER_SEG`] frame headers that start inside this segment; true
+/// when more start in it after those.
 #[inline(always)]
-fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
+fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) -> bool {
     // A header behind a contiguous segment's start was never walked (the previous segment
-    // held more frames than one pass takes): boundaries are lost, say so.
+    // held more frames than its runs took): boundaries are lost, say so.
     if d.hdr_have == 0 && before(d.next_hdr, seg.seq) {
         desync(d, seg, di);
-        return;
+        return false;
     }
     for _ in 0..MAX_FRAMES_PER_SEG {
         // Offset (in this segment) of the first byte of the header still to read.
@@ -243,7 +276,7 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
             (d.next_hdr.wrapping_sub(seg.seq), 0)
         };
         if hdr_start >= seg.plen {
-            return;
+            return false;
         }
         let avail = seg.plen - hdr_start;
         let need = HEADER_LEN as u32 - got;
@@ -251,7 +284,7 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
             // The header continues in the next segment: buffer what is here (1..=8 bytes,
             // with what earlier segments gave, at most 8 of the 9).
             if avail == 0 || got + avail > 8 {
-                return;
+                return false;
             }
             let n = verifier_len(avail, 0x7);
             // SAFETY: destination is inside the map value: `hdr` is 24 bytes, the offset is
@@ -270,7 +303,7 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
                 // The header's first bytes are lost: its frame must not be reported.
                 desync(d, seg, di);
             }
-            return;
+            return false;
         }
         // Built by value in both branches: a zero-initialised array would be a memset call
         // (see verifier.rs).
@@ -278,7 +311,7 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
             let Ok(full) =
                 ctx.load::<[u8; HEADER_LEN]>(pkt_off(seg.poff.wrapping_add(hdr_start)) as usize)
             else {
-                return;
+                return false;
             };
             full
         } else if need == 0 {
@@ -290,7 +323,7 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
             // Complete the buffered header in place (a map value, see verifier.rs).
             let g = (got & 0xf) as usize;
             if need == 0 || need > 8 || g + need as usize > HEADER_LEN {
-                return;
+                return false;
             }
             let n = verifier_len(need, 0x7);
             // SAFETY: destination `hdr[g..g + n]` lies inside the 24-byte map value field
@@ -306,7 +339,7 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
             d.hdr_have = 0;
             if !ok {
                 desync(d, seg, di);
-                return;
+                return false;
             }
             let b = &d.hdr;
             [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8]]
@@ -329,17 +362,14 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) {
             d.hdr[7] = h[7];
             d.hdr[8] = h[8];
             d.hdr_have = HEADER_LEN as u8;
-            return;
+            return false;
         }
         h2_frame(ctx, seg, di, frame_seq, &h, body_off, body_avail.min(len));
         bump(counter::H2_FRAMES); // exported as `h2_frames`
         d.next_hdr = frame_seq.wrapping_add(HEADER_LEN as u32).wrapping_add(len);
     }
-    // Still a header inside this segment after the bounded pass: too many frames in one
-    // segment to follow here.
-    if d.hdr_have == 0 && d.next_hdr.wrapping_sub(seg.seq) < seg.plen {
-        desync(d, seg, di);
-    }
+    // Still a header inside this segment after the bounded pass: the next run's.
+    d.hdr_have == 0 && d.next_hdr.wrapping_sub(seg.seq) < seg.plen
 }
 
 /// Frame types whose payload prefix is copied into the record.

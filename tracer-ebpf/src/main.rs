@@ -7,7 +7,8 @@
 //!
 //! - `lifecycle`: the six stable tracepoints;
 //! - `close`: `tcp_close()` through fentry or kprobe, one handler;
-//! - `packet`: cgroup_skb ingress/egress, feeding `h2walk`, the HTTP/2 frame walker;
+//! - `packet`: cgroup_skb ingress/egress, feeding `h2walk`, the HTTP/2 frame walker, and
+//!   the walker's continuations (`skb_walk_in`/`skb_walk_out`, tail-called, never attached);
 //! - `config`, `maps`, `emit`: what they share; `verifier`: workarounds for old verifiers.
 #![no_std]
 #![no_main]
@@ -90,6 +91,21 @@ pub fn skb_ingress(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb(egress)]
 pub fn skb_egress(ctx: SkBuffContext) -> i32 {
     let _ = packet::try_packet(&ctx, false);
+    PASS
+}
+
+/// Continuation of the HTTP/2 walk for ingress segments with more frames than one run
+/// walks; never attached, only tail-called from `skb_ingress` (and itself) via `WALK_IN`.
+#[cgroup_skb(ingress)]
+pub fn skb_walk_in(ctx: SkBuffContext) -> i32 {
+    let _ = packet::try_walk_more(&ctx, true);
+    PASS
+}
+
+/// As `skb_walk_in`, for egress (`WALK_OUT`).
+#[cgroup_skb(egress)]
+pub fn skb_walk_out(ctx: SkBuffContext) -> i32 {
+    let _ = packet::try_walk_more(&ctx, false);
     PASS
 }
 

@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use tracer_common::counter;
 
@@ -35,6 +35,18 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::C
 /// size; the agent sizes it before load (`--max-sockets`).
 #[map]
 pub static SK_PKT: LruHashMap<u64, PktState> = LruHashMap::with_max_entries(65536, 0);
+
+/// The HTTP/2 walker's continuation for egress segments (`skb_walk_out`, slot 0), tail-called
+/// when a segment holds more frame headers than one run walks. One array per direction: a
+/// program array takes programs of its first program's type and, on newer kernels, attach
+/// type. Left empty when the agent could not load the program; the walk then stops at one
+/// run's frames and reports the lost sync, as before.
+#[map]
+pub static WALK_OUT: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// As [`WALK_OUT`], for ingress segments (`skb_walk_in`).
+#[map]
+pub static WALK_IN: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Adds one to a per-CPU counter. Each call site says, in a `// exported as …` comment,
 /// the name of the agent's counter (`whoclosed stats`, metrics) that carries it.

@@ -15,8 +15,8 @@ use tracer_common::{
 use crate::{
     config::rcv_wnd_max,
     emit::emit,
-    h2walk::{SegInfo, h2_segment},
-    maps::{FRESH, MIDSTREAM, PktState, SK_PKT, bump, seen, sync},
+    h2walk::{SegInfo, h2_lost_rest, h2_more, h2_segment},
+    maps::{FRESH, MIDSTREAM, PktState, SK_PKT, WALK_IN, WALK_OUT, bump, seen, sync},
     verifier::zero_in_place,
 };
 
@@ -79,6 +79,14 @@ fn hdr<const N: usize>(ctx: &SkBuffContext, off: usize) -> Option<[u8; N]> {
     }
 }
 
+/// The packet's length from the IP header on (cgroup_skb programs see `data` at the network
+/// header in both directions).
+#[inline(always)]
+fn skb_len(ctx: &SkBuffContext) -> u32 {
+    // SAFETY: reading a field of the context the verifier hands us.
+    unsafe { (*ctx.skb.skb).len }
+}
+
 #[inline(always)]
 fn parse_headers_inner(ctx: &SkBuffContext, seg: &mut Seg) -> Option<()> {
     // SAFETY: reading a field of the context the verifier hands us.
@@ -93,7 +101,12 @@ fn parse_headers_inner(ctx: &SkBuffContext, seg: &mut Seg) -> Option<()> {
             return None;
         }
         let ihl = ((h[0] & 0x0f) as usize) * 4;
-        let total = u16::from_be_bytes([h[2], h[3]]) as u32;
+        let total = match u16::from_be_bytes([h[2], h[3]]) {
+            // A GSO packet over 64 KiB (BIG TCP, Linux 6.3+; loopback builds them too)
+            // carries 0 here: its length is the skb's.
+            0 => skb_len(ctx),
+            n => n as u32,
+        };
         seg.family = AF_INET;
         seg.ttl = h[8];
         seg.src[..4].copy_from_slice(&h[12..16]);
@@ -111,7 +124,11 @@ fn parse_headers_inner(ctx: &SkBuffContext, seg: &mut Seg) -> Option<()> {
         seg.src.copy_from_slice(&h[8..24]);
         seg.dst.copy_from_slice(&h[24..40]);
         seg.l4_off = 40;
-        seg.l3_payload = u16::from_be_bytes([h[4], h[5]]) as u32;
+        seg.l3_payload = match u16::from_be_bytes([h[4], h[5]]) {
+            // As for IPv4: a GSO packet over 64 KiB (BIG TCP) carries 0.
+            0 => skb_len(ctx).saturating_sub(40),
+            n => n as u32,
+        };
         seg.th = hdr(ctx, 40)?;
     } else {
         return None;
@@ -230,7 +247,64 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
             plen: payload_len,
             di: if ingress { 1 } else { 0 },
         };
-        h2_segment(ctx, st, &info);
+        if h2_segment(ctx, st, &info) {
+            walk_on(ctx, st, &info, ingress);
+        }
+    }
+    Some(())
+}
+
+/// Frame headers are left in this segment after a run's bounded walk: continue in the
+/// direction's continuation program (a tail call, which does not return when it is taken),
+/// else report the rest lost.
+#[inline(always)]
+fn walk_on(ctx: &SkBuffContext, st: &mut PktState, info: &SegInfo, ingress: bool) {
+    // SAFETY: a tail call into a program of the same type and attach type; on failure
+    // (empty slot, tail-call limit) execution continues here.
+    unsafe {
+        if ingress {
+            WALK_IN.tail_call(ctx, 0);
+        } else {
+            WALK_OUT.tail_call(ctx, 0);
+        }
+    }
+    h2_lost_rest(st, info);
+}
+
+/// The walker's continuation program: the same segment again (its headers parsed again,
+/// which is cheaper than a scratch map a nested run on this CPU could overwrite), the
+/// socket's state, and the next run's frames.
+#[inline(always)]
+pub fn try_walk_more(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
+    let mut seg = MaybeUninit::<Seg>::uninit();
+    // SAFETY: as in `try_packet`.
+    let seg: &mut Seg = unsafe {
+        zero_in_place(seg.as_mut_ptr());
+        &mut *seg.as_mut_ptr()
+    };
+    if !parse_headers(ctx, seg) || seg.l4_off > 60 {
+        return None;
+    }
+    let th = &seg.th;
+    let doff = ((th[12] >> 4) as u32) * 4;
+    let payload_len = seg.l3_payload.saturating_sub(doff);
+    if payload_len == 0 || payload_len >= 0x0100_0000 {
+        return None;
+    }
+    // SAFETY: `sk` is a context field; its value is only used as the map key.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk } as u64;
+    let st = SK_PKT.get_ptr_mut(sk)?;
+    // SAFETY: map value pointer, valid for this program run.
+    let st = unsafe { &mut *st };
+    let info = SegInfo {
+        sk,
+        seq: u32::from_be_bytes([th[4], th[5], th[6], th[7]]),
+        poff: seg.l4_off.wrapping_add(doff),
+        plen: payload_len,
+        di: if ingress { 1 } else { 0 },
+    };
+    if h2_more(ctx, st, &info) {
+        walk_on(ctx, st, &info, ingress);
     }
     Some(())
 }

@@ -13,7 +13,7 @@
 //! - **Variable offsets only into map values or ring-buffer records, not the stack** (5.10:
 //!   helpers get no variable-offset stack pointers before 5.12): split frame headers are
 //!   buffered in the per-socket map value.
-//! - **Packet offsets masked to 16 bits** before `bpf_skb_load_bytes` ([`pkt_off`]), so
+//! - **Packet offsets masked to 20 bits** before `bpf_skb_load_bytes` ([`pkt_off`]), so
 //!   the offset argument is a bounded scalar whatever LLVM did to the arithmetic before it.
 
 use core::ptr::read_volatile;
@@ -30,10 +30,12 @@ pub fn verifier_len(n: u32, mask: u32) -> u32 {
     (n.wrapping_sub(1) & mask) + 1
 }
 
-/// An offset into the packet, masked to the 16 bits a packet offset can have.
+/// An offset into the packet, masked to 20 bits: a GSO packet can be larger than 64 KiB
+/// (BIG TCP allows 512 KiB, and loopback builds such packets), so 16 bits would wrap an
+/// offset and read the wrong bytes.
 #[inline(always)]
 pub fn pkt_off(off: u32) -> u32 {
-    off & 0xffff
+    off & 0xf_ffff
 }
 
 /// Zeroes a `T` in place with volatile 8-byte stores. Volatile keeps LLVM from turning the

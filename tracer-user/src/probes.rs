@@ -7,7 +7,7 @@ use std::{collections::HashMap, fs::File, path::Path};
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as AyaHashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, KProbe, TracePoint},
 };
 use log::{info, warn};
@@ -334,10 +334,14 @@ fn attach_packet_hooks(ebpf: &mut Ebpf, programs: &mut Vec<ProgramStatus>) -> Pa
         Ok(root) => root,
         Err(e) => {
             warn!("{e}; FIN/RST direction and TTL evidence disabled");
-            for (program, _) in SKB_PROGRAMS {
+            let names = WALK_PROGRAMS
+                .iter()
+                .map(|(p, _, _)| (*p, "cgroup_skb tail call"))
+                .chain(SKB_PROGRAMS.iter().map(|(p, _)| (*p, "cgroup_skb")));
+            for (program, kind) in names {
                 programs.push(ProgramStatus {
                     program,
-                    kind: "cgroup_skb",
+                    kind,
                     target: "-".into(),
                     status: Status::Failed,
                     error: Some(e.to_string()),
@@ -346,6 +350,28 @@ fn attach_packet_hooks(ebpf: &mut Ebpf, programs: &mut Vec<ProgramStatus>) -> Pa
             return PacketHooks::default();
         }
     };
+    // Before the entry programs, so that no segment is walked without its continuation.
+    for (program, attach, array) in WALK_PROGRAMS {
+        let res = load_walker(ebpf, program, array);
+        if let Err(e) = &res {
+            warn!(
+                "HTTP/2 walk continuation {program} unavailable ({attach:?}): {}; a segment \
+                 with more than 12 frames loses sync (counted in h2_desyncs)",
+                err_chain(e.as_ref())
+            );
+        }
+        programs.push(ProgramStatus {
+            program,
+            kind: "cgroup_skb tail call",
+            target: array.to_string(),
+            status: if res.is_ok() {
+                Status::Attached
+            } else {
+                Status::Failed
+            },
+            error: res.err().map(|e| err_chain(e.as_ref())),
+        });
+    }
     let mut all = true;
     for (program, attach) in SKB_PROGRAMS {
         let res = attach_cgroup_skb(ebpf, program, &root, attach);
@@ -374,7 +400,40 @@ fn attach_packet_hooks(ebpf: &mut Ebpf, programs: &mut Vec<ProgramStatus>) -> Pa
     }
 }
 
+/// The HTTP/2 walker's continuation programs: loaded, never attached, and tail-called
+/// through their program array by the entry program of the same direction.
+const WALK_PROGRAMS: [(&str, CgroupSkbAttachType, &str); 2] = [
+    ("skb_walk_in", CgroupSkbAttachType::Ingress, "WALK_IN"),
+    ("skb_walk_out", CgroupSkbAttachType::Egress, "WALK_OUT"),
+];
+
+fn load_walker(ebpf: &mut Ebpf, program: &str, array: &str) -> anyhow::Result<()> {
+    let p: &mut CgroupSkb = ebpf
+        .program_mut(program)
+        .ok_or_else(|| anyhow!("program {program} missing from object"))?
+        .try_into()?;
+    p.load()?;
+    let fd = p.fd()?.try_clone()?;
+    let map = ebpf
+        .map_mut(array)
+        .ok_or_else(|| anyhow!("map {array} missing from object"))?;
+    let mut slots = ProgramArray::try_from(map)?;
+    slots
+        .set(0, &fd, 0)
+        .with_context(|| format!("putting {program} into {array}"))?;
+    Ok(())
+}
+
 fn skip_packet_hooks(programs: &mut Vec<ProgramStatus>) {
+    for (program, _, _) in WALK_PROGRAMS {
+        programs.push(ProgramStatus {
+            program,
+            kind: "cgroup_skb tail call",
+            target: "-".into(),
+            status: Status::Skipped,
+            error: Some("disabled by --no-packets".into()),
+        });
+    }
     for (program, _) in SKB_PROGRAMS {
         programs.push(ProgramStatus {
             program,

@@ -127,6 +127,20 @@ fn run(sock: &mut Option<TcpStream>, cmd: &str, rest: &[&str]) -> io::Result<Str
             s.write_all(&bytes)?;
             Ok(format!("sent {}", bytes.len()))
         }
+        "senddata" => {
+            // `senddata FRAMES LEN`: that many HTTP/2 DATA frames (stream 1, no flags) of
+            // LEN payload bytes each, in one write (bulk HTTP/2 in a few large segments).
+            let frames = num(rest, 0)?;
+            let len = num(rest, 1)?.min(0x00ff_ffff);
+            let l = (len as u32).to_be_bytes();
+            let mut buf = Vec::with_capacity(frames * (9 + len));
+            for _ in 0..frames {
+                buf.extend_from_slice(&[l[1], l[2], l[3], 0, 0, 0, 0, 0, 1]);
+                buf.resize(buf.len() + len, b'd');
+            }
+            s.write_all(&buf)?;
+            Ok(format!("sent {}", buf.len()))
+        }
         "send" => {
             let n = num(rest, 0)?;
             s.write_all(&vec![b'x'; n])?;

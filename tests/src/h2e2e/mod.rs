@@ -10,6 +10,7 @@
 //! * [`wire`]: the same scenarios without the agent, captured with tcpdump and read back
 //!   with tshark, to pin what the peers put on the wire.
 
+pub mod frames;
 pub mod grpc;
 pub mod nghttp;
 pub mod plain;

@@ -1,0 +1,125 @@
+//! Where frames sit in segments: many small frames in one segment (the walker's
+//! continuation programs), and bulk DATA in GSO packets larger than 64 KiB. Raw frames
+//! written by two `wc-peer`s, so the bytes and the write boundaries are exact.
+
+use super::TCP_PORT;
+use super::verdict::wait_close;
+use crate::{Agent, Peer, Topology};
+use serde_json::Value;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+/// An empty SETTINGS frame: what a server opens HTTP/2 with (syncs the client's walker).
+const SETTINGS: &str = "000000040000000000";
+/// One PING (opaque 0102030405060708): 17 bytes.
+const PING: &str = "0000080601000000000102030405060708";
+/// GOAWAY(last_stream 0, NO_ERROR, debug "max_idle"), what grpc-go's idle timeout sends.
+const GOAWAY_MAX_IDLE: &str = concat!(
+    "000010",
+    "07",
+    "00",
+    "00000000", // length 16, GOAWAY, no flags, stream 0
+    "00000000",
+    "00000000",         // last stream 0, NO_ERROR
+    "6d61785f69646c65", // "max_idle"
+);
+const PEER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Where a connection of a case runs: between the namespaces over veth (a segment holds at
+/// most 1,448 bytes), or on loopback inside the server's namespace (64 KiB and more).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    Veth,
+    Loopback,
+}
+
+/// A connected pair and the address the client dialled.
+fn pair(peer_bin: &Path, t: &Topology, path: Link, port: u16) -> (Peer, Peer, SocketAddr) {
+    let (ns, addr): (&str, SocketAddr) = match path {
+        Link::Veth => (&t.client, t.server_addr(false, port)),
+        Link::Loopback => (&t.server, (Ipv4Addr::LOCALHOST, port).into()),
+    };
+    let mut server = Peer::listen(peer_bin, &t.server, addr).expect("start server");
+    let client = Peer::connect(peer_bin, ns, addr).expect("client connect");
+    server
+        .wait_accepted(Duration::from_secs(10))
+        .expect("server accepts");
+    (client, server, addr)
+}
+
+fn netns(t: &Topology, path: Link, server_side: bool) -> u64 {
+    if server_side || path == Link::Loopback {
+        t.server_inode().expect("server inode")
+    } else {
+        t.client_inode().expect("client inode")
+    }
+}
+
+/// Whether `obj`'s evidence holds the max_idle GOAWAY, sent or received.
+pub fn has_goaway(obj: &Value, what: &str) -> bool {
+    obj["evidence"].as_array().is_some_and(|ev| {
+        ev.iter()
+            .any(|e| e["what"] == what && e["debug"] == "max_idle")
+    })
+}
+
+/// The server writes SETTINGS, then `pings` PINGs and a GOAWAY in one write, then closes;
+/// returns the client's close object.
+pub fn pings_then_goaway(
+    peer_bin: &Path,
+    t: &Topology,
+    agent: &mut Agent,
+    pings: usize,
+    path: Link,
+) -> Value {
+    let (mut client, mut server, addr) = pair(peer_bin, t, path, TCP_PORT);
+    server.send_hex(SETTINGS).expect("server settings");
+    client.read(9).expect("client reads settings");
+    let mut hex = PING.repeat(pings);
+    hex.push_str(GOAWAY_MAX_IDLE);
+    server.send_hex(&hex).expect("frames");
+    client.read(17 * pings + 25).expect("client reads frames");
+    server.close().expect("server close");
+    client.wait_eof().expect("client sees FIN");
+    client.close().expect("client close");
+    let (cl, sa) = (client.local.to_string(), addr.to_string());
+    let c = wait_close(agent, netns(t, path, false), Some(&cl), Some(&sa));
+    let _ = server.exit();
+    let _ = client.exit();
+    c
+}
+
+/// On loopback: SETTINGS, then `frames` DATA frames of `len` bytes in one write (the
+/// write blocks until the client has read most of it, so it runs on another thread), a
+/// GOAWAY, and the server's close; returns the server's close object.
+pub fn bulk_data_then_goaway(
+    peer_bin: &Path,
+    t: &Topology,
+    agent: &mut Agent,
+    frames: usize,
+    len: usize,
+) -> Value {
+    let (mut client, mut server, addr) = pair(peer_bin, t, Link::Loopback, TCP_PORT + 1);
+    server.send_hex(SETTINGS).expect("server settings");
+    client.read(9).expect("client reads settings");
+    let writer = std::thread::spawn(move || {
+        server
+            .command(&format!("senddata {frames} {len}"), "sent", PEER_TIMEOUT)
+            .expect("bulk DATA");
+        server.send_hex(GOAWAY_MAX_IDLE).expect("goaway");
+        server
+    });
+    client
+        .read(frames * (9 + len) + 25)
+        .expect("client reads everything");
+    let mut server = writer.join().expect("writer thread");
+    server.close().expect("server close");
+    client.wait_eof().expect("client sees FIN");
+    client.close().expect("client close");
+    let (cl, sa) = (client.local.to_string(), addr.to_string());
+    let s = wait_close(agent, netns(t, Link::Loopback, true), Some(&sa), Some(&cl));
+    let _ = server.exit();
+    let _ = client.exit();
+    s
+}

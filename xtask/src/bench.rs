@@ -170,8 +170,21 @@ fn programs_between(
 
 /// Starts a tracer, waits until it has attached, drains its stdout in the background.
 pub(crate) fn start_tracer(
+    cmd: Command,
+    ready: impl Fn(&str) -> bool + Send + 'static,
+) -> Result<Child> {
+    start_tracer_keeping(cmd, ready, None)
+}
+
+/// The last line of a tracer's stdout that `keep` matched (whoclosed's final `stats` line).
+type KeptLine = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
+/// As [`start_tracer`], also keeping the last stdout line that contains `keep.0` in
+/// `keep.1`.
+fn start_tracer_keeping(
     mut cmd: Command,
     ready: impl Fn(&str) -> bool + Send + 'static,
+    keep: Option<(&'static str, KeptLine)>,
 ) -> Result<Child> {
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -188,6 +201,13 @@ pub(crate) fn start_tracer(
             if !sent && ready(&line) {
                 let _ = tx.send(());
                 sent = true;
+            }
+            if let Some((needle, slot)) = &keep {
+                if line.contains(needle) {
+                    if let Ok(mut s) = slot.lock() {
+                        *s = Some(line.clone());
+                    }
+                }
             }
             line.clear();
         }
@@ -361,6 +381,10 @@ struct H2Phase {
     bpf_s: f64,
     /// Per program: name, runs, run time (ns).
     programs: Vec<(String, u64, u64)>,
+    /// Attached runs: HTTP/2 frames the kernel walked and its losses of sync (the tracer's
+    /// final `stats` line). A walker that loses sync stops walking until it finds frame
+    /// boundaries again, which makes it look cheaper than it is.
+    walker: Option<(u64, u64)>,
 }
 
 /// A distribution-free 95 % confidence interval for the median of `sorted` (ascending):
@@ -416,9 +440,9 @@ fn h2load_phase(
     url: &str,
     args: &H2Args,
     server: u32,
-    tracer: Option<Child>,
+    tracer: Option<(Child, KeptLine)>,
 ) -> Result<H2Phase> {
-    let pid = tracer.as_ref().map(Child::id);
+    let pid = tracer.as_ref().map(|t| t.0.id());
     let before = bpf_run_times();
     let cpu0 = pid.and_then(cpu_seconds);
     let srv0 = cpu_seconds(server).unwrap_or(0.0);
@@ -442,11 +466,16 @@ fn h2load_phase(
     let text = String::from_utf8_lossy(&out.stdout);
     let (secs, req_per_s, mb_per_s) =
         parse_h2load(&text).with_context(|| format!("unexpected h2load output:\n{text}"))?;
-    if let Some(mut t) = tracer {
-        stop(&mut t);
-    }
+    let walker = match tracer {
+        Some((mut t, stats)) => {
+            stop(&mut t);
+            walker_counts(&stats)
+        }
+        None => None,
+    };
     let programs = programs_between(&before, &after);
     Ok(H2Phase {
+        walker,
         name,
         secs,
         req_per_s,
@@ -459,6 +488,24 @@ fn h2load_phase(
         bpf_s: programs.iter().map(|p| p.2).sum::<u64>() as f64 / 1e9,
         programs,
     })
+}
+
+/// HTTP/2 frames the kernel walked and the times it lost sync, from the tracer's final
+/// `stats` line (waits up to 2 s for its reader to see it after the exit).
+fn walker_counts(stats: &KeptLine) -> Option<(u64, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let line = stats.lock().ok().and_then(|s| s.clone());
+        if let Some(line) = line {
+            let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+            let k = &v["kernel"];
+            return Some((k["h2_frames"].as_u64()?, k["h2_desyncs"].as_u64()?));
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// CPU seconds of this process's waited-for children (h2load, once it exited).
@@ -515,10 +562,16 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
     let url = format!("http://127.0.0.1:{port}/blob");
     let result = (|| -> Result<Vec<H2Phase>> {
         let mut phases = Vec::new();
-        let tracer = || {
+        let tracer = || -> Result<(Child, KeptLine)> {
             let mut cmd = Command::new(root.join("target/release/whoclosed"));
             cmd.args(["trace", "--linger-ms", "200"]);
-            start_tracer(cmd, |l| l.contains("\"type\":\"ready\""))
+            let stats = KeptLine::default();
+            let child = start_tracer_keeping(
+                cmd,
+                |l| l.contains("\"type\":\"ready\""),
+                Some(("\"type\":\"stats\"", stats.clone())),
+            )?;
+            Ok((child, stats))
         };
         bpf_stats(false)?;
         // Each round is one pair; odd rounds run the attached phase first, so that whatever
@@ -626,6 +679,15 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
             .copied()
             .unwrap_or(f64::NAN),
         pair_ratios.len()
+    );
+    let (frames, desyncs) = attached
+        .iter()
+        .filter_map(|p| p.walker)
+        .fold((0, 0), |(f, d), (pf, pd)| (f + pf, d + pd));
+    println!(
+        "HTTP/2 walker in the attached runs: {frames} frames walked ({:.0} per MB), {desyncs} losses of sync ({:.2} per GB; loopback reorders a few segments, each costing one)",
+        frames as f64 / bytes_att.max(1e-9),
+        desyncs as f64 * 1000.0 / bytes_att.max(1e-9),
     );
     println!(
         "agent in the attached runs: {:.0} ns per MB ({:.2} % of the workload's CPU)",

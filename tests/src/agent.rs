@@ -198,7 +198,9 @@ impl Agent {
         })
     }
 
-    fn wait_object(
+    /// The first object (already read or still to come) that `pred` accepts; `what` names
+    /// it in the error.
+    pub fn wait_object(
         &mut self,
         what: &str,
         timeout: Duration,

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 use tests::craft::Spoofer;
+use tests::h2e2e::frames::{GOAWAY_MAX_IDLE, SETTINGS};
 use tests::{Agent, Peer, Topology, agent_bin, should_run};
 
 const WC_PEER: &str = env!("CARGO_BIN_EXE_wc-peer");
@@ -16,19 +17,6 @@ const PORT: u16 = 8080;
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The router's device towards the client (see `topology.rs`).
 const ROUTER_CLIENT_DEV: &str = "veth-c";
-
-/// An empty SETTINGS frame: what a server opens HTTP/2 with (syncs the client's walker).
-const SETTINGS: &str = "000000040000000000";
-/// GOAWAY(last_stream 0, NO_ERROR, debug "max_idle"), what grpc-go's idle timeout sends.
-const GOAWAY_MAX_IDLE: &str = concat!(
-    "000010",
-    "07",
-    "00",
-    "00000000", // length 16, GOAWAY, no flags, stream 0
-    "00000000",
-    "00000000",         // last stream 0, NO_ERROR
-    "6d61785f69646c65", // "max_idle"
-);
 
 fn prelude(test: &str) -> bool {
     if !should_run(test) {

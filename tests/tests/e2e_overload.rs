@@ -177,13 +177,18 @@ fn full_table_is_reported_live() {
         let (s, _) = listener.accept().expect("accept");
         held.push((c, s));
     }
-    let drops = agent.wait_for_type("drops", Duration::from_secs(10));
+    // 24 sockets, 4 tracked. A `drops` record may come while the connections are still
+    // being made, counting only some of them; wait for the one that counts them all.
+    let drops = agent.wait_object(
+        "a drops record counting 20 refused connections",
+        Duration::from_secs(10),
+        |v| v["type"] == "drops" && v["losses"]["conns_dropped"].as_u64() >= Some(20),
+    );
     drop(held);
     let _ = agent.stop();
     let drops = drops.expect("a drops record while the connections are open");
     assert_eq!(drops["ringbuf_drops"], 0, "{drops}");
-    let refused = drops["losses_new"]["conns_dropped"].as_u64().unwrap_or(0);
-    // 24 sockets, 4 tracked.
-    assert!(refused >= 20, "{drops}");
-    assert_eq!(drops["losses"]["conns_dropped"], refused, "{drops}");
+    let new = drops["losses_new"]["conns_dropped"].as_u64().unwrap_or(0);
+    let total = drops["losses"]["conns_dropped"].as_u64().unwrap_or(0);
+    assert!(new >= 1 && new <= total, "{drops}");
 }

@@ -11,11 +11,11 @@ use std::path::Path;
 use std::time::Duration;
 
 /// An empty SETTINGS frame: what a server opens HTTP/2 with (syncs the client's walker).
-const SETTINGS: &str = "000000040000000000";
+pub const SETTINGS: &str = "000000040000000000";
 /// One PING (opaque 0102030405060708): 17 bytes.
 const PING: &str = "0000080601000000000102030405060708";
 /// GOAWAY(last_stream 0, NO_ERROR, debug "max_idle"), what grpc-go's idle timeout sends.
-const GOAWAY_MAX_IDLE: &str = concat!(
+pub const GOAWAY_MAX_IDLE: &str = concat!(
     "000010",
     "07",
     "00",

@@ -187,14 +187,14 @@ fn many_frames_in_one_segment() {
         (300, Link::Loopback),
         (600, Link::Loopback),
     ];
-    for (pings, path) in cases {
-        let c = frames::pings_then_goaway(Path::new(WC_PEER), &t, &mut agent, pings, path);
+    for (pings, link) in cases {
+        let c = frames::pings_then_goaway(Path::new(WC_PEER), &t, &mut agent, pings, link);
         let goaway = frames::has_goaway(&c, "goaway_received");
         let desyncs = c["h2"]["desyncs"].as_u64().unwrap_or(u64::MAX);
         if pings <= 300 {
             assert!(
                 goaway && desyncs == 0,
-                "GOAWAY after {pings} frames in one segment ({path:?}) not walked cleanly: {c:#}"
+                "GOAWAY after {pings} frames in one segment ({link:?}) not walked cleanly: {c:#}"
             );
         } else {
             assert!(
@@ -207,27 +207,35 @@ fn many_frames_in_one_segment() {
     stop(agent);
 }
 
-/// Case 11: bulk HTTP/2 on loopback, where Linux 6.3+ builds GSO packets larger than 64 KiB
-/// (IPv4 total length 0, as with BIG TCP): 16 MiB of DATA frames in one write, then a
-/// GOAWAY. Every frame header inside those packets is walked, so the sender's direction
-/// never loses sync and its GOAWAY is evidence. (Before the packet programs took such a
-/// packet's length from the skb, they saw no payload in it and lost sync about once per
-/// megabyte.) Older kernels build no such packets; the case then checks the plain path.
+/// Case 11: bulk HTTP/2 on loopback, where the kernel builds GSO packets larger than 64 KiB:
+/// IPv4 unasked from 6.3 (total length 0), IPv6 with BIG TCP switched on for the server
+/// namespace's loopback (a Hop-by-Hop Jumbo header on 6.0 to 6.19, payload length 0 from
+/// 7.0). 16 MiB of DATA frames in one write, then a GOAWAY, over each family. Every frame
+/// header inside those packets is walked, so the sender's direction never loses sync and
+/// its GOAWAY is evidence. (Before the packet programs took such a packet's length from
+/// the skb and understood the Jumbo header, they saw no payload in it, or no TCP segment
+/// at all, and lost sync about once per megabyte.) Older kernels build no such packets;
+/// the case then checks the plain path.
 #[test]
 fn gso_packets_over_64k_are_walked() {
     if !prelude("gso_packets_over_64k_are_walked", Need::Nothing) {
         return;
     }
     let t = Topology::new().expect("topology");
+    let big6 = frames::big_tcp_on_server_loopback(&t);
+    eprintln!("IPv6 BIG TCP on the server namespace's loopback: {big6}");
     let mut agent = start_agent(&t);
-    let s = frames::bulk_data_then_goaway(Path::new(WC_PEER), &t, &mut agent, 1024, 16384);
-    assert_eq!(
-        s["h2"]["desyncs"], 0,
-        "the sender's frames in large GSO packets were not all walked: {s:#}"
-    );
-    assert!(
-        frames::has_goaway(&s, "goaway_sent"),
-        "GOAWAY after 16 MiB of DATA not seen: {s:#}"
-    );
+    for link in [Link::Loopback, Link::Loopback6] {
+        let s =
+            frames::bulk_data_then_goaway(Path::new(WC_PEER), &t, &mut agent, link, 1024, 16384);
+        assert_eq!(
+            s["h2"]["desyncs"], 0,
+            "the sender's frames in large GSO packets ({link:?}) were not all walked: {s:#}"
+        );
+        assert!(
+            frames::has_goaway(&s, "goaway_sent"),
+            "GOAWAY after 16 MiB of DATA ({link:?}) not seen: {s:#}"
+        );
+    }
     stop(agent);
 }

@@ -23,6 +23,9 @@ use crate::{
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP_U8: u8 = 6;
+const IPPROTO_HOPOPTS: u8 = 0;
+/// The Jumbo Payload option (RFC 2675) of a Hop-by-Hop header.
+const IPV6_TLV_JUMBO: u8 = 0xc2;
 
 /// Parsed IP and TCP header facts of one segment. Laid out to 64 bytes so that it is
 /// zeroed with eight stores (`zero_in_place`) rather than a byte-wise `memset` call.
@@ -116,20 +119,35 @@ fn parse_headers_inner(ctx: &SkBuffContext, seg: &mut Seg) -> Option<()> {
         seg.th = hdr(ctx, ihl)?;
     } else if proto == ETH_P_IPV6.to_be() as u32 {
         let h: [u8; 40] = hdr(ctx, 0)?;
-        if h[0] >> 4 != 6 || h[6] != IPPROTO_TCP_U8 {
+        if h[0] >> 4 != 6 {
+            return None;
+        }
+        let plen = u16::from_be_bytes([h[4], h[5]]);
+        if h[6] == IPPROTO_TCP_U8 {
+            seg.l4_off = 40;
+            seg.l3_payload = match plen {
+                // As for IPv4: a GSO packet over 64 KiB (BIG TCP, 7.0+) carries 0.
+                0 => skb_len(ctx).saturating_sub(40),
+                n => n as u32,
+            };
+            seg.th = hdr(ctx, 40)?;
+        } else if h[6] == IPPROTO_HOPOPTS && plen == 0 {
+            // BIG TCP on 6.0 to 6.19: a GSO packet over 64 KiB carries a Hop-by-Hop header
+            // holding only a Jumbo Payload option, then TCP.
+            let x: [u8; 8] = hdr(ctx, 40)?;
+            if x[0] != IPPROTO_TCP_U8 || x[1] != 0 || x[2] != IPV6_TLV_JUMBO || x[3] != 4 {
+                return None;
+            }
+            seg.l4_off = 48;
+            seg.l3_payload = skb_len(ctx).saturating_sub(48);
+            seg.th = hdr(ctx, 48)?;
+        } else {
             return None;
         }
         seg.family = AF_INET6;
         seg.ttl = h[7];
         seg.src.copy_from_slice(&h[8..24]);
         seg.dst.copy_from_slice(&h[24..40]);
-        seg.l4_off = 40;
-        seg.l3_payload = match u16::from_be_bytes([h[4], h[5]]) {
-            // As for IPv4: a GSO packet over 64 KiB (BIG TCP) carries 0.
-            0 => skb_len(ctx).saturating_sub(40),
-            n => n as u32,
-        };
-        seg.th = hdr(ctx, 40)?;
     } else {
         return None;
     }

@@ -109,7 +109,7 @@ pub fn h2_segment(ctx: &SkBuffContext, st: &mut PktState, seg: &SegInfo) -> bool
     if d.sync == sync::UNSYNCED && (start_off != 0 || !resync(ctx, d, seg, di)) {
         return false;
     }
-    d.sync == sync::SYNCED && walk(ctx, d, seg, di)
+    d.sync == sync::SYNCED && walk::<true>(ctx, d, seg, di)
 }
 
 /// The next run's share of a segment that [`h2_segment`] (or the run before) left frame
@@ -127,7 +127,7 @@ pub fn h2_more(ctx: &SkBuffContext, st: &mut PktState, seg: &SegInfo) -> bool {
     {
         return false;
     }
-    walk(ctx, d, seg, di)
+    walk::<false>(ctx, d, seg, di)
 }
 
 /// Frame headers are left in this segment and no further run can walk them (the
@@ -256,8 +256,17 @@ fn desync(d: &mut DirState, seg: &SegInfo, di: usize) {
 
 /// Walks up to [`MAX_FRAMES_PER_SEG`] frame headers that start inside this segment; true
 /// when more start in it after those.
+///
+/// `SPLIT`: whether the first header may be one buffered from the previous segment (a run
+/// of [`h2_segment`]). A continuation run starts at a whole header ([`h2_more`] checks
+/// that), and leaving that code out of its program halves what the verifier explores there.
 #[inline(always)]
-fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) -> bool {
+fn walk<const SPLIT: bool>(
+    ctx: &SkBuffContext,
+    d: &mut DirState,
+    seg: &SegInfo,
+    di: usize,
+) -> bool {
     // A header behind a contiguous segment's start was never walked (the previous segment
     // held more frames than its runs took): boundaries are lost, say so.
     if d.hdr_have == 0 && before(d.next_hdr, seg.seq) {
@@ -266,7 +275,7 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) -> bool
     }
     for _ in 0..MAX_FRAMES_PER_SEG {
         // Offset (in this segment) of the first byte of the header still to read.
-        let (hdr_start, got) = if d.hdr_have != 0 {
+        let (hdr_start, got) = if SPLIT && d.hdr_have != 0 {
             // A header split across segments: its first 1..=8 bytes are buffered; or a
             // whole control-frame header (9) whose payload starts in this segment.
             let have = (d.hdr_have & 0xf) as u32;
@@ -307,7 +316,7 @@ fn walk(ctx: &SkBuffContext, d: &mut DirState, seg: &SegInfo, di: usize) -> bool
         }
         // Built by value in both branches: a zero-initialised array would be a memset call
         // (see verifier.rs).
-        let h: [u8; HEADER_LEN] = if got == 0 {
+        let h: [u8; HEADER_LEN] = if !SPLIT || got == 0 {
             let Ok(full) =
                 ctx.load::<[u8; HEADER_LEN]>(pkt_off(seg.poff.wrapping_add(hdr_start)) as usize)
             else {

@@ -83,14 +83,34 @@ pub fn pings_then_goaway(
     hex.push_str(GOAWAY_MAX_IDLE);
     server.send_hex(&hex).expect("frames");
     client.read(17 * pings + 25).expect("client reads frames");
+    close_both(agent, t, link, client, server, addr, false)
+}
+
+/// The server closes first, then the client; returns the close object of the client
+/// (`server_side` false) or of the server.
+fn close_both(
+    agent: &mut Agent,
+    t: &Topology,
+    link: Link,
+    mut client: Peer,
+    mut server: Peer,
+    addr: SocketAddr,
+    server_side: bool,
+) -> Value {
     server.close().expect("server close");
     client.wait_eof().expect("client sees FIN");
     client.close().expect("client close");
     let (cl, sa) = (client.local.to_string(), addr.to_string());
-    let c = wait_close(agent, netns(t, link, false), Some(&cl), Some(&sa));
+    let (local, remote) = if server_side { (&sa, &cl) } else { (&cl, &sa) };
+    let obj = wait_close(
+        agent,
+        netns(t, link, server_side),
+        Some(local),
+        Some(remote),
+    );
     let _ = server.exit();
     let _ = client.exit();
-    c
+    obj
 }
 
 /// Lets the server namespace's loopback build IPv6 GSO packets of up to 192 KiB (BIG TCP,
@@ -135,13 +155,6 @@ pub fn bulk_data_then_goaway(
     client
         .read(frames * (9 + len) + 25)
         .expect("client reads everything");
-    let mut server = writer.join().expect("writer thread");
-    server.close().expect("server close");
-    client.wait_eof().expect("client sees FIN");
-    client.close().expect("client close");
-    let (cl, sa) = (client.local.to_string(), addr.to_string());
-    let s = wait_close(agent, netns(t, link, true), Some(&sa), Some(&cl));
-    let _ = server.exit();
-    let _ = client.exit();
-    s
+    let server = writer.join().expect("writer thread");
+    close_both(agent, t, link, client, server, addr, true)
 }

@@ -680,14 +680,22 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
             .unwrap_or(f64::NAN),
         pair_ratios.len()
     );
-    let (frames, desyncs) = attached
+    // Per MB of the runs whose tracer left a final stats line, so that a missing one does
+    // not read as a walker that walked less.
+    let counted: Vec<(&H2Phase, (u64, u64))> = attached
         .iter()
-        .filter_map(|p| p.walker)
-        .fold((0, 0), |(f, d), (pf, pd)| (f + pf, d + pd));
+        .filter_map(|p| Some((*p, p.walker?)))
+        .collect();
+    let bytes_counted: f64 = counted.iter().map(|(p, _)| p.mb_per_s * p.secs).sum();
+    let (frames, desyncs) = counted
+        .iter()
+        .fold((0, 0), |(f, d), (_, (pf, pd))| (f + pf, d + pd));
     println!(
-        "HTTP/2 walker in the attached runs: {frames} frames walked ({:.0} per MB), {desyncs} losses of sync ({:.2} per GB; loopback reorders a few segments, each costing one)",
-        frames as f64 / bytes_att.max(1e-9),
-        desyncs as f64 * 1000.0 / bytes_att.max(1e-9),
+        "HTTP/2 walker in {} of {} attached runs (the others left no stats line): {frames} frames walked ({:.0} per MB), {desyncs} losses of sync ({:.2} per GB; loopback reorders a few segments, each costing one)",
+        counted.len(),
+        attached.len(),
+        frames as f64 / bytes_counted.max(1e-9),
+        desyncs as f64 * 1000.0 / bytes_counted.max(1e-9),
     );
     println!(
         "agent in the attached runs: {:.0} ns per MB ({:.2} % of the workload's CPU)",

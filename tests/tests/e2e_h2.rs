@@ -167,8 +167,9 @@ fn plain_tcp_not_h2() {
     stop(agent);
 }
 
-/// Case 10: many small frames in one segment, the GOAWAY last. One program run walks 12
-/// frames; the continuation programs (tail calls, up to 33) walk on, so 10, 20 and 80
+/// Case 10: many small frames in one segment, the GOAWAY last. The walker's first run
+/// (a tail call from the entry program) walks 12 frames; its continuations (tail calls,
+/// 33 in all: 396 frames, 384 on 5.10) walk on, so 10, 20 and 80
 /// PINGs before the GOAWAY over veth (one segment holds at most 1,448 bytes) and 300 on
 /// loopback (one segment holds 64 KiB) are all walked without losing sync. 600 are past
 /// the last tail call: the direction loses sync and says so (`h2.desyncs`), and the GOAWAY
@@ -180,6 +181,12 @@ fn many_frames_in_one_segment() {
     }
     let t = Topology::new().expect("topology");
     let mut agent = start_agent(&t);
+    assert_eq!(
+        agent.ready()["h2_frames"],
+        true,
+        "the walker programs must load wherever the packet hooks do: {}",
+        agent.ready()
+    );
     let cases = [
         (10, Link::Veth),
         (20, Link::Veth),

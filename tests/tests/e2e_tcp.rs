@@ -493,6 +493,12 @@ fn server_process_killed_without_packet_facts() {
         "--no-packets must report packet_facts false: {}",
         agent.ready()
     );
+    assert_eq!(
+        agent.ready()["h2_frames"],
+        false,
+        "--no-packets walks no HTTP/2 frames: {}",
+        agent.ready()
+    );
     let mut conn = Conn::open(&t, false);
     conn.client.send(2000).expect("client send");
     conn.server

@@ -7,8 +7,9 @@
 //!
 //! - `lifecycle`: the six stable tracepoints;
 //! - `close`: `tcp_close()` through fentry or kprobe, one handler;
-//! - `packet`: cgroup_skb ingress/egress, feeding `h2walk`, the HTTP/2 frame walker, and
-//!   the walker's continuations (`skb_walk_in`/`skb_walk_out`, tail-called, never attached);
+//! - `packet`: cgroup_skb ingress/egress, feeding `h2walk`, the HTTP/2 frame walker, which
+//!   runs in programs of its own (`skb_h2_in`/`skb_h2_out`, continued by
+//!   `skb_walk_in`/`skb_walk_out`; tail-called, never attached);
 //! - `config`, `maps`, `emit`: what they share; `verifier`: workarounds for old verifiers.
 #![no_std]
 #![no_main]
@@ -94,8 +95,24 @@ pub fn skb_egress(ctx: SkBuffContext) -> i32 {
     PASS
 }
 
+/// The HTTP/2 walker's first run over an ingress segment; never attached, only tail-called
+/// from `skb_ingress` via `WALK_IN` (slot `WALK_FIRST`).
+#[cgroup_skb(ingress)]
+pub fn skb_h2_in(ctx: SkBuffContext) -> i32 {
+    let _ = packet::try_walk_first(&ctx, true);
+    PASS
+}
+
+/// As `skb_h2_in`, for egress (`WALK_OUT`).
+#[cgroup_skb(egress)]
+pub fn skb_h2_out(ctx: SkBuffContext) -> i32 {
+    let _ = packet::try_walk_first(&ctx, false);
+    PASS
+}
+
 /// Continuation of the HTTP/2 walk for ingress segments with more frames than one run
-/// walks; never attached, only tail-called from `skb_ingress` (and itself) via `WALK_IN`.
+/// walks; never attached, only tail-called from `skb_h2_in` (and itself) via `WALK_IN`
+/// (slot `WALK_MORE`).
 #[cgroup_skb(ingress)]
 pub fn skb_walk_in(ctx: SkBuffContext) -> i32 {
     let _ = packet::try_walk_more(&ctx, true);

@@ -36,17 +36,28 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::C
 #[map]
 pub static SK_PKT: LruHashMap<u64, PktState> = LruHashMap::with_max_entries(65536, 0);
 
-/// The HTTP/2 walker's continuation for egress segments (`skb_walk_out`, slot 0), tail-called
-/// when a segment holds more frame headers than one run walks. One array per direction: a
-/// program array takes programs of its first program's type and, on newer kernels, attach
-/// type. Left empty when the agent could not load the program; the walk then stops at one
-/// run's frames and reports the lost sync, as before.
-#[map]
-pub static WALK_OUT: ProgramArray = ProgramArray::with_max_entries(1, 0);
+/// Slot in [`WALK_OUT`] / [`WALK_IN`] of the walker's first run over a segment
+/// (`skb_h2_out` / `skb_h2_in`), tail-called by the entry program.
+pub const WALK_FIRST: u32 = 0;
+/// Slot of the walker's continuation (`skb_walk_out` / `skb_walk_in`), tail-called when a
+/// segment holds more frame headers than one run walks.
+pub const WALK_MORE: u32 = 1;
 
-/// As [`WALK_OUT`], for ingress segments (`skb_walk_in`).
+/// The HTTP/2 walker for egress segments: programs that are loaded, never attached, and
+/// tail-called ([`WALK_FIRST`], [`WALK_MORE`]). Walking in programs of their own keeps the
+/// entry programs small: the verifier explores a called function once per distinct caller
+/// state, and the entry program reaches the walk in many, a tail-called program starts from
+/// one. One array per direction: a program array takes programs of its first program's type
+/// and, on newer kernels, attach type. A slot stays empty when the agent could not load its
+/// program: without the first, this direction's payload is not walked (the probe report
+/// says so); without the continuation, the walk stops at one run's frames and reports the
+/// lost sync.
 #[map]
-pub static WALK_IN: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static WALK_OUT: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// As [`WALK_OUT`], for ingress segments (`skb_h2_in`, `skb_walk_in`).
+#[map]
+pub static WALK_IN: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 /// Adds one to a per-CPU counter. Each call site says, in a `// exported as …` comment,
 /// the name of the agent's counter (`whoclosed stats`, metrics) that carries it.

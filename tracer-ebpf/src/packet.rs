@@ -1,5 +1,6 @@
 //! Packets of local sockets: cgroup_skb ingress and egress at the cgroup v2 root (every
-//! netns). TCP flags, TTL and sequence numbers; payload goes to the HTTP/2 walker.
+//! netns). TCP flags, TTL and sequence numbers; payload goes to the HTTP/2 walker, which
+//! runs in tail-called programs of its own (`maps::WALK_OUT`).
 
 use core::mem::MaybeUninit;
 
@@ -15,8 +16,11 @@ use tracer_common::{
 use crate::{
     config::rcv_wnd_max,
     emit::emit,
-    h2walk::{SegInfo, h2_lost_rest, h2_more, h2_segment},
-    maps::{FRESH, MIDSTREAM, PktState, SK_PKT, WALK_IN, WALK_OUT, bump, seen, sync},
+    h2walk::{SegInfo, h2_headerless, h2_lost_rest, h2_more, h2_segment},
+    maps::{
+        FRESH, MIDSTREAM, PktState, SK_PKT, WALK_FIRST, WALK_IN, WALK_MORE, WALK_OUT, bump, seen,
+        sync,
+    },
     verifier::zero_in_place,
 };
 
@@ -171,11 +175,9 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     if !parse_headers(ctx, seg) {
         return None;
     }
-    let l4_off = if seg.l4_off > 60 {
+    if seg.l4_off > 60 {
         return None;
-    } else {
-        seg.l4_off as usize
-    };
+    }
     let th = &seg.th;
     bump(counter::PACKETS); // exported as `packets`
     let tcp_flags = th[13];
@@ -218,7 +220,7 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
         existing
     } else {
         // Inserted from rodata: a copy on the stack would cost 80 of the 512 bytes the
-        // whole call chain (try_packet, h2_segment) may use (see verifier.rs).
+        // whole call chain may use (see verifier.rs).
         let init: &PktState = if tcp_flags & tcp_flag::SYN == 0 {
             &MIDSTREAM
         } else {
@@ -255,45 +257,76 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     if control || evflags & (flag::FIRST_IN_DIR | flag::TTL_CHANGED) != 0 {
         emit_packet(seg, th, sk, evflags, payload_len, st.last_data_ns);
     }
-    // Sockets whose payload is not HTTP/2 (TLS, anything else) skip the walker's call.
-    let walking = st.dir[if ingress { 1 } else { 0 }].sync != sync::OFF;
-    if walking && payload_len > 0 && payload_len < 0x0100_0000 {
-        let info = SegInfo {
-            sk,
-            seq,
-            poff: (l4_off as u32).wrapping_add(doff),
-            plen: payload_len,
-            di: if ingress { 1 } else { 0 },
-        };
-        if h2_segment(ctx, st, &info) {
-            walk_on(ctx, st, &info, ingress);
-        }
+    // Sockets whose payload is not HTTP/2 (TLS, anything else) skip the walker, and so do
+    // segments that hold no frame header (inside a large DATA frame): only the end of the
+    // walked bytes moves. The rest goes to the walker program; when it did not load, the
+    // payload is not walked (the probe report says so).
+    let d = &mut st.dir[if ingress { 1 } else { 0 }];
+    if d.sync != sync::OFF
+        && payload_len > 0
+        && payload_len < 0x0100_0000
+        && !h2_headerless(d, seq, payload_len)
+    {
+        tail_call(ctx, ingress, WALK_FIRST);
     }
     Some(())
 }
 
-/// Frame headers are left in this segment after a run's bounded walk: continue in the
-/// direction's continuation program (a tail call, which does not return when it is taken),
-/// else report the rest lost.
+/// Tail call into the direction's walker program in `slot`; returns only when that is not
+/// taken (empty slot, tail-call limit).
 #[inline(always)]
-fn walk_on(ctx: &SkBuffContext, st: &mut PktState, info: &SegInfo, ingress: bool) {
+fn tail_call(ctx: &SkBuffContext, ingress: bool, slot: u32) {
     // SAFETY: a tail call into a program of the same type and attach type; on failure
-    // (empty slot, tail-call limit) execution continues here.
+    // execution continues here.
     unsafe {
         if ingress {
-            WALK_IN.tail_call(ctx, 0);
+            WALK_IN.tail_call(ctx, slot);
         } else {
-            WALK_OUT.tail_call(ctx, 0);
+            WALK_OUT.tail_call(ctx, slot);
         }
     }
+}
+
+/// Frame headers are left in this segment after a run's bounded walk: continue in the
+/// direction's continuation program, else report the rest lost.
+#[inline(always)]
+fn walk_on(ctx: &SkBuffContext, st: &mut PktState, info: &SegInfo, ingress: bool) {
+    tail_call(ctx, ingress, WALK_MORE);
     h2_lost_rest(st, info);
 }
 
-/// The walker's continuation program: the same segment again (its headers parsed again,
-/// which is cheaper than a scratch map a nested run on this CPU could overwrite), the
-/// socket's state, and the next run's frames.
+/// The walker's first run over a segment (`skb_h2_in`, `skb_h2_out`): the segment's headers
+/// parsed again (cheaper than a scratch map a nested run on this CPU could overwrite), the
+/// socket's state as the entry program left it, and up to one run's frames.
+#[inline(always)]
+pub fn try_walk_first(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
+    walk_segment(ctx, ingress, |st, info| {
+        if h2_segment(ctx, st, info) {
+            walk_on(ctx, st, info, ingress);
+        }
+    })
+}
+
+/// The walker's continuation (`skb_walk_in`, `skb_walk_out`): the same segment again and
+/// the next run's frames.
 #[inline(always)]
 pub fn try_walk_more(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
+    walk_segment(ctx, ingress, |st, info| {
+        if h2_more(ctx, st, info) {
+            walk_on(ctx, st, info, ingress);
+        }
+    })
+}
+
+/// Runs `walk` on the segment a walker program was tail-called for and its socket's state.
+/// Passed in rather than returned: a returned (pointer, `SegInfo`) pair made the 6.1
+/// verifier process four times the instructions for the same walk (`vm report -k 6.1`).
+#[inline(always)]
+fn walk_segment(
+    ctx: &SkBuffContext,
+    ingress: bool,
+    walk: impl FnOnce(&mut PktState, &SegInfo),
+) -> Option<()> {
     let mut seg = MaybeUninit::<Seg>::uninit();
     // SAFETY: as in `try_packet`.
     let seg: &mut Seg = unsafe {
@@ -321,9 +354,7 @@ pub fn try_walk_more(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
         plen: payload_len,
         di: if ingress { 1 } else { 0 },
     };
-    if h2_more(ctx, st, &info) {
-        walk_on(ctx, st, &info, ingress);
-    }
+    walk(st, &info);
     Some(())
 }
 

@@ -68,6 +68,8 @@ pub struct ProbeReport {
     pub netns_ids: bool,
     pub exit_detection: bool,
     pub packet_facts: bool,
+    /// HTTP/2 frames are walked: the packet hooks and the walker programs loaded.
+    pub h2_frames: bool,
     pub cgroup: Option<String>,
     pub ringbuf_bytes: u32,
     pub programs: Vec<ProgramStatus>,
@@ -174,16 +176,18 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
         netns_ids: offsets.sk_net.is_some() && offsets.net_inum.is_some(),
         exit_detection: offsets.task_flags.is_some(),
         packet_facts: packets.attached,
+        h2_frames: packets.h2_walker,
         cgroup: packets.cgroup,
         ringbuf_bytes: opts.ringbuf_bytes,
         programs,
         rst_reason_names,
     };
     info!(
-        "probe mode {} (requested {}), packet facts {}, kernel {}",
+        "probe mode {} (requested {}), packet facts {}, HTTP/2 frames {}, kernel {}",
         report.probe_mode.name(),
         report.requested_mode.name(),
         if report.packet_facts { "on" } else { "off" },
+        if report.h2_frames { "on" } else { "off" },
         report.kernel
     );
     Ok(Probes {
@@ -321,6 +325,8 @@ fn attach_tracepoints(
 #[derive(Default)]
 struct PacketHooks {
     attached: bool,
+    /// The packet hooks and both first-run walker programs loaded.
+    h2_walker: bool,
     cgroup: Option<String>,
 }
 
@@ -336,7 +342,7 @@ fn attach_packet_hooks(ebpf: &mut Ebpf, programs: &mut Vec<ProgramStatus>) -> Pa
             warn!("{e}; FIN/RST direction and TTL evidence disabled");
             let names = WALK_PROGRAMS
                 .iter()
-                .map(|(p, _, _)| (*p, "cgroup_skb tail call"))
+                .map(|w| (w.program, "cgroup_skb tail call"))
                 .chain(SKB_PROGRAMS.iter().map(|(p, _)| (*p, "cgroup_skb")));
             for (program, kind) in names {
                 programs.push(ProgramStatus {
@@ -350,20 +356,35 @@ fn attach_packet_hooks(ebpf: &mut Ebpf, programs: &mut Vec<ProgramStatus>) -> Pa
             return PacketHooks::default();
         }
     };
-    // Before the entry programs, so that no segment is walked without its continuation.
-    for (program, attach, array) in WALK_PROGRAMS {
-        let res = load_walker(ebpf, program, array);
+    // Before the entry programs, so that no segment is walked in part: the continuations
+    // first, then the first runs that tail-call them.
+    let mut h2_walker = true;
+    for w in &WALK_PROGRAMS {
+        let res = load_walker(ebpf, w);
         if let Err(e) = &res {
-            warn!(
-                "HTTP/2 walk continuation {program} unavailable ({attach:?}): {}; a segment \
-                 with more than 12 frames loses sync (counted in h2_desyncs)",
-                err_chain(e.as_ref())
-            );
+            if w.slot == WALK_FIRST {
+                h2_walker = false;
+                warn!(
+                    "HTTP/2 walker {} unavailable ({:?}): {}; HTTP/2 frames in this direction \
+                     are not seen",
+                    w.program,
+                    w.attach,
+                    err_chain(e.as_ref())
+                );
+            } else {
+                warn!(
+                    "HTTP/2 walk continuation {} unavailable ({:?}): {}; a segment with more \
+                     than 12 frames loses sync (counted in h2_desyncs)",
+                    w.program,
+                    w.attach,
+                    err_chain(e.as_ref())
+                );
+            }
         }
         programs.push(ProgramStatus {
-            program,
+            program: w.program,
             kind: "cgroup_skb tail call",
-            target: array.to_string(),
+            target: format!("{}[{}]", w.array, w.slot),
             status: if res.is_ok() {
                 Status::Attached
             } else {
@@ -396,38 +417,74 @@ fn attach_packet_hooks(ebpf: &mut Ebpf, programs: &mut Vec<ProgramStatus>) -> Pa
     }
     PacketHooks {
         attached: all,
+        h2_walker: all && h2_walker,
         cgroup: Some(root.display().to_string()),
     }
 }
 
-/// The HTTP/2 walker's continuation programs: loaded, never attached, and tail-called
-/// through their program array by the entry program of the same direction.
-const WALK_PROGRAMS: [(&str, CgroupSkbAttachType, &str); 2] = [
-    ("skb_walk_in", CgroupSkbAttachType::Ingress, "WALK_IN"),
-    ("skb_walk_out", CgroupSkbAttachType::Egress, "WALK_OUT"),
+/// One of the HTTP/2 walker's programs: loaded, never attached, and tail-called through its
+/// direction's program array (the entry program calls slot `WALK_FIRST`, which continues in
+/// slot `WALK_MORE`).
+struct Walker {
+    program: &'static str,
+    attach: CgroupSkbAttachType,
+    array: &'static str,
+    slot: u32,
+}
+
+/// The kernel side's `maps::WALK_FIRST` and `maps::WALK_MORE`.
+const WALK_FIRST: u32 = 0;
+const WALK_MORE: u32 = 1;
+
+/// In load order: the continuations, then the first runs that tail-call them.
+const WALK_PROGRAMS: [Walker; 4] = [
+    Walker {
+        program: "skb_walk_in",
+        attach: CgroupSkbAttachType::Ingress,
+        array: "WALK_IN",
+        slot: WALK_MORE,
+    },
+    Walker {
+        program: "skb_walk_out",
+        attach: CgroupSkbAttachType::Egress,
+        array: "WALK_OUT",
+        slot: WALK_MORE,
+    },
+    Walker {
+        program: "skb_h2_in",
+        attach: CgroupSkbAttachType::Ingress,
+        array: "WALK_IN",
+        slot: WALK_FIRST,
+    },
+    Walker {
+        program: "skb_h2_out",
+        attach: CgroupSkbAttachType::Egress,
+        array: "WALK_OUT",
+        slot: WALK_FIRST,
+    },
 ];
 
-fn load_walker(ebpf: &mut Ebpf, program: &str, array: &str) -> anyhow::Result<()> {
+fn load_walker(ebpf: &mut Ebpf, w: &Walker) -> anyhow::Result<()> {
     let p: &mut CgroupSkb = ebpf
-        .program_mut(program)
-        .ok_or_else(|| anyhow!("program {program} missing from object"))?
+        .program_mut(w.program)
+        .ok_or_else(|| anyhow!("program {} missing from object", w.program))?
         .try_into()?;
     p.load()?;
     let fd = p.fd()?.try_clone()?;
     let map = ebpf
-        .map_mut(array)
-        .ok_or_else(|| anyhow!("map {array} missing from object"))?;
+        .map_mut(w.array)
+        .ok_or_else(|| anyhow!("map {} missing from object", w.array))?;
     let mut slots = ProgramArray::try_from(map)?;
     slots
-        .set(0, &fd, 0)
-        .with_context(|| format!("putting {program} into {array}"))?;
+        .set(w.slot, &fd, 0)
+        .with_context(|| format!("putting {} into {}[{}]", w.program, w.array, w.slot))?;
     Ok(())
 }
 
 fn skip_packet_hooks(programs: &mut Vec<ProgramStatus>) {
-    for (program, _, _) in WALK_PROGRAMS {
+    for w in WALK_PROGRAMS {
         programs.push(ProgramStatus {
-            program,
+            program: w.program,
             kind: "cgroup_skb tail call",
             target: "-".into(),
             status: Status::Skipped,

@@ -533,6 +533,7 @@ mod tests {
             netns_ids: true,
             exit_detection: true,
             packet_facts,
+            h2_frames: packet_facts,
             cgroup: None,
             ringbuf_bytes: 4096,
             programs: Vec::new(),

@@ -348,7 +348,13 @@ impl Matrix {
             let any = r.modes.values().find_map(|m| m.json.as_ref());
             if let Some(j) = any {
                 let mut lacks = Vec::new();
-                for f in ["btf", "netns_ids", "exit_detection", "packet_facts"] {
+                for f in [
+                    "btf",
+                    "netns_ids",
+                    "exit_detection",
+                    "packet_facts",
+                    "h2_frames",
+                ] {
                     if j[f] == false {
                         lacks.push(format!("`{f}` false"));
                     }
@@ -356,7 +362,7 @@ impl Matrix {
                 if lacks.is_empty() {
                     writeln!(
                         s,
-                        "  - BTF, netns ids, exit detection and packet facts all available."
+                        "  - BTF, netns ids, exit detection, packet facts and HTTP/2 frames all available."
                     )?;
                 } else {
                     writeln!(s, "  - lacks: {}.", lacks.join(", "))?;

@@ -455,7 +455,9 @@ impl Matrix {
         writeln!(
             s,
             "- `cargo xtask vm ci` is the quick subset: the report boots of 5.10 and 6.1 \
-             (every mode must load) and the end-to-end tests in tracepoint mode on 5.10 and \
+             (every mode must load, and on 6.1 no program's verification may process more \
+             than half the verifier's limit of a million instructions) and the end-to-end \
+             tests in tracepoint mode on 5.10 and \
              fentry on 6.1 (both suites: the in-kernel HTTP/2 walker carries workarounds \
              for these two verifiers) and kprobe on the newest kernel (tcp suite)."
         )?;

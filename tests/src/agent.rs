@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Bound for the `ready` line. Natively the agent is ready in about a second; in the QEMU
-/// guests (software emulation) agent start took 29 to 35 s per case on 5.10 and 6.1 with the
-/// first version of the walker's continuation programs (22 to 25 s now, 18 to 22 s without
-/// them), so 30 s was too tight there.
+/// guests (software emulation) it took 29 to 35 s per case on 5.10 and 6.1 with the first
+/// version of the walker's continuation programs, which is why 30 s became 90; since the
+/// walker runs in programs of its own it takes 5 to 7 s there.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// Bound for the agent to exit after SIGINT.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);

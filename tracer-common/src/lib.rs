@@ -31,6 +31,17 @@ pub const PKT_STATE_SIZE: usize = 88;
 /// HTTP/2 frame payload bytes copied per control frame.
 pub const H2_CAPTURE: usize = 64;
 
+/// Slots of the HTTP/2 walker's per-direction program arrays (`WALK_IN`, `WALK_OUT`): the
+/// kernel tail-calls them, the agent fills them.
+pub mod walk_slot {
+    /// The walker's first run over a segment (`skb_h2_in`, `skb_h2_out`), tail-called by
+    /// the entry program.
+    pub const FIRST: u32 = 0;
+    /// Its continuation (`skb_walk_in`, `skb_walk_out`), tail-called when a segment holds
+    /// more frame headers than one run walks.
+    pub const MORE: u32 = 1;
+}
+
 /// TCP header flag bits as they appear in byte 13 of the header.
 pub mod tcp_flag {
     pub const FIN: u8 = 0x01;

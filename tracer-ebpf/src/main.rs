@@ -96,7 +96,7 @@ pub fn skb_egress(ctx: SkBuffContext) -> i32 {
 }
 
 /// The HTTP/2 walker's first run over an ingress segment; never attached, only tail-called
-/// from `skb_ingress` via `WALK_IN` (slot `WALK_FIRST`).
+/// from `skb_ingress` via `WALK_IN` (slot `walk_slot::FIRST`).
 #[cgroup_skb(ingress)]
 pub fn skb_h2_in(ctx: SkBuffContext) -> i32 {
     let _ = packet::try_walk_first(&ctx, true);
@@ -112,7 +112,7 @@ pub fn skb_h2_out(ctx: SkBuffContext) -> i32 {
 
 /// Continuation of the HTTP/2 walk for ingress segments with more frames than one run
 /// walks; never attached, only tail-called from `skb_h2_in` (and itself) via `WALK_IN`
-/// (slot `WALK_MORE`).
+/// (slot `walk_slot::MORE`).
 #[cgroup_skb(ingress)]
 pub fn skb_walk_in(ctx: SkBuffContext) -> i32 {
     let _ = packet::try_walk_more(&ctx, true);

@@ -36,15 +36,8 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::C
 #[map]
 pub static SK_PKT: LruHashMap<u64, PktState> = LruHashMap::with_max_entries(65536, 0);
 
-/// Slot in [`WALK_OUT`] / [`WALK_IN`] of the walker's first run over a segment
-/// (`skb_h2_out` / `skb_h2_in`), tail-called by the entry program.
-pub const WALK_FIRST: u32 = 0;
-/// Slot of the walker's continuation (`skb_walk_out` / `skb_walk_in`), tail-called when a
-/// segment holds more frame headers than one run walks.
-pub const WALK_MORE: u32 = 1;
-
 /// The HTTP/2 walker for egress segments: programs that are loaded, never attached, and
-/// tail-called ([`WALK_FIRST`], [`WALK_MORE`]). Walking in programs of their own keeps the
+/// tail-called (slots: `tracer_common::walk_slot`). Walking in programs of their own keeps the
 /// entry programs small: the verifier explores a called function once per distinct caller
 /// state, and the entry program reaches the walk in many, a tail-called program starts from
 /// one. One array per direction: a program array takes programs of its first program's type

@@ -11,16 +11,14 @@ use aya_ebpf::{
 use tracer_common::{
     AF_INET, AF_INET6, PacketRecord, counter, flag, kind, tcp_flag,
     tcpaccept::{self, SegSeq, SockSeq},
+    walk_slot,
 };
 
 use crate::{
     config::rcv_wnd_max,
     emit::emit,
     h2walk::{SegInfo, h2_headerless, h2_lost_rest, h2_more, h2_segment},
-    maps::{
-        FRESH, MIDSTREAM, PktState, SK_PKT, WALK_FIRST, WALK_IN, WALK_MORE, WALK_OUT, bump, seen,
-        sync,
-    },
+    maps::{FRESH, MIDSTREAM, PktState, SK_PKT, WALK_IN, WALK_OUT, bump, seen, sync},
     verifier::zero_in_place,
 };
 
@@ -267,7 +265,7 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
         && payload_len < 0x0100_0000
         && !h2_headerless(d, seq, payload_len)
     {
-        tail_call(ctx, ingress, WALK_FIRST);
+        tail_call(ctx, ingress, walk_slot::FIRST);
     }
     Some(())
 }
@@ -291,7 +289,7 @@ fn tail_call(ctx: &SkBuffContext, ingress: bool, slot: u32) {
 /// direction's continuation program, else report the rest lost.
 #[inline(always)]
 fn walk_on(ctx: &SkBuffContext, st: &mut PktState, info: &SegInfo, ingress: bool) {
-    tail_call(ctx, ingress, WALK_MORE);
+    tail_call(ctx, ingress, walk_slot::MORE);
     h2_lost_rest(st, info);
 }
 

@@ -12,7 +12,7 @@ use aya::{
 };
 use log::{info, warn};
 use serde::Serialize;
-use tracer_common::{Config, counter};
+use tracer_common::{Config, counter, walk_slot};
 
 use crate::kernel::{self, KernelBtf};
 
@@ -362,24 +362,21 @@ fn attach_packet_hooks(ebpf: &mut Ebpf, programs: &mut Vec<ProgramStatus>) -> Pa
     for w in &WALK_PROGRAMS {
         let res = load_walker(ebpf, w);
         if let Err(e) = &res {
-            if w.slot == WALK_FIRST {
+            let (what, without) = if w.slot == walk_slot::FIRST {
                 h2_walker = false;
-                warn!(
-                    "HTTP/2 walker {} unavailable ({:?}): {}; HTTP/2 frames in this direction \
-                     are not seen",
-                    w.program,
-                    w.attach,
-                    err_chain(e.as_ref())
-                );
+                ("walker", "HTTP/2 frames in this direction are not seen")
             } else {
-                warn!(
-                    "HTTP/2 walk continuation {} unavailable ({:?}): {}; a segment with more \
-                     than 12 frames loses sync (counted in h2_desyncs)",
-                    w.program,
-                    w.attach,
-                    err_chain(e.as_ref())
-                );
-            }
+                (
+                    "walk continuation",
+                    "a segment with more than 12 frames loses sync (counted in h2_desyncs)",
+                )
+            };
+            warn!(
+                "HTTP/2 {what} {} unavailable ({:?}): {}; {without}",
+                w.program,
+                w.attach,
+                err_chain(e.as_ref())
+            );
         }
         programs.push(ProgramStatus {
             program: w.program,
@@ -423,8 +420,8 @@ fn attach_packet_hooks(ebpf: &mut Ebpf, programs: &mut Vec<ProgramStatus>) -> Pa
 }
 
 /// One of the HTTP/2 walker's programs: loaded, never attached, and tail-called through its
-/// direction's program array (the entry program calls slot `WALK_FIRST`, which continues in
-/// slot `WALK_MORE`).
+/// direction's program array (the entry program calls slot `walk_slot::FIRST`, which
+/// continues in slot `walk_slot::MORE`).
 struct Walker {
     program: &'static str,
     attach: CgroupSkbAttachType,
@@ -432,35 +429,31 @@ struct Walker {
     slot: u32,
 }
 
-/// The kernel side's `maps::WALK_FIRST` and `maps::WALK_MORE`.
-const WALK_FIRST: u32 = 0;
-const WALK_MORE: u32 = 1;
-
 /// In load order: the continuations, then the first runs that tail-call them.
 const WALK_PROGRAMS: [Walker; 4] = [
     Walker {
         program: "skb_walk_in",
         attach: CgroupSkbAttachType::Ingress,
         array: "WALK_IN",
-        slot: WALK_MORE,
+        slot: walk_slot::MORE,
     },
     Walker {
         program: "skb_walk_out",
         attach: CgroupSkbAttachType::Egress,
         array: "WALK_OUT",
-        slot: WALK_MORE,
+        slot: walk_slot::MORE,
     },
     Walker {
         program: "skb_h2_in",
         attach: CgroupSkbAttachType::Ingress,
         array: "WALK_IN",
-        slot: WALK_FIRST,
+        slot: walk_slot::FIRST,
     },
     Walker {
         program: "skb_h2_out",
         attach: CgroupSkbAttachType::Egress,
         array: "WALK_OUT",
-        slot: WALK_FIRST,
+        slot: walk_slot::FIRST,
     },
 ];
 

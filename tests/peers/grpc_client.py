@@ -22,6 +22,10 @@ Then one command per stdin line, one response line each on stdout:
                         TRANSIENT_FAILURE|SHUTDOWN|UNKNOWN>`
   wait-state <S>[,<S>...] [ms]  wait until the channel is in one of the states
                         -> `state <S>` (or `error timeout ...`)
+  wait-down [ms]        wait until the channel, once reported READY, has left READY
+                        (IDLE, TRANSIENT_FAILURE or SHUTDOWN) -> `state <S>`
+                        (state callbacks arrive on a grpc thread, late: right after a
+                        call the last one delivered can still be the initial IDLE)
   sleep <ms>            -> `slept`
   close                 channel.close()                     -> `closed`
   pid                   -> `pid <n>`
@@ -43,6 +47,8 @@ SERVICE = "whoclosed.Test"
 
 _state_lock = threading.Condition()
 _state = "UNKNOWN"
+# Set once the callback thread has reported READY; later states are real transitions.
+_ready_seen = False
 
 
 def say(line):
@@ -67,9 +73,10 @@ def parse_value(v):
 
 
 def on_state(conn):
-    global _state
+    global _state, _ready_seen
     with _state_lock:
         _state = conn.name
+        _ready_seen = _ready_seen or _state == "READY"
         _state_lock.notify_all()
 
 
@@ -141,6 +148,21 @@ class Client:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return f"error timeout: state {_state} after {ms} ms, wanted {rest[0]}"
+                _state_lock.wait(left)
+            return f"state {_state}"
+
+    def cmd_wait_down(self, rest):
+        ms = int(rest[0]) if rest else 10000
+        deadline = time.monotonic() + ms / 1000.0
+        down = ("IDLE", "TRANSIENT_FAILURE", "SHUTDOWN")
+        with _state_lock:
+            while not (_ready_seen and _state in down):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return (
+                        f"error timeout: state {_state} after {ms} ms "
+                        f"(READY reported: {_ready_seen}), wanted it to leave READY"
+                    )
                 _state_lock.wait(left)
             return f"state {_state}"
 

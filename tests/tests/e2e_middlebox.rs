@@ -705,9 +705,7 @@ fn nginx_case(test: &str, single: bool) {
     );
     let upstream = ok(client.call(1), "one call through nginx");
     ok(
-        client
-            .wait_state(&["IDLE", "TRANSIENT_FAILURE"], Duration::from_secs(15))
-            .map(drop),
+        client.wait_down(Duration::from_secs(15)).map(drop),
         "nginx's keepalive timeout ends the client's connection",
     );
     let bind_s = bind.to_string();

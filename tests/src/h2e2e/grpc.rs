@@ -73,7 +73,7 @@ impl Grpc {
     /// Waits until the client channel left READY (it got a GOAWAY, or its transport died).
     pub fn wait_channel_down(&mut self) -> String {
         self.client
-            .wait_state(&["IDLE", "TRANSIENT_FAILURE"], CHANNEL_TIMEOUT)
+            .wait_down(CHANNEL_TIMEOUT)
             .unwrap_or_else(|e| panic!("{e:#}"))
     }
 

@@ -169,10 +169,13 @@ impl GrpcClient {
         Ok(line.trim_start_matches("state ").to_string())
     }
 
-    /// Waits until the channel is in one of `states`; returns the state reached.
-    pub fn wait_state(&mut self, states: &[&str], timeout: Duration) -> Result<String> {
+    /// Waits until the channel, once reported READY, has left it (`IDLE`,
+    /// `TRANSIENT_FAILURE` or `SHUTDOWN`); returns the state reached. grpcio reports states
+    /// on a thread of its own and late: right after a call the last state delivered can
+    /// still be the initial `IDLE`, so "wait for IDLE" alone can return at once.
+    pub fn wait_down(&mut self, timeout: Duration) -> Result<String> {
         let line = self.proc.command(
-            &format!("wait-state {} {}", states.join(","), timeout.as_millis()),
+            &format!("wait-down {}", timeout.as_millis()),
             "state",
             timeout + Duration::from_secs(5),
         )?;

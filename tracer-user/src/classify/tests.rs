@@ -164,6 +164,58 @@ fn cases() -> Vec<Case> {
             confidence: K::High,
         },
         Case {
+            name: "client FIN first, then late server bytes (a grpc PING) draw its kernel's RST, \
+                   seen on the client",
+            timeline: tl(
+                Role::Client,
+                client_open(),
+                vec![
+                    st_by(100, S::Established, S::FinWait1, false),
+                    f(101, FactKind::FinSent),
+                    f(
+                        102,
+                        FactKind::RstSent {
+                            exiting: false,
+                            kernel_reason: None,
+                        },
+                    ),
+                    st(102, S::FinWait1, S::Close),
+                ],
+                peer(false, false),
+            ),
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Local,
+            mechanism: M::Fin,
+            confidence: K::High,
+        },
+        Case {
+            name: "client FIN first, then its kernel's RST for late server bytes, seen on the server",
+            timeline: tl(
+                Role::Server,
+                server_open(),
+                vec![
+                    f(100, FactKind::FinReceived { ttl: 64 }),
+                    st(100, S::Established, S::CloseWait),
+                    f(
+                        101,
+                        FactKind::RstReceived {
+                            ttl: 64,
+                            origin: RstOrigin::PeerSocket,
+                            sender_reason: None,
+                        },
+                    ),
+                    st(101, S::CloseWait, S::Close),
+                ],
+                peer(false, true),
+            ),
+            closed_by: C::Client,
+            reason: "client_close",
+            initiator: I::Remote,
+            mechanism: M::Fin,
+            confidence: K::High,
+        },
+        Case {
             name: "simultaneous close, client view: its close() first, the server's FIN first on the wire",
             timeline: tl(
                 Role::Client,

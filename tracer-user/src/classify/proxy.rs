@@ -23,9 +23,11 @@ fn leg_name(l: ProxyLeg) -> &'static str {
     }
 }
 
+/// How the other leg ended. It is only ever a closed socket (the legs of a proxy are
+/// joined when they close), so `unknown` is a closed leg whose ending was not seen.
 fn ended_name(e: Option<&(u64, LegEnd)>) -> &'static str {
     match e.map(|(_, e)| e) {
-        None => "open",
+        None => "unknown",
         Some(e) if e.is_own() => "by_proxy",
         Some(LegEnd::OwnExit) => "proxy_exit",
         Some(_) => "by_far_side",
@@ -57,9 +59,13 @@ pub(super) fn rules(t: &Timeline, base: &Verdict) -> Option<Verdict> {
     let paired =
         other_end.is_some_and(|(oat, oend)| oend.is_own() && oat.abs_diff(*at) <= PAIR_WINDOW_NS);
     // Proven: the proxy's own action on this leg, and its other leg seen, either ended by the
-    // proxy at the same moment, or (a process known as a proxy) still open or ended apart.
+    // proxy at the same moment, or (a process known as a proxy) ended apart. A closed other
+    // leg whose ending was not seen (its events lost) may have been where the ending came
+    // from: the proxy then only passed it on, so nothing is proven.
     let confidence = match (&p.other, paired, p.known_name) {
-        (Some(_), true, _) | (Some(_), _, true) => Confidence::High,
+        (Some(_), true, _) => Confidence::High,
+        (Some(_), false, true) if other_end.is_none() => Confidence::Low,
+        (Some(_), false, true) => Confidence::High,
         (None, _, true) if p.leg == ProxyLeg::Upstream => Confidence::Medium,
         _ => return None,
     };
@@ -106,7 +112,8 @@ fn own_decision(
         ),
         (Some(o), false) => match &o.ended {
             None => format!(
-                ", while its other leg {} stayed open",
+                "; its other leg {} closed too, but how it ended was not seen (kernel events \
+                 lost), so the proxy may only have passed on an ending that came from that side",
                 addr_pair(o.local, o.remote)
             ),
             Some(_) => format!(

@@ -849,6 +849,76 @@ fn cases() -> Vec<Case> {
             confidence: K::High,
         },
         Case {
+            name: "haproxy closed its downstream leg, its other leg closed but how is unseen: \
+                   it may have passed that ending on, low",
+            timeline: Timeline {
+                proxy: Some(ProxyView {
+                    local: false,
+                    pid: 300,
+                    comm: "haproxy".into(),
+                    netns: None,
+                    leg: ProxyLeg::Downstream,
+                    ended: Some((100, LegEnd::OwnFin)),
+                    other: Some(OtherLeg {
+                        id: ConnId(0x75),
+                        local: None,
+                        remote: None,
+                        ended: None,
+                    }),
+                    known_name: true,
+                }),
+                ..tl(
+                    Role::Client,
+                    client_open(),
+                    vec![
+                        f(100, FactKind::FinReceived { ttl: 63 }),
+                        st(100, S::Established, S::CloseWait),
+                    ],
+                    None,
+                )
+            },
+            closed_by: C::Middlebox,
+            reason: "proxy_close",
+            initiator: I::Remote,
+            mechanism: M::Fin,
+            confidence: K::Low,
+        },
+        Case {
+            name: "an unnamed process closed one socket, its other closed socket's ending unseen: \
+                   not a proxy verdict",
+            timeline: Timeline {
+                proxy: Some(ProxyView {
+                    local: false,
+                    pid: 300,
+                    comm: "app".into(),
+                    netns: None,
+                    leg: ProxyLeg::Downstream,
+                    ended: Some((100, LegEnd::OwnFin)),
+                    other: Some(OtherLeg {
+                        id: ConnId(0x75),
+                        local: None,
+                        remote: None,
+                        ended: None,
+                    }),
+                    known_name: false,
+                }),
+                ..tl(
+                    Role::Client,
+                    client_open(),
+                    vec![
+                        f(100, FactKind::FinReceived { ttl: 63 }),
+                        st(100, S::Established, S::CloseWait),
+                    ],
+                    None,
+                )
+            },
+            closed_by: C::Server,
+            reason: "server_close",
+            initiator: I::Remote,
+            mechanism: M::Fin,
+            confidence: K::High,
+        },
+        Case {
             name: "an unnamed process with a second socket that ended apart is not a proxy",
             timeline: Timeline {
                 proxy: Some(ProxyView {

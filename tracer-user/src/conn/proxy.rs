@@ -213,6 +213,19 @@ impl Table {
             .is_some_and(|p| p.q.iter().any(|r| r.tuple == Some(want)))
     }
 
+    /// The record of a closed leg that has no verdict yet: still lingering at its address,
+    /// or retired and waiting to be judged in this tick.
+    fn unjudged(&self, r: &LegRec) -> Option<&Conn> {
+        if let Some(c) = self.conns.get(&r.skaddr).filter(|c| c.id == r.id) {
+            return Some(c);
+        }
+        self.retired_by_tuple
+            .get(&r.tuple?)?
+            .iter()
+            .filter_map(|&i| self.retired_at(i))
+            .find(|c| c.id == r.id)
+    }
+
     /// The other leg of a proxy socket: a socket of the same process, of the opposite
     /// role, whose life overlapped this one's; the one that closed nearest in time.
     fn other_leg(&self, leg: &Leg) -> Option<OtherLeg> {
@@ -241,10 +254,12 @@ impl Table {
             .into_iter()
             .take(MAX_CANDIDATES)
             .find(|r| !self.peer_owned_by(r.tuple, leg.pid))?;
-        // Still lingering: its facts may have grown since it closed.
-        let ended = match self.conns.get(&best.skaddr) {
-            Some(c) if c.id == best.id => own_end(&c.facts),
-            _ => best.ended.clone(),
+        // Not judged yet (lingering, or retired because a new socket took its address and
+        // waiting in this tick's queue, perhaps behind this one): its record is the
+        // evidence, and its facts may have grown since it closed.
+        let ended = match self.unjudged(best) {
+            Some(c) => own_end(&c.facts),
+            None => best.ended.clone(),
         };
         Some(OtherLeg {
             id: best.id,

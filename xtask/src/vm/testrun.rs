@@ -53,11 +53,16 @@ pub fn list_all_cases(art: &image::Artefacts) -> Result<Vec<Case>> {
     Ok(all)
 }
 
-/// The cases of `suites` whose name contains one of `filter` (all without a filter).
+/// The cases of `suites` that one of `filter` selects (all without a filter): a name
+/// containing it, or, written `=NAME`, the name NAME exactly.
 pub fn select(all: &[Case], suites: &[Suite], filter: &[String]) -> Vec<Case> {
+    let selects = |f: &String, name: &str| match f.strip_prefix('=') {
+        Some(exact) => name == exact,
+        None => name.contains(f.as_str()),
+    };
     all.iter()
         .filter(|c| suites.contains(&c.suite))
-        .filter(|c| filter.is_empty() || filter.iter().any(|f| c.name.contains(f.as_str())))
+        .filter(|c| filter.is_empty() || filter.iter().any(|f| selects(f, &c.name)))
         .cloned()
         .collect()
 }
@@ -234,9 +239,19 @@ mod tests {
                 suite: Suite::H2,
                 name: "nghttp_ipv6_close".into(),
             },
+            Case {
+                suite: Suite::H2,
+                name: "grpc_client_closes_channel".into(),
+            },
         ];
-        assert_eq!(select(&all, &[Suite::H2], &[]).len(), 1);
-        assert_eq!(select(&all, &Suite::ALL, &["close".into()]).len(), 2);
+        assert_eq!(select(&all, &[Suite::H2], &[]).len(), 2);
+        assert_eq!(select(&all, &Suite::ALL, &["close".into()]).len(), 3);
         assert_eq!(select(&all, &[Suite::Tcp], &["ipv6".into()]).len(), 0);
+        let exact = select(&all, &Suite::ALL, &["=client_close".into()]);
+        assert_eq!(
+            exact.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            ["client_close"]
+        );
+        assert!(select(&all, &Suite::ALL, &["=close".into()]).is_empty());
     }
 }

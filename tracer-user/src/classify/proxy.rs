@@ -56,6 +56,26 @@ pub(super) fn rules(t: &Timeline, base: &Verdict) -> Option<Verdict> {
             return Some(v);
         }
     }
+    if p.other.is_none() && p.leg == ProxyLeg::Downstream {
+        // A known proxy ended its client-facing leg and its backend leg is not visible: it
+        // may have decided, or passed on an ending from its backend. The two-party verdict
+        // stands (the proxy is that end), without the proof `high` needs.
+        let mut v = base.clone();
+        if v.confidence == Confidence::High {
+            v.confidence = Confidence::Medium;
+        }
+        let end_of = if p.local {
+            "this socket's own process"
+        } else {
+            "the end this socket talked to"
+        };
+        v.hint = format!(
+            "{} ({end_of} is the proxy {who}; its backend leg is not visible on this host, so \
+             whether the proxy decided this or passed on an ending from its backend is not known)",
+            v.hint
+        );
+        return Some(v);
+    }
     let paired =
         other_end.is_some_and(|(oat, oend)| oend.is_own() && oat.abs_diff(*at) <= PAIR_WINDOW_NS);
     // Proven: the proxy's own action on this leg, and its other leg seen, either ended by the

@@ -143,6 +143,11 @@ impl Table {
         if new == TcpState::Close && c.closed_ns.is_none() {
             c.closed_ns = Some(ev.ts_ns);
             self.note_closed_leg(sk);
+        } else if matches!(
+            new,
+            TcpState::FinWait1 | TcpState::CloseWait | TcpState::LastAck
+        ) {
+            self.note_ending_leg(sk);
         }
     }
 

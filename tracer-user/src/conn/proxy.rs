@@ -101,9 +101,23 @@ impl PidLegs {
     }
 }
 
+/// A live socket of a process that has begun to end (FIN sent or received) but has not
+/// reached CLOSE: a proxy's leg it closed sits in FIN_WAIT2 until the far end closes too
+/// (up to `tcp_fin_timeout`, 60 s by default), long after the other leg's verdict is due.
+#[derive(Clone, Copy, Debug)]
+struct Ending {
+    skaddr: u64,
+    id: ConnId,
+    role: Role,
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Legs {
     by_pid: HashMap<u32, PidLegs>,
+    /// Per process, its live sockets that have begun to end, oldest first (bounded like
+    /// the closed ones). Entries stay until their socket closes; stale ones (the record
+    /// retired or gone) are skipped on lookup and pushed out by newer ones.
+    ending: HashMap<u32, VecDeque<Ending>>,
     /// Where each closed but not yet judged socket's entry is: (owner, serial). Settling it
     /// at judgement was a scan of its owner's queue (a few percent of the agent under churn,
     /// where one process owns every socket).
@@ -123,13 +137,6 @@ pub(super) fn own_end(facts: &[Fact]) -> Option<(u64, LegEnd)> {
     leg_end(&sorted)
 }
 
-fn opposite(a: Role, b: Role) -> bool {
-    matches!(
-        (a, b),
-        (Role::Client, Role::Server) | (Role::Server, Role::Client)
-    )
-}
-
 /// What is known about the socket whose other leg is looked for.
 struct Leg {
     pid: u32,
@@ -140,7 +147,48 @@ struct Leg {
     closed_ns: Option<u64>,
 }
 
+/// A candidate for a proxy's other leg: a closed leg, or a live one that has begun to end.
+struct Candidate<'a> {
+    skaddr: u64,
+    id: ConnId,
+    tuple: Option<Tuple>,
+    /// When it closed, or for a live leg when it began to end.
+    at: u64,
+    /// A closed leg's entry (its settled ending once judged).
+    closed: Option<&'a LegRec>,
+}
+
 impl Table {
+    /// `sk` began to end (FIN_WAIT1, CLOSE_WAIT, LAST_ACK): remember it under its owner, if
+    /// the owner is known, until it closes.
+    pub(super) fn note_ending_leg(&mut self, sk: u64) {
+        let Some(c) = self.conns.get(&sk) else {
+            return;
+        };
+        if c.closed_ns.is_some() || !matches!(c.role, Role::Client | Role::Server) {
+            return;
+        }
+        let Some((pid, _)) = c.owner() else {
+            return;
+        };
+        let e = Ending {
+            skaddr: sk,
+            id: c.id,
+            role: c.role,
+        };
+        if self.legs.ending.len() >= MAX_PIDS && !self.legs.ending.contains_key(&pid) {
+            self.legs.ending.clear();
+        }
+        let q = self.legs.ending.entry(pid).or_default();
+        if q.iter().any(|x| x.skaddr == sk && x.id == e.id) {
+            return;
+        }
+        if q.len() >= MAX_LEGS_PER_PID {
+            q.pop_front();
+        }
+        q.push_back(e);
+    }
+
     /// `sk` reached CLOSE: remember it under its owner, if the owner is known.
     pub(super) fn note_closed_leg(&mut self, sk: u64) {
         let Some(c) = self.conns.get(&sk) else {
@@ -172,6 +220,12 @@ impl Table {
         };
         if self.legs.by_pid.len() >= MAX_PIDS && !self.legs.by_pid.contains_key(&pid) {
             self.legs.by_pid.clear();
+        }
+        if let Some(q) = self.legs.ending.get_mut(&pid) {
+            q.retain(|e| e.skaddr != sk);
+            if q.is_empty() {
+                self.legs.ending.remove(&pid);
+            }
         }
         let p = self.legs.by_pid.entry(pid).or_default();
         p.push(rec);
@@ -213,53 +267,84 @@ impl Table {
             .is_some_and(|p| p.q.iter().any(|r| r.tuple == Some(want)))
     }
 
-    /// The record of a closed leg that has no verdict yet: still lingering at its address,
-    /// or retired and waiting to be judged in this tick.
-    fn unjudged(&self, r: &LegRec) -> Option<&Conn> {
-        if let Some(c) = self.conns.get(&r.skaddr).filter(|c| c.id == r.id) {
+    /// The record of a leg that has no verdict yet: still at its address (open or
+    /// lingering), or retired and waiting to be judged in this tick.
+    fn unjudged(&self, skaddr: u64, id: ConnId, tuple: Option<Tuple>) -> Option<&Conn> {
+        if let Some(c) = self.conns.get(&skaddr).filter(|c| c.id == id) {
             return Some(c);
         }
         self.retired_by_tuple
-            .get(&r.tuple?)?
+            .get(&tuple?)?
             .iter()
             .filter_map(|&i| self.retired_at(i))
-            .find(|c| c.id == r.id)
+            .find(|c| c.id == id)
     }
 
     /// The other leg of a proxy socket: a socket of the same process, of the opposite
-    /// role, whose life overlapped this one's; the one that closed nearest in time.
+    /// role, whose life overlapped this one's and that has ended (closed, or begun to end
+    /// and still open); the one that closed, or began to end, nearest in time.
     fn other_leg(&self, leg: &Leg) -> Option<OtherLeg> {
-        let p = self.legs.by_pid.get(&leg.pid)?;
-        if !p.has(leg.role.opposite()) {
+        let want = leg.role.opposite();
+        let closed = self.legs.by_pid.get(&leg.pid).filter(|p| p.has(want));
+        let ending = self.legs.ending.get(&leg.pid);
+        if closed.is_none() && ending.is_none_or(|q| !q.iter().any(|e| e.role == want)) {
             return None;
         }
-        let q = &p.q;
         let reversed = leg.tuple.map(|t| t.reversed());
         let end = leg.closed_ns.unwrap_or(u64::MAX);
-        let mut candidates: Vec<&LegRec> = q
-            .iter()
-            .filter(|r| {
-                r.id != leg.id
-                    && opposite(r.role, leg.role)
-                    && r.tuple.is_some()
-                    && r.tuple != reversed
-                    && r.tuple != leg.tuple
-                    && r.opened_ns.is_none_or(|o| o <= end)
-                    && leg.opened_ns.is_none_or(|o| r.closed_ns >= o)
+        let fits = |id: ConnId, tuple: Option<Tuple>, opened: Option<u64>, at: u64| {
+            id != leg.id
+                && tuple.is_some()
+                && tuple != reversed
+                && tuple != leg.tuple
+                && opened.is_none_or(|o| o <= end)
+                && leg.opened_ns.is_none_or(|o| at >= o)
+        };
+        let mut candidates: Vec<Candidate> = closed
+            .into_iter()
+            .flat_map(|p| p.q.iter())
+            .filter(|r| r.role == want && fits(r.id, r.tuple, r.opened_ns, r.closed_ns))
+            .map(|r| Candidate {
+                skaddr: r.skaddr,
+                id: r.id,
+                tuple: r.tuple,
+                at: r.closed_ns,
+                closed: Some(r),
             })
             .collect();
-        candidates.sort_by_key(|r| r.closed_ns.abs_diff(end.min(u64::MAX / 2)));
+        for e in ending.into_iter().flatten().filter(|e| e.role == want) {
+            let Some(c) = self
+                .conns
+                .get(&e.skaddr)
+                .filter(|c| c.id == e.id && c.closed_ns.is_none())
+            else {
+                continue;
+            };
+            let Some((at, _)) = own_end(&c.facts) else {
+                continue;
+            };
+            if fits(c.id, c.tuple, c.opened_ns, at) {
+                candidates.push(Candidate {
+                    skaddr: e.skaddr,
+                    id: c.id,
+                    tuple: c.tuple,
+                    at,
+                    closed: None,
+                });
+            }
+        }
+        candidates.sort_by_key(|c| c.at.abs_diff(end.min(u64::MAX / 2)));
         // The nearest few only: checking a candidate's own peer costs a lookup each.
         let best = candidates
             .into_iter()
             .take(MAX_CANDIDATES)
-            .find(|r| !self.peer_owned_by(r.tuple, leg.pid))?;
-        // Not judged yet (lingering, or retired because a new socket took its address and
-        // waiting in this tick's queue, perhaps behind this one): its record is the
+            .find(|c| !self.peer_owned_by(c.tuple, leg.pid))?;
+        // Not judged yet (open, lingering, or retired because a new socket took its address
+        // and waiting in this tick's queue, perhaps behind this one): its record is the
         // evidence, and its facts may have grown since it closed.
-        let ended = match self.unjudged(best) {
+        let ended = match self.unjudged(best.skaddr, best.id, best.tuple) {
             Some(c) => own_end(&c.facts),
-            None => best.ended.clone(),
+            None => best.closed.and_then(|r| r.ended.clone()),
         };
         Some(OtherLeg {
             id: best.id,
@@ -325,7 +410,7 @@ impl Table {
         };
         let other = self.other_leg(leg);
         let known_name = known_proxy(comm);
-        if other.is_none() && !(known_name && side == ProxyLeg::Upstream) {
+        if other.is_none() && !known_name {
             return None;
         }
         Some(ProxyView {

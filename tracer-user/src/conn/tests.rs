@@ -82,6 +82,13 @@ fn handshake(tbl: &mut Table, p: &Pair, netns: (u32, u32)) {
 
 /// [`handshake`] with the connecting process named.
 fn handshake_by(tbl: &mut Table, p: &Pair, netns: (u32, u32), pid: u32, comm: &str) {
+    for ev in handshake_events(p, netns, pid, comm) {
+        assert!(tbl.on_event(&ev).is_empty());
+    }
+}
+
+/// The events of [`handshake_by`].
+fn handshake_events(p: &Pair, netns: (u32, u32), pid: u32, comm: &str) -> Vec<Event> {
     use Dir::*;
     use TcpState::*;
     let mut evs = vec![
@@ -109,9 +116,7 @@ fn handshake_by(tbl: &mut Table, p: &Pair, netns: (u32, u32), pid: u32, comm: &s
     for ev in &mut evs {
         ev.netns = Some(if ev.skaddr == p.c { netns.0 } else { netns.1 });
     }
-    for ev in evs {
-        assert!(tbl.on_event(&ev).is_empty());
-    }
+    evs
 }
 
 fn pair(n: u64) -> Pair {
@@ -359,6 +364,7 @@ fn blackhole_timeout_with_live_peer() {
 }
 
 mod mbox;
+mod reuse;
 
 #[test]
 fn identical_addresses_in_two_namespaces_stay_apart() {

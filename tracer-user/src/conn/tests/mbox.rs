@@ -4,7 +4,7 @@
 use super::*;
 use crate::{classify::MiddleboxKind, timeline::ProxyLeg};
 
-fn mk(n: u64, local: &str, remote: &str) -> Pair {
+pub(super) fn mk(n: u64, local: &str, remote: &str) -> Pair {
     let ct = tuple(local, remote);
     Pair {
         c: 0x1000 + n,
@@ -17,7 +17,13 @@ fn mk(n: u64, local: &str, remote: &str) -> Pair {
 }
 
 /// `sk` (owned by `pid`) closes first: FIN out, the peer `psk` gets it.
-fn active_close(at: u64, p: &Pair, from_client: bool, pid: u32, comm: &str) -> Vec<Event> {
+pub(super) fn active_close(
+    at: u64,
+    p: &Pair,
+    from_client: bool,
+    pid: u32,
+    comm: &str,
+) -> Vec<Event> {
     use Dir::*;
     use TcpState::*;
     let (sk, t, psk, pt, seq) = if from_client {
@@ -34,7 +40,13 @@ fn active_close(at: u64, p: &Pair, from_client: bool, pid: u32, comm: &str) -> V
 }
 
 /// The passive side `sk` (owned by `pid`) closes in turn; both reach CLOSE.
-fn passive_close(at: u64, p: &Pair, client_is_passive: bool, pid: u32, comm: &str) -> Vec<Event> {
+pub(super) fn passive_close(
+    at: u64,
+    p: &Pair,
+    client_is_passive: bool,
+    pid: u32,
+    comm: &str,
+) -> Vec<Event> {
     use Dir::*;
     use TcpState::*;
     let (sk, t, psk, pt, seq) = if client_is_passive {
@@ -58,7 +70,7 @@ struct ProxyHost {
     up: Pair,
 }
 
-const PROXY: u32 = 300;
+pub(super) const PROXY: u32 = 300;
 
 fn proxy_host(tbl: &mut Table, comm: &str) -> ProxyHost {
     let down = mk(1, "10.9.1.2:40000", "10.9.1.1:8443");
@@ -254,6 +266,109 @@ fn proxy_whose_other_leg_ending_was_lost_is_not_named_with_high_confidence() {
     assert!(v.hint.contains("how it ended was not seen"), "{}", v.hint);
 }
 
+/// haproxy's idle timeout closes both legs, but the backend never closes its half: the
+/// upstream leg waits in FIN_WAIT2 (up to `tcp_fin_timeout`) and has not reached CLOSE when
+/// the client's verdict is due. It has ended all the same, by haproxy, at the same moment.
+#[test]
+fn proxy_leg_still_in_fin_wait2_is_its_other_leg() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let h = proxy_host(&mut tbl, "haproxy");
+    feed(
+        &mut tbl,
+        active_close(5000 * MS, &h.down, false, PROXY, "haproxy"),
+    );
+    feed(
+        &mut tbl,
+        active_close(5000 * MS, &h.up, true, PROXY, "haproxy"),
+    );
+    feed(
+        &mut tbl,
+        passive_close(5001 * MS, &h.down, true, 100, "client"),
+    );
+    // The backend acknowledges haproxy's FIN and keeps its socket in CLOSE_WAIT.
+    feed(
+        &mut tbl,
+        vec![
+            pkt(5001 * MS, h.up.s, h.up.st, Egress, ACK, h.up.sisn + 1, 64),
+            state(5001 * MS, h.up.c, h.up.ct, FinWait1, FinWait2),
+        ],
+    );
+    let out = tbl.take_due(10_000 * MS);
+    for sk in [h.down.c, h.down.s] {
+        let v = verdict_of(&out, sk);
+        assert_eq!(
+            (v.closed_by, v.reason.as_str(), v.confidence),
+            (
+                ClosedBy::Middlebox,
+                "proxy_close",
+                classify::Confidence::High
+            ),
+            "socket {sk:#x}: {v:#?}"
+        );
+        let mb = v.middlebox.as_ref().expect("middlebox object");
+        assert_eq!(mb.other_leg_ended, Some("by_proxy"), "socket {sk:#x}");
+        assert_eq!(
+            mb.other_leg.as_deref(),
+            Some("10.9.2.1:50000 -> 10.9.2.2:8080")
+        );
+    }
+    assert!(
+        out.iter().all(|c| c.conn.skaddr != h.up.c),
+        "the upstream leg is still open"
+    );
+}
+
+/// haproxy closes the client's connection and its backend leg is not on this host: it may
+/// have decided or passed its backend's close on, so the client's verdict (the server end
+/// closed) is not `high`.
+#[test]
+fn known_proxy_without_a_visible_backend_leg_is_not_high() {
+    let mut tbl = Table::default();
+    let down = mk(1, "10.9.1.2:40000", "10.9.1.1:8443");
+    handshake_by(&mut tbl, &down, (1, 2), 100, "client");
+    feed(
+        &mut tbl,
+        active_close(5000 * MS, &down, false, PROXY, "haproxy"),
+    );
+    feed(
+        &mut tbl,
+        passive_close(5001 * MS, &down, true, 100, "client"),
+    );
+    let out = tbl.take_all_closed();
+    for sk in [down.c, down.s] {
+        let v = verdict_of(&out, sk);
+        assert_eq!(
+            (v.closed_by, v.reason.as_str(), v.confidence),
+            (
+                ClosedBy::Server,
+                "server_close",
+                classify::Confidence::Medium
+            ),
+            "socket {sk:#x}: {v:#?}"
+        );
+        assert!(v.hint.contains("the proxy haproxy(300)"), "{}", v.hint);
+        assert!(v.middlebox.is_none());
+    }
+    // Any other process at that end keeps the two-party verdict.
+    let mut tbl = Table::default();
+    handshake_by(&mut tbl, &down, (1, 2), 100, "client");
+    feed(
+        &mut tbl,
+        active_close(5000 * MS, &down, false, PROXY, "api-server"),
+    );
+    feed(
+        &mut tbl,
+        passive_close(5001 * MS, &down, true, 100, "client"),
+    );
+    let out = tbl.take_all_closed();
+    assert_eq!(
+        verdict_of(&out, down.c).confidence,
+        classify::Confidence::High
+    );
+}
+
 #[test]
 fn a_process_talking_to_itself_is_not_a_proxy() {
     let mut tbl = Table::default();
@@ -309,7 +424,7 @@ fn lost_kernel_events_lower_confidence() {
 }
 
 /// client -> VIP 10.9.9.9:80, DNAT to the server 10.9.2.2:8080 on the way.
-fn dnat_pair() -> Pair {
+pub(super) fn dnat_pair() -> Pair {
     Pair {
         st: tuple("10.9.2.2:8080", "10.9.1.2:40000"),
         ..mk(7, "10.9.1.2:40000", "10.9.9.9:80")

@@ -1,0 +1,337 @@
+//! Address reuse must not change what is proven. The kernel hands a closed socket's memory
+//! to a new socket at any moment, so a record can be retired (and judged in the next tick)
+//! before its linger is over, before or after the records of its peer and of a proxy's
+//! other leg. For each scenario the verdicts with every socket's address reused, in every
+//! order and at every point after its CLOSE, are compared with the verdicts of the same
+//! events without reuse: they must be the same, or at least not claim `high` for anything
+//! else (CI once saw a wrong high from exactly this: a proxy's other leg retired behind the
+//! client's record).
+
+use super::mbox::{PROXY, active_close, dnat_pair, mk, passive_close};
+use super::*;
+use crate::classify::Confidence;
+
+struct Scenario {
+    name: &'static str,
+    events: Vec<Event>,
+    /// The sockets that close (their verdicts are compared).
+    socks: Vec<u64>,
+}
+
+fn client_close() -> Scenario {
+    let p = pair(1);
+    let mut ev = handshake_events(&p, (1, 2), 100, "client");
+    ev.extend(active_close(100 * MS, &p, true, 100, "client"));
+    ev.extend(passive_close(101 * MS, &p, false, 200, "server"));
+    Scenario {
+        name: "client close",
+        events: ev,
+        socks: vec![p.c, p.s],
+    }
+}
+
+fn killed_server() -> Scenario {
+    use Dir::*;
+    use TcpState::*;
+    let p = pair(2);
+    let mut ev = handshake_events(&p, (1, 2), 100, "client");
+    ev.extend([
+        by(
+            state(50 * MS, p.s, p.st, Established, Close),
+            200,
+            "server",
+            true,
+        ),
+        by(
+            base(
+                50 * MS,
+                p.s,
+                Some(p.st),
+                EventKind::SendReset {
+                    state: Established,
+                    reason: Some(1),
+                },
+            ),
+            200,
+            "server",
+            true,
+        ),
+        pkt(50 * MS, p.s, p.st, Egress, RST | ACK, p.sisn + 1, 64),
+        pkt(50 * MS + 10, p.c, p.ct, Ingress, RST | ACK, p.sisn + 1, 63),
+        base(
+            50 * MS + 11,
+            0,
+            Some(p.ct),
+            EventKind::ErrorReport { error: ECONNRESET },
+        ),
+        state(50 * MS + 12, p.c, p.ct, Established, Close),
+    ]);
+    Scenario {
+        name: "server killed with unread data",
+        events: ev,
+        socks: vec![p.s, p.c],
+    }
+}
+
+/// A RST neither end sent, then the server's write answered by the client's kernel.
+fn middlebox_reset() -> Scenario {
+    use Dir::*;
+    use TcpState::*;
+    let p = mk(3, "10.9.1.2:40000", "10.9.2.2:8080");
+    let mut ev = handshake_events(&p, (1, 2), 100, "client");
+    ev.extend([
+        pkt(1000 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 63),
+        base(1000 * MS, p.c, Some(p.ct), EventKind::RecvReset),
+        state(1000 * MS, p.c, p.ct, Established, Close),
+        pkt(1050 * MS, 0, p.ct, Egress, RST, p.cisn + 1, 64),
+        pkt(1050 * MS, p.s, p.st, Ingress, RST, p.cisn + 1, 63),
+        base(1050 * MS, p.s, Some(p.st), EventKind::RecvReset),
+        state(1050 * MS, p.s, p.st, Established, Close),
+    ]);
+    Scenario {
+        name: "middlebox reset seen by both ends",
+        events: ev,
+        socks: vec![p.c, p.s],
+    }
+}
+
+fn dnat_server_close() -> Scenario {
+    let p = dnat_pair();
+    let mut ev = handshake_events(&p, (1, 3), 100, "client");
+    ev.extend(active_close(100 * MS, &p, false, 200, "server"));
+    ev.extend(passive_close(101 * MS, &p, true, 100, "client"));
+    Scenario {
+        name: "server close through DNAT",
+        events: ev,
+        socks: vec![p.c, p.s],
+    }
+}
+
+/// client -> proxy -> server; `relay` passes the server's close on, else the proxy ends
+/// both legs itself.
+fn proxied(name: &'static str, comm: &str, relay: bool) -> Scenario {
+    let down = mk(1, "10.9.1.2:40000", "10.9.1.1:8443");
+    let up = mk(2, "10.9.2.1:50000", "10.9.2.2:8080");
+    let mut ev = handshake_events(&down, (1, 2), 100, "client");
+    ev.extend(handshake_events(&up, (2, 3), PROXY, comm));
+    if relay {
+        ev.extend(active_close(5000 * MS, &up, false, 200, "server"));
+        ev.extend(active_close(5001 * MS, &down, false, PROXY, comm));
+        ev.extend(passive_close(5002 * MS, &down, true, 100, "client"));
+        ev.extend(passive_close(5002 * MS, &up, true, PROXY, comm));
+    } else {
+        ev.extend(active_close(5000 * MS, &down, false, PROXY, comm));
+        ev.extend(active_close(5000 * MS, &up, true, PROXY, comm));
+        ev.extend(passive_close(5001 * MS, &down, true, 100, "client"));
+        ev.extend(passive_close(5001 * MS, &up, false, 200, "server"));
+    }
+    Scenario {
+        name,
+        events: ev,
+        socks: vec![down.c, down.s, up.c, up.s],
+    }
+}
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        client_close(),
+        killed_server(),
+        middlebox_reset(),
+        dnat_server_close(),
+        proxied("haproxy passes the server's close on", "haproxy", true),
+        proxied(
+            "an unnamed relay passes the server's close on",
+            "relay",
+            true,
+        ),
+        proxied("haproxy ends both legs", "haproxy", false),
+        proxied("an unnamed relay ends both legs", "relay", false),
+    ]
+}
+
+/// What must not change: who, why, how, how sure, and the middlebox kind.
+type Sig = (
+    ClosedBy,
+    String,
+    Mechanism,
+    Confidence,
+    Option<classify::MiddleboxKind>,
+);
+
+fn sig(v: &classify::Verdict) -> Sig {
+    (
+        v.closed_by,
+        v.reason.as_str().to_string(),
+        v.mechanism,
+        v.confidence,
+        v.middlebox.as_ref().map(|m| m.kind),
+    )
+}
+
+fn verdicts(out: &[Closed], socks: &[u64]) -> Vec<Sig> {
+    socks
+        .iter()
+        .map(|&sk| sig(&only(out, sk).verdict))
+        .collect()
+}
+
+/// A new socket takes `sk`'s address.
+fn reuse(ts: u64, sk: u64, n: usize) -> Event {
+    let t = tuple(&format!("10.9.7.1:{}", 41000 + n), "10.9.7.2:80");
+    by(
+        state(ts, sk, t, TcpState::Close, TcpState::SynSent),
+        999,
+        "newcomer",
+        false,
+    )
+}
+
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![vec![]];
+    }
+    let mut all = Vec::new();
+    for p in permutations(n - 1) {
+        for i in 0..=p.len() {
+            let mut q = p.clone();
+            q.insert(i, n - 1);
+            all.push(q);
+        }
+    }
+    all
+}
+
+fn last_ts(events: &[Event]) -> u64 {
+    events.iter().map(|e| e.ts_ns).max().unwrap_or(0)
+}
+
+/// Index of the event that takes `sk` to CLOSE.
+fn close_at(events: &[Event], sk: u64) -> usize {
+    events
+        .iter()
+        .position(|e| {
+            e.skaddr == sk
+                && matches!(
+                    e.kind,
+                    EventKind::State {
+                        new: TcpState::Close,
+                        ..
+                    }
+                )
+        })
+        .expect("the socket closes")
+}
+
+fn baseline(s: &Scenario) -> Vec<Sig> {
+    let mut tbl = Table::default();
+    for ev in &s.events {
+        tbl.on_event(ev);
+    }
+    verdicts(&tbl.take_all_closed(), &s.socks)
+}
+
+/// Every socket's address reused after the last event, in `order`; one tick judges them.
+fn reused_at_end(s: &Scenario, order: &[usize]) -> Vec<Sig> {
+    let mut tbl = Table::default();
+    let mut out = Vec::new();
+    for ev in &s.events {
+        out.extend(tbl.on_event(ev));
+    }
+    let t = last_ts(&s.events);
+    for (n, &i) in order.iter().enumerate() {
+        out.extend(tbl.on_event(&reuse(t + 1 + n as u64, s.socks[i], n)));
+    }
+    out.extend(tbl.take_due(t + 100));
+    out.extend(tbl.take_all_closed());
+    verdicts(&out, &s.socks)
+}
+
+/// `sk`'s address reused right after its CLOSE; with `tick`, a tick right after each reuse
+/// (the retired record judged while the others are still open or lingering).
+fn reused_at_close(s: &Scenario, tick: bool) -> Vec<Sig> {
+    let mut tbl = Table::default();
+    let mut out = Vec::new();
+    let closes: Vec<(usize, u64)> = s
+        .socks
+        .iter()
+        .map(|&sk| (close_at(&s.events, sk), sk))
+        .collect();
+    for (i, ev) in s.events.iter().enumerate() {
+        out.extend(tbl.on_event(ev));
+        for (n, &(_, sk)) in closes.iter().enumerate().filter(|(_, (at, _))| *at == i) {
+            out.extend(tbl.on_event(&reuse(ev.ts_ns, sk, n)));
+            if tick {
+                out.extend(tbl.take_due(ev.ts_ns));
+            }
+        }
+    }
+    out.extend(tbl.take_all_closed());
+    verdicts(&out, &s.socks)
+}
+
+fn no_wrong_high(what: &str, s: &Scenario, base: &[Sig], got: &[Sig]) {
+    for ((sk, b), g) in s.socks.iter().zip(base).zip(got) {
+        assert!(
+            g == b || g.3 != Confidence::High,
+            "{}: {what}: socket {sk:#x} claims {g:?} with high confidence; with every \
+             event judged together it is {b:?}",
+            s.name
+        );
+    }
+}
+
+#[test]
+fn reuse_in_any_order_after_the_last_event_changes_no_verdict() {
+    for s in scenarios() {
+        let base = baseline(&s);
+        for order in permutations(s.socks.len()) {
+            let got = reused_at_end(&s, &order);
+            assert_eq!(got, base, "{}: reused in order {order:?}", s.name);
+        }
+    }
+}
+
+#[test]
+fn reuse_right_after_each_close_changes_no_verdict() {
+    for s in scenarios() {
+        let base = baseline(&s);
+        assert_eq!(reused_at_close(&s, false), base, "{}", s.name);
+    }
+}
+
+/// Judged at once, a record may miss what its peer or the proxy's other leg has not done
+/// yet: it may say less, never a different story with high confidence.
+#[test]
+fn reuse_judged_before_the_others_close_never_claims_a_wrong_high() {
+    for s in scenarios() {
+        let base = baseline(&s);
+        let got = reused_at_close(&s, true);
+        no_wrong_high("judged in the tick after its reuse", &s, &base, &got);
+    }
+}
+
+#[test]
+fn the_scenarios_cover_what_they_name() {
+    let want: [(&str, &[(ClosedBy, &str)]); 3] = [
+        (
+            "haproxy passes the server's close on",
+            &[(ClosedBy::Server, "server_close"); 4],
+        ),
+        (
+            "haproxy ends both legs",
+            &[(ClosedBy::Middlebox, "proxy_close"); 4],
+        ),
+        (
+            "middlebox reset seen by both ends",
+            &[(ClosedBy::Middlebox, "middlebox_reset"); 2],
+        ),
+    ];
+    let all = scenarios();
+    for (name, expect) in want {
+        let s = all.iter().find(|s| s.name == name).expect("scenario");
+        let got: Vec<(ClosedBy, String)> = baseline(s).into_iter().map(|g| (g.0, g.1)).collect();
+        let expect: Vec<(ClosedBy, String)> =
+            expect.iter().map(|(c, r)| (*c, r.to_string())).collect();
+        assert_eq!(got, expect, "{name}");
+    }
+}

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     api::{self, ApiState},
     conn::{Closed, Table},
-    event::{Event, EventKind, TcpState},
+    event::Event,
     export::SCHEMA_VERSION,
     history::{self, History},
     k8s::{self, K8sEnds, PodIdentity, Resolver, Roots},
@@ -104,32 +104,15 @@ impl Side {
     /// run in its context (connect, close, shutdown), so that a verdict made after the
     /// linger still names the pod of a process that has exited since.
     pub(crate) fn on_event(&mut self, ev: &Event) {
-        let owner_context = matches!(
-            ev.kind,
-            EventKind::State {
-                new: TcpState::SynSent | TcpState::FinWait1 | TcpState::LastAck,
-                ..
-            } | EventKind::CloseCall { .. }
-        );
-        if owner_context
-            && ev.pid != 0
-            && let Some(r) = &mut self.resolver
-        {
-            r.resolve(ev.pid);
+        if let Some(r) = &mut self.resolver {
+            k8s::note_owner(r, ev);
         }
     }
 
     pub(crate) fn k8s_of(&mut self, c: &Closed) -> K8sEnds {
-        let Some(r) = &mut self.resolver else {
-            return K8sEnds::default();
-        };
-        K8sEnds {
-            conn: c.owner.as_ref().and_then(|o| r.resolve(o.0)),
-            peer: c
-                .peer
-                .as_ref()
-                .and_then(|p| p.pid)
-                .and_then(|p| r.resolve(p)),
+        match &mut self.resolver {
+            Some(r) => k8s::ends_of(r, c),
+            None => K8sEnds::default(),
         }
     }
 

@@ -113,18 +113,6 @@ pub struct AgentArgs {
     /// Size at which --output-file is rotated (e.g. 100M).
     #[arg(long, default_value = "100M", value_parser = parse_size)]
     pub output_file_max: u64,
-    /// The host's root filesystem, for pod names (/proc and /var/log under it).
-    #[arg(long, env = "WHOCLOSED_HOST_ROOT", default_value = "/")]
-    pub host_root: PathBuf,
-    /// The procfs whose pids the kernel reports (default: <host-root>/proc).
-    #[arg(long)]
-    pub proc_root: Option<PathBuf>,
-    /// This node's name in conn.k8s (else the host's /etc/hostname).
-    #[arg(long, env = "NODE_NAME")]
-    pub node_name: Option<String>,
-    /// Do not name pods (no conn.k8s / peer.k8s).
-    #[arg(long)]
-    pub no_k8s: bool,
 }
 
 impl AgentArgs {
@@ -152,13 +140,9 @@ impl AgentArgs {
         if self.history_max == 0 {
             anyhow::bail!("--history-max must be at least 1");
         }
-        let k8s = (!self.no_k8s).then(|| {
-            let roots = match &self.proc_root {
-                Some(p) => crate::k8s::Roots::with_proc_root(&self.host_root, p),
-                None => crate::k8s::Roots::new(&self.host_root),
-            };
-            (roots, self.node_name.clone())
-        });
+        let mut trace = self.trace.into_options()?;
+        // The agent names pods itself (for its API too), not the trace output.
+        let k8s = trace.k8s.take();
         Ok(crate::agent::AgentOptions {
             socket: self.socket,
             metrics_addr: self.metrics_addr,
@@ -172,7 +156,7 @@ impl AgentArgs {
             output_file: self.output_file,
             output_file_max_bytes: self.output_file_max,
             k8s,
-            trace: self.trace.into_options()?,
+            trace,
         })
     }
 }
@@ -244,6 +228,18 @@ pub struct TraceArgs {
     /// Also write the raw kernel records to FILE, for `whoclosed replay FILE`.
     #[arg(long)]
     pub record: Option<PathBuf>,
+    /// The host's root filesystem, for pod names (/proc and /var/log under it).
+    #[arg(long, env = "WHOCLOSED_HOST_ROOT", default_value = "/")]
+    pub host_root: PathBuf,
+    /// The procfs whose pids the kernel reports (default: <host-root>/proc).
+    #[arg(long)]
+    pub proc_root: Option<PathBuf>,
+    /// This node's name in conn.k8s (else the host's /etc/hostname).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Do not name pods (no conn.k8s / peer.k8s).
+    #[arg(long)]
+    pub no_k8s: bool,
 }
 
 impl TraceArgs {
@@ -270,6 +266,13 @@ impl TraceArgs {
             probe_report: self.probe_report,
             visible_netns: self.visible_netns,
             record: self.record,
+            k8s: (!self.no_k8s).then(|| {
+                let roots = match &self.proc_root {
+                    Some(p) => crate::k8s::Roots::with_proc_root(&self.host_root, p),
+                    None => crate::k8s::Roots::new(&self.host_root),
+                };
+                (roots, self.node_name.clone())
+            }),
         })
     }
 }

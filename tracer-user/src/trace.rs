@@ -46,6 +46,8 @@ pub struct TraceOptions {
     pub visible_netns: Vec<u32>,
     /// `--record FILE`: the raw kernel records, for `whoclosed replay`.
     pub record: Option<std::path::PathBuf>,
+    /// Where to read pod names from, and the node's name (`None`: `--no-k8s`).
+    pub k8s: Option<(crate::k8s::Roots, Option<String>)>,
 }
 
 /// The table's configuration: the options, and what the probes actually attached (packet
@@ -76,6 +78,9 @@ pub(crate) struct Output<W: Write> {
     pub(crate) recorder: Option<crate::record::Writer>,
     /// Pod names recorded with `--record`, for `whoclosed replay` (by `conn.id`).
     pub(crate) recorded_k8s: Option<std::collections::HashMap<String, K8sEnds>>,
+    /// Pod names for `whoclosed trace` (the agent resolves them in its `Side`, for its API
+    /// too).
+    pub(crate) pods: Option<crate::k8s::Resolver>,
 }
 
 impl<W: Write> Output<W> {
@@ -91,6 +96,7 @@ impl<W: Write> Output<W> {
             agent: None,
             recorder: None,
             recorded_k8s: None,
+            pods: None,
         }
     }
 
@@ -112,9 +118,10 @@ impl<W: Write> Output<W> {
         if let Some(map) = &self.recorded_k8s {
             return map.get(&c.conn.id.to_string()).cloned().unwrap_or_default();
         }
-        let ends = match &mut self.agent {
-            Some(a) => a.k8s_of(c),
-            None => K8sEnds::default(),
+        let ends = match (&mut self.agent, &mut self.pods) {
+            (Some(a), _) => a.k8s_of(c),
+            (None, Some(r)) => crate::k8s::ends_of(r, c),
+            (None, None) => K8sEnds::default(),
         };
         if !ends.is_empty()
             && let Some(r) = &mut self.recorder
@@ -236,6 +243,8 @@ impl Loop {
                     if !hidden {
                         if let Some(a) = &mut out.agent {
                             a.on_event(&ev);
+                        } else if let Some(r) = &mut out.pods {
+                            crate::k8s::note_owner(r, &ev);
                         }
                         out.all(self.table.on_event(&ev))?;
                     }
@@ -459,12 +468,16 @@ pub async fn run(opts: TraceOptions) -> anyhow::Result<()> {
         return print_probe_report(&probes);
     }
     let stdout = io::stdout();
-    let out = Output::new(
+    let mut out = Output::new(
         io::BufWriter::new(stdout.lock()),
         opts.format,
         opts.filter.clone(),
         ClockBase::now(),
     );
+    out.pods = opts.k8s.clone().map(|(roots, node)| {
+        let node = crate::k8s::node_name(node.as_deref(), &roots);
+        crate::k8s::Resolver::new(roots, node, crate::k8s::Limits::default())
+    });
     pipeline(&opts, probes, out, None).await
 }
 
@@ -554,6 +567,7 @@ mod tests {
             max_sockets: 1024,
             probe_report: false,
             record: None,
+            k8s: None,
         }
     }
 

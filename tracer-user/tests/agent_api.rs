@@ -12,7 +12,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -20,7 +20,7 @@ use std::{
 use serde_json::{Value, json};
 
 mod support;
-use support::{Cleanup, Prometheus, cgroup2_mount, kubelet_layout, spawn_connector};
+use support::{Cleanup, Prometheus, WhoclosedProc, cgroup2_mount, kubelet_layout, spawn_connector};
 
 const UID: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 const CID: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
@@ -48,62 +48,6 @@ fn json_lines(o: &Output) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
-}
-
-struct AgentProc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl AgentProc {
-    fn start(args: &[String]) -> AgentProc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start whoclosed agent");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut a = AgentProc {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !a.seen.iter().any(|l| l.contains("\"type\":\"ready\"")) {
-            match a
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(l) => a.seen.push(l),
-                Err(_) => {
-                    let _ = a.child.kill();
-                    let mut err = String::new();
-                    if let Some(mut e) = a.child.stderr.take() {
-                        let _ = e.read_to_string(&mut err);
-                    }
-                    panic!("the agent never became ready: {err}");
-                }
-            }
-        }
-        a
-    }
 }
 
 fn abort(c: TcpStream) {
@@ -198,7 +142,7 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut agent = AgentProc::start(&args);
+    let mut agent = WhoclosedProc::start(BIN, &args);
     let mode = std::fs::metadata(&sock).expect("socket exists");
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,

@@ -3,20 +3,25 @@
 //! the resolver must name their pods from a kubelet log layout built in a temporary host root
 //! (while pids are read from the real `/proc`).
 //!
+//! `whoclosed trace` must name them too, in `conn.k8s` and `peer.k8s`, like the agent.
+//!
 //! Skips with a reason when not root or without a cgroup2 mount, unless `WHOCLOSED_E2E=require`
 //! (set by `cargo xtask test`), where that is a failure.
 // Test code: a failed expectation is meant to stop the test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::{
-    io::{BufRead, Write},
+    io::{BufRead, Read, Write},
     net::TcpListener,
+    time::Duration,
 };
 
 use tracer_user::k8s::{Limits, PodIdentity, Resolver, Roots};
 
 mod support;
-use support::{Cleanup, cgroup2_mount, kubelet_layout, socket_owner, spawn_connector};
+use support::{
+    Cleanup, WhoclosedProc, cgroup2_mount, kubelet_layout, socket_owner, spawn_connector,
+};
 
 const UID_A: &str = "3f0c6a52-1d2e-4b7f-9a8c-0e1d2c3b4a59";
 const CID_A: &str = "5b1f3e7a9c0d2e4f6a8b0c1d3e5f7a9b1c3d5e7f9a0b2c4d6e8f0a1b3c5d7e9f";
@@ -127,4 +132,95 @@ fn pod_identity_from_real_cgroups() {
     drop(owners);
     drop(cleanup);
     assert!(!base.exists(), "cgroups removed");
+}
+
+/// `whoclosed trace` (not only the agent) names the pod of each end: a client in a pod's
+/// cgroup connects to a server outside any pod, and the server closes.
+#[test]
+fn trace_names_the_pods_of_both_ends() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip_or_fail("needs root to load eBPF and create cgroups");
+    }
+    let Some(cg2) = cgroup2_mount() else {
+        return skip_or_fail("no cgroup2 mount in /proc/self/mountinfo");
+    };
+    let pid = std::process::id();
+    let test_dir = format!("whoclosed-trace-test-{pid}");
+    let host_root = std::env::temp_dir().join(format!("whoclosed-trace-hostroot-{pid}"));
+    let _ = std::fs::remove_dir_all(&host_root);
+    let mut cleanup = Cleanup {
+        children: Vec::new(),
+        cgroups: Vec::new(),
+        host_root: host_root.clone(),
+    };
+    let leaf = cleanup.mkdirs(
+        &cg2,
+        &format!("{test_dir}/kubepods/burstable/pod{UID_A}/{CID_A}"),
+    );
+    kubelet_layout(&host_root, "shop", "web-7f9c-abcde", UID_A, "app", CID_A);
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let args: Vec<String> = [
+        "trace",
+        "--linger-ms",
+        "200",
+        "--port",
+        &port.to_string(),
+        "--host-root",
+        host_root.to_str().expect("utf-8 path"),
+        "--proc-root",
+        "/proc",
+        "--node-name",
+        "test-node",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut trace = WhoclosedProc::start(env!("CARGO_BIN_EXE_whoclosed"), &args);
+
+    let (child, mut stdin, mut stdout) = spawn_connector(port);
+    let child_pid = child.id();
+    cleanup.children.push(child);
+    std::fs::write(leaf.join("cgroup.procs"), child_pid.to_string()).expect("into the pod");
+    writeln!(stdin, "go").expect("go");
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("child output");
+    assert_eq!(line.trim(), "connected");
+    let (mut server, peer) = listener.accept().expect("accept");
+    // The server closes; the client reads EOF and exits (closing its end).
+    server
+        .shutdown(std::net::Shutdown::Both)
+        .expect("server shutdown");
+    writeln!(stdin, "done").expect("done");
+    let _ = server.read_to_end(&mut Vec::new());
+    drop(server);
+
+    let pod = serde_json::json!({"node": "test-node", "namespace": "shop",
+        "pod": "web-7f9c-abcde", "container": "app", "pod_uid": UID_A, "container_id": CID_A});
+    let local_port = |v: &serde_json::Value, key: &str| {
+        v["conn"][key]
+            .as_str()
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse::<u16>().ok())
+    };
+    let is_close = |v: &serde_json::Value| v["type"] == "close";
+    let client = trace
+        .wait_for(Duration::from_secs(15), |v| {
+            is_close(v) && local_port(v, "local") == Some(peer.port())
+        })
+        .unwrap_or_else(|| panic!("no close object for the client: {:#?}", trace.seen));
+    assert_eq!(client["conn"]["pid"], child_pid, "{client}");
+    assert_eq!(client["conn"]["k8s"], pod, "{client}");
+    let server = trace
+        .wait_for(Duration::from_secs(15), |v| {
+            is_close(v) && local_port(v, "remote") == Some(peer.port())
+        })
+        .unwrap_or_else(|| panic!("no close object for the server: {:#?}", trace.seen));
+    assert_eq!(server["peer"]["k8s"], pod, "{server}");
+    assert!(server["conn"].get("k8s").is_none(), "{server}");
+    assert_eq!(server["verdict"]["closed_by"], "server", "{server}");
+    drop(trace);
+    drop(cleanup);
 }

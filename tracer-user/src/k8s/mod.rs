@@ -61,6 +61,35 @@ impl K8sEnds {
     }
 }
 
+/// Looks up the owner's pod while the process is certainly alive: on the events that run
+/// in its context (connect, close, shutdown), so that a verdict made after the linger still
+/// names the pod of a process that has exited since.
+pub fn note_owner(r: &mut Resolver, ev: &crate::event::Event) {
+    use crate::event::{EventKind, TcpState};
+    let owner_context = matches!(
+        ev.kind,
+        EventKind::State {
+            new: TcpState::SynSent | TcpState::FinWait1 | TcpState::LastAck,
+            ..
+        } | EventKind::CloseCall { .. }
+    );
+    if owner_context && ev.pid != 0 {
+        r.resolve(ev.pid);
+    }
+}
+
+/// The pods of a judged socket's owner and of its peer's.
+pub fn ends_of(r: &mut Resolver, c: &crate::conn::Closed) -> K8sEnds {
+    K8sEnds {
+        conn: c.owner.as_ref().and_then(|o| r.resolve(o.0)),
+        peer: c
+            .peer
+            .as_ref()
+            .and_then(|p| p.pid)
+            .and_then(|p| r.resolve(p)),
+    }
+}
+
 /// Where the node's files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Roots {

@@ -3,10 +3,11 @@
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
 use std::{
-    io::BufReader,
+    io::{BufRead, BufReader, Read},
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -253,4 +254,87 @@ pub fn schema_errors(v: &jsonschema::Validator, instance: &serde_json::Value) ->
     v.iter_errors(instance)
         .map(|e| format!("{} at {}", e, e.instance_path()))
         .collect()
+}
+
+/// `whoclosed trace` or `agent` running with its stdout read line by line; started once it
+/// printed its `ready` record. Killed on drop.
+pub struct WhoclosedProc {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+    /// Every line read so far.
+    pub seen: Vec<String>,
+}
+
+impl Drop for WhoclosedProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl WhoclosedProc {
+    pub fn start(bin: &str, args: &[String]) -> WhoclosedProc {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start whoclosed {args:?}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut a = WhoclosedProc {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !a.seen.iter().any(|l| l.contains("\"type\":\"ready\"")) {
+            match a
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) => a.seen.push(l),
+                Err(_) => {
+                    let _ = a.child.kill();
+                    let mut err = String::new();
+                    if let Some(mut e) = a.child.stderr.take() {
+                        let _ = e.read_to_string(&mut err);
+                    }
+                    panic!("whoclosed {args:?} never became ready: {err}");
+                }
+            }
+        }
+        a
+    }
+
+    /// The first JSON line (read so far or within `timeout`) that `pred` accepts.
+    pub fn wait_for(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let parse = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok();
+        if let Some(v) = self.seen.iter().filter_map(|l| parse(l)).find(|v| pred(v)) {
+            return Some(v);
+        }
+        let deadline = Instant::now() + timeout;
+        while let Ok(l) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            let v = parse(&l);
+            self.seen.push(l);
+            if let Some(v) = v.filter(|v| pred(v)) {
+                return Some(v);
+            }
+        }
+        None
+    }
 }

@@ -288,6 +288,10 @@ pub struct OtherLeg {
     pub remote: Option<std::net::SocketAddr>,
     /// How the proxy's socket on that leg ended, if it has.
     pub ended: Option<(u64, LegEnd)>,
+    /// Another leg of the proxy ended about as near in time with a different story (one by
+    /// the proxy, the other from its far side, or one not seen): legs are paired by time
+    /// alone, so which one belongs with this connection is not proven.
+    pub ambiguous: bool,
 }
 
 /// A process on this host holding this connection's one end and another leg: a proxy

@@ -19,6 +19,7 @@ mod timeout;
 mod verdict;
 
 pub use ending::leg_end;
+pub(crate) use proxy::PAIR_WINDOW_NS;
 pub use verdict::{
     Cause, ClosedBy, Confidence, Initiator, Mechanism, Middlebox, MiddleboxKind, Party, Reason,
     Verdict,

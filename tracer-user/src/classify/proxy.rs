@@ -53,7 +53,7 @@ pub(super) fn rules(t: &Timeline, base: &Verdict) -> Option<Verdict> {
                 v.hint,
                 oend.name()
             );
-            return Some(v);
+            return Some(unproven_pairing(p, v));
         }
     }
     if p.other.is_none() && p.leg == ProxyLeg::Downstream {
@@ -89,7 +89,25 @@ pub(super) fn rules(t: &Timeline, base: &Verdict) -> Option<Verdict> {
         (None, _, true) if p.leg == ProxyLeg::Upstream => Confidence::Medium,
         _ => return None,
     };
-    Some(own_decision(base, p, end, paired, confidence, &who))
+    Some(unproven_pairing(
+        p,
+        own_decision(base, p, end, paired, confidence, &who),
+    ))
+}
+
+/// Legs are paired by time alone. When another leg of the proxy ended about as near with a
+/// different story, the pairing, and so the story told, is not proof.
+fn unproven_pairing(p: &ProxyView, mut v: Verdict) -> Verdict {
+    if p.other.as_ref().is_some_and(|o| o.ambiguous) {
+        if v.confidence == Confidence::High {
+            v.confidence = Confidence::Medium;
+        }
+        v.hint.push_str(
+            " (the proxy ended other connections at about the same time, so it is not certain \
+             which of its legs belongs with this one)",
+        );
+    }
+    v
 }
 
 fn own_decision(

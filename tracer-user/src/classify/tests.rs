@@ -834,6 +834,7 @@ fn cases() -> Vec<Case> {
                         local: None,
                         remote: None,
                         ended: Some((50, LegEnd::OwnFin)),
+                        ambiguous: false,
                     }),
                     known_name: true,
                 }),
@@ -864,6 +865,7 @@ fn cases() -> Vec<Case> {
                         local: None,
                         remote: None,
                         ended: None,
+                        ambiguous: false,
                     }),
                     known_name: true,
                 }),
@@ -899,6 +901,7 @@ fn cases() -> Vec<Case> {
                         local: None,
                         remote: None,
                         ended: None,
+                        ambiguous: false,
                     }),
                     known_name: false,
                 }),
@@ -933,6 +936,7 @@ fn cases() -> Vec<Case> {
                         local: None,
                         remote: None,
                         ended: Some((90_000_000_000, LegEnd::OwnFin)),
+                        ambiguous: false,
                     }),
                     known_name: false,
                 }),
@@ -1614,4 +1618,39 @@ fn single_ended_tls_idle_reset_near_a_known_lb_timeout_is_named_from_l4_idle() {
     t.last_data_ns = None;
     let v = classify(&t);
     assert!(!v.hint.contains("idle timeout ("), "{}", v.hint);
+}
+
+/// Every proxy case whose other leg is seen and told: marked ambiguous (another leg of the
+/// proxy ended as near with another story), the same story is told, never with `high`.
+#[test]
+fn an_ambiguous_other_leg_is_never_high() {
+    let mut seen = 0;
+    for c in cases() {
+        let Some(p) = c.timeline.proxy.as_ref().filter(|p| p.other.is_some()) else {
+            continue;
+        };
+        let mut t = c.timeline.clone();
+        let mut q = p.clone();
+        if let Some(o) = q.other.as_mut() {
+            o.ambiguous = true;
+        }
+        t.proxy = Some(q);
+        let (clear, unsure) = (classify(&c.timeline), classify(&t));
+        if super::proxy::rules(&c.timeline, &clear).is_none() {
+            continue; // not taken for a proxy (an unnamed process): no pairing told
+        }
+        assert_eq!(
+            (unsure.closed_by, unsure.reason.as_str()),
+            (clear.closed_by, clear.reason.as_str()),
+            "{}",
+            c.name
+        );
+        assert_ne!(unsure.confidence, Confidence::High, "{}", c.name);
+        assert!(unsure.hint.contains("not certain which"), "{}", unsure.hint);
+        seen += 1;
+    }
+    assert!(
+        seen >= 2,
+        "proxy cases with a seen other leg in the table: {seen}"
+    );
 }

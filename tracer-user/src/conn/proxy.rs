@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 
 use super::{Conn, FastMap, LOG_WINDOW_NS, Table};
 use crate::{
-    classify::leg_end,
+    classify::{PAIR_WINDOW_NS, leg_end},
     event::Tuple,
     timeline::{ConnId, Fact, LegEnd, OtherLeg, PeerSummary, ProxyLeg, ProxyView, Role},
 };
@@ -333,25 +333,38 @@ impl Table {
                 });
             }
         }
-        candidates.sort_by_key(|c| c.at.abs_diff(end.min(u64::MAX / 2)));
+        let from = end.min(u64::MAX / 2);
+        candidates.sort_by_key(|c| c.at.abs_diff(from));
         // The nearest few only: checking a candidate's own peer costs a lookup each.
-        let best = candidates
+        let mut near = candidates
             .into_iter()
             .take(MAX_CANDIDATES)
-            .find(|c| !self.peer_owned_by(c.tuple, leg.pid))?;
-        // Not judged yet (open, lingering, or retired because a new socket took its address
-        // and waiting in this tick's queue, perhaps behind this one): its record is the
-        // evidence, and its facts may have grown since it closed.
-        let ended = match self.unjudged(best.skaddr, best.id, best.tuple) {
-            Some(c) => own_end(&c.facts),
-            None => best.closed.and_then(|r| r.ended.clone()),
-        };
+            .filter(|c| !self.peer_owned_by(c.tuple, leg.pid));
+        let best = near.next()?;
+        let ended = self.candidate_end(&best);
+        // Legs are paired by time alone: a second leg about as near with another story
+        // (by the proxy / from its far side / not seen) leaves the pairing unproven.
+        let story = |e: &Option<(u64, LegEnd)>| e.as_ref().map(|(_, e)| e.is_own());
+        let ambiguous = near
+            .take_while(|c| c.at.abs_diff(from) <= PAIR_WINDOW_NS)
+            .any(|c| story(&self.candidate_end(&c)) != story(&ended));
         Some(OtherLeg {
             id: best.id,
             local: best.tuple.map(|t| t.local()),
             remote: best.tuple.map(|t| t.remote()),
             ended,
+            ambiguous,
         })
+    }
+
+    /// How a candidate leg ended. Not judged yet (open, lingering, or retired because a new
+    /// socket took its address and waiting in this tick's queue, perhaps behind the one
+    /// asking): its record is the evidence, and its facts may have grown since it closed.
+    fn candidate_end(&self, c: &Candidate) -> Option<(u64, LegEnd)> {
+        match self.unjudged(c.skaddr, c.id, c.tuple) {
+            Some(r) => own_end(&r.facts),
+            None => c.closed.and_then(|r| r.ended.clone()),
+        }
     }
 
     /// The proxy holding this connection's end, if any: this socket's own process, or the

@@ -369,6 +369,65 @@ fn known_proxy_without_a_visible_backend_leg_is_not_high() {
     );
 }
 
+/// A busy proxy: while haproxy's idle timeout ends connection A (both legs), the backend of
+/// another connection B closes 1 ms earlier. Its leg (B's upstream) is nearer in time to
+/// A's end than A's own upstream leg, and a far-side ending: A would read as "passed on
+/// from the backend". Legs are paired by time alone, so when legs with different stories
+/// are that close, the pairing is not proof: not high, whichever story is told.
+#[test]
+fn a_busy_proxy_with_two_candidate_legs_is_not_high() {
+    for b_fully_closed in [false, true] {
+        let mut tbl = Table::default();
+        let a = proxy_host(&mut tbl, "haproxy");
+        let b = ProxyHost {
+            down: mk(3, "10.9.1.3:40001", "10.9.1.1:8443"),
+            up: mk(4, "10.9.2.1:50001", "10.9.2.2:8080"),
+        };
+        handshake_by(&mut tbl, &b.down, (1, 2), 101, "client2");
+        handshake_by(&mut tbl, &b.up, (2, 3), PROXY, "haproxy");
+        // B's backend closes first.
+        feed(
+            &mut tbl,
+            active_close(4999 * MS, &b.up, false, 200, "server"),
+        );
+        if b_fully_closed {
+            feed(
+                &mut tbl,
+                passive_close(4999 * MS, &b.up, true, PROXY, "haproxy"),
+            );
+        }
+        // haproxy times A out: the client leg now, the backend leg 150 ms later.
+        feed(
+            &mut tbl,
+            active_close(5000 * MS, &a.down, false, PROXY, "haproxy"),
+        );
+        feed(
+            &mut tbl,
+            active_close(5150 * MS, &a.up, true, PROXY, "haproxy"),
+        );
+        feed(
+            &mut tbl,
+            passive_close(5001 * MS, &a.down, true, 100, "client"),
+        );
+        feed(
+            &mut tbl,
+            passive_close(5151 * MS, &a.up, false, 200, "server"),
+        );
+        let out = tbl.take_all_closed();
+        let v = verdict_of(&out, a.down.c);
+        assert!(
+            v.confidence != classify::Confidence::High
+                || (v.closed_by, v.reason.as_str()) == (ClosedBy::Middlebox, "proxy_close"),
+            "B closed fully: {b_fully_closed}: {v:#?}"
+        );
+        assert!(
+            v.hint.contains("not certain which"),
+            "B closed fully: {b_fully_closed}: {}",
+            v.hint
+        );
+    }
+}
+
 #[test]
 fn a_process_talking_to_itself_is_not_a_proxy() {
     let mut tbl = Table::default();

@@ -102,8 +102,11 @@ impl PidLegs {
 }
 
 /// A live socket of a process that has begun to end (FIN sent or received) but has not
-/// reached CLOSE: a proxy's leg it closed sits in FIN_WAIT2 until the far end closes too
-/// (up to `tcp_fin_timeout`, 60 s by default), long after the other leg's verdict is due.
+/// reached CLOSE: a leg whose far end closed stays in CLOSE_WAIT until the proxy closes it,
+/// and a leg the proxy only shut down for writing (a half-close passed on) stays in
+/// FIN_WAIT2 until the far end closes too. (A closed fd in FIN_WAIT2 reaches CLOSE at
+/// once: the kernel hands it to a timewait socket.) Meanwhile the other leg may be judged,
+/// and once a new socket takes its address, it is, in the next tick.
 #[derive(Clone, Copy, Debug)]
 struct Ending {
     skaddr: u64,

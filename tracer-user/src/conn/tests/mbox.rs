@@ -266,9 +266,9 @@ fn proxy_whose_other_leg_ending_was_lost_is_not_named_with_high_confidence() {
     assert!(v.hint.contains("how it ended was not seen"), "{}", v.hint);
 }
 
-/// haproxy's idle timeout closes both legs, but the backend never closes its half: the
-/// upstream leg waits in FIN_WAIT2 (up to `tcp_fin_timeout`) and has not reached CLOSE when
-/// the client's verdict is due. It has ended all the same, by haproxy, at the same moment.
+/// haproxy ends both legs, but its upstream leg has not reached CLOSE when the client's
+/// verdict is due (shut down for writing, it waits in FIN_WAIT2 for the backend's FIN). It
+/// has ended all the same, by haproxy, at the same moment.
 #[test]
 fn proxy_leg_still_in_fin_wait2_is_its_other_leg() {
     use Dir::*;

@@ -367,6 +367,11 @@ pub struct H2Args {
     /// pairs: the report gives the median pair ratio with its 95 % interval.
     #[arg(long, default_value_t = 24)]
     rounds: u32,
+    /// In place of the tracer, attach two programs that do nothing at the cgroup v2 root
+    /// (where its packet hooks go): the cost of the cgroup_skb hook itself, the floor of
+    /// any tracer built on it. Needs `llc` (Debian llvm) and `bpftool`.
+    #[arg(long)]
+    floor: bool,
 }
 
 struct H2Phase {
@@ -573,6 +578,11 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
             )?;
             Ok((child, stats))
         };
+        let mut floor = if args.floor {
+            Some(crate::floor::Floor::load(&dir.join("floor"))?)
+        } else {
+            None
+        };
         bpf_stats(false)?;
         // Each round is one pair; odd rounds run the attached phase first, so that whatever
         // the first or second run of a pair gains (a warm page cache, the tracer's exit
@@ -584,16 +594,31 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
                 [false, true]
             };
             for attached in order {
-                let (name, tracer) = if attached {
-                    ("attached", Some(tracer()?))
-                } else {
-                    ("detached", None)
+                let phase = match (attached, &mut floor) {
+                    (false, _) => h2load_phase("detached", &url, args, server.id(), None)?,
+                    (true, None) => {
+                        h2load_phase("attached", &url, args, server.id(), Some(tracer()?))?
+                    }
+                    (true, Some(f)) => {
+                        f.attach()?;
+                        let p = h2load_phase("attached", &url, args, server.id(), None);
+                        f.detach()?;
+                        p?
+                    }
                 };
-                phases.push(h2load_phase(name, &url, args, server.id(), tracer)?);
+                phases.push(phase);
             }
         }
         bpf_stats(true)?;
-        let profiled = h2load_phase("profiled", &url, args, server.id(), Some(tracer()?));
+        let profiled = match &mut floor {
+            None => h2load_phase("profiled", &url, args, server.id(), Some(tracer()?)),
+            Some(f) => {
+                f.attach()?;
+                let p = h2load_phase("profiled", &url, args, server.id(), None);
+                f.detach()?;
+                p
+            }
+        };
         bpf_stats(false)?;
         phases.push(profiled?);
         Ok(phases)
@@ -616,6 +641,11 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
         "h2load on loopback: {} requests of {} MiB, {} connections x {} streams, nghttpd --no-tls",
         args.requests, args.mib, args.clients, args.streams
     );
+    if args.floor {
+        println!(
+            "--floor: \"attached\" is two empty cgroup_skb programs at the cgroup root, not the tracer"
+        );
+    }
     println!(
         "{:<10} {:>7} {:>9} {:>9} {:>9} {:>10} {:>12} {:>11} {:>10}",
         "run",

@@ -346,7 +346,7 @@ fn loopback_connection(port: u16) -> Result<()> {
     Ok(())
 }
 
-fn cgroup2_mount() -> Result<PathBuf> {
+pub(crate) fn cgroup2_mount() -> Result<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
     info.lines()
         .find_map(|l| {

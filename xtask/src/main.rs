@@ -7,6 +7,7 @@ mod bench;
 mod bench_packet;
 mod bench_scale;
 mod deploy;
+mod floor;
 mod fuzz;
 mod image;
 mod vm;

@@ -56,7 +56,10 @@ impl Floor {
             .args(["-march=bpfel", "-filetype=obj", "-o"])
             .arg(&obj)
             .arg(&ll))?;
-        let pins = PathBuf::from(format!("/sys/fs/bpf/whoclosed-floor-{}", std::process::id()));
+        let pins = PathBuf::from(format!(
+            "/sys/fs/bpf/whoclosed-floor-{}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&pins);
         run(Command::new("bpftool")
             .args(["prog", "loadall"])

@@ -121,6 +121,8 @@ pub(super) struct Legs {
     /// the closed ones). Entries stay until their socket closes; stale ones (the record
     /// retired or gone) are skipped on lookup and pushed out by newer ones.
     ending: HashMap<u32, VecDeque<Ending>>,
+    /// Entries in `ending`, all processes together.
+    ending_total: usize,
     /// Where each closed but not yet judged socket's entry is: (owner, serial). Settling it
     /// at judgement was a scan of its owner's queue (a few percent of the agent under churn,
     /// where one process owns every socket).
@@ -179,8 +181,13 @@ impl Table {
             id: c.id,
             role: c.role,
         };
-        if self.legs.ending.len() >= MAX_PIDS && !self.legs.ending.contains_key(&pid) {
+        // Entries leave when their socket closes; stale ones (a record retired or refused
+        // before its CLOSE) only leave when pushed out, so the whole map is bounded too.
+        if self.legs.ending_total >= MAX_UNSETTLED
+            || (self.legs.ending.len() >= MAX_PIDS && !self.legs.ending.contains_key(&pid))
+        {
             self.legs.ending.clear();
+            self.legs.ending_total = 0;
         }
         let q = self.legs.ending.entry(pid).or_default();
         if q.iter().any(|x| x.skaddr == sk && x.id == e.id) {
@@ -188,8 +195,17 @@ impl Table {
         }
         if q.len() >= MAX_LEGS_PER_PID {
             q.pop_front();
+            self.legs.ending_total = self.legs.ending_total.saturating_sub(1);
         }
         q.push_back(e);
+        self.legs.ending_total += 1;
+    }
+
+    /// The running total of half-closed legs agrees with the per-process queues.
+    #[cfg(test)]
+    pub(super) fn ending_legs_counted(&self) -> (usize, usize) {
+        let sum = self.legs.ending.values().map(VecDeque::len).sum();
+        (self.legs.ending_total, sum)
     }
 
     /// `sk` reached CLOSE: remember it under its owner, if the owner is known.
@@ -225,7 +241,9 @@ impl Table {
             self.legs.by_pid.clear();
         }
         if let Some(q) = self.legs.ending.get_mut(&pid) {
+            let before = q.len();
             q.retain(|e| e.skaddr != sk);
+            self.legs.ending_total = self.legs.ending_total.saturating_sub(before - q.len());
             if q.is_empty() {
                 self.legs.ending.remove(&pid);
             }

@@ -335,3 +335,20 @@ fn the_scenarios_cover_what_they_name() {
         assert_eq!(got, expect, "{name}");
     }
 }
+
+/// Half-closed legs are kept per process until they close: after every scenario, with and
+/// without reuse, none is left, and the running count agrees with the queues throughout.
+#[test]
+fn half_closed_legs_leave_when_they_close() {
+    for s in scenarios() {
+        let mut tbl = Table::default();
+        for ev in &s.events {
+            tbl.on_event(ev);
+            let (total, sum) = tbl.ending_legs_counted();
+            assert_eq!(total, sum, "{}", s.name);
+        }
+        tbl.take_all_closed();
+        let (total, sum) = tbl.ending_legs_counted();
+        assert_eq!((total, sum), (0, 0), "{}: every socket closed", s.name);
+    }
+}

@@ -20,7 +20,7 @@ use std::{
 use serde_json::{Value, json};
 
 mod support;
-use support::{Cleanup, Prometheus, WhoclosedProc, cgroup2_mount, kubelet_layout, spawn_connector};
+use support::{Prometheus, WhoclosedProc, cgroup2_mount, one_pod, spawn_connector};
 
 const UID: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 const CID: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
@@ -95,16 +95,13 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("mkdir");
     let host_root = dir.join("host");
-    let mut cleanup = Cleanup {
-        children: Vec::new(),
-        cgroups: Vec::new(),
-        host_root: host_root.clone(),
-    };
-    let leaf = cleanup.mkdirs(
+    let (mut cleanup, leaf) = one_pod(
         &cg2,
-        &format!("whoclosed-agent-test-{pid}/kubepods/burstable/pod{UID}/{CID}"),
+        &format!("whoclosed-agent-test-{pid}"),
+        &host_root,
+        UID,
+        CID,
     );
-    kubelet_layout(&host_root, "shop", "web-7f9c-abcde", UID, "app", CID);
 
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();

@@ -20,7 +20,7 @@ use tracer_user::k8s::{Limits, PodIdentity, Resolver, Roots};
 
 mod support;
 use support::{
-    Cleanup, WhoclosedProc, cgroup2_mount, kubelet_layout, socket_owner, spawn_connector,
+    Cleanup, WhoclosedProc, cgroup2_mount, kubelet_layout, one_pod, socket_owner, spawn_connector,
 };
 
 const UID_A: &str = "3f0c6a52-1d2e-4b7f-9a8c-0e1d2c3b4a59";
@@ -146,19 +146,14 @@ fn trace_names_the_pods_of_both_ends() {
         return skip_or_fail("no cgroup2 mount in /proc/self/mountinfo");
     };
     let pid = std::process::id();
-    let test_dir = format!("whoclosed-trace-test-{pid}");
     let host_root = std::env::temp_dir().join(format!("whoclosed-trace-hostroot-{pid}"));
-    let _ = std::fs::remove_dir_all(&host_root);
-    let mut cleanup = Cleanup {
-        children: Vec::new(),
-        cgroups: Vec::new(),
-        host_root: host_root.clone(),
-    };
-    let leaf = cleanup.mkdirs(
+    let (mut cleanup, leaf) = one_pod(
         &cg2,
-        &format!("{test_dir}/kubepods/burstable/pod{UID_A}/{CID_A}"),
+        &format!("whoclosed-trace-test-{pid}"),
+        &host_root,
+        UID_A,
+        CID_A,
     );
-    kubelet_layout(&host_root, "shop", "web-7f9c-abcde", UID_A, "app", CID_A);
 
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();

@@ -200,14 +200,12 @@ fn client_close_both_sides() {
     assert!(tbl.is_empty());
 }
 
-#[test]
-fn killed_server_with_unread_data() {
+/// The server process is killed with unread data at 50 ms: its socket resets the
+/// connection, the RST reaches the client.
+fn killed_server_events(p: &Pair) -> Vec<Event> {
     use Dir::*;
     use TcpState::*;
-    let mut tbl = Table::default();
-    let p = pair(2);
-    handshake(&mut tbl, &p, (1, 2));
-    for ev in [
+    vec![
         by(
             state(50 * MS, p.s, p.st, Established, Close),
             200,
@@ -237,7 +235,15 @@ fn killed_server_with_unread_data() {
             EventKind::ErrorReport { error: ECONNRESET },
         ),
         state(50 * MS + 12, p.c, p.ct, Established, Close),
-    ] {
+    ]
+}
+
+#[test]
+fn killed_server_with_unread_data() {
+    let mut tbl = Table::default();
+    let p = pair(2);
+    handshake(&mut tbl, &p, (1, 2));
+    for ev in killed_server_events(&p) {
         tbl.on_event(&ev);
     }
     let out = tbl.take_all_closed();

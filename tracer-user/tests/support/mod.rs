@@ -132,6 +132,31 @@ pub fn kubelet_layout(
     .expect("symlink");
 }
 
+/// One pod, `shop/web-7f9c-abcde` (container `app`): its cgroup under `<cg2>/<test_dir>`
+/// named as the kubelet's cgroupfs driver names it, and its kubelet log layout under
+/// `host_root`. Returns the container's cgroup (write a pid to its `cgroup.procs`) and what
+/// removes it all.
+pub fn one_pod(
+    cg2: &Path,
+    test_dir: &str,
+    host_root: &Path,
+    uid: &str,
+    cid: &str,
+) -> (Cleanup, PathBuf) {
+    let _ = std::fs::remove_dir_all(host_root);
+    let mut cleanup = Cleanup {
+        children: Vec::new(),
+        cgroups: Vec::new(),
+        host_root: host_root.to_path_buf(),
+    };
+    let leaf = cleanup.mkdirs(
+        cg2,
+        &format!("{test_dir}/kubepods/burstable/pod{uid}/{cid}"),
+    );
+    kubelet_layout(host_root, "shop", "web-7f9c-abcde", uid, "app", cid);
+    (cleanup, leaf)
+}
+
 pub struct Prometheus {
     pub child: Child,
     pub dir: PathBuf,

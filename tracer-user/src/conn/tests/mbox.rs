@@ -63,21 +63,72 @@ pub(super) fn passive_close(
     ]
 }
 
-struct ProxyHost {
+pub(super) struct ProxyHost {
     /// client -> proxy (downstream leg): `c` the client's socket, `s` the proxy's.
-    down: Pair,
+    pub(super) down: Pair,
     /// proxy -> server (upstream leg): `c` the proxy's socket, `s` the server's.
-    up: Pair,
+    pub(super) up: Pair,
 }
 
 pub(super) const PROXY: u32 = 300;
 
+impl ProxyHost {
+    pub(super) fn new() -> ProxyHost {
+        ProxyHost {
+            down: mk(1, "10.9.1.2:40000", "10.9.1.1:8443"),
+            up: mk(2, "10.9.2.1:50000", "10.9.2.2:8080"),
+        }
+    }
+
+    /// Both legs' handshakes, the proxy (`comm`) connecting upstream.
+    pub(super) fn handshakes(&self, comm: &str) -> Vec<Event> {
+        let mut ev = handshake_events(&self.down, (1, 2), 100, "client");
+        ev.extend(handshake_events(&self.up, (2, 3), PROXY, comm));
+        ev
+    }
+
+    /// The proxy's own timeout: it closes both legs at 5000 ms, client and server follow.
+    pub(super) fn proxy_timeout(&self, comm: &str) -> Vec<Event> {
+        let mut ev = active_close(5000 * MS, &self.down, false, PROXY, comm);
+        ev.extend(active_close(5000 * MS, &self.up, true, PROXY, comm));
+        ev.extend(passive_close(5001 * MS, &self.down, true, 100, "client"));
+        ev.extend(passive_close(5001 * MS, &self.up, false, 200, "server"));
+        ev
+    }
+
+    /// The server closes at 5000 ms; the proxy passes the FIN on 1 ms later; the client's
+    /// socket closes before the proxy's upstream one.
+    pub(super) fn relay_close(&self, comm: &str) -> Vec<Event> {
+        let mut ev = active_close(5000 * MS, &self.up, false, 200, "server");
+        ev.extend(active_close(5001 * MS, &self.down, false, PROXY, comm));
+        ev.extend(passive_close(5002 * MS, &self.down, true, 100, "client"));
+        ev.extend(passive_close(5002 * MS, &self.up, true, PROXY, comm));
+        ev
+    }
+}
+
 fn proxy_host(tbl: &mut Table, comm: &str) -> ProxyHost {
-    let down = mk(1, "10.9.1.2:40000", "10.9.1.1:8443");
-    let up = mk(2, "10.9.2.1:50000", "10.9.2.2:8080");
-    handshake_by(tbl, &down, (1, 2), 100, "client");
-    handshake_by(tbl, &up, (2, 3), PROXY, comm);
-    ProxyHost { down, up }
+    let h = ProxyHost::new();
+    for ev in h.handshakes(comm) {
+        assert!(tbl.on_event(&ev).is_empty());
+    }
+    h
+}
+
+/// A RST reaches the client that the server never sent (REJECT in between) at 1000 ms;
+/// the server writes at 1050 ms and the client's kernel answers for the socket it lost.
+pub(super) fn rst_from_between(p: &Pair) -> Vec<Event> {
+    use Dir::*;
+    use TcpState::*;
+    vec![
+        pkt(1000 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 63),
+        base(1000 * MS, p.c, Some(p.ct), EventKind::RecvReset),
+        state(1000 * MS, p.c, p.ct, Established, Close),
+        pkt(1050 * MS, 0, p.ct, Egress, RST, p.cisn + 1, 64),
+        pkt(1050 * MS, p.s, p.st, Ingress, RST, p.cisn + 1, 63),
+        base(1050 * MS, p.s, Some(p.st), EventKind::RecvReset),
+        state(1050 * MS, p.s, p.st, Established, Close),
+    ]
 }
 
 fn feed(tbl: &mut Table, evs: Vec<Event>) {
@@ -94,19 +145,7 @@ fn proxy_ended_both_legs(comm: &str) {
     let mut tbl = Table::default();
     let h = proxy_host(&mut tbl, comm);
     // The proxy's idle timeout: it closes both legs itself.
-    feed(
-        &mut tbl,
-        active_close(5000 * MS, &h.down, false, PROXY, comm),
-    );
-    feed(&mut tbl, active_close(5000 * MS, &h.up, true, PROXY, comm));
-    feed(
-        &mut tbl,
-        passive_close(5001 * MS, &h.down, true, 100, "client"),
-    );
-    feed(
-        &mut tbl,
-        passive_close(5001 * MS, &h.up, false, 200, "server"),
-    );
+    feed(&mut tbl, h.proxy_timeout(comm));
     let out = tbl.take_all_closed();
     for (sk, leg) in [
         (h.down.c, ProxyLeg::Downstream),
@@ -154,22 +193,7 @@ fn proxy_passing_on_the_servers_close_keeps_the_server_as_the_decider() {
     let mut tbl = Table::default();
     let h = proxy_host(&mut tbl, "haproxy");
     // The server closes; the proxy passes the FIN on to the client 1 ms later.
-    feed(
-        &mut tbl,
-        active_close(5000 * MS, &h.up, false, 200, "server"),
-    );
-    feed(
-        &mut tbl,
-        active_close(5001 * MS, &h.down, false, PROXY, "haproxy"),
-    );
-    feed(
-        &mut tbl,
-        passive_close(5002 * MS, &h.up, true, PROXY, "haproxy"),
-    );
-    feed(
-        &mut tbl,
-        passive_close(5002 * MS, &h.down, true, 100, "client"),
-    );
+    feed(&mut tbl, h.relay_close("haproxy"));
     let out = tbl.take_all_closed();
     for sk in [h.down.c, h.down.s, h.up.c, h.up.s] {
         let v = verdict_of(&out, sk);
@@ -197,22 +221,7 @@ fn proxy_passing_on_a_close_is_seen_when_every_socket_is_reused_at_once() {
     use TcpState::*;
     let mut tbl = Table::default();
     let h = proxy_host(&mut tbl, "haproxy");
-    feed(
-        &mut tbl,
-        active_close(5000 * MS, &h.up, false, 200, "server"),
-    );
-    feed(
-        &mut tbl,
-        active_close(5001 * MS, &h.down, false, PROXY, "haproxy"),
-    );
-    feed(
-        &mut tbl,
-        passive_close(5002 * MS, &h.down, true, 100, "client"),
-    );
-    feed(
-        &mut tbl,
-        passive_close(5002 * MS, &h.up, true, PROXY, "haproxy"),
-    );
+    feed(&mut tbl, h.relay_close("haproxy"));
     for (i, sk) in [h.down.c, h.down.s, h.up.s, h.up.c].into_iter().enumerate() {
         let t = tuple(&format!("10.9.7.1:{}", 41000 + i), "10.9.7.2:80");
         feed(&mut tbl, vec![state(5003 * MS, sk, t, Close, SynSent)]);
@@ -590,24 +599,10 @@ fn rst_from_the_server_through_dnat_is_the_servers() {
 
 #[test]
 fn peer_reset_by_a_middlebox_passes_it_on_even_when_judged_in_the_same_tick() {
-    use Dir::*;
-    use TcpState::*;
     let mut tbl = Table::default();
     let p = mk(3, "10.9.1.2:40000", "10.9.2.2:8080");
     handshake(&mut tbl, &p, (1, 2));
-    for ev in [
-        // A RST reaches the client that the server never sent (REJECT in between).
-        pkt(1000 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 63),
-        base(1000 * MS, p.c, Some(p.ct), EventKind::RecvReset),
-        state(1000 * MS, p.c, p.ct, Established, Close),
-        // The server writes later; the client's kernel answers for a socket it lost.
-        pkt(1050 * MS, 0, p.ct, Egress, RST, p.cisn + 1, 64),
-        pkt(1050 * MS, p.s, p.st, Ingress, RST, p.cisn + 1, 63),
-        base(1050 * MS, p.s, Some(p.st), EventKind::RecvReset),
-        state(1050 * MS, p.s, p.st, Established, Close),
-    ] {
-        tbl.on_event(&ev);
-    }
+    feed(&mut tbl, rst_from_between(&p));
     // Both are due in the same pass.
     let out = tbl.take_due(5000 * MS);
     for sk in [p.c, p.s] {
@@ -626,22 +621,11 @@ fn peer_reset_by_a_middlebox_passes_it_on_even_when_judged_in_the_same_tick() {
 
 #[test]
 fn peer_reset_by_a_middlebox_passes_it_on_when_judged_out_of_turn() {
-    use Dir::*;
     use TcpState::*;
     let mut tbl = Table::default();
     let p = mk(4, "10.9.1.2:40000", "10.9.2.2:8080");
     handshake(&mut tbl, &p, (1, 2));
-    for ev in [
-        pkt(1000 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 63),
-        base(1000 * MS, p.c, Some(p.ct), EventKind::RecvReset),
-        state(1000 * MS, p.c, p.ct, Established, Close),
-        pkt(1050 * MS, 0, p.ct, Egress, RST, p.cisn + 1, 64),
-        pkt(1050 * MS, p.s, p.st, Ingress, RST, p.cisn + 1, 63),
-        base(1050 * MS, p.s, Some(p.st), EventKind::RecvReset),
-        state(1050 * MS, p.s, p.st, Established, Close),
-    ] {
-        tbl.on_event(&ev);
-    }
+    feed(&mut tbl, rst_from_between(&p));
     // The server socket's memory is reused at once: it is judged at the next tick, before
     // the client's linger is over.
     let reused = tuple("10.9.2.2:8080", "10.9.1.9:41000");

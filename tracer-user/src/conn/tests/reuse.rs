@@ -7,7 +7,7 @@
 //! else (CI once saw a wrong high from exactly this: a proxy's other leg retired behind the
 //! client's record).
 
-use super::mbox::{PROXY, active_close, dnat_pair, mk, passive_close};
+use super::mbox::{ProxyHost, active_close, dnat_pair, mk, passive_close, rst_from_between};
 use super::*;
 use crate::classify::Confidence;
 
@@ -31,41 +31,9 @@ fn client_close() -> Scenario {
 }
 
 fn killed_server() -> Scenario {
-    use Dir::*;
-    use TcpState::*;
     let p = pair(2);
     let mut ev = handshake_events(&p, (1, 2), 100, "client");
-    ev.extend([
-        by(
-            state(50 * MS, p.s, p.st, Established, Close),
-            200,
-            "server",
-            true,
-        ),
-        by(
-            base(
-                50 * MS,
-                p.s,
-                Some(p.st),
-                EventKind::SendReset {
-                    state: Established,
-                    reason: Some(1),
-                },
-            ),
-            200,
-            "server",
-            true,
-        ),
-        pkt(50 * MS, p.s, p.st, Egress, RST | ACK, p.sisn + 1, 64),
-        pkt(50 * MS + 10, p.c, p.ct, Ingress, RST | ACK, p.sisn + 1, 63),
-        base(
-            50 * MS + 11,
-            0,
-            Some(p.ct),
-            EventKind::ErrorReport { error: ECONNRESET },
-        ),
-        state(50 * MS + 12, p.c, p.ct, Established, Close),
-    ]);
+    ev.extend(killed_server_events(&p));
     Scenario {
         name: "server killed with unread data",
         events: ev,
@@ -75,19 +43,9 @@ fn killed_server() -> Scenario {
 
 /// A RST neither end sent, then the server's write answered by the client's kernel.
 fn middlebox_reset() -> Scenario {
-    use Dir::*;
-    use TcpState::*;
     let p = mk(3, "10.9.1.2:40000", "10.9.2.2:8080");
     let mut ev = handshake_events(&p, (1, 2), 100, "client");
-    ev.extend([
-        pkt(1000 * MS, p.c, p.ct, Ingress, RST, p.sisn + 1, 63),
-        base(1000 * MS, p.c, Some(p.ct), EventKind::RecvReset),
-        state(1000 * MS, p.c, p.ct, Established, Close),
-        pkt(1050 * MS, 0, p.ct, Egress, RST, p.cisn + 1, 64),
-        pkt(1050 * MS, p.s, p.st, Ingress, RST, p.cisn + 1, 63),
-        base(1050 * MS, p.s, Some(p.st), EventKind::RecvReset),
-        state(1050 * MS, p.s, p.st, Established, Close),
-    ]);
+    ev.extend(rst_from_between(&p));
     Scenario {
         name: "middlebox reset seen by both ends",
         events: ev,
@@ -110,25 +68,17 @@ fn dnat_server_close() -> Scenario {
 /// client -> proxy -> server; `relay` passes the server's close on, else the proxy ends
 /// both legs itself.
 fn proxied(name: &'static str, comm: &str, relay: bool) -> Scenario {
-    let down = mk(1, "10.9.1.2:40000", "10.9.1.1:8443");
-    let up = mk(2, "10.9.2.1:50000", "10.9.2.2:8080");
-    let mut ev = handshake_events(&down, (1, 2), 100, "client");
-    ev.extend(handshake_events(&up, (2, 3), PROXY, comm));
-    if relay {
-        ev.extend(active_close(5000 * MS, &up, false, 200, "server"));
-        ev.extend(active_close(5001 * MS, &down, false, PROXY, comm));
-        ev.extend(passive_close(5002 * MS, &down, true, 100, "client"));
-        ev.extend(passive_close(5002 * MS, &up, true, PROXY, comm));
+    let h = ProxyHost::new();
+    let mut ev = h.handshakes(comm);
+    ev.extend(if relay {
+        h.relay_close(comm)
     } else {
-        ev.extend(active_close(5000 * MS, &down, false, PROXY, comm));
-        ev.extend(active_close(5000 * MS, &up, true, PROXY, comm));
-        ev.extend(passive_close(5001 * MS, &down, true, 100, "client"));
-        ev.extend(passive_close(5001 * MS, &up, false, 200, "server"));
-    }
+        h.proxy_timeout(comm)
+    });
     Scenario {
         name,
         events: ev,
-        socks: vec![down.c, down.s, up.c, up.s],
+        socks: vec![h.down.c, h.down.s, h.up.c, h.up.s],
     }
 }
 

@@ -382,6 +382,8 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
     let out = cli(&sock, &["stats", "-o", "json"]);
     assert_eq!(out.status.code(), Some(0));
     let st: Value = serde_json::from_str(&text(&out)).unwrap();
+    let errs = support::schema_errors(&support::schema_validator("cli-stats"), &st);
+    assert!(errs.is_empty(), "{st}\n{errs:#?}");
     assert_eq!(st["records"], 6, "{st}");
     assert_eq!(st["by_closed_by"]["client"], 4, "{st}");
     assert_eq!(st["by_closed_by"]["server"], 2, "{st}");

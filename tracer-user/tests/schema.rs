@@ -36,7 +36,10 @@ fn schema(name: &str) -> Value {
 /// registered schemas, offline.
 fn validator(root: &Value) -> Validator {
     let mut builder = Registry::new();
-    for t in TYPES.iter().chain(["record"].iter()) {
+    for t in TYPES
+        .iter()
+        .chain(["record", "api-stats", "cli-stats"].iter())
+    {
         builder = builder
             .add(format!("{BASE}{t}.schema.json"), schema(t))
             .unwrap_or_else(|e| panic!("registering {t}: {e}"));
@@ -393,5 +396,78 @@ fn live_trace_output_is_valid() {
     assert!(
         types.get("close").copied().unwrap_or(0) >= 5,
         "two sockets for each of two connections and the refused one: {lines:#?}"
+    );
+}
+
+/// `GET /v1/stats` and `whoclosed stats -o json`: what the agent and the CLI write is
+/// accepted (both built here from the same code paths' shapes), and broken answers are not.
+#[test]
+fn stats_answers_match_their_schemas() {
+    let api = validator(&json!({"$ref": format!("{BASE}api-stats.schema.json")}));
+    let cli = validator(&json!({"$ref": format!("{BASE}cli-stats.schema.json")}));
+    let agent = json!({"ringbuf_drops": 0, "tracked_connections": 3, "resets_sent": 1,
+        "resets_received": 2, "retransmits": 0, "probe_mode": "tracepoint",
+        "packet_facts": true, "kernel": "6.18.0"});
+    let answer = json!({"records": 3, "evicted": 0,
+        "by_closed_by": {"client": 1, "server": 1, "middlebox": 1},
+        "by_reason": {"client_close": 1, "server_close": 1, "middlebox_reset": 1},
+        "by_confidence": {"high": 3},
+        "top_remotes": [{"key": "10.241.2.2", "count": 2}, {"key": "127.0.0.1", "count": 1}],
+        "top_pods": [{"key": "shop/web-7f9c-abcde", "count": 1}],
+        "agent": agent});
+    assert_eq!(errors(&api, &answer), Vec::<String>::new());
+    let starting = json!({"ringbuf_drops": 0, "tracked_connections": 0, "resets_sent": 0,
+        "resets_received": 0, "retransmits": 0, "probe_mode": null, "packet_facts": null,
+        "kernel": null});
+    let mut early = answer.clone();
+    early["agent"] = starting;
+    assert_eq!(
+        errors(&api, &early),
+        Vec::<String>::new(),
+        "before the probes attach"
+    );
+    let merged = tracer_user::query::merge_stats(&[
+        ("unix:/run/whoclosed/whoclosed.sock".into(), answer.clone()),
+        ("http://10.0.0.2:9091".into(), early.clone()),
+    ]);
+    assert_eq!(errors(&cli, &merged), Vec::<String>::new(), "{merged}");
+    for (what, broken) in [
+        ("an unknown party", json!({"by_closed_by": {"proxy": 1}})),
+        (
+            "an unknown confidence",
+            json!({"by_confidence": {"certain": 1}}),
+        ),
+        (
+            "a reason that is no reason",
+            json!({"by_reason": {"because": 1}}),
+        ),
+        ("a negative count", json!({"records": -1})),
+        (
+            "a top list entry without its count",
+            json!({"top_pods": [{"key": "a/b"}]}),
+        ),
+        (
+            "an unknown probe mode",
+            json!({"agent": {"probe_mode": "uprobe"}}),
+        ),
+    ] {
+        let mut bad = answer.clone();
+        for (k, v) in broken.as_object().expect("object") {
+            match (bad[k].as_object_mut(), v.as_object()) {
+                (Some(dst), Some(src)) if k == "agent" => {
+                    for (kk, vv) in src {
+                        dst.insert(kk.clone(), vv.clone());
+                    }
+                }
+                _ => bad[k] = v.clone(),
+            }
+        }
+        assert!(!errors(&api, &bad).is_empty(), "{what} was accepted: {bad}");
+    }
+    let mut no_agents = merged.clone();
+    no_agents.as_object_mut().expect("object").remove("agents");
+    assert!(
+        !errors(&cli, &no_agents).is_empty(),
+        "the merged answer names its agents"
     );
 }

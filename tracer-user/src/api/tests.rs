@@ -110,6 +110,30 @@ async fn stats_counts_the_filtered_history() {
     assert_eq!(get(&r, "/v1/stats?port=x").await.0, StatusCode::BAD_REQUEST);
 }
 
+/// The answer matches docs/schema/v1/api-stats.schema.json.
+#[tokio::test]
+async fn stats_answer_matches_its_schema() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/schema/v1/api-stats.schema.json"
+    );
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read schema")).expect("JSON");
+    let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+    let r = router(state());
+    for q in [
+        "/v1/stats",
+        "/v1/stats?closed_by=server",
+        "/v1/stats?port=1",
+    ] {
+        let (code, body) = get(&r, q).await;
+        assert_eq!(code, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let errs: Vec<String> = validator.iter_errors(&v).map(|e| e.to_string()).collect();
+        assert!(errs.is_empty(), "{q}: {v}\n{errs:#?}");
+    }
+}
+
 #[tokio::test]
 async fn bad_parameters_are_named() {
     let r = router(state());

@@ -256,22 +256,31 @@ const SCHEMA_BASE: &str = "https://whoclosed.invalid/schema/v1/";
 
 /// A validator for `docs/schema/v1/record.schema.json` (any NDJSON line), offline.
 pub fn record_validator() -> jsonschema::Validator {
+    schema_validator("record")
+}
+
+/// A validator for `docs/schema/v1/<name>.schema.json`, with every schema there registered
+/// for its `$ref`s, offline.
+pub fn schema_validator(name: &str) -> jsonschema::Validator {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/schema/v1");
     let mut builder = jsonschema::Registry::new();
-    for t in ["close", "ready", "drops", "stats", "conn", "record"] {
-        let path = dir.join(format!("{t}.schema.json"));
+    for entry in std::fs::read_dir(&dir).expect("docs/schema/v1").flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if !file.ends_with(".schema.json") {
+            continue;
+        }
         let schema: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).expect("read schema"))
+            serde_json::from_str(&std::fs::read_to_string(entry.path()).expect("read schema"))
                 .expect("schema is JSON");
         builder = builder
-            .add(format!("{SCHEMA_BASE}{t}.schema.json"), schema)
+            .add(format!("{SCHEMA_BASE}{file}"), schema)
             .expect("register schema");
     }
     let registry = builder.prepare().expect("schemas resolve");
     jsonschema::options()
         .with_registry(&registry)
         .should_validate_formats(true)
-        .build(&serde_json::json!({"$ref": format!("{SCHEMA_BASE}record.schema.json")}))
+        .build(&serde_json::json!({"$ref": format!("{SCHEMA_BASE}{name}.schema.json")}))
         .expect("a valid schema")
 }
 

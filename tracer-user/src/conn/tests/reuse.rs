@@ -82,6 +82,109 @@ fn proxied(name: &'static str, comm: &str, relay: bool) -> Scenario {
     }
 }
 
+/// An HTTP/2 frame as both ends' kernels report it: sent by `from`, received by `to`.
+fn h2_both(
+    ts: u64,
+    from: (u64, Tuple),
+    to: (u64, Tuple),
+    head: [u8; 9],
+    body: &[u8],
+) -> [Event; 2] {
+    let frame = |sk: u64, t: Tuple, dir: Dir| {
+        base(
+            ts,
+            sk,
+            Some(t),
+            EventKind::H2Frame {
+                dir,
+                seq: 0,
+                head,
+                payload: bytes::Bytes::copy_from_slice(body),
+            },
+        )
+    };
+    [
+        frame(from.0, from.1, Dir::Egress),
+        frame(to.0, to.1, Dir::Ingress),
+    ]
+}
+
+/// nginx (HTTP/2 to the client, any protocol upstream) ends an idle client connection with
+/// GOAWAY(NO_ERROR), then FIN, and closes its backend leg at the same moment.
+fn nginx_goaway() -> Scenario {
+    let h = ProxyHost::new();
+    let d = &h.down;
+    let (client, proxy) = ((d.c, d.ct), (d.s, d.st));
+    let mut ev = h.handshakes("nginx");
+    for (sk, t, dir) in [(d.c, d.ct, Dir::Egress), (d.s, d.st, Dir::Ingress)] {
+        ev.push(base(
+            2 * MS,
+            sk,
+            Some(t),
+            EventKind::H2Proto {
+                dir,
+                seq: 0,
+                note: crate::event::ProtoNote::H2Preface,
+            },
+        ));
+    }
+    ev.extend(h2_both(
+        3 * MS,
+        client,
+        proxy,
+        [0, 0, 0, 4, 0, 0, 0, 0, 0],
+        &[],
+    ));
+    ev.extend(h2_both(
+        3 * MS,
+        client,
+        proxy,
+        [0, 0, 5, 1, 0x5, 0, 0, 0, 1],
+        &[],
+    ));
+    ev.extend(h2_both(
+        4 * MS,
+        proxy,
+        client,
+        [0, 0, 0, 4, 0, 0, 0, 0, 0],
+        &[],
+    ));
+    ev.extend(h2_both(
+        4 * MS,
+        proxy,
+        client,
+        [0, 0, 0, 4, 0x1, 0, 0, 0, 0],
+        &[],
+    ));
+    ev.extend(h2_both(
+        4 * MS,
+        client,
+        proxy,
+        [0, 0, 0, 4, 0x1, 0, 0, 0, 0],
+        &[],
+    ));
+    ev.extend(h2_both(
+        5 * MS,
+        proxy,
+        client,
+        [0, 0, 8, 1, 0x5, 0, 0, 0, 1],
+        &[],
+    ));
+    ev.extend(h2_both(
+        4999 * MS,
+        proxy,
+        client,
+        [0, 0, 8, 7, 0, 0, 0, 0, 0],
+        &[0, 0, 0, 1, 0, 0, 0, 0],
+    ));
+    ev.extend(h.proxy_timeout("nginx"));
+    Scenario {
+        name: "nginx GOAWAY on an idle client connection",
+        events: ev,
+        socks: vec![h.down.c, h.down.s, h.up.c, h.up.s],
+    }
+}
+
 fn scenarios() -> Vec<Scenario> {
     vec![
         client_close(),
@@ -96,6 +199,7 @@ fn scenarios() -> Vec<Scenario> {
         ),
         proxied("haproxy ends both legs", "haproxy", false),
         proxied("an unnamed relay ends both legs", "relay", false),
+        nginx_goaway(),
     ]
 }
 
@@ -262,7 +366,7 @@ fn reuse_judged_before_the_others_close_never_claims_a_wrong_high() {
 
 #[test]
 fn the_scenarios_cover_what_they_name() {
-    let want: [(&str, &[(ClosedBy, &str)]); 3] = [
+    let want: [(&str, &[(ClosedBy, &str)]); 4] = [
         (
             "haproxy passes the server's close on",
             &[(ClosedBy::Server, "server_close"); 4],
@@ -274,6 +378,15 @@ fn the_scenarios_cover_what_they_name() {
         (
             "middlebox reset seen by both ends",
             &[(ClosedBy::Middlebox, "middlebox_reset"); 2],
+        ),
+        (
+            "nginx GOAWAY on an idle client connection",
+            &[
+                (ClosedBy::Middlebox, "proxy_goaway"),
+                (ClosedBy::Middlebox, "proxy_goaway"),
+                (ClosedBy::Middlebox, "proxy_close"),
+                (ClosedBy::Middlebox, "proxy_close"),
+            ],
         ),
     ];
     let all = scenarios();

@@ -19,7 +19,7 @@ impl Table {
         // lingers now at their address, and their peers may look them up.
         // One at a time: the ones still waiting stay visible to the peer lookup.
         self.index_retired();
-        let mut out: Vec<Closed> = Vec::new();
+        let mut out: Vec<Closed> = Vec::with_capacity(self.retired.len());
         for i in 0..self.retired.len() {
             if let Some(c) = self.retired.get_mut(i).and_then(Option::take) {
                 out.push(self.judge(c));
@@ -40,17 +40,26 @@ impl Table {
         // Oldest first: a socket's verdict may rest on its peer's resolved record (which RST
         // reached it, from whom), and the peer that closed first is resolved first.
         due.sort_unstable();
+        out.reserve(due.len());
         for (_, sk) in due {
             if let Some(c) = self.take(sk) {
                 out.push(self.judge(c));
             }
         }
-        // Retired records first, then the due ones oldest first: usually in order already,
-        // and a verdict is large, so it is checked before anything moves.
-        if !out.is_sorted_by_key(|c| c.conn.closed_ns) {
-            out.sort_by_key(|c| c.conn.closed_ns);
+        // Retired records first, then the due ones oldest first: often out of order (a
+        // retired record closed after some due ones). A verdict is large, so the order is
+        // sorted as indices and each verdict moved once (sorting the verdicts themselves
+        // was a few percent of `replay` in memmove).
+        if out.is_sorted_by_key(|c| c.conn.closed_ns) {
+            return out;
         }
-        out
+        let mut order: Vec<usize> = (0..out.len()).collect();
+        order.sort_by_key(|&i| out[i].conn.closed_ns);
+        let mut slots: Vec<Option<Closed>> = out.into_iter().map(Some).collect();
+        order
+            .into_iter()
+            .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+            .collect()
     }
 
     /// Every connection that has closed, whatever its linger (shutdown flush).

@@ -143,32 +143,10 @@ fn only(v: &[Closed], sk: u64) -> &Closed {
 
 #[test]
 fn client_close_both_sides() {
-    use Dir::*;
-    use TcpState::*;
     let mut tbl = Table::default();
     let p = pair(1);
     handshake(&mut tbl, &p, (1, 2));
-    for ev in [
-        by(
-            state(100 * MS, p.c, p.ct, Established, FinWait1),
-            100,
-            "client",
-            false,
-        ),
-        pkt(100 * MS, p.c, p.ct, Egress, FIN | ACK, p.cisn + 11, 64),
-        pkt(100 * MS, p.s, p.st, Ingress, FIN | ACK, p.cisn + 11, 63),
-        state(100 * MS, p.s, p.st, Established, CloseWait),
-        by(
-            state(101 * MS, p.s, p.st, CloseWait, LastAck),
-            200,
-            "server",
-            false,
-        ),
-        pkt(101 * MS, p.s, p.st, Egress, FIN | ACK, p.sisn + 5, 64),
-        pkt(101 * MS, p.c, p.ct, Ingress, FIN | ACK, p.sisn + 5, 63),
-        state(101 * MS, p.c, p.ct, FinWait1, Close),
-        state(102 * MS, p.s, p.st, LastAck, Close),
-    ] {
+    for ev in client_close_events(&p, 100 * MS) {
         tbl.on_event(&ev);
     }
     assert!(
@@ -1286,4 +1264,75 @@ fn idle_before_end_comes_from_the_packet_records() {
         "{}",
         out[0].verdict.hint
     );
+}
+
+/// Verdicts come out in the order their sockets closed, even when a retired record (judged
+/// first) closed after records that were due in the same tick.
+#[test]
+fn verdicts_leave_in_close_order_across_retired_and_due() {
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let a = pair(1);
+    let b = Pair {
+        c: 0x1100,
+        s: 0x2100,
+        ..pair(7)
+    };
+    let b = Pair {
+        ct: tuple("10.9.1.3:40001", "10.9.2.2:8080"),
+        st: tuple("10.9.2.2:8080", "10.9.1.3:40001"),
+        ..b
+    };
+    handshake(&mut tbl, &a, (1, 2));
+    handshake(&mut tbl, &b, (1, 2));
+    for ev in client_close_events(&a, 100 * MS)
+        .into_iter()
+        .chain(client_close_events(&b, 200 * MS))
+    {
+        tbl.on_event(&ev);
+    }
+    // b's server socket address goes to a new socket: b.s is retired, judged first.
+    tbl.on_event(&state(
+        300 * MS,
+        b.s,
+        tuple("10.9.2.2:8080", "10.9.1.9:41000"),
+        Listen,
+        SynRecv,
+    ));
+    let out = tbl.take_due(5_000 * MS);
+    let socks: Vec<u64> = out.iter().map(|c| c.conn.skaddr).collect();
+    assert_eq!(out.len(), 4, "{socks:x?}");
+    assert!(
+        out.is_sorted_by_key(|c| c.conn.closed_ns),
+        "{:?}",
+        out.iter().map(|c| c.conn.closed_ns).collect::<Vec<_>>()
+    );
+    assert_eq!(socks.last(), Some(&b.s), "b's server socket closed last");
+}
+
+/// The client closes at `at`, the server follows 1 ms later.
+fn client_close_events(p: &Pair, at: u64) -> Vec<Event> {
+    use Dir::*;
+    use TcpState::*;
+    vec![
+        by(
+            state(at, p.c, p.ct, Established, FinWait1),
+            100,
+            "client",
+            false,
+        ),
+        pkt(at, p.c, p.ct, Egress, FIN | ACK, p.cisn + 11, 64),
+        pkt(at, p.s, p.st, Ingress, FIN | ACK, p.cisn + 11, 63),
+        state(at, p.s, p.st, Established, CloseWait),
+        by(
+            state(at + MS, p.s, p.st, CloseWait, LastAck),
+            200,
+            "server",
+            false,
+        ),
+        pkt(at + MS, p.s, p.st, Egress, FIN | ACK, p.sisn + 5, 64),
+        pkt(at + MS, p.c, p.ct, Ingress, FIN | ACK, p.sisn + 5, 63),
+        state(at + MS, p.c, p.ct, FinWait1, Close),
+        state(at + 2 * MS, p.s, p.st, LastAck, Close),
+    ]
 }

@@ -415,3 +415,79 @@ fn half_closed_legs_leave_when_they_close() {
         assert_eq!((total, sum), (0, 0), "{}: every socket closed", s.name);
     }
 }
+
+/// Events of different sockets come from different CPUs through one ring buffer, so two
+/// neighbours can arrive in either order. Swapping any two adjacent events of different
+/// sockets gives the same verdicts, or at least no other story with high confidence.
+#[test]
+fn neighbouring_events_of_two_sockets_in_either_order_never_claim_a_wrong_high() {
+    let (mut swapped_any, mut differ) = (0, 0);
+    for s in scenarios() {
+        let base = baseline(&s);
+        for i in 0..s.events.len().saturating_sub(1) {
+            if s.events[i].skaddr == s.events[i + 1].skaddr {
+                continue;
+            }
+            let mut events = s.events.clone();
+            events.swap(i, i + 1);
+            let swapped = Scenario {
+                name: s.name,
+                events,
+                socks: s.socks.clone(),
+            };
+            let got = baseline(&swapped);
+            no_wrong_high(
+                &format!("events {i} and {} swapped", i + 1),
+                &s,
+                &base,
+                &got,
+            );
+            swapped_any += 1;
+            if got != base {
+                differ += 1;
+                eprintln!("{}: events {i} and {} swapped: {got:?}", s.name, i + 1);
+            }
+        }
+    }
+    eprintln!("{swapped_any} swaps, {differ} with some verdict changed (none to a high)");
+    assert!(swapped_any > 50, "{swapped_any} swaps tried");
+}
+
+/// One socket's events arrive late, each overtaken by up to `lag` events of the others (its
+/// CPU was slow to commit to the ring buffer): no other story with high confidence.
+#[test]
+fn one_sockets_events_arriving_late_never_claim_a_wrong_high() {
+    let mut tried = 0;
+    for s in scenarios() {
+        let base = baseline(&s);
+        let mut socks: Vec<u64> = s.events.iter().map(|e| e.skaddr).collect();
+        socks.sort_unstable();
+        socks.dedup();
+        for &late in &socks {
+            for lag in 1..=6usize {
+                let mut keyed: Vec<(usize, usize, &Event)> = s
+                    .events
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (2 * (i + if e.skaddr == late { lag } else { 0 }) + 1, i, e))
+                    .collect();
+                keyed.sort_by_key(|k| (k.0, k.1));
+                let events: Vec<Event> = keyed.into_iter().map(|k| k.2.clone()).collect();
+                let lagged = Scenario {
+                    name: s.name,
+                    events,
+                    socks: s.socks.clone(),
+                };
+                let got = baseline(&lagged);
+                no_wrong_high(
+                    &format!("socket {late:#x}'s events {lag} late"),
+                    &s,
+                    &base,
+                    &got,
+                );
+                tried += 1;
+            }
+        }
+    }
+    assert!(tried > 100, "{tried} orders tried");
+}

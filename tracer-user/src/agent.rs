@@ -24,10 +24,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     api::{self, ApiState},
     conn::{Closed, Table},
-    event::Event,
     export::SCHEMA_VERSION,
     history::{self, History},
-    k8s::{self, K8sEnds, PodIdentity, Resolver, Roots},
+    k8s::{PodIdentity, Resolver},
     metrics::{Direction, Metrics},
     probes::ProbeReport,
     record::ClockBase,
@@ -48,8 +47,6 @@ pub struct AgentOptions {
     pub history: history::Limits,
     pub output_file: Option<PathBuf>,
     pub output_file_max_bytes: u64,
-    /// `None`: pod names off (`--no-k8s`).
-    pub k8s: Option<(Roots, Option<String>)>,
 }
 
 /// A file of `close` lines, renamed to `<path>.1` (replacing the previous one) when it
@@ -94,28 +91,11 @@ impl Rotating {
 pub struct Side {
     api: Arc<ApiState>,
     metrics: Arc<Metrics>,
-    resolver: Option<Resolver>,
     file: Option<Rotating>,
     file_errors: u64,
 }
 
 impl Side {
-    /// Looks up the owner's pod while the process is certainly alive: on the events that
-    /// run in its context (connect, close, shutdown), so that a verdict made after the
-    /// linger still names the pod of a process that has exited since.
-    pub(crate) fn on_event(&mut self, ev: &Event) {
-        if let Some(r) = &mut self.resolver {
-            k8s::note_owner(r, ev);
-        }
-    }
-
-    pub(crate) fn k8s_of(&mut self, c: &Closed) -> K8sEnds {
-        match &mut self.resolver {
-            Some(r) => k8s::ends_of(r, c),
-            None => K8sEnds::default(),
-        }
-    }
-
     /// Metrics of one verdict (every verdict, whatever the output filters).
     pub(crate) fn observe(&mut self, c: &Closed) {
         self.metrics.observe_close(
@@ -187,13 +167,18 @@ impl Side {
     }
 
     /// The connection table as NDJSON `conn` lines, oldest first.
-    pub(crate) fn conns(&mut self, table: &Table, now_ns: u64) -> String {
+    pub(crate) fn conns(
+        &mut self,
+        table: &Table,
+        now_ns: u64,
+        mut pods: Option<&mut Resolver>,
+    ) -> String {
         let mut live: Vec<_> = table.live().collect();
         live.sort_by_key(|(c, _)| (c.opened_ns.unwrap_or(c.first_ns), c.skaddr));
         let mut out = String::new();
         for (c, last_ns) in live {
             let owner = c.owner();
-            let k8s = match (&mut self.resolver, &owner) {
+            let k8s = match (pods.as_deref_mut(), &owner) {
                 (Some(r), Some((pid, _))) => r.resolve(*pid),
                 _ => None,
             };
@@ -319,10 +304,6 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let side = Side {
         api: state.clone(),
         metrics,
-        resolver: opts.k8s.map(|(roots, node)| {
-            let node = k8s::node_name(node.as_deref(), &roots);
-            Resolver::new(roots, node, k8s::Limits::default())
-        }),
         file: match &opts.output_file {
             Some(p) => Some(
                 Rotating::open(p, opts.output_file_max_bytes)

@@ -140,9 +140,6 @@ impl AgentArgs {
         if self.history_max == 0 {
             anyhow::bail!("--history-max must be at least 1");
         }
-        let mut trace = self.trace.into_options()?;
-        // The agent names pods itself (for its API too), not the trace output.
-        let k8s = trace.k8s.take();
         Ok(crate::agent::AgentOptions {
             socket: self.socket,
             metrics_addr: self.metrics_addr,
@@ -155,8 +152,7 @@ impl AgentArgs {
             },
             output_file: self.output_file,
             output_file_max_bytes: self.output_file_max,
-            k8s,
-            trace,
+            trace: self.trace.into_options()?,
         })
     }
 }

@@ -78,8 +78,7 @@ pub(crate) struct Output<W: Write> {
     pub(crate) recorder: Option<crate::record::Writer>,
     /// Pod names recorded with `--record`, for `whoclosed replay` (by `conn.id`).
     pub(crate) recorded_k8s: Option<std::collections::HashMap<String, K8sEnds>>,
-    /// Pod names for `whoclosed trace` (the agent resolves them in its `Side`, for its API
-    /// too).
+    /// Pod names (`None`: `--no-k8s`), for the verdicts and the agent's `/v1/conns`.
     pub(crate) pods: Option<crate::k8s::Resolver>,
 }
 
@@ -118,10 +117,9 @@ impl<W: Write> Output<W> {
         if let Some(map) = &self.recorded_k8s {
             return map.get(&c.conn.id.to_string()).cloned().unwrap_or_default();
         }
-        let ends = match (&mut self.agent, &mut self.pods) {
-            (Some(a), _) => a.k8s_of(c),
-            (None, Some(r)) => crate::k8s::ends_of(r, c),
-            (None, None) => K8sEnds::default(),
+        let ends = match &mut self.pods {
+            Some(r) => crate::k8s::ends_of(r, c),
+            None => K8sEnds::default(),
         };
         if !ends.is_empty()
             && let Some(r) = &mut self.recorder
@@ -241,9 +239,7 @@ impl Loop {
                             }
                         };
                     if !hidden {
-                        if let Some(a) = &mut out.agent {
-                            a.on_event(&ev);
-                        } else if let Some(r) = &mut out.pods {
+                        if let Some(r) = &mut out.pods {
                             crate::k8s::note_owner(r, &ev);
                         }
                         out.all(self.table.on_event(&ev))?;
@@ -429,7 +425,8 @@ async fn event_loop<W: Write>(
                 }
             } => {
                 if let (Some(reply), Some(a)) = (req, out.agent.as_mut()) {
-                    let _ = reply.send(a.conns(&state.table, export::monotonic_ns()));
+                    let now = export::monotonic_ns();
+                    let _ = reply.send(a.conns(&state.table, now, out.pods.as_mut()));
                 }
             }
             _ = drops_tick.tick() => state.check_drops(out)?,
@@ -468,16 +465,12 @@ pub async fn run(opts: TraceOptions) -> anyhow::Result<()> {
         return print_probe_report(&probes);
     }
     let stdout = io::stdout();
-    let mut out = Output::new(
+    let out = Output::new(
         io::BufWriter::new(stdout.lock()),
         opts.format,
         opts.filter.clone(),
         ClockBase::now(),
     );
-    out.pods = opts.k8s.clone().map(|(roots, node)| {
-        let node = crate::k8s::node_name(node.as_deref(), &roots);
-        crate::k8s::Resolver::new(roots, node, crate::k8s::Limits::default())
-    });
     pipeline(&opts, probes, out, None).await
 }
 
@@ -492,6 +485,10 @@ pub(crate) async fn pipeline<W: Write>(
 ) -> anyhow::Result<()> {
     let (mut rb, mut logger) = poll_sources(&mut probes)?;
     let cfg = table_config(opts, &probes.report);
+    out.pods = opts
+        .k8s
+        .clone()
+        .map(|(roots, node)| crate::k8s::Resolver::for_node(roots, node.as_deref()));
     if let Some(path) = &opts.record {
         out.recorder = Some(
             crate::record::Writer::create(path, out.clock_base, &cfg, &out.filter)

@@ -188,6 +188,13 @@ pub struct Resolver {
 }
 
 impl Resolver {
+    /// The resolver `trace` and `agent` use: the node named by `node` (a `--node-name`
+    /// flag) or found under `roots`, default limits.
+    pub fn for_node(roots: Roots, node: Option<&str>) -> Self {
+        let node = node_name(node, &roots);
+        Self::new(roots, node, Limits::default())
+    }
+
     pub fn new(roots: Roots, node: Option<String>, limits: Limits) -> Self {
         Self {
             roots,

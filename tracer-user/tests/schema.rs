@@ -464,6 +464,12 @@ fn stats_answers_match_their_schemas() {
         }
         assert!(!errors(&api, &bad).is_empty(), "{what} was accepted: {bad}");
     }
+    // The reason names are the close records' (api-stats stands alone for the API unit test,
+    // so it carries a copy of the pattern; the copy must not drift).
+    assert_eq!(
+        schema("api-stats")["$defs"]["by_reason"]["propertyNames"]["pattern"],
+        schema("close")["properties"]["verdict"]["properties"]["reason"]["pattern"],
+    );
     let mut no_agents = merged.clone();
     no_agents.as_object_mut().expect("object").remove("agents");
     assert!(

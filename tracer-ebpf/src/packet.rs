@@ -23,6 +23,8 @@ use crate::{
 };
 
 const ETH_P_IP: u16 = 0x0800;
+/// `cb[3]` when `cb[0..3]` hold a segment handed to the walker ([`hand_over`]).
+const CB_SEGMENT: u32 = 0x7768_6f63;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP_U8: u8 = 6;
 const IPPROTO_HOPOPTS: u8 = 0;
@@ -265,9 +267,26 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
         && payload_len < 0x0100_0000
         && !h2_headerless(d, seq, payload_len)
     {
+        hand_over(ctx, seq, seg.l4_off.wrapping_add(doff), payload_len);
         tail_call(ctx, ingress, walk_slot::FIRST);
     }
     Some(())
+}
+
+/// Where the segment's payload is, for the walker programs, in the skb's control buffer:
+/// they then need not parse the IP and TCP headers again. The buffer is the program
+/// run's: tail calls keep it, and the kernel restores the owner's bytes when the run
+/// ends (`bpf_prog_run_save_cb`).
+#[inline(always)]
+fn hand_over(ctx: &SkBuffContext, seq: u32, poff: u32, plen: u32) {
+    // SAFETY: `cb` is a writable field of the context for cgroup_skb programs.
+    unsafe {
+        let cb = &mut (*ctx.skb.skb).cb;
+        cb[0] = seq;
+        cb[1] = poff;
+        cb[2] = plen;
+        cb[3] = CB_SEGMENT;
+    }
 }
 
 /// Tail call into the direction's walker program in `slot`; returns only when that is not
@@ -293,9 +312,9 @@ fn walk_on(ctx: &SkBuffContext, st: &mut PktState, info: &SegInfo, ingress: bool
     h2_lost_rest(st, info);
 }
 
-/// The walker's first run over a segment (`skb_h2_in`, `skb_h2_out`): the segment's headers
-/// parsed again (cheaper than a scratch map a nested run on this CPU could overwrite), the
-/// socket's state as the entry program left it, and up to one run's frames.
+/// The walker's first run over a segment (`skb_h2_in`, `skb_h2_out`): where its payload is,
+/// from the control buffer ([`hand_over`]; the headers are not parsed again), the socket's
+/// state as the entry program left it, and up to one run's frames.
 #[inline(always)]
 pub fn try_walk_first(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     walk_segment(ctx, ingress, |st, info| {
@@ -325,19 +344,13 @@ fn walk_segment(
     ingress: bool,
     walk: impl FnOnce(&mut PktState, &SegInfo),
 ) -> Option<()> {
-    let mut seg = MaybeUninit::<Seg>::uninit();
-    // SAFETY: as in `try_packet`.
-    let seg: &mut Seg = unsafe {
-        zero_in_place(seg.as_mut_ptr());
-        &mut *seg.as_mut_ptr()
+    // SAFETY: reading the context's control buffer, which the entry program filled
+    // (`hand_over`) before the tail call that led here.
+    let (seq, poff, plen, mark) = unsafe {
+        let cb = &(*ctx.skb.skb).cb;
+        (cb[0], cb[1], cb[2], cb[3])
     };
-    if !parse_headers(ctx, seg) || seg.l4_off > 60 {
-        return None;
-    }
-    let th = &seg.th;
-    let doff = ((th[12] >> 4) as u32) * 4;
-    let payload_len = seg.l3_payload.saturating_sub(doff);
-    if payload_len == 0 || payload_len >= 0x0100_0000 {
+    if mark != CB_SEGMENT || plen == 0 || plen >= 0x0100_0000 {
         return None;
     }
     // SAFETY: `sk` is a context field; its value is only used as the map key.
@@ -347,9 +360,9 @@ fn walk_segment(
     let st = unsafe { &mut *st };
     let info = SegInfo {
         sk,
-        seq: u32::from_be_bytes([th[4], th[5], th[6], th[7]]),
-        poff: seg.l4_off.wrapping_add(doff),
-        plen: payload_len,
+        seq,
+        poff,
+        plen,
         di: if ingress { 1 } else { 0 },
     };
     walk(st, &info);

@@ -246,3 +246,44 @@ fn gso_packets_over_64k_are_walked() {
     }
     stop(agent);
 }
+
+/// `--no-h2-frames`: the packet hooks stay (`packet_facts`), the walker does not load
+/// (`h2_frames` false), so a GOAWAY is not evidence and no connection carries an `h2`
+/// object; the verdict rests on the TCP facts alone (the server's FIN, then the client's).
+#[test]
+fn no_h2_frames_keeps_tcp_facts_only() {
+    if !prelude("no_h2_frames_keeps_tcp_facts_only", Need::Nothing) {
+        return;
+    }
+    let t = Topology::new().expect("topology");
+    let mut args = tests::default_trace_args(&t.inodes().expect("inodes"));
+    args.push("--no-h2-frames".into());
+    let mut agent = match tests::Agent::spawn(&tests::agent_bin(), &args, tests::READY_TIMEOUT) {
+        Ok(a) => a,
+        Err(e) => panic!("starting the agent: {e:#}"),
+    };
+    assert_eq!(agent.ready()["packet_facts"], true, "{}", agent.ready());
+    assert_eq!(agent.ready()["h2_frames"], false, "{}", agent.ready());
+    let c = frames::pings_then_goaway(Path::new(WC_PEER), &t, &mut agent, 3, Link::Loopback);
+    assert!(c["h2"].is_null(), "no walker, yet HTTP/2 state: {c:#}");
+    assert!(
+        !frames::has_goaway(&c, "goaway_received"),
+        "no walker, yet a GOAWAY: {c:#}"
+    );
+    assert_eq!(c["verdict"]["closed_by"], "server", "{c:#}");
+    assert_eq!(c["verdict"]["mechanism"], "fin", "{c:#}");
+    let exit = agent
+        .stop()
+        .unwrap_or_else(|e| panic!("stopping the agent: {e:#}"));
+    let stats = exit
+        .objects
+        .iter()
+        .rev()
+        .find(|o| o["type"] == "stats")
+        .unwrap_or_else(|| panic!("no stats line: {:#?}", exit.objects));
+    assert_eq!(stats["kernel"]["h2_frames"], 0, "{stats:#}");
+    assert!(
+        stats["kernel"]["packets"].as_u64().unwrap_or(0) > 0,
+        "the packet hooks saw nothing: {stats:#}"
+    );
+}

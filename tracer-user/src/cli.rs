@@ -209,6 +209,11 @@ pub struct TraceArgs {
     /// Do not attach the cgroup_skb packet hooks (FIN/RST direction and TTL evidence).
     #[arg(long)]
     pub no_packets: bool,
+    /// Attach the packet hooks without the HTTP/2 frame walker: FIN/RST direction and TTL
+    /// evidence stay, HTTP/2 evidence (GOAWAY, RST_STREAM, PING, SETTINGS) goes, and bulk
+    /// transfers cost less per segment (docs/performance.md).
+    #[arg(long)]
+    pub no_h2_frames: bool,
     /// Most connections tracked at once; more are counted as dropped.
     #[arg(long, default_value_t = 65_536)]
     pub max_conns: usize,
@@ -257,6 +262,7 @@ impl TraceArgs {
             mode: self.probe_mode,
             ringbuf_bytes,
             packets: !self.no_packets,
+            h2_frames: !self.no_h2_frames,
             max_conns: self.max_conns,
             max_sockets: self.max_sockets,
             probe_report: self.probe_report,

@@ -83,6 +83,8 @@ pub struct LoadOptions {
     pub mode: ProbeMode,
     pub ringbuf_bytes: u32,
     pub packets: bool,
+    /// Load the HTTP/2 walker programs the packet hooks tail-call (`--no-h2-frames`).
+    pub h2_frames: bool,
     /// Entries of the per-socket packet map `SK_PKT`.
     pub max_sockets: u32,
 }
@@ -161,7 +163,7 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
     attach_tracepoints(&mut ebpf, &usable_tp, &mut programs)?;
     let probe_mode = attach_close_hook(&mut ebpf, opts.mode, &mut programs)?;
     let packets = if opts.packets {
-        attach_packet_hooks(&mut ebpf, &mut programs)
+        attach_packet_hooks(&mut ebpf, &mut programs, opts.h2_frames)
     } else {
         skip_packet_hooks(&mut programs);
         PacketHooks::default()
@@ -335,7 +337,11 @@ const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
     ("skb_egress", CgroupSkbAttachType::Egress),
 ];
 
-fn attach_packet_hooks(ebpf: &mut Ebpf, programs: &mut Vec<ProgramStatus>) -> PacketHooks {
+fn attach_packet_hooks(
+    ebpf: &mut Ebpf,
+    programs: &mut Vec<ProgramStatus>,
+    h2_frames: bool,
+) -> PacketHooks {
     let root = match kernel::cgroup2_root() {
         Ok(root) => root,
         Err(e) => {
@@ -358,8 +364,18 @@ fn attach_packet_hooks(ebpf: &mut Ebpf, programs: &mut Vec<ProgramStatus>) -> Pa
     };
     // Before the entry programs, so that no segment is walked in part: the continuations
     // first, then the first runs that tail-call them.
-    let mut h2_walker = true;
+    let mut h2_walker = h2_frames;
     for w in &WALK_PROGRAMS {
+        if !h2_frames {
+            programs.push(ProgramStatus {
+                program: w.program,
+                kind: "cgroup_skb tail call",
+                target: "-".into(),
+                status: Status::Skipped,
+                error: Some("disabled by --no-h2-frames".into()),
+            });
+            continue;
+        }
         let res = load_walker(ebpf, w);
         if let Err(e) = &res {
             let (what, without) = if w.slot == walk_slot::FIRST {

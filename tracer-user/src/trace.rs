@@ -37,6 +37,8 @@ pub struct TraceOptions {
     pub mode: ProbeMode,
     pub ringbuf_bytes: u32,
     pub packets: bool,
+    /// Load the HTTP/2 walker programs (with `packets`).
+    pub h2_frames: bool,
     pub max_conns: usize,
     /// Entries of the kernel's per-socket packet map (`--max-sockets`).
     pub max_sockets: u32,
@@ -449,6 +451,7 @@ pub fn load_probes(opts: &TraceOptions) -> anyhow::Result<Probes> {
         mode: opts.mode,
         ringbuf_bytes: opts.ringbuf_bytes,
         packets: opts.packets,
+        h2_frames: opts.h2_frames,
         max_sockets: opts.max_sockets,
     })
     .map_err(|e| {
@@ -560,6 +563,7 @@ mod tests {
             mode: ProbeMode::Auto,
             ringbuf_bytes: 4096,
             packets,
+            h2_frames: packets,
             max_conns: 7,
             max_sockets: 1024,
             probe_report: false,

@@ -372,6 +372,10 @@ pub struct H2Args {
     /// any tracer built on it. Needs `llc` (Debian llvm) and `bpftool`.
     #[arg(long)]
     floor: bool,
+    /// Extra arguments for `whoclosed trace` in the attached runs (repeatable), e.g.
+    /// `--tracer-arg=--no-h2-frames` to measure the packet hooks without the HTTP/2 walker.
+    #[arg(long = "tracer-arg", allow_hyphen_values = true)]
+    tracer_args: Vec<String>,
 }
 
 struct H2Phase {
@@ -570,6 +574,7 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
         let tracer = || -> Result<(Child, KeptLine)> {
             let mut cmd = Command::new(root.join("target/release/whoclosed"));
             cmd.args(["trace", "--linger-ms", "200"]);
+            cmd.args(&args.tracer_args);
             let stats = KeptLine::default();
             let child = start_tracer_keeping(
                 cmd,
@@ -645,6 +650,8 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
         println!(
             "--floor: \"attached\" is two empty cgroup_skb programs at the cgroup root, not the tracer"
         );
+    } else if !args.tracer_args.is_empty() {
+        println!("tracer: whoclosed trace {}", args.tracer_args.join(" "));
     }
     println!(
         "{:<10} {:>7} {:>9} {:>9} {:>9} {:>10} {:>12} {:>11} {:>10}",

@@ -10,6 +10,7 @@ mod deploy;
 mod floor;
 mod fuzz;
 mod image;
+mod profile;
 mod vm;
 
 use std::{
@@ -58,6 +59,9 @@ enum Task {
     BenchH2(bench::H2Args),
     /// Per-segment cost of the packet programs: BPF_PROG_TEST_RUN on crafted segments.
     BenchPacket(bench_packet::PacketArgs),
+    /// Where the packet programs spend a bulk HTTP/2 transfer: perf samples placed on
+    /// their JIT-ed instructions (needs perf and objdump).
+    ProfileH2(profile::ProfileArgs),
     /// Userspace pipeline: record a loopback churn, then time `whoclosed replay` of it.
     BenchPipeline(bench_scale::PipelineArgs),
     /// Memory: hold many loopback connections open and read the agent's RSS.
@@ -375,6 +379,11 @@ fn main() -> Result<()> {
             setup()?;
             build(&root, true)?;
             bench_packet::packet(&root, &args)
+        }
+        Task::ProfileH2(args) => {
+            setup()?;
+            build(&root, true)?;
+            profile::h2(&root, &args)
         }
         Task::BenchPipeline(args) => {
             setup()?;

@@ -34,6 +34,25 @@ pub struct ProfileArgs {
     tracer_args: Vec<String>,
 }
 
+/// A child killed and reaped when dropped (error paths included).
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The tracer, stopped with SIGINT when dropped.
+struct Tracer(std::process::Child);
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        crate::bench::stop(&mut self.0);
+    }
+}
+
 /// One JIT-ed function of a loaded program.
 struct JitFunc {
     addr: u64,
@@ -263,18 +282,19 @@ pub fn h2(root: &Path, args: &ProfileArgs) -> Result<()> {
 fn run(root: &Path, args: &ProfileArgs, dir: &Path) -> Result<()> {
     std::fs::write(dir.join("blob"), vec![0x5au8; 1 << 20])?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut server = Command::new("nghttpd")
-        .args(["--no-tls", "-a", "127.0.0.1", "-d"])
-        .arg(dir)
-        .arg(port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nghttpd (Debian nghttp2-server)")?;
+    let server = Reap(
+        Command::new("nghttpd")
+            .args(["--no-tls", "-a", "127.0.0.1", "-d"])
+            .arg(dir)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nghttpd (Debian nghttp2-server)")?,
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
-            let _ = server.kill();
             bail!("nghttpd did not listen on 127.0.0.1:{port}");
         }
         thread::sleep(Duration::from_millis(20));
@@ -282,16 +302,20 @@ fn run(root: &Path, args: &ProfileArgs, dir: &Path) -> Result<()> {
     let mut cmd = Command::new(root.join("target/release/whoclosed"));
     cmd.args(["trace", "--linger-ms", "200"])
         .args(&args.tracer_args);
-    let mut tracer = crate::bench::start_tracer(cmd, |l| l.contains("\"type\":\"ready\""))?;
+    let tracer = Tracer(crate::bench::start_tracer(cmd, |l| {
+        l.contains("\"type\":\"ready\"")
+    })?);
     // Enough requests to outlast the samples at about 3 GB/s.
     let requests = (args.secs + 4) * 4000;
-    let mut load = Command::new("h2load")
-        .args(["-n", &requests.to_string(), "-c", "4", "-m", "10"])
-        .arg(format!("http://127.0.0.1:{port}/blob"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting h2load (Debian nghttp2-client)")?;
+    let load = Reap(
+        Command::new("h2load")
+            .args(["-n", &requests.to_string(), "-c", "4", "-m", "10"])
+            .arg(format!("http://127.0.0.1:{port}/blob"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting h2load (Debian nghttp2-client)")?,
+    );
     thread::sleep(Duration::from_secs(2));
     let data = dir.join("perf.data");
     let perf = Command::new("perf")
@@ -303,16 +327,14 @@ fn run(root: &Path, args: &ProfileArgs, dir: &Path) -> Result<()> {
         .status();
     // The programs must still be loaded to read their images.
     let names = kallsyms();
-    let funcs: Result<Vec<JitFunc>> = prog_ids(tracer.id())
+    let funcs: Result<Vec<JitFunc>> = prog_ids(tracer.0.id())
         .into_iter()
         .map(|id| jit_funcs(id, &names))
         .collect::<Result<Vec<_>>>()
         .map(|v| v.into_iter().flatten().collect());
-    let _ = load.kill();
-    let _ = load.wait();
-    crate::bench::stop(&mut tracer);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(load);
+    drop(tracer);
+    drop(server);
     if !perf.context("running perf (Debian linux-perf)")?.success() {
         bail!("perf record failed");
     }

@@ -49,10 +49,11 @@ struct Seg {
 const _: () = assert!(core::mem::size_of::<Seg>() == 64);
 
 /// Fills `seg` from the IP and TCP headers; false for anything but the first fragment of
-/// TCP. Not inlined: its register spills (the 40-byte IPv6 header) then take a frame of
-/// their own beside `h2_segment`'s rather than under it (512 bytes for the chain,
-/// verifier.rs), and the packet pointers it uses stay inside it, out of the states the
-/// verifier explores for the frame walker.
+/// TCP. Only the entry programs call it (the walker programs get the payload's position
+/// from [`hand_over`]). Not inlined: its register spills (the 40-byte IPv6 header) take a
+/// frame of their own (512 bytes for the chain, verifier.rs), and the packet pointers it
+/// uses stay inside it, out of the states the verifier explores for the rest of the entry
+/// program.
 #[inline(never)]
 fn parse_headers(ctx: &SkBuffContext, seg: &mut Seg) -> bool {
     parse_headers_inner(ctx, seg).is_some()

@@ -277,11 +277,16 @@ fn close_at(events: &[Event], sk: u64) -> usize {
 }
 
 fn baseline(s: &Scenario) -> Vec<Sig> {
+    judged(&s.events, &s.socks)
+}
+
+/// `events` through one table, every record judged at the end; the verdicts of `socks`.
+fn judged(events: &[Event], socks: &[u64]) -> Vec<Sig> {
     let mut tbl = Table::default();
-    for ev in &s.events {
+    for ev in events {
         tbl.on_event(ev);
     }
-    verdicts(&tbl.take_all_closed(), &s.socks)
+    verdicts(&tbl.take_all_closed(), socks)
 }
 
 /// Every socket's address reused after the last event, in `order`; one tick judges them.
@@ -430,12 +435,7 @@ fn neighbouring_events_of_two_sockets_in_either_order_never_claim_a_wrong_high()
             }
             let mut events = s.events.clone();
             events.swap(i, i + 1);
-            let swapped = Scenario {
-                name: s.name,
-                events,
-                socks: s.socks.clone(),
-            };
-            let got = baseline(&swapped);
+            let got = judged(&events, &s.socks);
             no_wrong_high(
                 &format!("events {i} and {} swapped", i + 1),
                 &s,
@@ -473,12 +473,7 @@ fn one_sockets_events_arriving_late_never_claim_a_wrong_high() {
                     .collect();
                 keyed.sort_by_key(|k| (k.0, k.1));
                 let events: Vec<Event> = keyed.into_iter().map(|k| k.2.clone()).collect();
-                let lagged = Scenario {
-                    name: s.name,
-                    events,
-                    socks: s.socks.clone(),
-                };
-                let got = baseline(&lagged);
+                let got = judged(&events, &s.socks);
                 no_wrong_high(
                     &format!("socket {late:#x}'s events {lag} late"),
                     &s,

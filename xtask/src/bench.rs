@@ -99,7 +99,7 @@ pub(crate) fn churn_load(secs: u64, clients: usize, bytes: usize) -> Result<(u64
     Ok((done.load(Ordering::Relaxed), elapsed))
 }
 
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();

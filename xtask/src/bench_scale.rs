@@ -32,6 +32,9 @@ pub struct LiveArgs {
     conns: usize,
 }
 
+/// How long `bench-live` watches the agent's CPU with every connection open and idle.
+const IDLE_SECS: u64 = 5;
+
 /// A scratch directory under target/, emptied first.
 fn scratch(root: &Path, name: &str) -> Result<PathBuf> {
     let dir = root.join("target/bench").join(name);
@@ -284,6 +287,14 @@ pub fn live(root: &Path, args: &LiveArgs) -> Result<()> {
     // Let the agent read everything the openings produced.
     thread::sleep(Duration::from_secs(2));
     let rss = rss_kib(pid);
+    // Then its CPU while every connection is open and nothing happens on any of them: the
+    // steady cost of tracking them (a node full of idle long-lived gRPC connections).
+    let idle_cpu = crate::bench::cpu_seconds(pid).and_then(|a| {
+        let t = Instant::now();
+        thread::sleep(Duration::from_secs(IDLE_SECS));
+        let b = crate::bench::cpu_seconds(pid)?;
+        Some((b - a) / t.elapsed().as_secs_f64())
+    });
     for mut p in procs {
         drop(p.stdin.take());
         let _ = p.wait();
@@ -309,6 +320,14 @@ pub fn live(root: &Path, args: &LiveArgs) -> Result<()> {
         "bytes per tracked socket",
         (held_rss.saturating_sub(idle_rss) as f64 * 1024.0) / sockets.max(1) as f64
     );
+    match idle_cpu {
+        Some(c) => println!(
+            "{:<34} {:>11.2}%",
+            format!("agent CPU, all open and idle ({IDLE_SECS} s)"),
+            c * 100.0
+        ),
+        None => println!("agent CPU, all open and idle: not readable"),
+    }
     println!(
         "agent stats: conns_opened {}, conns_dropped {}, ringbuf_drops {}",
         n(&stats, "/table/conns_opened"),

@@ -10,6 +10,8 @@ use crate::{
     timeline::{H2Summary, Timeline},
 };
 
+use std::cmp::Reverse;
+
 impl Table {
     /// Connections whose linger period is over at `now_ns` (CLOCK_MONOTONIC), after every
     /// record retired since the last call (address reuse).
@@ -28,21 +30,20 @@ impl Table {
         self.retired.clear();
         self.retired_by_tuple.clear();
         self.retired_by_seq.clear();
-        let mut due: Vec<(u64, u64)> = self
-            .conns
-            .values()
-            .filter_map(|c| {
-                c.closed_ns
-                    .filter(|t| t.saturating_add(linger) <= now_ns)
-                    .map(|t| (t, c.skaddr))
-            })
-            .collect();
         // Oldest first: a socket's verdict may rest on its peer's resolved record (which RST
-        // reached it, from whom), and the peer that closed first is resolved first.
-        due.sort_unstable();
-        out.reserve(due.len());
-        for (_, sk) in due {
-            if let Some(c) = self.take(sk) {
+        // reached it, from whom), and the peer that closed first is resolved first. The
+        // queue holds only closed records, so a tick costs nothing per open connection (a
+        // scan of every record at each tick was 3 % of a core with 100,000 idle sockets).
+        while let Some(&Reverse((t, sk))) = self.due.peek() {
+            if t.saturating_add(linger) > now_ns {
+                break;
+            }
+            self.due.pop();
+            // Stale when the record at `sk` was retired, or replaced by another socket's
+            // since it was scheduled: only the record that closed at `t` is due.
+            if self.conns.get(&sk).is_some_and(|c| c.closed_ns == Some(t))
+                && let Some(c) = self.take(sk)
+            {
                 out.push(self.judge(c));
             }
         }
@@ -60,6 +61,11 @@ impl Table {
             .into_iter()
             .filter_map(|i| slots.get_mut(i).and_then(Option::take))
             .collect()
+    }
+
+    /// Queues the record at `sk`, closed at `closed_ns`, for its verdict after the linger.
+    pub(super) fn schedule(&mut self, closed_ns: u64, sk: u64) {
+        self.due.push(Reverse((closed_ns, sk)));
     }
 
     /// Every connection that has closed, whatever its linger (shutdown flush).

@@ -142,6 +142,7 @@ impl Table {
         }
         if new == TcpState::Close && c.closed_ns.is_none() {
             c.closed_ns = Some(ev.ts_ns);
+            self.schedule(ev.ts_ns, sk);
             self.note_closed_leg(sk);
         } else if matches!(
             new,
@@ -192,6 +193,7 @@ impl Table {
             if c.closed_ns.is_none() {
                 c.closed_ns = Some(ev.ts_ns);
                 c.state = TcpState::Close;
+                self.schedule(ev.ts_ns, ev.skaddr);
                 self.note_closed_leg(ev.skaddr);
             }
         }

@@ -19,7 +19,10 @@ mod proxy;
 mod record;
 mod rst;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, HashSet, VecDeque},
+};
 
 use crate::{
     classify::Verdict,
@@ -160,6 +163,9 @@ pub struct Table {
     /// Time of the newest sent RST the log's cap pushed out while still inside the window.
     rst_log_evicted_ns: Option<u64>,
     recent: VecDeque<peer::Recent>,
+    /// Closed live records by (close time, socket), earliest first, for
+    /// [`Table::take_due`]; entries whose record was since retired or replaced are skipped.
+    due: BinaryHeap<Reverse<(u64, u64)>>,
     /// Reasons of no-socket resets reported by `tcp_send_reset`, waiting for their segment.
     pending_reasons: FastMap<Tuple, String>,
     /// Live sockets by (first egress, first ingress) sequence number: the two ends of one
@@ -203,6 +209,7 @@ impl Table {
             rst_log: VecDeque::new(),
             rst_log_evicted_ns: None,
             recent: VecDeque::new(),
+            due: BinaryHeap::new(),
             pending_reasons: FastMap::default(),
             live_seq: FastMap::default(),
             recent_seq: FastMap::default(),

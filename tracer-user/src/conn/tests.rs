@@ -1336,3 +1336,36 @@ fn client_close_events(p: &Pair, at: u64) -> Vec<Event> {
         state(at + 2 * MS, p.s, p.st, LastAck, Close),
     ]
 }
+
+#[test]
+fn a_reused_address_is_judged_at_its_own_close_not_at_the_old_records() {
+    use TcpState::*;
+    let mut tbl = Table::default();
+    let a = pair(1);
+    handshake(&mut tbl, &a, (1, 2));
+    for ev in client_close_events(&a, 100 * MS) {
+        tbl.on_event(&ev);
+    }
+    // Inside the old server record's linger, a new socket gets its address and closes at
+    // 900 ms: the old record's queue entry (101 ms) must not take the new record along.
+    let t = tuple("10.9.2.2:8080", "10.9.1.9:41000");
+    tbl.on_event(&state(300 * MS, a.s, t, Listen, SynRecv));
+    tbl.on_event(&state(301 * MS, a.s, t, SynRecv, Established));
+    tbl.on_event(&state(900 * MS, a.s, t, Established, Close));
+    let first = tbl.take_due(1_200 * MS);
+    let socks: Vec<(u64, Option<u64>)> = first
+        .iter()
+        .map(|c| (c.conn.skaddr, c.conn.closed_ns))
+        .collect();
+    assert_eq!(first.len(), 2, "{socks:x?}");
+    assert!(
+        first.iter().all(|c| c.conn.closed_ns < Some(300 * MS)),
+        "only the old records are due at 1.2 s: {socks:x?}"
+    );
+    assert!(tbl.take_due(1_850 * MS).is_empty(), "the new one lingers");
+    let second = tbl.take_due(1_900 * MS);
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].conn.skaddr, a.s);
+    assert_eq!(second[0].conn.closed_ns, Some(900 * MS));
+    assert!(tbl.take_due(u64::MAX).is_empty(), "nothing is judged twice");
+}

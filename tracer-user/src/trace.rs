@@ -376,11 +376,11 @@ async fn event_loop<W: Write>(
 ) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    // The kernel wakes us only when the buffer is a quarter full; anything less is read at
+    // this tick, which then judges what is due.
+    let mut tick = tokio::time::interval(crate::probes::DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drops_tick = tokio::time::interval(Duration::from_secs(1));
-    // The kernel wakes us only when the buffer is a quarter full; anything less is read here.
-    let mut drain_tick = tokio::time::interval(crate::probes::DRAIN_INTERVAL);
-    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!("tracing; Ctrl-C or SIGTERM to stop");
     loop {
         tokio::select! {
@@ -402,16 +402,16 @@ async fn event_loop<W: Write>(
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
-            _ = drain_tick.tick() => {
-                // A bounded number of batches, then the other branches get their turn.
+            _ = tick.tick() => {
+                // What arrived below the wake-up level first (a bounded number of batches;
+                // a buffer that still holds more stays readable and is read next turn), so
+                // that the verdicts below see every record written before this tick.
                 let inner = rb.get_mut();
                 for _ in 0..DRAIN_TICK_BATCHES {
                     if !state.drain(inner, out, DRAIN_BATCH)? {
                         break;
                     }
                 }
-            }
-            _ = tick.tick() => {
                 let now = export::monotonic_ns();
                 // Before judging: a connection alive while the ring buffer overflowed may
                 // miss facts, and its verdict must say so (the total is recorded with the

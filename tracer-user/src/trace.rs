@@ -117,6 +117,9 @@ impl<W: Write> Output<W> {
     /// The pods of both ends: resolved live by the agent, or as recorded.
     fn k8s_of(&mut self, c: &Closed) -> K8sEnds {
         if let Some(map) = &self.recorded_k8s {
+            if map.is_empty() {
+                return K8sEnds::default();
+            }
             return map.get(&c.conn.id.to_string()).cloned().unwrap_or_default();
         }
         let ends = match &mut self.pods {

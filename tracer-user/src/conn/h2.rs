@@ -86,6 +86,11 @@ impl PingSide {
         self.outstanding.len()
     }
 
+    /// Nothing to report: no PING either way, none outstanding, no interval.
+    pub fn is_blank(&self) -> bool {
+        self.pings == 0 && self.acks == 0 && self.outstanding.is_empty() && self.times.len() < 2
+    }
+
     /// When the oldest unanswered PING went out.
     pub fn oldest_unanswered_ns(&self) -> Option<u64> {
         self.outstanding.front().map(|(_, t)| *t)
@@ -140,6 +145,22 @@ impl H2Track {
 
     pub fn open_streams(&self) -> usize {
         self.streams.len()
+    }
+
+    /// Every reported counter zero and every list empty: what a socket whose payload was
+    /// classified but never walked as HTTP/2 (TLS, other protocols) carries.
+    pub fn is_blank(&self) -> bool {
+        !self.preface_seen
+            && self.frames == 0
+            && self.parse_errors == 0
+            && self.desyncs == 0
+            && self.goaways.is_empty()
+            && self.ping_sent.is_blank()
+            && self.ping_received.is_blank()
+            && self.rst_sent.is_empty()
+            && self.rst_received.is_empty()
+            && self.streams.is_empty()
+            && self.max_open_streams == 0
     }
 
     pub fn on_proto(&mut self, note: ProtoNote) {

@@ -786,6 +786,32 @@ mod writer {
         tbl.take_all_closed().pop().expect("closed")
     }
 
+    /// The blank-track shortcut of the writer against serde, for every state, with and
+    /// without an idle time, and a track one counter away from blank (the full path).
+    #[test]
+    fn blank_h2_objects_match_serde() {
+        for state in [
+            H2State::Synced,
+            H2State::Unsynced,
+            H2State::NotH2,
+            H2State::Tls,
+        ] {
+            for idle in [None, Some(1_200 * MS)] {
+                let mut c = base(0x77, "10.0.0.1:40000 > 10.0.0.2:443");
+                let mut h = H2Track::new(1_000 * MS);
+                h.state = state;
+                h.idle_since_ns = idle;
+                assert!(h.is_blank());
+                c.conn.h2 = Some(Box::new(h.clone()));
+                check(&c, None);
+                h.max_open_streams = 1;
+                assert!(!h.is_blank());
+                c.conn.h2 = Some(Box::new(h));
+                check(&c, None);
+            }
+        }
+    }
+
     fn frame(len: u32, kind: u8, flags: u8, stream: u32) -> [u8; 9] {
         let l = len.to_be_bytes();
         let s = stream.to_be_bytes();

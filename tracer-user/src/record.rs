@@ -21,7 +21,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fs::File,
-    io::{self, BufReader, BufWriter, Read, Write},
+    io::{self, BufRead, BufReader, BufWriter, Read, Write},
     path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -198,14 +198,14 @@ enum Frame {
     K8s(Box<K8sFrame>),
 }
 
-struct Reader<R: Read> {
+struct Reader<R: BufRead> {
     inp: R,
     offset: u64,
     /// The last frame's payload, reused: no allocation per record.
     buf: Vec<u8>,
 }
 
-impl<R: Read> Reader<R> {
+impl<R: BufRead> Reader<R> {
     fn open(mut inp: R) -> anyhow::Result<(Self, Header)> {
         let mut magic = [0u8; 8];
         inp.read_exact(&mut magic)
@@ -257,8 +257,51 @@ impl<R: Read> Reader<R> {
     /// The next frame; `None` at the end. A frame cut short (the agent was killed while
     /// writing) ends the recording with a warning.
     fn next(&mut self) -> anyhow::Result<Option<Frame>> {
+        self.next_of(|_| true)
+    }
+
+    /// The next frame of a kind `want` accepts; the payloads of the others are passed over
+    /// without being copied (replay's first pass wants only the pod frames of a file that
+    /// is mostly kernel records).
+    fn next_of(&mut self, want: impl Fn(u8) -> bool) -> anyhow::Result<Option<Frame>> {
+        loop {
+            let Some((kind, len)) = self.frame_head()? else {
+                return Ok(None);
+            };
+            if want(kind) {
+                return self.frame_body(kind, len);
+            }
+            let mut left = len as usize;
+            while left > 0 {
+                let avail = self.inp.fill_buf()?.len();
+                if avail == 0 {
+                    log::warn!("recording ends inside a frame at byte {}", self.offset);
+                    return Ok(None);
+                }
+                let k = avail.min(left);
+                self.inp.consume(k);
+                left -= k;
+            }
+            self.offset += 5 + u64::from(len);
+        }
+    }
+
+    /// `buf.len()` bytes straight from the reader's buffer when it holds them (a frame
+    /// rarely straddles a refill), else read piece by piece; how many were read.
+    fn fill(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let have = self.inp.fill_buf()?;
+        if have.len() >= buf.len() {
+            buf.copy_from_slice(&have[..buf.len()]);
+            self.inp.consume(buf.len());
+            return Ok(buf.len());
+        }
+        read_full(&mut self.inp, buf)
+    }
+
+    /// The kind and payload length of the next frame; `None` at the end.
+    fn frame_head(&mut self) -> anyhow::Result<Option<(u8, u32)>> {
         let mut head = [0u8; 5];
-        match read_full(&mut self.inp, &mut head)? {
+        match self.fill(&mut head)? {
             0 => return Ok(None),
             5 => {}
             n => {
@@ -277,9 +320,17 @@ impl<R: Read> Reader<R> {
                 self.offset
             );
         }
-        self.buf.clear();
-        self.buf.resize(len as usize, 0);
-        if read_full(&mut self.inp, &mut self.buf)? != self.buf.len() {
+        Ok(Some((kind, len)))
+    }
+
+    /// The payload of the frame whose head [`Self::frame_head`] just read.
+    fn frame_body(&mut self, kind: u8, len: u32) -> anyhow::Result<Option<Frame>> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        buf.resize(len as usize, 0);
+        let got = self.fill(&mut buf);
+        self.buf = buf;
+        if got? != self.buf.len() {
             log::warn!("recording ends inside a frame at byte {}", self.offset);
             return Ok(None);
         }
@@ -340,7 +391,7 @@ pub fn replay(
     // so after the tick that made it).
     let (mut reader, header) = open()?;
     let mut pods: HashMap<String, K8sEnds> = HashMap::new();
-    while let Some(frame) = reader.next()? {
+    while let Some(frame) = reader.next_of(|k| k == FRAME_K8S)? {
         if let Frame::K8s(k) = frame {
             let k = *k;
             pods.insert(
@@ -441,6 +492,23 @@ mod tests {
         let (mut r, _) = Reader::open(cut).unwrap();
         assert!(matches!(r.next(), Ok(Some(Frame::Event))));
         assert!(matches!(r.next(), Ok(Some(Frame::Tick(99, None)))));
+        assert!(matches!(r.next(), Ok(None)));
+        // Passing over frames of other kinds (replay's first pass): the tick after the
+        // event is found, the rest of the file too; inside a cut frame it just ends.
+        let (mut r, _) = Reader::open(bytes.as_slice()).unwrap();
+        assert!(matches!(
+            r.next_of(|k| k == FRAME_TICK),
+            Ok(Some(Frame::Tick(99, None)))
+        ));
+        assert!(matches!(r.next_of(|k| k == FRAME_EVENT), Ok(None)));
+        let (mut r, _) = Reader::open(cut).unwrap();
+        assert!(matches!(r.next_of(|k| k == FRAME_K8S), Ok(None)));
+        // A one-byte buffer: every frame straddles a refill.
+        let (mut r, _) = Reader::open(BufReader::with_capacity(1, bytes.as_slice())).unwrap();
+        assert!(matches!(r.next(), Ok(Some(Frame::Event))));
+        assert_eq!(r.event(), [1, 2, 3]);
+        assert!(matches!(r.next(), Ok(Some(Frame::Tick(99, None)))));
+        assert!(matches!(r.next(), Ok(Some(Frame::Tick(100, Some(7))))));
         assert!(matches!(r.next(), Ok(None)));
         // Not a recording.
         assert!(Reader::open(&b"{\"v\":1}\n........"[..]).is_err());

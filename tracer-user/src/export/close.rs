@@ -365,13 +365,13 @@ impl CloseObject<'_> {
         out.extend_from_slice(b",\"conn\":{\"id\":");
         w::id(out, conn.id);
         out.extend_from_slice(b",\"family\":");
-        w::string(out, family);
+        w::name(out, family);
         out.extend_from_slice(b",\"local\":");
         w::opt_addr(out, conn.tuple.map(|t| t.local()))?;
         out.extend_from_slice(b",\"remote\":");
         w::opt_addr(out, conn.tuple.map(|t| t.remote()))?;
         out.extend_from_slice(b",\"role\":");
-        w::string(out, conn.role.name());
+        w::name(out, conn.role.name());
         out.extend_from_slice(b",\"preexisting\":");
         w::boolean(out, conn.preexisting);
         out.extend_from_slice(b",\"pid\":");
@@ -478,15 +478,15 @@ fn write_verdict(out: &mut Vec<u8>, v: &Verdict) -> io::Result<()> {
         middlebox,
     } = v;
     out.extend_from_slice(b"{\"closed_by\":");
-    w::string(out, closed_by.as_str());
+    w::name(out, closed_by.as_str());
     out.extend_from_slice(b",\"reason\":");
-    w::string(out, reason.as_str());
+    w::name(out, reason.as_str());
     out.extend_from_slice(b",\"tcp_initiator\":");
-    w::string(out, tcp_initiator.as_str());
+    w::name(out, tcp_initiator.as_str());
     out.extend_from_slice(b",\"mechanism\":");
-    w::string(out, mechanism.as_str());
+    w::name(out, mechanism.as_str());
     out.extend_from_slice(b",\"confidence\":");
-    w::string(out, confidence.as_str());
+    w::name(out, confidence.as_str());
     out.extend_from_slice(b",\"hint\":");
     w::string(out, hint);
     if let Some(m) = middlebox {
@@ -511,9 +511,9 @@ fn write_fact(out: &mut Vec<u8>, c: &Closed, f: &Fact) -> io::Result<()> {
             exiting,
         } => {
             out.extend_from_slice(b"\"state\",\"from\":");
-            w::string(out, from.name());
+            w::name(out, from.name());
             out.extend_from_slice(b",\"to\":");
-            w::string(out, to.name());
+            w::name(out, to.name());
             // Only transitions made by the owning process carry a meaningful task.
             if matches!(
                 to,
@@ -566,7 +566,7 @@ fn write_fact(out: &mut Vec<u8>, c: &Closed, f: &Fact) -> io::Result<()> {
                 w::int(out, b);
             }
             out.extend_from_slice(b",\"origin\":");
-            w::string(out, origin.name());
+            w::name(out, origin.name());
         }
         FactKind::TtlChanged { ttl } => {
             out.extend_from_slice(b"\"ttl_changed\",\"ttl\":");
@@ -574,13 +574,13 @@ fn write_fact(out: &mut Vec<u8>, c: &Closed, f: &Fact) -> io::Result<()> {
         }
         FactKind::Retransmit { state } => {
             out.extend_from_slice(b"\"retransmit\",\"state\":");
-            w::string(out, state.name());
+            w::name(out, state.name());
         }
         FactKind::SocketError { errno } => {
             out.extend_from_slice(b"\"socket_error\",\"errno\":");
             w::int(out, *errno);
             out.extend_from_slice(b",\"error\":");
-            w::string(out, errno_name(*errno));
+            w::name(out, errno_name(*errno));
         }
         FactKind::GoAway(g) => {
             out.extend_from_slice(if g.sent {
@@ -620,7 +620,7 @@ fn write_h2(out: &mut Vec<u8>, c: &Closed, h: &H2Track) -> io::Result<()> {
     }
     let closed = c.conn.closed_ns.unwrap_or(c.conn.first_ns);
     out.extend_from_slice(b"{\"state\":");
-    w::string(out, h.state.name());
+    w::name(out, h.state.name());
     out.extend_from_slice(BLANK_H2_MIDDLE);
     w::opt_float(
         out,
@@ -634,7 +634,7 @@ fn write_h2_full(out: &mut Vec<u8>, c: &Closed, h: &H2Track) -> io::Result<()> {
     let start = c.conn.first_ns;
     let closed = c.conn.closed_ns.unwrap_or(start);
     out.extend_from_slice(b"{\"state\":");
-    w::string(out, h.state.name());
+    w::name(out, h.state.name());
     out.extend_from_slice(b",\"preface_seen\":");
     w::boolean(out, h.preface_seen);
     out.extend_from_slice(b",\"frames\":");

@@ -73,6 +73,17 @@ pub(super) fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// A JSON string from the program's own names (enum names, states, errno names): known
+/// to need no escaping, so the bytes are copied as they are.
+#[inline]
+pub(super) fn name(out: &mut Vec<u8>, s: &'static str) {
+    debug_assert!(!any_escape(s.as_bytes()), "{s:?} needs escaping");
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+}
+
 /// A JSON string or `null`.
 #[inline]
 pub(super) fn opt_string(out: &mut Vec<u8>, s: Option<&str>) {

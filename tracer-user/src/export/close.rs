@@ -397,7 +397,7 @@ impl CloseObject<'_> {
         }
 
         out.extend_from_slice(b"],\"stats\":{\"lifetime_ms\":");
-        w::float(out, ms(closed.saturating_sub(lifetime_from)));
+        w::ms(out, closed.saturating_sub(lifetime_from));
         out.extend_from_slice(b",\"retransmits\":");
         w::int(out, conn.retransmits);
         out.extend_from_slice(b",\"ttl_baseline\":");
@@ -405,7 +405,7 @@ impl CloseObject<'_> {
         out.extend_from_slice(b",\"facts_dropped\":");
         w::int(out, conn.facts_dropped);
         out.extend_from_slice(b",\"idle_before_end_ms\":");
-        w::opt_float(out, conn.idle_before_end_ns().map(ms));
+        w::opt_ms(out, conn.idle_before_end_ns());
 
         out.extend_from_slice(b"},\"h2\":");
         match conn.h2.as_deref() {
@@ -500,7 +500,7 @@ fn write_verdict(out: &mut Vec<u8>, v: &Verdict) -> io::Result<()> {
 /// One `evidence` item: what [`EvidenceItem`] serialises.
 fn write_fact(out: &mut Vec<u8>, c: &Closed, f: &Fact) -> io::Result<()> {
     out.extend_from_slice(b"{\"at_ms\":");
-    w::float(out, ms(f.at_ns.saturating_sub(c.conn.first_ns)));
+    w::ms(out, f.at_ns.saturating_sub(c.conn.first_ns));
     out.extend_from_slice(b",\"what\":");
     match &f.kind {
         FactKind::State {
@@ -622,10 +622,7 @@ fn write_h2(out: &mut Vec<u8>, c: &Closed, h: &H2Track) -> io::Result<()> {
     out.extend_from_slice(b"{\"state\":");
     w::name(out, h.state.name());
     out.extend_from_slice(BLANK_H2_MIDDLE);
-    w::opt_float(
-        out,
-        opt_ms(h.idle_since_ns.map(|t| closed.saturating_sub(t))),
-    );
+    w::opt_ms(out, h.idle_since_ns.map(|t| closed.saturating_sub(t)));
     out.push(b'}');
     Ok(())
 }
@@ -653,7 +650,7 @@ fn write_h2_full(out: &mut Vec<u8>, c: &Closed, h: &H2Track) -> io::Result<()> {
         } else {
             b"{\"dir\":\"received\",\"at_ms\":"
         });
-        w::float(out, ms(g.at_ns.saturating_sub(start)));
+        w::ms(out, g.at_ns.saturating_sub(start));
         out.extend_from_slice(b",\"error_code\":");
         w::display_str(out, g.code)?;
         out.extend_from_slice(b",\"code\":");
@@ -665,7 +662,7 @@ fn write_h2_full(out: &mut Vec<u8>, c: &Closed, h: &H2Track) -> io::Result<()> {
         out.extend_from_slice(b",\"debug_truncated\":");
         w::boolean(out, g.debug_truncated);
         out.extend_from_slice(b",\"idle_ms\":");
-        w::opt_float(out, opt_ms(g.idle_ns));
+        w::opt_ms(out, g.idle_ns);
         out.push(b'}');
     }
     let (sent, received) = (&h.ping_sent, &h.ping_received);
@@ -682,13 +679,13 @@ fn write_h2_full(out: &mut Vec<u8>, c: &Closed, h: &H2Track) -> io::Result<()> {
     out.extend_from_slice(b",\"unanswered_received\":");
     w::int(out, received.unanswered());
     out.extend_from_slice(b",\"min_interval_ms_sent\":");
-    w::opt_float(out, opt_ms(sent.min_interval_ns()));
+    w::opt_ms(out, sent.min_interval_ns());
     out.extend_from_slice(b",\"min_interval_ms_received\":");
-    w::opt_float(out, opt_ms(received.min_interval_ns()));
+    w::opt_ms(out, received.min_interval_ns());
     out.extend_from_slice(b",\"median_interval_ms_sent\":");
-    w::opt_float(out, opt_ms(sent.median_interval_ns()));
+    w::opt_ms(out, sent.median_interval_ns());
     out.extend_from_slice(b",\"median_interval_ms_received\":");
-    w::opt_float(out, opt_ms(received.median_interval_ns()));
+    w::opt_ms(out, received.median_interval_ns());
     out.extend_from_slice(b"},\"rst_streams\":{\"sent\":");
     write_counts(out, &h.rst_sent);
     out.extend_from_slice(b",\"received\":");
@@ -698,10 +695,7 @@ fn write_h2_full(out: &mut Vec<u8>, c: &Closed, h: &H2Track) -> io::Result<()> {
     out.extend_from_slice(b",\"max_open_streams\":");
     w::int(out, h.max_open_streams);
     out.extend_from_slice(b",\"idle_before_close_ms\":");
-    w::opt_float(
-        out,
-        opt_ms(h.idle_since_ns.map(|t| closed.saturating_sub(t))),
-    );
+    w::opt_ms(out, h.idle_since_ns.map(|t| closed.saturating_sub(t)));
     out.push(b'}');
     Ok(())
 }

@@ -220,10 +220,44 @@ pub(super) fn float(out: &mut Vec<u8>, v: f64) {
     }
 }
 
+/// Nanoseconds as the milliseconds float `super::ms` makes of them (rounded to the
+/// microsecond), written as `float` would write it, without the float formatter: below
+/// 10^15 ns the value is k/1000 for the integer k = round(ns / 1000), and its shortest
+/// round-trip form is that decimal with trailing zeros dropped (`12.0`, `0.05`, `1.234`).
+/// Larger values take the float path.
+pub(super) fn ms(out: &mut Vec<u8>, ns: u64) {
+    if ns >= 1_000_000_000_000_000 {
+        float(out, super::ms(ns));
+        return;
+    }
+    let k = (ns + 500) / 1_000;
+    int(out, k / 1_000);
+    let frac = k % 1_000;
+    if frac == 0 {
+        out.extend_from_slice(b".0");
+        return;
+    }
+    let digits = [
+        b'.',
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ];
+    let keep = if frac.is_multiple_of(100) {
+        2
+    } else if frac.is_multiple_of(10) {
+        3
+    } else {
+        4
+    };
+    out.extend_from_slice(&digits[..keep]);
+}
+
+/// [`ms`] or `null`.
 #[inline]
-pub(super) fn opt_float(out: &mut Vec<u8>, v: Option<f64>) {
-    match v {
-        Some(v) => float(out, v),
+pub(super) fn opt_ms(out: &mut Vec<u8>, ns: Option<u64>) {
+    match ns {
+        Some(ns) => ms(out, ns),
         None => null(out),
     }
 }
@@ -276,6 +310,46 @@ mod tests {
             rfc3339_micros(&mut ours, t).expect("format");
             let theirs = format!("\"{}\"", humantime::format_rfc3339_micros(t));
             assert_eq!(String::from_utf8_lossy(&ours), theirs, "{s} s {nanos} ns");
+        }
+    }
+
+    /// The integer millisecond writer against the float path it replaces: every value up
+    /// to 3 s in steps of 1 ns near rounding edges, every microsecond up to 2 s, and a
+    /// spread of values up to and past 10^15 ns.
+    #[test]
+    fn ms_matches_the_float_writer() {
+        let mut cases: Vec<u64> = (0..3_000_000_000u64)
+            .step_by(997)
+            .chain((0..2_000_000).map(|us| us * 1_000))
+            .chain((0..4_000).flat_map(|i| {
+                let edge = i * 1_000 + 500;
+                [edge - 1, edge, edge + 1]
+            }))
+            .collect();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..200_000 {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            cases.push(x % 2_000_000_000_000_000);
+        }
+        cases.extend([
+            999_999_999_999_499,
+            999_999_999_999_500,
+            999_999_999_999_999,
+            1_000_000_000_000_000,
+            u64::MAX,
+        ]);
+        for ns in cases {
+            let mut ours = Vec::new();
+            ms(&mut ours, ns);
+            let mut theirs = Vec::new();
+            float(&mut theirs, super::super::ms(ns));
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&theirs),
+                "{ns} ns"
+            );
         }
     }
 

@@ -286,22 +286,10 @@ impl<R: BufRead> Reader<R> {
         }
     }
 
-    /// `buf.len()` bytes straight from the reader's buffer when it holds them (a frame
-    /// rarely straddles a refill), else read piece by piece; how many were read.
-    fn fill(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let have = self.inp.fill_buf()?;
-        if have.len() >= buf.len() {
-            buf.copy_from_slice(&have[..buf.len()]);
-            self.inp.consume(buf.len());
-            return Ok(buf.len());
-        }
-        read_full(&mut self.inp, buf)
-    }
-
     /// The kind and payload length of the next frame; `None` at the end.
     fn frame_head(&mut self) -> anyhow::Result<Option<(u8, u32)>> {
         let mut head = [0u8; 5];
-        match self.fill(&mut head)? {
+        match read_buffered(&mut self.inp, &mut head)? {
             0 => return Ok(None),
             5 => {}
             n => {
@@ -325,12 +313,9 @@ impl<R: BufRead> Reader<R> {
 
     /// The payload of the frame whose head [`Self::frame_head`] just read.
     fn frame_body(&mut self, kind: u8, len: u32) -> anyhow::Result<Option<Frame>> {
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.clear();
-        buf.resize(len as usize, 0);
-        let got = self.fill(&mut buf);
-        self.buf = buf;
-        if got? != self.buf.len() {
+        self.buf.clear();
+        self.buf.resize(len as usize, 0);
+        if read_buffered(&mut self.inp, &mut self.buf)? != self.buf.len() {
             log::warn!("recording ends inside a frame at byte {}", self.offset);
             return Ok(None);
         }
@@ -359,6 +344,18 @@ impl<R: BufRead> Reader<R> {
             k => bail!("corrupt recording: unknown frame kind {k} at byte {at}"),
         }))
     }
+}
+
+/// `buf.len()` bytes straight from the reader's buffer when it holds them (a frame rarely
+/// straddles a refill), else read piece by piece; how many were read.
+fn read_buffered(r: &mut impl BufRead, buf: &mut [u8]) -> io::Result<usize> {
+    let have = r.fill_buf()?;
+    if have.len() >= buf.len() {
+        buf.copy_from_slice(&have[..buf.len()]);
+        r.consume(buf.len());
+        return Ok(buf.len());
+    }
+    read_full(r, buf)
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {

@@ -406,9 +406,9 @@ async fn event_loop<W: Write>(
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                // What arrived below the wake-up level first (a bounded number of batches;
-                // a buffer that still holds more stays readable and is read next turn), so
-                // that the verdicts below see every record written before this tick.
+                // What arrived below the wake-up level first, so that the verdicts below
+                // see the records written before this tick. Bounded: whatever is left
+                // waits for the kernel's next wake-up or the next tick.
                 let inner = rb.get_mut();
                 for _ in 0..DRAIN_TICK_BATCHES {
                     if !state.drain(inner, out, DRAIN_BATCH)? {

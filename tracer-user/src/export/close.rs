@@ -608,12 +608,12 @@ fn write_fact(out: &mut Vec<u8>, c: &Closed, f: &Fact) -> io::Result<()> {
     Ok(())
 }
 
-/// The `h2` object: what [`h2_json`] builds, written as it is read.
 /// What [`write_h2_full`] writes between the state and `idle_before_close_ms` for a track
 /// whose counters are all zero ([`H2Track::is_blank`]), the common case of a socket that
 /// never carried HTTP/2 (a third of such a verdict's bytes).
 const BLANK_H2_MIDDLE: &[u8] = b",\"preface_seen\":false,\"frames\":0,\"parse_errors\":0,\"desyncs\":0,\"goaways\":[],\"pings\":{\"sent\":0,\"received\":0,\"acks_sent\":0,\"acks_received\":0,\"unanswered_sent\":0,\"unanswered_received\":0,\"min_interval_ms_sent\":null,\"min_interval_ms_received\":null,\"median_interval_ms_sent\":null,\"median_interval_ms_received\":null},\"rst_streams\":{\"sent\":{},\"received\":{}},\"streams_open_at_close\":0,\"max_open_streams\":0,\"idle_before_close_ms\":";
 
+/// The `h2` object: what [`h2_json`] builds, written as it is read.
 fn write_h2(out: &mut Vec<u8>, c: &Closed, h: &H2Track) -> io::Result<()> {
     if !h.is_blank() {
         return write_h2_full(out, c, h);

@@ -7,6 +7,7 @@ use std::{
     io::Write as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -41,7 +42,9 @@ fn sh_quote(s: &str) -> String {
     }
 }
 
-/// Shared state of one invocation: artefacts, the userland archive, kernels prepared.
+/// Shared state of one invocation: artefacts, the userland archive, kernels prepared. Boots
+/// take `&self`, so several can run at once (`vm ci --jobs`); the archives built on first use
+/// sit behind locks.
 pub struct Vm {
     pub common: Common,
     pub art: image::Artefacts,
@@ -51,11 +54,10 @@ pub struct Vm {
     /// Shared libraries in `userland` (the HTTP/2 archive adds only the others).
     pub userland_libs: BTreeSet<PathBuf>,
     /// The HTTP/2 suite's archive, built by the first boot that needs it.
-    pub h2_part: Option<Vec<u8>>,
-    pub kernel_parts: BTreeMap<String, Vec<u8>>,
+    h2_part: Mutex<Option<Vec<u8>>>,
+    kernel_parts: Mutex<BTreeMap<String, Vec<u8>>>,
     /// `target/vm`: logs and scratch files.
     pub work: PathBuf,
-    pub boots: u32,
 }
 
 impl Vm {
@@ -91,10 +93,9 @@ impl Vm {
             cases,
             userland,
             userland_libs,
-            h2_part: None,
-            kernel_parts: BTreeMap::new(),
+            h2_part: Mutex::new(None),
+            kernel_parts: Mutex::new(BTreeMap::new()),
             work,
-            boots: 0,
         })
     }
 
@@ -115,7 +116,7 @@ impl Vm {
 
     /// One boot running `cmd` (quoted for busybox sh) in /tmp, the workspace's target
     /// directory on PATH.
-    pub fn run_command(&mut self, k: &Kernel, cmd: &[String]) -> Result<qemu::BootResult> {
+    pub fn run_command(&self, k: &Kernel, cmd: &[String]) -> Result<qemu::BootResult> {
         let dir = self
             .art
             .whoclosed
@@ -131,8 +132,9 @@ impl Vm {
     }
 
     /// The HTTP/2 suite's archive (built once).
-    fn h2_part(&mut self) -> Result<Vec<u8>> {
-        if let Some(p) = &self.h2_part {
+    fn h2_part(&self) -> Result<Vec<u8>> {
+        let mut cached = lock(&self.h2_part);
+        if let Some(p) = &*cached {
             return Ok(p.clone());
         }
         let t = Instant::now();
@@ -142,42 +144,50 @@ impl Vm {
             p.len() as f64 / 1048576.0,
             t.elapsed().as_secs_f64()
         );
-        self.h2_part = Some(p.clone());
+        *cached = Some(p.clone());
+        Ok(p)
+    }
+
+    /// The kernel's modules archive (built once per kernel).
+    fn kernel_part(&self, k: &Kernel) -> Result<Vec<u8>> {
+        let mut parts = lock(&self.kernel_parts);
+        if let Some(p) = parts.get(&k.alias) {
+            return Ok(p.clone());
+        }
+        let p = image::kernel_part(k)?;
+        parts.insert(k.alias.clone(), p.clone());
         Ok(p)
     }
 
     /// One boot running `script` (busybox sh) with its output on ttyS1; `extra` archives
-    /// are unpacked over the base userland.
+    /// are unpacked over the base userland. Its initramfs and logs are named after the
+    /// kernel and `what`, so boots of different names can run at once.
     pub fn boot(
-        &mut self,
+        &self,
         k: &Kernel,
         what: &str,
         script: &str,
         extra: &[&[u8]],
     ) -> Result<qemu::BootResult> {
-        if !self.kernel_parts.contains_key(&k.alias) {
-            let part = image::kernel_part(k)?;
-            self.kernel_parts.insert(k.alias.clone(), part);
-        }
-        self.boots += 1;
+        let kernel_part = self.kernel_part(k)?;
         let name = format!("{}-{what}", k.alias);
         let logs = self.work.join("logs").join(&name);
-        let initrd = self.work.join("initrd.cpio");
+        let initrd = self.work.join(format!("initrd-{name}.cpio"));
         let mut f = fs::File::create(&initrd)?;
         f.write_all(&self.userland)?;
         for part in extra {
             f.write_all(part)?;
         }
-        f.write_all(&self.kernel_parts[&k.alias])?;
+        f.write_all(&kernel_part)?;
         f.write_all(&image::command_part(script))?;
         drop(f);
         let verbose = self.common.verbose;
         eprintln!("vm: booting {} for {what}", k.label());
         let mut on_line = |l: &str| {
             if verbose {
-                eprintln!("  | {l}");
+                eprintln!("  {name} | {l}");
             } else if let Some(rest) = l.strip_prefix("@@CASE-END ") {
-                eprintln!("  {rest}");
+                eprintln!("  {name}: {rest}");
             }
         };
         let b = qemu::boot(
@@ -191,7 +201,7 @@ impl Vm {
         Ok(b)
     }
 
-    pub fn report(&mut self, k: &Kernel) -> Result<Report> {
+    pub fn report(&self, k: &Kernel) -> Result<Report> {
         let script = report_script(&self.art.whoclosed);
         let b = self.boot(k, "report", &script, &[])?;
         let mut r = parse_report(&b.output);
@@ -217,7 +227,7 @@ impl Vm {
 
     /// One boot running the cases of `suites` that match `filter`.
     pub fn test(
-        &mut self,
+        &self,
         k: &Kernel,
         mode: Mode,
         suites: &[Suite],
@@ -263,6 +273,11 @@ impl Vm {
         }
         Ok(t)
     }
+}
+
+/// A lock whose holder panicked still guards a usable cache.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `cargo build` of the agent and `cargo test --no-run` of the e2e binaries (which builds

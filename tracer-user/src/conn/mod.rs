@@ -325,10 +325,13 @@ impl Table {
             if c.netns.is_none() {
                 c.netns = ev.netns;
             }
-            if let Some(t) = ev.tuple {
-                if !matches!(ev.kind, EventKind::ErrorReport { .. }) {
-                    self.set_tuple(ev.skaddr, t);
-                }
+            // Decided here, while the record is at hand: nearly every event repeats the
+            // tuple the record has, and set_tuple would look the record up again to see so.
+            let new_tuple = ev.tuple.filter(|t| {
+                !matches!(ev.kind, EventKind::ErrorReport { .. }) && c.takes_tuple(t)
+            });
+            if let Some(t) = new_tuple {
+                self.set_tuple(ev.skaddr, t);
             }
         }
         out
@@ -349,7 +352,7 @@ impl Table {
         let Some(conn) = self.conns.get_mut(&sk) else {
             return;
         };
-        if conn.tuple == Some(t) || !t.is_complete() && conn.tuple.is_some() {
+        if !conn.takes_tuple(&t) {
             return;
         }
         if let Some(old) = conn.tuple.take() {

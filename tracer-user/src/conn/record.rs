@@ -88,6 +88,12 @@ impl Conn {
         }
     }
 
+    /// Would an event's tuple `t` change this record's? Not when it is the same, nor when
+    /// it is incomplete and the record has one.
+    pub(super) fn takes_tuple(&self, t: &Tuple) -> bool {
+        self.tuple != Some(*t) && (t.is_complete() || self.tuple.is_none())
+    }
+
     pub(super) fn push(&mut self, at_ns: u64, kind: FactKind) -> Option<usize> {
         if self.facts.len() >= MAX_FACTS {
             self.facts_dropped += 1;

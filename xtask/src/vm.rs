@@ -541,7 +541,10 @@ mod tests {
             let order: Vec<u64> = got.iter().map(|(i, _)| *i).collect();
             assert_eq!(order, items, "jobs {jobs}");
             let threads: std::collections::HashSet<_> = got.iter().map(|(_, t)| *t).collect();
-            assert!(threads.len() <= jobs.min(items.len()), "jobs {jobs}: {threads:?}");
+            assert!(
+                threads.len() <= jobs.min(items.len()),
+                "jobs {jobs}: {threads:?}"
+            );
             if jobs > 1 {
                 assert!(threads.len() > 1, "jobs {jobs}: one thread did everything");
             }

@@ -327,9 +327,9 @@ impl Table {
             }
             // Decided here, while the record is at hand: nearly every event repeats the
             // tuple the record has, and set_tuple would look the record up again to see so.
-            let new_tuple = ev.tuple.filter(|t| {
-                !matches!(ev.kind, EventKind::ErrorReport { .. }) && c.takes_tuple(t)
-            });
+            let new_tuple = ev
+                .tuple
+                .filter(|t| !matches!(ev.kind, EventKind::ErrorReport { .. }) && c.takes_tuple(t));
             if let Some(t) = new_tuple {
                 self.set_tuple(ev.skaddr, t);
             }

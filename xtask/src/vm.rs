@@ -131,7 +131,7 @@ enum VmCmd {
         /// Kernel: 5.10, 6.1, 6.12 or newest.
         #[arg(long, short, default_value = "6.12")]
         kernel: String,
-        /// Command line (run by busybox `sh -c`; the workspace's target/debug is on PATH).
+        /// Command line (run by busybox `sh -c`; the agent's directory is on PATH).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         cmd: Vec<String>,
         #[command(flatten)]

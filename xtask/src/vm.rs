@@ -11,7 +11,8 @@
 //! * `ci`: the quick subset: report boots of 5.10 and 6.1 (every mode must load, no program
 //!   may come near the verifier's limit), then the end-to-end tests once per probe mode, the
 //!   HTTP/2 ones on 5.10 and 6.1 (see `CI_REPORTS`, `CI_SET`). Two boots at a time
-//!   (`--jobs`): 627 s on the 2-core CI VM, against 928 s one after another.
+//!   (`--jobs`) with the release agent: 382 s on the 2-core CI VM, against 928 s one after
+//!   another with the debug agent.
 //! * `run`: any command in a guest (debugging).
 //!
 //! Each guest is one boot of `qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 1G
@@ -113,7 +114,7 @@ enum VmCmd {
         #[command(flatten)]
         common: Common,
     },
-    /// Quick subset for CI (about 10 minutes on 2 cores): report boots of 5.10 and 6.1
+    /// Quick subset for CI (about 6 minutes on 2 cores): report boots of 5.10 and 6.1
     /// (every mode must load; on 6.1 no program may take over half the verifier's
     /// instruction limit), then the end-to-end tests once per mode: tracepoint on 5.10 and
     /// fentry on 6.1 (both suites), kprobe on the newest kernel (tcp suite).

@@ -36,21 +36,11 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("{} has no parent", pkg.manifest_path))?;
-    // The kernel crate's sources and the shared types; its own build.rs reruns on a new
-    // bpf-linker. The build-dependency on `tracer-ebpf` covers its library's dependencies.
+    // The kernel crate's sources (its binary's modules are not in the library the
+    // build-dependency compiles); a change to that library or to anything it depends on
+    // (tracer-common, aya-ebpf, Cargo.lock) reruns this script through the build-dependency,
+    // and the kernel crate's own build.rs reruns on a new bpf-linker.
     println!("cargo:rerun-if-changed={pkg_dir}");
-    if let Some(common) = meta
-        .packages
-        .iter()
-        .find(|p| p.name.as_str() == "tracer-common")
-        .and_then(|p| p.manifest_path.parent())
-    {
-        println!("cargo:rerun-if-changed={common}");
-    }
-    println!(
-        "cargo:rerun-if-changed={}",
-        meta.workspace_root.join("Cargo.lock")
-    );
 
     let target = bpf_target()?;
     let target_dir = meta.target_directory.join("ebpf").into_std_path_buf();

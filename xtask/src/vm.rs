@@ -405,7 +405,7 @@ fn ci(root: &Path, common: &Common, jobs: usize) -> Result<()> {
         .iter()
         .map(|&(alias, mode, suites, filter)| CiJob::Test(alias, mode, suites, filter))
         .collect();
-    queue.extend(CI_REPORTS.iter().rev().map(|&alias| CiJob::Report(alias)));
+    queue.extend(CI_REPORTS.iter().map(|&alias| CiJob::Report(alias)));
     let done = run_parallel(&queue, jobs, |job| -> Result<CiDone> {
         Ok(match *job {
             CiJob::Report(alias) => {
@@ -430,7 +430,6 @@ fn ci(root: &Path, common: &Common, jobs: usize) -> Result<()> {
         }
     }
     // Printed in the order of CI_REPORTS and CI_SET, whichever boot ended first.
-    reports.reverse();
     for (k, r) in &reports {
         print_report(k, r);
         for m in ALL_MODES {
@@ -467,7 +466,7 @@ fn run_parallel<T: Sync, R: Send>(items: &[T], jobs: usize, f: impl Fn(&T) -> R 
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(item) = items.get(i) else { break };
                     let r = f(item);
-                    *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                    *runner::lock(&slots[i]) = Some(r);
                 }
             });
         }

@@ -118,9 +118,9 @@ impl Matrix {
             s,
             "Each kernel is a stock Debian `cloud` kernel booted under QEMU's software emulator \
              (`-accel tcg,thread=multi -cpu max -m 1G -smp 2`, no KVM) with a busybox \
-             initramfs that carries the agent's static release build (the container image's) and the \
-             debug builds of the end-to-end tests. For every kernel one boot \
-             runs `whoclosed trace --probe-mode <mode> --probe-report` in each mode and then \
+             initramfs that carries the agent's static release build (the container \
+             image's) and the debug builds of the end-to-end tests. For every kernel one \
+             boot runs `whoclosed trace --probe-mode <mode> --probe-report` in each mode and then \
              the agent itself to read its programs' verifier statistics; then one boot per \
              mode that loaded runs the privileged end-to-end tests (suites: {}; one \
              process per case) with `WHOCLOSED_PROBE_MODE=<mode>` and \

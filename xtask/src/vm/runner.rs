@@ -114,8 +114,8 @@ impl Vm {
         }
     }
 
-    /// One boot running `cmd` (quoted for busybox sh) in /tmp, the workspace's target
-    /// directory on PATH.
+    /// One boot running `cmd` (quoted for busybox sh) in /tmp, the agent's directory on
+    /// PATH.
     pub fn run_command(&self, k: &Kernel, cmd: &[String]) -> Result<qemu::BootResult> {
         let dir = self
             .art
@@ -276,7 +276,7 @@ impl Vm {
 }
 
 /// A lock whose holder panicked still guards a usable cache.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -193,6 +193,12 @@ held = []
 for _ in range(n):
     c = socket.create_connection(addr)
     s, _ = ls.accept()
+    # One byte each way, as a live gRPC connection has exchanged: both ends then carry
+    # packet state in the kernel, not only a start mark.
+    c.sendall(b"x")
+    s.recv(1)
+    s.sendall(b"y")
+    c.recv(1)
     held.append((c, s))
 print("ready", len(held), flush=True)
 sys.stdin.read()
@@ -333,6 +339,13 @@ pub fn live(root: &Path, args: &LiveArgs) -> Result<()> {
         n(&stats, "/table/conns_opened"),
         n(&stats, "/table/conns_dropped"),
         n(&stats, "/kernel/ringbuf_drops")
+    );
+    // Kernel-side per-socket state that did not fit: evicted sockets lose their packet
+    // history (their later segments are seen mid-stream).
+    println!(
+        "kernel per-socket state: skmap_evictions {}, skmap_fails {}",
+        n(&stats, "/kernel/skmap_evictions"),
+        n(&stats, "/kernel/skmap_fails")
     );
     println!("(budget of issue #10: RSS at most 64 MiB with 100k live tracked connections)");
     Ok(())

@@ -199,7 +199,7 @@ impl Side {
                 idle_ms: ms(now_ns.saturating_sub(last_ns)),
                 facts: c.facts.len(),
                 retransmits: c.retransmits,
-                h2_frames: c.h2.as_ref().map(|h| h.frames),
+                h2_frames: c.h2.as_ref().map(|h| h.frames).or(c.h2_opaque.map(|_| 0)),
                 closing: c.closed_ns.is_some(),
                 k8s: k8s.as_ref(),
             };

@@ -164,8 +164,12 @@ impl Table {
             facts: std::mem::take(&mut conn.facts),
             peer: peer.clone(),
             ttl_baseline: conn.ttl_baseline,
-            h2: conn.h2.as_deref().map(h2_summary),
-            tls: conn.h2.as_ref().is_some_and(|h| h.state == H2State::Tls),
+            h2: match (&conn.h2, conn.h2_opaque) {
+                (Some(t), _) => Some(h2_summary(t)),
+                (None, Some(_)) => Some(opaque_summary(conn.h2_start())),
+                (None, None) => None,
+            },
+            tls: conn.h2_state() == Some(H2State::Tls),
             events_lost,
             proxy,
             last_data_ns: conn.last_data_ns,
@@ -187,6 +191,15 @@ impl Table {
 }
 
 /// The classifier's view of the HTTP/2 state.
+/// What [`h2_summary`] gives for a tracker that only holds a state (TLS, not HTTP/2) and
+/// started at `start`: nothing but its idle time (equal: `opaque_summary_is_a_blank_trackers`).
+fn opaque_summary(start: u64) -> H2Summary {
+    H2Summary {
+        idle_since_ns: Some(start),
+        ..H2Summary::default()
+    }
+}
+
 fn h2_summary(t: &H2Track) -> H2Summary {
     H2Summary {
         synced: t.state == H2State::Synced,
@@ -201,5 +214,19 @@ fn h2_summary(t: &H2Track) -> H2Summary {
         idle_since_ns: t.idle_since_ns,
         open_streams: t.open_streams(),
         max_open_streams: t.max_open_streams,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opaque_summary_is_a_blank_trackers() {
+        for state in [H2State::Tls, H2State::NotH2] {
+            let mut t = H2Track::new(12_345);
+            t.state = state;
+            assert_eq!(h2_summary(&t), opaque_summary(12_345));
+        }
     }
 }

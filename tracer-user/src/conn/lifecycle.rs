@@ -138,7 +138,7 @@ impl Table {
             },
         );
         if new == TcpState::Established && c.opened_ns.is_none() {
-            c.opened_ns = Some(ev.ts_ns);
+            c.set_opened(ev.ts_ns);
         }
         if new == TcpState::Close && c.closed_ns.is_none() {
             c.closed_ns = Some(ev.ts_ns);
@@ -210,7 +210,7 @@ impl Table {
         };
         let best = self
             .live_at(t)
-            .max_by_key(|c| (c.last_cpu == ev.cpu, c.last_ns))
+            .max_by_key(|c| (u32::from(c.last_cpu) == ev.cpu, c.last_ns))
             .map(|c| c.skaddr);
         match best.and_then(|sk| self.conns.get_mut(&sk)) {
             Some(c) => {

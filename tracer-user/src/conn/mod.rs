@@ -29,7 +29,7 @@ use crate::{
     event::{Event, EventKind, Tuple},
     timeline::{FactKind, PeerSummary, Role},
 };
-use h2::{H2State, H2Track};
+use h2::H2State;
 pub use record::{Conn, MAX_FACTS};
 
 /// Hashes a kernel socket address: one multiply. The keys are kernel pointers, which no
@@ -287,9 +287,7 @@ impl Table {
             EventKind::Packet(p) => self.on_packet(ev, &p),
             EventKind::H2Proto { note, .. } => {
                 if let Some(c) = self.conns.get_mut(&ev.skaddr) {
-                    let first = c.opened_ns.unwrap_or(c.first_ns);
-                    c.h2.get_or_insert_with(|| Box::new(H2Track::new(first)))
-                        .on_proto(note);
+                    c.on_h2_note(note);
                 }
             }
             EventKind::H2Frame {
@@ -299,8 +297,7 @@ impl Table {
                 ..
             } => {
                 if let Some(c) = self.conns.get_mut(&ev.skaddr) {
-                    let first = c.opened_ns.unwrap_or(c.first_ns);
-                    let track = c.h2.get_or_insert_with(|| Box::new(H2Track::new(first)));
+                    let track = c.h2_mut();
                     if track.state == H2State::Unsynced && track.frames == 0 {
                         // Frames only come from a synced walker.
                         track.state = H2State::Synced;
@@ -319,7 +316,7 @@ impl Table {
         }
         if let Some(c) = self.conns.get_mut(&ev.skaddr) {
             if ev.skaddr != 0 {
-                c.last_cpu = ev.cpu;
+                c.last_cpu = u16::try_from(ev.cpu).unwrap_or(u16::MAX);
                 c.last_ns = ev.ts_ns;
             }
             if c.netns.is_none() {

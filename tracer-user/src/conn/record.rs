@@ -1,12 +1,14 @@
 //! One socket's record: what the table knows about it, and the questions asked of it
 //! (owner, exit, summary for its peer's verdict).
 
+use std::borrow::Cow;
+
 use crate::{
-    event::{TcpState, Tuple},
+    event::{ProtoNote, TcpState, Tuple},
     timeline::{ConnId, Fact, FactKind, LegEnd, PeerSummary, Role},
 };
 
-use super::h2::H2Track;
+use super::h2::{H2State, H2Track};
 
 /// Facts kept per connection; later ones are counted, not stored.
 pub const MAX_FACTS: usize = 128;
@@ -43,8 +45,14 @@ pub struct Conn {
     /// Boxed: most connections are not HTTP/2, and the tracker is larger than the rest of
     /// the record (376 of 680 bytes inline, for every tracked socket).
     pub h2: Option<Box<H2Track>>,
+    /// What the payload turned out to be when that is all there will be: TLS, or not
+    /// HTTP/2 (the kernel stops walking such a socket). Kept inline, not as a boxed tracker
+    /// (about 400 bytes on every socket that carried payload: bench-live); readers get the
+    /// tracker it stands for from [`Conn::h2_view`].
+    pub h2_opaque: Option<H2State>,
     /// CPU and time of the last event about this socket (to place tuple-only error reports).
-    pub(super) last_cpu: u32,
+    /// `u16::MAX` when none (CPU numbers fit: Linux allows at most 8192).
+    pub(super) last_cpu: u16,
     pub(super) last_ns: u64,
     /// Received RSTs: index into `facts` and the segment's sequence number if seen.
     pub(super) rst_in: Vec<(usize, Option<u32>)>,
@@ -82,7 +90,8 @@ impl Conn {
             last_data_ns: None,
             retransmits: 0,
             h2: None,
-            last_cpu: u32::MAX,
+            h2_opaque: None,
+            last_cpu: u16::MAX,
             last_ns: 0,
             rst_in: Vec::new(),
         }
@@ -111,6 +120,71 @@ impl Conn {
         }
         self.facts.push(Fact { at_ns, kind });
         Some(self.facts.len() - 1)
+    }
+
+    /// The HTTP/2 state, boxed tracker or inline.
+    pub fn h2_state(&self) -> Option<H2State> {
+        self.h2.as_ref().map(|t| t.state).or(self.h2_opaque)
+    }
+
+    /// Where the HTTP/2 tracker's time starts (an inline state's tracker: its
+    /// `idle_since_ns`).
+    pub fn h2_start(&self) -> u64 {
+        self.opened_ns.unwrap_or(self.first_ns)
+    }
+
+    /// The HTTP/2 tracker, for reading: the boxed one, or the one [`Conn::h2_opaque`]
+    /// stands for (built here; an empty tracker allocates nothing).
+    pub fn h2_view(&self) -> Option<Cow<'_, H2Track>> {
+        match (&self.h2, self.h2_opaque) {
+            (Some(t), _) => Some(Cow::Borrowed(&**t)),
+            (None, Some(state)) => {
+                let mut t = H2Track::new(self.h2_start());
+                t.state = state;
+                Some(Cow::Owned(t))
+            }
+            (None, None) => None,
+        }
+    }
+
+    /// The HTTP/2 tracker, for writing: boxed now if it was not (carrying the state
+    /// [`Conn::h2_opaque`] held).
+    pub(super) fn h2_mut(&mut self) -> &mut H2Track {
+        let first = self.h2_start();
+        let opaque = self.h2_opaque.take();
+        self.h2.get_or_insert_with(|| {
+            let mut t = H2Track::new(first);
+            if let Some(state) = opaque {
+                t.state = state;
+            }
+            Box::new(t)
+        })
+    }
+
+    /// A note about the socket's payload from the kernel's walker.
+    pub(super) fn on_h2_note(&mut self, note: ProtoNote) {
+        if self.h2.is_none() {
+            // Only the state would change: no tracker needed (`h2_view` builds the same).
+            let opaque = match note {
+                ProtoNote::Tls => Some(H2State::Tls),
+                ProtoNote::Other => Some(H2State::NotH2),
+                _ => None,
+            };
+            if opaque.is_some() {
+                self.h2_opaque = opaque;
+                return;
+            }
+        }
+        self.h2_mut().on_proto(note);
+    }
+
+    /// The opening is seen late (`opened_ns` set after the record was made): an inline
+    /// HTTP/2 state is boxed first, so that its tracker keeps the start it had.
+    pub(super) fn set_opened(&mut self, at_ns: u64) {
+        if self.h2_opaque.is_some() {
+            self.h2_mut();
+        }
+        self.opened_ns = Some(at_ns);
     }
 
     /// How long the connection had carried no payload when it ended: from the last segment

@@ -575,6 +575,75 @@ fn translated_packet_addresses_do_not_split_a_record() {
     assert_eq!(tbl.stats.ends_unseen, 0);
 }
 
+fn note(ts: u64, sk: u64, t: Tuple, note: crate::event::ProtoNote) -> Event {
+    base(
+        ts,
+        sk,
+        Some(t),
+        EventKind::H2Proto {
+            dir: Dir::Egress,
+            seq: 0,
+            note,
+        },
+    )
+}
+
+/// A socket whose payload is TLS or not HTTP/2 keeps that inline, without a boxed tracker
+/// (about 400 bytes per socket, bench-live), and reads as the tracker the box would have
+/// held; a later note that needs the tracker boxes it with the state it had. The verdict
+/// reads it too: TLS is opaque evidence.
+#[test]
+fn opaque_payload_needs_no_boxed_tracker() {
+    use crate::{conn::h2::H2State, event::ProtoNote};
+    use TcpState::*;
+    let t = tuple("10.0.0.1:45000", "10.0.0.2:443");
+    let open = |tbl: &mut Table, sk: u64| {
+        tbl.on_event(&by(state(0, sk, t, Close, SynSent), 9, "curl", false));
+        tbl.on_event(&state(MS, sk, t, SynSent, Established));
+    };
+    let mut tbl = Table::new(TableConfig {
+        linger_ns: 0,
+        max_conns: 16,
+        ..TableConfig::default()
+    });
+    open(&mut tbl, 0x42);
+    tbl.on_event(&note(2 * MS, 0x42, t, ProtoNote::Tls));
+    let c = &tbl.conns[&0x42];
+    assert!(c.h2.is_none(), "a TLS socket got a boxed tracker");
+    let view = c.h2_view().expect("the TLS state reads as a tracker");
+    assert_eq!(view.state, H2State::Tls);
+    assert_eq!(
+        view.idle_since_ns,
+        Some(0),
+        "the tracker starts at the opening"
+    );
+    tbl.on_event(&by(
+        state(3 * MS, 0x42, t, Established, FinWait1),
+        9,
+        "curl",
+        false,
+    ));
+    tbl.on_event(&state(4 * MS, 0x42, t, FinWait2, Close));
+    let out = tbl.take_all_closed();
+    let closed = only(&out, 0x42);
+    assert!(
+        closed.verdict.hint.contains("TLS"),
+        "the verdict did not see the TLS state: {:?}",
+        closed.verdict
+    );
+
+    // Not HTTP/2, then a note that needs the tracker: boxed, with the state it had.
+    open(&mut tbl, 0x43);
+    tbl.on_event(&note(2 * MS, 0x43, t, ProtoNote::Other));
+    assert!(tbl.conns[&0x43].h2.is_none());
+    tbl.on_event(&note(3 * MS, 0x43, t, ProtoNote::GaveUp));
+    let c = &tbl.conns[&0x43];
+    let boxed = c.h2.as_deref().expect("GaveUp needs the tracker");
+    assert_eq!(boxed.state, H2State::NotH2);
+    assert_eq!(boxed.idle_since_ns, Some(0));
+    assert!(c.h2_opaque.is_none(), "the inline state outlived its box");
+}
+
 #[test]
 fn preexisting_connection_gets_inferred_role() {
     use TcpState::*;

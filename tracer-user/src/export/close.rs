@@ -196,8 +196,7 @@ struct H2Json<'a> {
     idle_before_close_ms: Option<f64>,
 }
 
-fn h2_json(c: &Closed) -> Option<H2Json<'_>> {
-    let h = c.conn.h2.as_ref()?;
+fn h2_json<'a>(c: &Closed, h: &'a H2Track) -> H2Json<'a> {
     let start = c.conn.first_ns;
     let closed = c.conn.closed_ns.unwrap_or(start);
     let goaways = h
@@ -214,7 +213,7 @@ fn h2_json(c: &Closed) -> Option<H2Json<'_>> {
             idle_ms: opt_ms(g.idle_ns),
         })
         .collect();
-    Some(H2Json {
+    H2Json {
         state: h.state,
         preface_seen: h.preface_seen,
         frames: h.frames,
@@ -240,7 +239,7 @@ fn h2_json(c: &Closed) -> Option<H2Json<'_>> {
         streams_open_at_close: h.open_streams(),
         max_open_streams: h.max_open_streams,
         idle_before_close_ms: opt_ms(h.idle_since_ns.map(|t| closed.saturating_sub(t))),
-    })
+    }
 }
 
 #[derive(Serialize)]
@@ -325,7 +324,8 @@ impl Serialize for CloseObject<'_> {
                 idle_before_end_ms: conn.idle_before_end_ns().map(ms),
             },
         )?;
-        m.serialize_entry("h2", &h2_json(c))?;
+        let h2 = conn.h2_view();
+        m.serialize_entry("h2", &h2.as_deref().map(|h| h2_json(c, h)))?;
         m.serialize_entry(
             "peer",
             &c.peer.as_ref().map(|p| PeerJson {
@@ -408,9 +408,10 @@ impl CloseObject<'_> {
         w::opt_ms(out, conn.idle_before_end_ns());
 
         out.extend_from_slice(b"},\"h2\":");
-        match conn.h2.as_deref() {
-            Some(h) => write_h2(out, c, h)?,
-            None => w::null(out),
+        match (conn.h2.as_deref(), conn.h2_opaque) {
+            (Some(h), _) => write_h2(out, c, h)?,
+            (None, Some(state)) => write_h2_blank(out, c, state, Some(conn.h2_start())),
+            (None, None) => w::null(out),
         }
 
         out.extend_from_slice(b",\"peer\":");
@@ -618,13 +619,18 @@ fn write_h2(out: &mut Vec<u8>, c: &Closed, h: &H2Track) -> io::Result<()> {
     if !h.is_blank() {
         return write_h2_full(out, c, h);
     }
+    write_h2_blank(out, c, h.state, h.idle_since_ns);
+    Ok(())
+}
+
+/// The `h2` object of a tracker whose counters are all zero: its state and idle time.
+fn write_h2_blank(out: &mut Vec<u8>, c: &Closed, state: H2State, idle_since_ns: Option<u64>) {
     let closed = c.conn.closed_ns.unwrap_or(c.conn.first_ns);
     out.extend_from_slice(b"{\"state\":");
-    w::name(out, h.state.name());
+    w::name(out, state.name());
     out.extend_from_slice(BLANK_H2_MIDDLE);
-    w::opt_ms(out, h.idle_since_ns.map(|t| closed.saturating_sub(t)));
+    w::opt_ms(out, idle_since_ns.map(|t| closed.saturating_sub(t)));
     out.push(b'}');
-    Ok(())
 }
 
 fn write_h2_full(out: &mut Vec<u8>, c: &Closed, h: &H2Track) -> io::Result<()> {

@@ -241,9 +241,11 @@ fn goaway_header_split_at_every_offset() {
     );
 }
 
-/// `--max-sockets 16` with 40 connections held open (80 sockets with packet state): the
-/// kernel's LRU map evicts, and the final `stats` line counts it; the default size does
-/// not evict for the same traffic.
+/// `--max-sockets 16` with 40 accepted connections that have not sent a byte yet: each
+/// server socket holds a start mark (the kernel saw its start; its packet state is made at
+/// its first segment), so the LRU set of marks evicts, and the final `stats` line counts
+/// it. The default size does not evict for the same traffic. Data then flows on every
+/// connection: packet state itself lives on the socket and is never evicted.
 #[test]
 fn small_socket_map_counts_evictions() {
     if !prelude("small_socket_map_counts_evictions") {
@@ -255,12 +257,10 @@ fn small_socket_map_counts_evictions() {
         args.extend(["--max-sockets".to_string(), max_sockets.to_string()]);
         let agent = Agent::spawn(&agent_bin(), &args, tests::READY_TIMEOUT)
             .unwrap_or_else(|e| panic!("starting the agent: {e:#}"));
-        let mut pairs = Vec::new();
-        for _ in 0..40 {
-            let (mut client, mut server) = open(&t);
+        let mut pairs: Vec<(Peer, Peer)> = (0..40).map(|_| open(&t)).collect();
+        for (client, server) in &mut pairs {
             client.send(10).expect("client send");
             server.read(10).expect("server read");
-            pairs.push((client, server));
         }
         let stats = stop_stats(agent);
         for (mut c, mut s) in pairs {
@@ -273,9 +273,9 @@ fn small_socket_map_counts_evictions() {
     };
     let small = run("16");
     assert!(
-        small >= 40,
-        "--max-sockets 16 with 80 sockets evicted only {small}"
+        small >= 24,
+        "--max-sockets 16 with 40 marked sockets evicted only {small}"
     );
     let default = run("65536");
-    assert_eq!(default, 0, "the default map evicted with 80 sockets");
+    assert_eq!(default, 0, "the default map evicted with 40 marked sockets");
 }

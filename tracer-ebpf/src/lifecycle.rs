@@ -16,7 +16,7 @@ use tracer_common::{
 use crate::{
     config::{TpRec, kread, off_netns, off_task_flags, read_field, tp_off},
     emit::emit,
-    maps::{FRESH, SK_PKT, bump},
+    maps::{SK_START, bump},
 };
 
 const TCP_SYN_SENT: i32 = 2;
@@ -45,29 +45,28 @@ pub fn try_set_state(ctx: &TracePointContext) -> Option<()> {
     let old: i32 = read_field(&rec, t, field::OLDSTATE)?;
     let new: i32 = read_field(&rec, t, field::NEWSTATE)?;
     if new == TCP_CLOSE {
-        if SK_PKT.remove(sk).is_ok() {
+        // A start mark the packet programs never took (no segment passed after it).
+        if SK_START.remove(sk).is_ok() {
             bump(counter::SKMAP_REMOVES); // exported as `skmap_evictions` (with inserts)
         }
     } else if new == TCP_SYN_SENT || (old == TCP_LISTEN && new == TCP_SYN_RECV) {
         // A connection whose first byte we will see: payload that is neither HTTP/2 nor TLS
-        // at its start is "other", not "unsynced".
-        // By reference on purpose: `&FRESH` is promoted to read-only data, a value would be
-        // a 56-byte copy on this program's stack.
-        // One hash operation in the usual case (no entry yet); an entry left at a reused
-        // address (its CLOSE missed) is overwritten by a second one.
-        #[allow(clippy::needless_borrows_for_generic_args)]
-        let mut inserted = SK_PKT.insert(sk, &FRESH, BPF_NOEXIST);
+        // at its start is "other", not "unsynced". The packet programs own the state
+        // (socket storage, out of this program's reach) and take this mark when they
+        // create it (`maps::SK_START`).
+        // One hash operation in the usual case (no mark yet); a mark left at a reused
+        // address (its CLOSE missed) is overwritten by a second one, so that `inserts`
+        // counts marks, not writes.
+        let mut inserted = SK_START.insert(sk, 1, BPF_NOEXIST);
         if inserted.is_ok() {
             bump(counter::SKMAP_INSERTS); // exported as `skmap_evictions` (with removes)
         } else if inserted == Err(-EEXIST) {
-            #[allow(clippy::needless_borrows_for_generic_args)]
-            let again = SK_PKT.insert(sk, &FRESH, BPF_EXIST);
-            inserted = again;
+            inserted = SK_START.insert(sk, 1, BPF_EXIST);
         }
         if inserted.is_err() {
             bump(counter::SKMAP_FAILS); // exported as `skmap_fails`
             // Kept out of the per-packet programs: aya-log's record costs stack there.
-            debug!(ctx, "whoclosed: per-socket packet map insert failed");
+            debug!(ctx, "whoclosed: socket start mark insert failed");
         }
     }
     // The task is the owner's only in connect() and close()/shutdown() (and in an abort to
@@ -121,7 +120,7 @@ pub fn try_sk_event(ctx: &TracePointContext, t: usize, k: u8) -> Option<()> {
     let rec = TpRec::load(ctx)?;
     let sk: u64 = read_field(&rec, t, field::SKADDR)?;
     let cookie: u64 = read_field(&rec, t, field::COOKIE).unwrap_or(0);
-    if k == kind::DESTROY && SK_PKT.remove(sk).is_ok() {
+    if k == kind::DESTROY && SK_START.remove(sk).is_ok() {
         bump(counter::SKMAP_REMOVES); // exported as `skmap_evictions` (with inserts)
     }
     emit(k, sk, |ev: &mut LifecycleRecord| {

@@ -4,7 +4,10 @@
 //! rather than every packet.
 
 use aya_ebpf::{
-    macros::map,
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
+    btf_maps::SkStorage,
+    helpers::{bpf_sk_fullsock, bpf_sk_storage_get},
+    macros::{btf_map, map},
     maps::{LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use tracer_common::counter;
@@ -30,11 +33,72 @@ pub struct TpScratch {
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Per-socket packet state, keyed by the `struct sock` address. Removed when the socket
-/// reaches TCP_CLOSE or is destroyed; LRU so that missed removals cannot fill it. Default
-/// size; the agent sizes it before load (`--max-sockets`).
+/// Per-socket packet state: socket local storage, which the kernel keeps on the socket
+/// itself and frees with it. A lookup is a pointer chase from the socket rather than a
+/// hash of its address (the hash map this replaced was about a seventh of a bulk segment's
+/// program time), there is no size to outgrow and nothing to evict, and an address the
+/// allocator reuses cannot inherit a dead socket's state. Only the packet programs can
+/// reach it (classic tracepoints cannot call the storage helpers), so the socket's start
+/// goes through [`SK_START`].
+#[btf_map]
+pub static SK_PKT: SkStorage<PktState> = SkStorage::new();
+
+/// Sockets whose start the lifecycle tracepoint saw (SYN_SENT, or SYN_RECV from LISTEN)
+/// and whose packet state is not created yet, keyed by the `struct sock` address: the
+/// packet programs take the mark when they create the state (or meet the socket's SYN),
+/// so that its first payload byte counts as the stream's start. Removed at TCP_CLOSE and
+/// destroy too. LRU so that marks never taken cannot fill it; an evicted mark makes the
+/// socket look first met mid-stream (counted as `skmap_evictions`). Default size; the agent
+/// sizes it before load (`--max-sockets`).
 #[map]
-pub static SK_PKT: LruHashMap<u64, PktState> = LruHashMap::with_max_entries(65536, 0);
+pub static SK_START: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// The full socket behind a context's socket pointer, null for none or for a request or
+/// TIME_WAIT socket (which cannot carry storage).
+#[inline(always)]
+pub fn full_sock(sk: *mut bpf_sock) -> *mut bpf_sock {
+    if sk.is_null() {
+        return sk;
+    }
+    // SAFETY: the helper checks its argument (a socket pointer from the context) and
+    // returns null for anything but a full socket.
+    unsafe { bpf_sk_fullsock(sk) }
+}
+
+/// The packet state of the full socket `full` ([`full_sock`], not null), null when it has
+/// none. With `init` not null, creates it from `*init` when absent (null when the kernel
+/// refuses: out of memory, or the socket's option memory limit).
+#[inline(always)]
+pub fn pkt_state(full: *mut bpf_sock, init: *const PktState) -> *mut PktState {
+    let flags = if init.is_null() {
+        0
+    } else {
+        BPF_SK_STORAGE_GET_F_CREATE as u64
+    };
+    // SAFETY: the map is a socket storage map of `PktState`, `full` a full socket from
+    // `bpf_sk_fullsock` and `init`, when not null, a whole `PktState` (read-only data) that
+    // the helper copies.
+    unsafe {
+        bpf_sk_storage_get(
+            core::ptr::addr_of!(SK_PKT).cast_mut().cast(),
+            full.cast(),
+            init.cast_mut().cast(),
+            flags,
+        )
+    }
+    .cast()
+}
+
+/// Takes the start mark of the socket at `sk` ([`SK_START`]): true when it was there.
+#[inline(always)]
+pub fn take_start(sk: u64) -> bool {
+    if SK_START.remove(sk).is_ok() {
+        bump(counter::SKMAP_REMOVES); // exported as `skmap_evictions` (with inserts)
+        true
+    } else {
+        false
+    }
+}
 
 /// The HTTP/2 walker for egress segments: programs that are loaded, never attached, and
 /// tail-called (slots: `tracer_common::walk_slot`). Walking in programs of their own keeps the

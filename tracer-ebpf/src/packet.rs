@@ -18,7 +18,10 @@ use crate::{
     config::rcv_wnd_max,
     emit::emit,
     h2walk::{SegInfo, h2_headerless, h2_lost_rest, h2_more, h2_segment},
-    maps::{FRESH, MIDSTREAM, PktState, SK_PKT, WALK_IN, WALK_OUT, bump, seen, sync},
+    maps::{
+        FRESH, MIDSTREAM, PktState, WALK_IN, WALK_OUT, bump, full_sock, pkt_state, seen, sync,
+        take_start,
+    },
     verifier::zero_in_place,
 };
 
@@ -185,8 +188,10 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     let doff = ((th[12] >> 4) as u32) * 4;
     let seq = u32::from_be_bytes([th[4], th[5], th[6], th[7]]);
     let payload_len = seg.l3_payload.saturating_sub(doff);
-    // SAFETY: `sk` is a context field; its value (the socket address) is only recorded.
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk } as u64;
+    // SAFETY: `sk` is a context field; its address is recorded, and the pointer goes only
+    // to helpers that check it.
+    let sk_ptr = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    let sk = sk_ptr as u64;
     if tcp_flags & tcp_flag::RST == 0 && not_a_connection(ctx) {
         return None;
     }
@@ -194,7 +199,12 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     let dir_bit: u8 = if ingress { seen::INGRESS } else { seen::EGRESS };
     // A plain pointer, null when absent: an `Option` carried across the helper calls below
     // is what 5.10 and 6.1 lose track of (verifier.rs).
-    let existing: *mut PktState = SK_PKT.get_ptr_mut(sk).unwrap_or(core::ptr::null_mut());
+    let full = full_sock(sk_ptr);
+    let existing: *mut PktState = if full.is_null() {
+        core::ptr::null_mut()
+    } else {
+        pkt_state(full, core::ptr::null())
+    };
     if !existing.is_null() {
         // SAFETY: non-null map value pointer, valid for this program run.
         let st = unsafe { &*existing };
@@ -217,22 +227,44 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     }
 
     let mut evflags: u8 = if ingress { flag::INGRESS } else { 0 };
-    let st = if !existing.is_null() {
+    // The lifecycle tracepoint marked the socket's start (SYN_SENT, or SYN_RECV from
+    // LISTEN): its first payload byte will be seen. Taken when the state is created, and on
+    // a SYN (a socket that connect()s again after reaching TCP_CLOSE keeps its storage; its
+    // new start resets it).
+    let started = (existing.is_null() || tcp_flags & tcp_flag::SYN != 0) && take_start(sk);
+    let st = if !existing.is_null() && !started {
         existing
     } else {
-        // Inserted from rodata: a copy on the stack would cost 80 of the 512 bytes the
+        // From read-only data: a copy on the stack would cost 88 of the 512 bytes the
         // whole call chain may use (see verifier.rs).
-        let init: &PktState = if tcp_flags & tcp_flag::SYN == 0 {
-            &MIDSTREAM
-        } else {
+        let init: &PktState = if started || tcp_flags & tcp_flag::SYN != 0 {
             &FRESH
-        };
-        if SK_PKT.insert(sk, init, 0).is_err() {
-            bump(counter::SKMAP_FAILS); // exported as `skmap_fails`
         } else {
-            bump(counter::SKMAP_INSERTS); // exported as `skmap_evictions` (with removes)
+            &MIDSTREAM
+        };
+        if !existing.is_null() {
+            // SAFETY: non-null map value pointer, valid for this program run.
+            unsafe { *existing = *init };
+            existing
+        } else {
+            let created = if full.is_null() {
+                core::ptr::null_mut()
+            } else {
+                pkt_state(full, init)
+            };
+            if created.is_null() {
+                // Not a full socket (a request or TIME_WAIT socket's RST), or the kernel
+                // refused the storage: a control segment is still reported, without state.
+                if !full.is_null() {
+                    bump(counter::SKMAP_FAILS); // exported as `skmap_fails`
+                }
+                if control {
+                    emit_packet(seg, th, sk, evflags | flag::FIRST_IN_DIR, payload_len, 0);
+                }
+                return Some(());
+            }
+            created
         }
-        SK_PKT.get_ptr_mut(sk)?
     };
     // SAFETY: map value pointer, valid for this program run.
     let st = unsafe { &mut *st };
@@ -354,10 +386,18 @@ fn walk_segment(
     if mark != CB_SEGMENT || plen == 0 || plen >= 0x0100_0000 {
         return None;
     }
-    // SAFETY: `sk` is a context field; its value is only used as the map key.
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk } as u64;
-    let st = SK_PKT.get_ptr_mut(sk)?;
-    // SAFETY: map value pointer, valid for this program run.
+    // SAFETY: `sk` is a context field; the pointer goes only to helpers that check it.
+    let sk_ptr = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    let sk = sk_ptr as u64;
+    let full = full_sock(sk_ptr);
+    if full.is_null() {
+        return None;
+    }
+    let st = pkt_state(full, core::ptr::null());
+    if st.is_null() {
+        return None;
+    }
+    // SAFETY: non-null map value pointer, valid for this program run.
     let st = unsafe { &mut *st };
     let info = SegInfo {
         sk,
@@ -372,7 +412,7 @@ fn walk_segment(
 
 /// A listener (handshake segments are filtered against it), a request socket or a
 /// TIME_WAIT socket: none is a connection the agent tracks, and their segments were
-/// decoded only to be thrown away (a record, and a per-socket map entry, per handshake and
+/// decoded only to be thrown away (a record, and per-socket state, per handshake and
 /// per final ACK). RSTs are still recorded by the caller: every RST that leaves this host is
 /// provenance for the one that arrives.
 #[inline(always)]

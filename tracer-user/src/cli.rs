@@ -222,8 +222,10 @@ pub struct TraceArgs {
     /// node (the single-ended view; unlike --netns, which only filters what is printed).
     #[arg(long = "visible-netns")]
     pub visible_netns: Vec<u32>,
-    /// Sockets the kernel keeps packet state for (an LRU map; least recently used entries
-    /// are evicted beyond it, counted as `skmap_evictions`).
+    /// Sockets whose start the kernel saw and that passed no segment yet (an LRU set of
+    /// start marks; beyond it the least recently used are evicted, counted as
+    /// `skmap_evictions`, and such a socket is treated as met mid-stream). Packet state
+    /// itself lives on each socket (socket storage) and has no limit to set.
     #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub max_sockets: u32,
     /// Also write the raw kernel records to FILE, for `whoclosed replay FILE`.

@@ -85,7 +85,7 @@ pub struct LoadOptions {
     pub packets: bool,
     /// Load the HTTP/2 walker programs the packet hooks tail-call (`--no-h2-frames`).
     pub h2_frames: bool,
-    /// Entries of the per-socket packet map `SK_PKT`.
+    /// Entries of the socket start-mark set `SK_START`.
     pub max_sockets: u32,
 }
 
@@ -270,7 +270,7 @@ fn load_object(
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", config, true)
         .map_max_entries("EVENTS", ringbuf_bytes)
-        .map_max_entries("SK_PKT", max_sockets.max(1))
+        .map_max_entries("SK_START", max_sockets.max(1))
         .load(OBJECT)
         .context("loading the eBPF object")?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -643,9 +643,9 @@ impl Probes {
             .take_map("COUNTERS")
             .ok_or_else(|| anyhow!("COUNTERS map missing"))?;
         // Kept only to count its entries (evictions); the programs hold their own reference.
-        let sockets = self.ebpf.take_map("SK_PKT").and_then(|m| {
-            AyaHashMap::<MapData, u64, [u8; tracer_common::PKT_STATE_SIZE]>::try_from(m)
-                .inspect_err(|e| warn!("per-socket map unreadable ({e}); evictions not counted"))
+        let sockets = self.ebpf.take_map("SK_START").and_then(|m| {
+            AyaHashMap::<MapData, u64, u8>::try_from(m)
+                .inspect_err(|e| warn!("socket start map unreadable ({e}); evictions not counted"))
                 .ok()
         });
         Ok(Counters {
@@ -658,7 +658,7 @@ impl Probes {
 /// The kernel-side per-CPU counters.
 pub struct Counters {
     map: PerCpuArray<MapData, u64>,
-    sockets: Option<AyaHashMap<MapData, u64, [u8; tracer_common::PKT_STATE_SIZE]>>,
+    sockets: Option<AyaHashMap<MapData, u64, u8>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -676,10 +676,10 @@ pub struct CounterSnapshot {
     /// Ingress segments the socket's TCP would not accept (forged or stale): dropped
     /// before they became evidence. Bare ACKs that would change nothing are not judged.
     pub unaccepted: u64,
-    /// Per-socket packet states the kernel's LRU map evicted to make room (created minus
-    /// removed at close minus still present; `--max-sockets` sizes the map). An evicted
-    /// socket's later segments are seen as mid-stream. Counted for the final `stats` line
-    /// only (it walks the map).
+    /// Socket start marks the kernel's LRU set evicted to make room (created minus taken or
+    /// removed at close minus still present; `--max-sockets` sizes the set). A socket
+    /// whose mark was evicted is seen as met mid-stream. Counted for the final `stats`
+    /// line only (it walks the set).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skmap_evictions: Option<u64>,
 }
@@ -713,7 +713,7 @@ impl Counters {
         })
     }
 
-    /// [`Self::snapshot`] plus the evictions of the per-socket map (`None` if the map is
+    /// [`Self::snapshot`] plus the evictions of the start-mark set (`None` if the set is
     /// unreadable).
     pub fn final_snapshot(&self) -> anyhow::Result<CounterSnapshot> {
         let mut s = self.snapshot()?;

@@ -249,10 +249,14 @@ fn group(sym: &str) -> Option<&'static str> {
         "lookup_nulls_elem_raw",
         "htab_map_hash",
         "__htab_map_lookup_elem",
+        "bpf_sk_fullsock",
+        "bpf_sk_storage_get",
+        "bpf_local_storage_lookup",
     ]
     .contains(&sym)
     {
-        Some("the per-socket hash map")
+        // Socket storage since 2026-11-27; the hash map's symbols stay for older trees.
+        Some("the per-socket state (socket storage)")
     } else if [
         "skb_copy_bits",
         "bpf_skb_load_bytes",

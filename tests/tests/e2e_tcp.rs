@@ -636,3 +636,54 @@ fn restart_picks_up_live_connections() {
     );
     stop(second);
 }
+
+/// A long-lived HTTP/2 connection that was open before the agent started (a DaemonSet
+/// rollout): its first lifecycle event is its end, yet the GOAWAY it received after the
+/// start, walked by the kernel from mid-stream, is in its verdict (the frame waits in the
+/// agent until the socket is met).
+#[test]
+fn goaway_on_a_connection_older_than_the_agent_is_evidence() {
+    use tests::h2e2e::frames::{GOAWAY_MAX_IDLE, SETTINGS};
+    if !prelude("goaway_on_a_connection_older_than_the_agent_is_evidence") {
+        return;
+    }
+    let t = Topology::new().expect("topology");
+    let mut conn = Conn::open(&t, false);
+    // The client preface and SETTINGS, the server's SETTINGS: HTTP/2 in use.
+    let preface = format!("505249202a20485454502f322e300d0a0d0a534d0d0a0d0a{SETTINGS}");
+    conn.client.send_hex(&preface).expect("client preface");
+    conn.server
+        .read(preface.len() / 2)
+        .expect("server reads it");
+    conn.server.send_hex(SETTINGS).expect("server SETTINGS");
+    conn.client
+        .read(SETTINGS.len() / 2)
+        .expect("client reads it");
+
+    let mut agent = start_agent(&t.inodes().expect("inodes"));
+    conn.server
+        .send_hex(GOAWAY_MAX_IDLE)
+        .expect("server GOAWAY");
+    conn.client
+        .read(GOAWAY_MAX_IDLE.len() / 2)
+        .expect("client reads it");
+    conn.server_closes_first();
+    let c = conn.client_verdict(&mut agent);
+    let goaways = c["h2"]["goaways"].as_array().cloned().unwrap_or_default();
+    assert!(
+        goaways
+            .iter()
+            .any(|g| g["dir"] == "received" && g["debug"] == "max_idle"),
+        "the GOAWAY the client received is not in its verdict: {c:#}"
+    );
+    check(
+        &c,
+        &Expect {
+            preexisting: Some(true),
+            pid: PidCheck::IfPresent(conn.client.pid()),
+            closed_by: Some("server"),
+            ..conn.client_expect()
+        },
+    );
+    stop(agent);
+}

@@ -37,6 +37,7 @@ impl Table {
         }
         self.conns.insert(ev.skaddr, Box::new(conn));
         self.stats.conns_opened += 1;
+        self.apply_early_h2(ev.skaddr, (!preexisting).then_some(ev.ts_ns));
         true
     }
 

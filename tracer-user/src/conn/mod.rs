@@ -10,6 +10,7 @@
 //! connection; `finish` linger, cross-socket resolution and classification; [`h2`] the
 //! HTTP/2 tracker.
 
+mod early;
 mod finish;
 pub mod h2;
 mod lifecycle;
@@ -27,9 +28,8 @@ use std::{
 use crate::{
     classify::Verdict,
     event::{Event, EventKind, Tuple},
-    timeline::{FactKind, PeerSummary, Role},
+    timeline::{PeerSummary, Role},
 };
-use h2::H2State;
 pub use record::{Conn, MAX_FACTS};
 
 /// Hashes a kernel socket address: one multiply. The keys are kernel pointers, which no
@@ -159,6 +159,8 @@ pub struct Table {
     /// they close (counted once, never brought back as `preexisting`). At most `max_conns`.
     refused: SkSet,
     orphans: SkMap<packets::Orphan>,
+    /// HTTP/2 events of sockets not met yet (`early.rs`).
+    early_h2: SkMap<Vec<Event>>,
     rst_log: VecDeque<rst::SentRst>,
     /// Time of the newest sent RST the log's cap pushed out while still inside the window.
     rst_log_evicted_ns: Option<u64>,
@@ -206,6 +208,7 @@ impl Table {
             listeners: SkSet::default(),
             refused: SkSet::default(),
             orphans: SkMap::default(),
+            early_h2: SkMap::default(),
             rst_log: VecDeque::new(),
             rst_log_evicted_ns: None,
             recent: VecDeque::new(),
@@ -285,28 +288,7 @@ impl Table {
         match ev.kind {
             EventKind::State { old, new } => self.on_state(ev, old, new, &mut out),
             EventKind::Packet(p) => self.on_packet(ev, &p),
-            EventKind::H2Proto { note, .. } => {
-                if let Some(c) = self.conns.get_mut(&ev.skaddr) {
-                    c.on_h2_note(note);
-                }
-            }
-            EventKind::H2Frame {
-                dir,
-                ref head,
-                ref payload,
-                ..
-            } => {
-                if let Some(c) = self.conns.get_mut(&ev.skaddr) {
-                    let track = c.h2_mut();
-                    if track.state == H2State::Unsynced && track.frames == 0 {
-                        // Frames only come from a synced walker.
-                        track.state = H2State::Synced;
-                    }
-                    if let Some(g) = track.on_frame(ev.ts_ns, dir, head, payload).cloned() {
-                        c.push(ev.ts_ns, FactKind::GoAway(Box::new(g)));
-                    }
-                }
-            }
+            EventKind::H2Proto { .. } | EventKind::H2Frame { .. } => self.on_h2(ev, &mut out),
             EventKind::ErrorReport { error } => self.on_error(ev, error),
             EventKind::Retransmit { state, .. } => self.on_retransmit(ev, state, &mut out),
             EventKind::SendReset { reason, .. } => self.on_send_reset(ev, reason),

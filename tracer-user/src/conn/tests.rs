@@ -6,7 +6,7 @@ use super::*;
 use crate::{
     classify::{self, ClosedBy, Initiator, Mechanism},
     event::{Dir, ECONNRESET, ETIMEDOUT, Packet, TcpState},
-    timeline::RstOrigin,
+    timeline::{FactKind, RstOrigin},
 };
 use tracer_common::tcp_flag::{ACK, FIN, RST, SYN};
 
@@ -642,6 +642,95 @@ fn opaque_payload_needs_no_boxed_tracker() {
     assert_eq!(boxed.state, H2State::NotH2);
     assert_eq!(boxed.idle_since_ns, Some(0));
     assert!(c.h2_opaque.is_none(), "the inline state outlived its box");
+}
+
+fn goaway_in(ts: u64, sk: u64) -> Event {
+    base(
+        ts,
+        sk,
+        None,
+        EventKind::H2Frame {
+            dir: Dir::Ingress,
+            seq: 0,
+            head: [0, 0, 8, 7, 0, 0, 0, 0, 0],
+            payload: bytes::Bytes::from_static(&[0, 0, 0, 0, 0, 0, 0, 0]),
+        },
+    )
+}
+
+fn goaway_facts(c: &Conn) -> Vec<usize> {
+    (0..c.facts.len())
+        .filter(|&i| matches!(c.facts[i].kind, FactKind::GoAway(_)))
+        .collect()
+}
+
+/// HTTP/2 events of a socket the table has not met wait for it: a connection open since
+/// before the agent, whose first lifecycle event is its end, still has the GOAWAY it
+/// received (before its end in the evidence); a new connection at the same address takes
+/// only events from after its opening; a socket with many frames and no lifecycle event is
+/// met mid-life at once.
+#[test]
+fn http2_events_before_the_first_lifecycle_event_wait_for_it() {
+    use TcpState::*;
+    let t = tuple("10.0.0.1:45000", "10.0.0.2:443");
+    let mut tbl = Table::new(TableConfig {
+        linger_ns: 0,
+        max_conns: 16,
+        ..TableConfig::default()
+    });
+    // Open before the agent: the GOAWAY, then the peer's FIN moves it to CLOSE_WAIT.
+    tbl.on_event(&goaway_in(MS, 0x42));
+    assert!(
+        !tbl.conns.contains_key(&0x42),
+        "met before any lifecycle event"
+    );
+    tbl.on_event(&state(2 * MS, 0x42, t, Established, CloseWait));
+    let c = &tbl.conns[&0x42];
+    assert_eq!(
+        goaway_facts(c),
+        vec![0],
+        "the GOAWAY waited and comes first"
+    );
+    assert_eq!(
+        c.h2_view().map(|h| h.state),
+        Some(crate::conn::h2::H2State::Synced)
+    );
+
+    // A stale event at an address, then a new connection there: not taken.
+    tbl.on_event(&goaway_in(3 * MS, 0x43));
+    tbl.on_event(&by(
+        state(4 * MS, 0x43, t, Close, SynSent),
+        9,
+        "curl",
+        false,
+    ));
+    tbl.on_event(&goaway_in(5 * MS, 0x43));
+    assert_eq!(
+        goaway_facts(&tbl.conns[&0x43]).len(),
+        1,
+        "the stale GOAWAY was taken"
+    );
+
+    // Many frames (PINGs), no lifecycle event: met mid-life.
+    let ping = |ts: u64| {
+        let mut ev = goaway_in(ts, 0x44);
+        if let EventKind::H2Frame { ref mut head, .. } = ev.kind {
+            head[3] = 6;
+        }
+        ev
+    };
+    for i in 0..super::early::EARLY_H2_EVENTS as u64 {
+        tbl.on_event(&ping(10 * MS + i));
+        assert!(!tbl.conns.contains_key(&0x44));
+    }
+    tbl.on_event(&ping(20 * MS));
+    let c = &tbl.conns[&0x44];
+    assert!(c.preexisting, "met mid-life");
+    assert_eq!(
+        c.h2_view().map(|h| h.frames),
+        Some(super::early::EARLY_H2_EVENTS as u64 + 1),
+        "the waiting events were lost"
+    );
 }
 
 #[test]

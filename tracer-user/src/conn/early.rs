@@ -5,9 +5,11 @@
 //! segments pass (resynchronising mid-stream): a GOAWAY it receives then is the evidence its
 //! verdict needs. Such events wait here, per socket, and are applied, in order, when the
 //! socket is met. A socket that carries more than a few of them before any lifecycle event
-//! is met at once, mid-life: it has clearly been open a while (a new connection's own
-//! opening event precedes its payload; only a cross-CPU race in the ring buffer can put one
-//! or two of its events first).
+//! is met at once, mid-life: it has clearly been open a while (a new connection's opening
+//! event precedes its payload in the ring buffer, which keeps the order of reservation).
+//! Waiting rather than meeting every such socket at its first event keeps a late event of
+//! a socket already judged and removed (possible when the agent runs behind) from opening
+//! a record for a dead socket.
 
 use super::{Closed, Table};
 use crate::{
@@ -19,9 +21,10 @@ use super::h2::H2State;
 
 /// Events kept per socket before it is met mid-life instead.
 pub(super) const EARLY_H2_EVENTS: usize = 8;
-/// Sockets with waiting events; past it the waiting events are dropped (as packet orphans
-/// are).
-const MAX_EARLY_SOCKETS: usize = 16_384;
+/// Sockets with waiting events (an event is 152 bytes, plus at most 64 captured payload
+/// bytes of a control frame: at most about 7 MiB in all). Past it, a further socket is met
+/// mid-life at its first event: nothing is lost.
+pub(super) const MAX_EARLY_SOCKETS: usize = 4_096;
 
 impl Table {
     /// An HTTP/2 note or frame.
@@ -32,10 +35,8 @@ impl Table {
                 return;
             }
             let waiting = self.early_h2.get(&sk).map_or(0, Vec::len);
-            if waiting < EARLY_H2_EVENTS {
-                if waiting == 0 && self.early_h2.len() >= MAX_EARLY_SOCKETS {
-                    self.early_h2.clear();
-                }
+            let room = waiting > 0 || self.early_h2.len() < MAX_EARLY_SOCKETS;
+            if waiting < EARLY_H2_EVENTS && room {
                 self.early_h2.entry(sk).or_default().push(ev.clone());
                 return;
             }

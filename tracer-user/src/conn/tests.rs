@@ -731,6 +731,23 @@ fn http2_events_before_the_first_lifecycle_event_wait_for_it() {
         Some(super::early::EARLY_H2_EVENTS as u64 + 1),
         "the waiting events were lost"
     );
+
+    // As many sockets waiting as the table keeps: the next one is met at its first event.
+    let mut tbl = Table::new(TableConfig {
+        linger_ns: 0,
+        max_conns: 16,
+        ..TableConfig::default()
+    });
+    for sk in 0..super::early::MAX_EARLY_SOCKETS as u64 {
+        tbl.on_event(&goaway_in(MS, 0x1000 + sk));
+    }
+    assert!(tbl.conns.is_empty());
+    tbl.on_event(&goaway_in(2 * MS, 0x42));
+    assert_eq!(
+        tbl.conns.get(&0x42).map(|c| goaway_facts(c).len()),
+        Some(1),
+        "a socket past the waiting room lost its event"
+    );
 }
 
 #[test]
@@ -1366,6 +1383,13 @@ fn both_ends_retired_in_one_tick_find_each_other() {
 #[test]
 fn record_sizes_stay_small() {
     // Every tracked socket holds a record; every index and log entry a tuple (bench-live).
+    // HTTP/2 events of sockets not met yet wait in the table (`early.rs`, bounded in
+    // number on this size).
+    assert!(
+        std::mem::size_of::<Event>() <= 160,
+        "{}",
+        std::mem::size_of::<Event>()
+    );
     assert!(
         std::mem::size_of::<Conn>() <= 256,
         "{}",

@@ -687,3 +687,49 @@ fn goaway_on_a_connection_older_than_the_agent_is_evidence() {
     );
     stop(agent);
 }
+
+/// A connection opened before the agent started that has carried no payload yet: the
+/// kernel reads from the socket's own TCP counters that its first payload byte is still to
+/// come, so the first bytes sent after the start are the stream's start. HTTP/1.1 there is
+/// then known not to be HTTP/2 (`not_h2`); before, such a socket was walked as met
+/// mid-stream and stayed `unsynced`, still hunting for frame boundaries. A `--max-sockets`
+/// left on the command line is accepted and ignored.
+#[test]
+fn idle_connection_older_than_the_agent_is_walked_from_its_start() {
+    if !prelude("idle_connection_older_than_the_agent_is_walked_from_its_start") {
+        return;
+    }
+    let t = Topology::new().expect("topology");
+    // Connected, and nothing sent yet (`Conn::open` exchanges bytes).
+    let addr: SocketAddr = t.server_addr(false, PORT);
+    let mut server = Peer::listen(peer_bin(), &t.server, addr).expect("start server");
+    let mut client = Peer::connect(peer_bin(), &t.client, addr).expect("client connect");
+    server
+        .wait_accepted(Duration::from_secs(10))
+        .expect("server accepts");
+    let mut args = tests::default_trace_args(&t.inodes().expect("inodes"));
+    args.extend(["--max-sockets".to_string(), "16".to_string()]);
+    let mut agent = Agent::spawn(&agent_bin(), &args, tests::READY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("starting the agent: {e:#}"));
+    // "GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    let request = "474554202f20485454502f312e310d0a486f73743a20780d0a0d0a";
+    client.send_hex(request).expect("client request");
+    server.read(request.len() / 2).expect("server reads it");
+    client.close().expect("client close");
+    server.wait_eof().expect("server sees FIN");
+    server.close().expect("server close");
+    let c = agent
+        .wait_for_close(
+            &client.local.to_string(),
+            &addr.to_string(),
+            Some(t.client_inode().expect("client netns inode")),
+            VERDICT_TIMEOUT,
+        )
+        .expect("close object for the client socket");
+    assert_eq!(c["conn"]["preexisting"], true, "{c:#}");
+    assert_eq!(
+        c["h2"]["state"], "not_h2",
+        "the first bytes of a connection idle since before the agent were not its start: {c:#}"
+    );
+    stop(agent);
+}

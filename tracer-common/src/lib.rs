@@ -60,7 +60,8 @@ pub mod counter {
     pub const RINGBUF_DROPS: u32 = 1;
     /// TCP segments inspected by the cgroup_skb programs.
     pub const PACKETS: u32 = 2;
-    /// Per-socket packet state that could not be stored (map full).
+    /// Per-socket packet state that could not be made (the kernel refused the socket
+    /// storage: out of memory, or the socket's option memory limit).
     pub const SKMAP_FAILS: u32 = 3;
     /// Tracepoint fields that could not be read.
     pub const READ_ERRORS: u32 = 4;
@@ -72,11 +73,9 @@ pub mod counter {
     /// FIN outside the receive window, ACK of unsent data, SYN on a synchronised
     /// connection): not recorded as evidence and not walked.
     pub const UNACCEPTED: u32 = 7;
-    /// Per-socket packet states created (a key that was not in the map).
-    pub const SKMAP_INSERTS: u32 = 8;
-    /// Per-socket packet states removed at close or destroy. Inserts minus removes minus
-    /// the entries left is what the LRU evicted (the agent computes it).
-    pub const SKMAP_REMOVES: u32 = 9;
+    // 8 and 9 counted the inserts and removes of the per-socket map (an LRU hash, then a
+    // set of start marks) before the packet state moved to socket storage; unused, not
+    // reassigned.
     pub const COUNT: u32 = 10;
 }
 

@@ -9,33 +9,30 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tracer_common::{
-    AF_INET, AF_INET6, Endpoints, IPPROTO_TCP, LifecycleRecord, NO_FIELD, counter, field, flag,
-    kind, tp,
+    AF_INET, AF_INET6, Endpoints, IPPROTO_TCP, LifecycleRecord, NO_FIELD, field, flag, kind, tp,
 };
 
 use crate::{
     config::{TpRec, kread, off_netns, off_task_flags, read_field, tp_off},
     emit::emit,
-    maps::{SK_START, bump},
 };
 
 const TCP_SYN_SENT: i32 = 2;
-const TCP_SYN_RECV: i32 = 3;
 const TCP_FIN_WAIT1: i32 = 4;
 const TCP_CLOSE: i32 = 7;
 const TCP_LAST_ACK: i32 = 9;
-const TCP_LISTEN: i32 = 10;
-
-/// `bpf_map_update_elem` flags, and the error it returns for an existing key.
-const BPF_NOEXIST: u64 = 1;
-const BPF_EXIST: u64 = 2;
-const EEXIST: i32 = 17;
 
 /// `task_struct.flags` bit set by `do_exit()` before it releases the task's files.
 const PF_EXITING: u32 = 0x0000_0004;
 
 pub fn try_set_state(ctx: &TracePointContext) -> Option<()> {
-    let rec = TpRec::load(ctx)?;
+    let Some(rec) = TpRec::load(ctx) else {
+        // Counted as `read_errors`; the line names the program (`RUST_LOG=debug` shows
+        // kernel-side lines). Kept out of the per-packet programs: aya-log's record costs
+        // stack there.
+        debug!(ctx, "whoclosed: inet_sock_set_state record unreadable");
+        return None;
+    };
     let t = tp::SET_STATE;
     let proto: u16 = read_field(&rec, t, field::PROTOCOL)?;
     if proto != IPPROTO_TCP {
@@ -44,31 +41,6 @@ pub fn try_set_state(ctx: &TracePointContext) -> Option<()> {
     let sk: u64 = read_field(&rec, t, field::SKADDR)?;
     let old: i32 = read_field(&rec, t, field::OLDSTATE)?;
     let new: i32 = read_field(&rec, t, field::NEWSTATE)?;
-    if new == TCP_CLOSE {
-        // A start mark the packet programs never took (no segment passed after it).
-        if SK_START.remove(sk).is_ok() {
-            bump(counter::SKMAP_REMOVES); // exported as `skmap_evictions` (with inserts)
-        }
-    } else if new == TCP_SYN_SENT || (old == TCP_LISTEN && new == TCP_SYN_RECV) {
-        // A connection whose first byte we will see: payload that is neither HTTP/2 nor TLS
-        // at its start is "other", not "unsynced". The packet programs own the state
-        // (socket storage, out of this program's reach) and take this mark when they
-        // create it (`maps::SK_START`).
-        // One hash operation in the usual case (no mark yet); a mark left at a reused
-        // address (its CLOSE missed) is overwritten by a second one, so that `inserts`
-        // counts marks, not writes.
-        let mut inserted = SK_START.insert(sk, 1, BPF_NOEXIST);
-        if inserted.is_ok() {
-            bump(counter::SKMAP_INSERTS); // exported as `skmap_evictions` (with removes)
-        } else if inserted == Err(-EEXIST) {
-            inserted = SK_START.insert(sk, 1, BPF_EXIST);
-        }
-        if inserted.is_err() {
-            bump(counter::SKMAP_FAILS); // exported as `skmap_fails`
-            // Kept out of the per-packet programs: aya-log's record costs stack there.
-            debug!(ctx, "whoclosed: socket start mark insert failed");
-        }
-    }
     // The task is the owner's only in connect() and close()/shutdown() (and in an abort to
     // CLOSE); other transitions run in softirq or for whichever task holds the lock, and the
     // agent reads no task from them (`Conn::owner`, `FactKind::is_exit_close`).
@@ -120,9 +92,6 @@ pub fn try_sk_event(ctx: &TracePointContext, t: usize, k: u8) -> Option<()> {
     let rec = TpRec::load(ctx)?;
     let sk: u64 = read_field(&rec, t, field::SKADDR)?;
     let cookie: u64 = read_field(&rec, t, field::COOKIE).unwrap_or(0);
-    if k == kind::DESTROY && SK_START.remove(sk).is_ok() {
-        bump(counter::SKMAP_REMOVES); // exported as `skmap_evictions` (with inserts)
-    }
     emit(k, sk, |ev: &mut LifecycleRecord| {
         ev.cookie = cookie;
         read_tuple(&rec, t, ev);

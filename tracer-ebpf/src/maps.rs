@@ -8,7 +8,7 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::{bpf_sk_fullsock, bpf_sk_storage_get},
     macros::{btf_map, map},
-    maps::{LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{PerCpuArray, ProgramArray, RingBuf},
 };
 use tracer_common::counter;
 
@@ -38,20 +38,11 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::C
 /// hash of its address (the hash map this replaced was about a seventh of a bulk segment's
 /// program time), there is no size to outgrow and nothing to evict, and an address the
 /// allocator reuses cannot inherit a dead socket's state. Only the packet programs can
-/// reach it (classic tracepoints cannot call the storage helpers), so the socket's start
-/// goes through [`SK_START`].
+/// reach it (classic tracepoints cannot call the storage helpers); whether a socket's start
+/// is still ahead is read from its TCP counters when its state is made
+/// (`packet::nothing_passed`).
 #[btf_map]
 pub static SK_PKT: SkStorage<PktState> = SkStorage::new();
-
-/// Sockets whose start the lifecycle tracepoint saw (SYN_SENT, or SYN_RECV from LISTEN)
-/// and whose packet state is not created yet, keyed by the `struct sock` address: the
-/// packet programs take the mark when they create the state (or meet the socket's SYN),
-/// so that its first payload byte counts as the stream's start. Removed at TCP_CLOSE and
-/// destroy too. LRU so that marks never taken cannot fill it; an evicted mark makes the
-/// socket look first met mid-stream (counted as `skmap_evictions`). Default size; the agent
-/// sizes it before load (`--max-sockets`).
-#[map]
-pub static SK_START: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
 
 /// The full socket behind a context's socket pointer, null for none or for a request or
 /// TIME_WAIT socket (which cannot carry storage).
@@ -87,17 +78,6 @@ pub fn pkt_state(full: *mut bpf_sock, init: *const PktState) -> *mut PktState {
         )
     }
     .cast()
-}
-
-/// Takes the start mark of the socket at `sk` ([`SK_START`]): true when it was there.
-#[inline(always)]
-pub fn take_start(sk: u64) -> bool {
-    if SK_START.remove(sk).is_ok() {
-        bump(counter::SKMAP_REMOVES); // exported as `skmap_evictions` (with inserts)
-        true
-    } else {
-        false
-    }
 }
 
 /// The HTTP/2 walker for egress segments: programs that are loaded, never attached, and

@@ -18,10 +18,7 @@ use crate::{
     config::rcv_wnd_max,
     emit::emit,
     h2walk::{SegInfo, h2_headerless, h2_lost_rest, h2_more, h2_segment},
-    maps::{
-        FRESH, MIDSTREAM, PktState, WALK_IN, WALK_OUT, bump, full_sock, pkt_state, seen, sync,
-        take_start,
-    },
+    maps::{FRESH, MIDSTREAM, PktState, WALK_IN, WALK_OUT, bump, full_sock, pkt_state, seen, sync},
     verifier::zero_in_place,
 };
 
@@ -227,21 +224,25 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     }
 
     let mut evflags: u8 = if ingress { flag::INGRESS } else { 0 };
-    // The lifecycle tracepoint marked the socket's start (SYN_SENT, or SYN_RECV from
-    // LISTEN): its first payload byte will be seen. Taken when the state is created, and on
-    // a SYN (a socket that connect()s again after reaching TCP_CLOSE keeps its storage; its
-    // new start resets it).
-    let started = (existing.is_null() || tcp_flags & tcp_flag::SYN != 0) && take_start(sk);
-    let st = if !existing.is_null() && !started {
+    // A socket connecting again after TCP_CLOSE keeps its storage (it lives as long as the
+    // socket): its new SYN starts the state over. A retransmitted SYN finds nothing from
+    // the peer yet and keeps the state it has.
+    let restart = !existing.is_null()
+        && !ingress
+        && tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN
+        // SAFETY: non-null map value pointer, valid for this program run.
+        && unsafe { (*existing).seen } & seen::INGRESS != 0;
+    let st = if !existing.is_null() && !restart {
         existing
     } else {
         // From read-only data: a copy on the stack would cost 88 of the 512 bytes the
         // whole call chain may use (see verifier.rs).
-        let init: &PktState = if started || tcp_flags & tcp_flag::SYN != 0 {
-            &FRESH
-        } else {
-            &MIDSTREAM
-        };
+        let init: &PktState =
+            if tcp_flags & tcp_flag::SYN != 0 || nothing_passed(full, ingress, payload_len, ctx) {
+                &FRESH
+            } else {
+                &MIDSTREAM
+            };
         if !existing.is_null() {
             // SAFETY: non-null map value pointer, valid for this program run.
             unsafe { *existing = *init };
@@ -408,6 +409,40 @@ fn walk_segment(
     };
     walk(st, &info);
     Some(())
+}
+
+/// Whether no payload has passed on the full socket `full` before this segment, either
+/// way, so that state made now starts at the stream's start (`seen::START`): read from the
+/// counters TCP keeps from the socket's start, bytes received in order (`bytes_received`,
+/// before this ingress segment is processed) and payload segments sent (`data_segs_out`,
+/// which on egress already counts this segment, `gso_segs` of them). Segments with SYN do
+/// not ask. A socket met after its start (open before the agent, idle since) is judged as
+/// well as one seen opening.
+#[inline(never)]
+fn nothing_passed(
+    full: *mut aya_ebpf::bindings::bpf_sock,
+    ingress: bool,
+    payload_len: u32,
+    ctx: &SkBuffContext,
+) -> bool {
+    if full.is_null() {
+        return false;
+    }
+    // SAFETY: the helper checks its argument (a full socket from `bpf_sk_fullsock`) and
+    // returns null for anything but a TCP socket.
+    let tp = unsafe { bpf_tcp_sock(full) };
+    if tp.is_null() {
+        return false;
+    }
+    // SAFETY: non-null pointer from the helper; read-only fields.
+    let (received, sent) = unsafe { ((*tp).bytes_received, (*tp).data_segs_out) };
+    let this = if ingress || payload_len == 0 {
+        0
+    } else {
+        // SAFETY: reading a field of the context the verifier hands us.
+        unsafe { (*ctx.skb.skb).gso_segs }.max(1)
+    };
+    received == 0 && sent <= this
 }
 
 /// A listener (handshake segments are filtered against it), a request socket or a

@@ -222,12 +222,10 @@ pub struct TraceArgs {
     /// node (the single-ended view; unlike --netns, which only filters what is printed).
     #[arg(long = "visible-netns")]
     pub visible_netns: Vec<u32>,
-    /// Sockets whose start the kernel saw and that passed no segment yet (an LRU set of
-    /// start marks; beyond it the least recently used are evicted, counted as
-    /// `skmap_evictions`, and such a socket is treated as met mid-stream). Packet state
-    /// itself lives on each socket (socket storage) and has no limit to set.
-    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
-    pub max_sockets: u32,
+    /// No longer used: the kernel keeps packet state on each socket (socket storage), with
+    /// no table to size. Accepted so that existing command lines keep working; it warns.
+    #[arg(long, hide = true)]
+    pub max_sockets: Option<u32>,
     /// Also write the raw kernel records to FILE, for `whoclosed replay FILE`.
     #[arg(long)]
     pub record: Option<PathBuf>,
@@ -251,6 +249,12 @@ impl TraceArgs {
             .ringbuf_kib
             .checked_mul(1024)
             .ok_or_else(|| anyhow::anyhow!("--ringbuf-kib {} is too large", self.ringbuf_kib))?;
+        if self.max_sockets.is_some() {
+            log::warn!(
+                "--max-sockets is ignored: the kernel keeps packet state on each socket \
+                 (socket storage), with no table to size"
+            );
+        }
         Ok(TraceOptions {
             format: self.output,
             filter: Filter {
@@ -266,7 +270,6 @@ impl TraceArgs {
             packets: !self.no_packets,
             h2_frames: !self.no_h2_frames,
             max_conns: self.max_conns,
-            max_sockets: self.max_sockets,
             probe_report: self.probe_report,
             visible_netns: self.visible_netns,
             record: self.record,

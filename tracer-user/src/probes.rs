@@ -7,7 +7,7 @@ use std::{collections::HashMap, fs::File, path::Path};
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap as AyaHashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
+    maps::{MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, KProbe, TracePoint},
 };
 use log::{info, warn};
@@ -85,8 +85,6 @@ pub struct LoadOptions {
     pub packets: bool,
     /// Load the HTTP/2 walker programs the packet hooks tail-call (`--no-h2-frames`).
     pub h2_frames: bool,
-    /// Entries of the socket start-mark set `SK_START`.
-    pub max_sockets: u32,
 }
 
 pub struct Probes {
@@ -162,7 +160,7 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
         .unwrap_or_default();
     drop(btf);
 
-    let (mut ebpf, logger) = load_object(&config, opts.ringbuf_bytes, opts.max_sockets)?;
+    let (mut ebpf, logger) = load_object(&config, opts.ringbuf_bytes)?;
     attach_tracepoints(&mut ebpf, &usable_tp, &mut programs)?;
     let probe_mode = attach_close_hook(&mut ebpf, opts.mode, &mut programs)?;
     let packets = if opts.packets {
@@ -262,15 +260,10 @@ fn load_kernel_btf() -> Option<KernelBtf> {
 /// The reader of kernel-side log records (aya-log).
 pub type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-fn load_object(
-    config: &Config,
-    ringbuf_bytes: u32,
-    max_sockets: u32,
-) -> anyhow::Result<(Ebpf, Option<Logger>)> {
+fn load_object(config: &Config, ringbuf_bytes: u32) -> anyhow::Result<(Ebpf, Option<Logger>)> {
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", config, true)
         .map_max_entries("EVENTS", ringbuf_bytes)
-        .map_max_entries("SK_START", max_sockets.max(1))
         .load(OBJECT)
         .context("loading the eBPF object")?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -642,15 +635,8 @@ impl Probes {
             .ebpf
             .take_map("COUNTERS")
             .ok_or_else(|| anyhow!("COUNTERS map missing"))?;
-        // Kept only to count its entries (evictions); the programs hold their own reference.
-        let sockets = self.ebpf.take_map("SK_START").and_then(|m| {
-            AyaHashMap::<MapData, u64, u8>::try_from(m)
-                .inspect_err(|e| warn!("socket start map unreadable ({e}); evictions not counted"))
-                .ok()
-        });
         Ok(Counters {
             map: PerCpuArray::try_from(map)?,
-            sockets,
         })
     }
 }
@@ -658,7 +644,6 @@ impl Probes {
 /// The kernel-side per-CPU counters.
 pub struct Counters {
     map: PerCpuArray<MapData, u64>,
-    sockets: Option<AyaHashMap<MapData, u64, u8>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -676,24 +661,9 @@ pub struct CounterSnapshot {
     /// Ingress segments the socket's TCP would not accept (forged or stale): dropped
     /// before they became evidence. Bare ACKs that would change nothing are not judged.
     pub unaccepted: u64,
-    /// Socket start marks the kernel's LRU set evicted to make room (created minus taken or
-    /// removed at close minus still present; `--max-sockets` sizes the set). A socket
-    /// whose mark was evicted is seen as met mid-stream. Counted for the final `stats`
-    /// line only (it walks the set).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub skmap_evictions: Option<u64>,
 }
 
 impl Counters {
-    /// Created minus removed minus present. Walks the map's keys (one syscall per entry,
-    /// at most `--max-sockets`); races with the programs can skew it by the few sockets
-    /// created or removed meanwhile, so it saturates at zero.
-    fn skmap_evictions(&self, inserts: u64, removes: u64) -> Option<u64> {
-        let m = self.sockets.as_ref()?;
-        let present = m.keys().filter(Result::is_ok).count() as u64;
-        Some(inserts.saturating_sub(removes).saturating_sub(present))
-    }
-
     pub fn snapshot(&self) -> anyhow::Result<CounterSnapshot> {
         let per_cpu = |idx: u32| -> anyhow::Result<Vec<u64>> {
             Ok(self.map.get(&idx, 0)?.iter().copied().collect())
@@ -709,17 +679,6 @@ impl Counters {
             h2_frames: per_cpu(counter::H2_FRAMES)?.iter().sum(),
             h2_desyncs: per_cpu(counter::H2_DESYNCS)?.iter().sum(),
             unaccepted: per_cpu(counter::UNACCEPTED)?.iter().sum(),
-            skmap_evictions: None,
         })
-    }
-
-    /// [`Self::snapshot`] plus the evictions of the start-mark set (`None` if the set is
-    /// unreadable).
-    pub fn final_snapshot(&self) -> anyhow::Result<CounterSnapshot> {
-        let mut s = self.snapshot()?;
-        let sum = |idx: u32| -> anyhow::Result<u64> { Ok(self.map.get(&idx, 0)?.iter().sum()) };
-        s.skmap_evictions =
-            self.skmap_evictions(sum(counter::SKMAP_INSERTS)?, sum(counter::SKMAP_REMOVES)?);
-        Ok(s)
     }
 }

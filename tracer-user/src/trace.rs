@@ -40,8 +40,6 @@ pub struct TraceOptions {
     /// Load the HTTP/2 walker programs (with `packets`).
     pub h2_frames: bool,
     pub max_conns: usize,
-    /// Entries of the kernel's per-socket packet map (`--max-sockets`).
-    pub max_sockets: u32,
     pub probe_report: bool,
     /// When not empty, only these network namespaces are this host: events from others
     /// are discarded before the connection table, as if those sockets lived elsewhere.
@@ -308,7 +306,7 @@ impl Loop {
         // What is in the buffer now, within a bounded time even if a flood keeps refilling it.
         let deadline = std::time::Instant::now() + FLUSH_DRAIN_LIMIT;
         while self.drain(rb, out, DRAIN_BATCH)? && std::time::Instant::now() < deadline {}
-        let kernel = self.counters.final_snapshot().unwrap_or_default();
+        let kernel = self.counters.snapshot().unwrap_or_default();
         self.table
             .note_ringbuf_drops(export::monotonic_ns(), kernel.ringbuf_drops);
         out.all(self.table.take_all_closed())?;
@@ -455,7 +453,6 @@ pub fn load_probes(opts: &TraceOptions) -> anyhow::Result<Probes> {
         ringbuf_bytes: opts.ringbuf_bytes,
         packets: opts.packets,
         h2_frames: opts.h2_frames,
-        max_sockets: opts.max_sockets,
     })
     .map_err(|e| {
         let why = crate::privilege::explain_load_failure(&e);
@@ -568,7 +565,6 @@ mod tests {
             packets,
             h2_frames: packets,
             max_conns: 7,
-            max_sockets: 1024,
             probe_report: false,
             record: None,
             k8s: None,

@@ -340,11 +340,16 @@ pub fn live(root: &Path, args: &LiveArgs) -> Result<()> {
         n(&stats, "/table/conns_dropped"),
         n(&stats, "/kernel/ringbuf_drops")
     );
-    // Kernel-side per-socket state that did not fit: evicted sockets lose their packet
-    // history (their later segments are seen mid-stream).
+    // Kernel-side per-socket state that could not be kept. Trees before socket storage
+    // kept it in an LRU map and report its evictions too (their sockets' later segments
+    // were seen mid-stream).
+    let evicted = stats
+        .pointer("/kernel/skmap_evictions")
+        .and_then(|x| x.as_u64())
+        .map(|e| format!(", skmap_evictions {e} (LRU map)"))
+        .unwrap_or_default();
     println!(
-        "kernel per-socket state: skmap_evictions {}, skmap_fails {}",
-        n(&stats, "/kernel/skmap_evictions"),
+        "kernel per-socket state: skmap_fails {}{evicted}",
         n(&stats, "/kernel/skmap_fails")
     );
     println!("(budget of issue #10: RSS at most 64 MiB with 100k live tracked connections)");

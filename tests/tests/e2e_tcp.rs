@@ -692,8 +692,8 @@ fn goaway_on_a_connection_older_than_the_agent_is_evidence() {
 /// kernel reads from the socket's own TCP counters that its first payload byte is still to
 /// come, so the first bytes sent after the start are the stream's start. HTTP/1.1 there is
 /// then known not to be HTTP/2 (`not_h2`); before, such a socket was walked as met
-/// mid-stream and stayed `unsynced`, still hunting for frame boundaries. A `--max-sockets`
-/// left on the command line is accepted and ignored.
+/// mid-stream, never decided, and its verdict had no `h2` object. A `--max-sockets` left on
+/// the command line is accepted and ignored.
 #[test]
 fn idle_connection_older_than_the_agent_is_walked_from_its_start() {
     if !prelude("idle_connection_older_than_the_agent_is_walked_from_its_start") {

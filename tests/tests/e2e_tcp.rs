@@ -53,19 +53,26 @@ struct Conn {
 }
 
 impl Conn {
+    /// Connected, and bytes exchanged both ways.
     fn open(t: &Topology, v6: bool) -> Conn {
+        let mut c = Conn::connect(t, v6);
+        c.client.send(100).expect("client send");
+        c.server.read(100).expect("server read");
+        c.server.send(50).expect("server send");
+        c.client.read(50).expect("client read");
+        c
+    }
+
+    /// Connected, nothing sent yet.
+    fn connect(t: &Topology, v6: bool) -> Conn {
         let addr: SocketAddr = t.server_addr(v6, PORT);
         let mut server = Peer::listen(peer_bin(), &t.server, addr).expect("start server");
-        let mut client = Peer::connect(peer_bin(), &t.client, addr).expect("client connect");
+        let client = Peer::connect(peer_bin(), &t.client, addr).expect("client connect");
         let seen = server
             .wait_accepted(Duration::from_secs(10))
             .expect("server accepts");
         assert_eq!(seen, client.local, "server sees the client's address");
         assert_eq!(client.local.ip(), t.client_ip(v6));
-        client.send(100).expect("client send");
-        server.read(100).expect("server read");
-        server.send(50).expect("server send");
-        client.read(50).expect("client read");
         Conn {
             client_addr: client.local.to_string(),
             server_addr: addr.to_string(),
@@ -700,32 +707,19 @@ fn idle_connection_older_than_the_agent_is_walked_from_its_start() {
         return;
     }
     let t = Topology::new().expect("topology");
-    // Connected, and nothing sent yet (`Conn::open` exchanges bytes).
-    let addr: SocketAddr = t.server_addr(false, PORT);
-    let mut server = Peer::listen(peer_bin(), &t.server, addr).expect("start server");
-    let mut client = Peer::connect(peer_bin(), &t.client, addr).expect("client connect");
-    server
-        .wait_accepted(Duration::from_secs(10))
-        .expect("server accepts");
+    let mut conn = Conn::connect(&t, false);
     let mut args = tests::default_trace_args(&t.inodes().expect("inodes"));
     args.extend(["--max-sockets".to_string(), "16".to_string()]);
     let mut agent = Agent::spawn(&agent_bin(), &args, tests::READY_TIMEOUT)
         .unwrap_or_else(|e| panic!("starting the agent: {e:#}"));
     // "GET / HTTP/1.1\r\nHost: x\r\n\r\n"
     let request = "474554202f20485454502f312e310d0a486f73743a20780d0a0d0a";
-    client.send_hex(request).expect("client request");
-    server.read(request.len() / 2).expect("server reads it");
-    client.close().expect("client close");
-    server.wait_eof().expect("server sees FIN");
-    server.close().expect("server close");
-    let c = agent
-        .wait_for_close(
-            &client.local.to_string(),
-            &addr.to_string(),
-            Some(t.client_inode().expect("client netns inode")),
-            VERDICT_TIMEOUT,
-        )
-        .expect("close object for the client socket");
+    conn.client.send_hex(request).expect("client request");
+    conn.server
+        .read(request.len() / 2)
+        .expect("server reads it");
+    conn.client_closes_first();
+    let c = conn.client_verdict(&mut agent);
     assert_eq!(c["conn"]["preexisting"], true, "{c:#}");
     assert_eq!(
         c["h2"]["state"], "not_h2",

@@ -11,13 +11,11 @@
 //! a socket already judged and removed (possible when the agent runs behind) from opening
 //! a record for a dead socket.
 
-use super::{Closed, Table};
+use super::{Closed, Table, h2::H2State};
 use crate::{
     event::{Event, EventKind},
     timeline::FactKind,
 };
-
-use super::h2::H2State;
 
 /// Events kept per socket before it is met mid-life instead.
 pub(super) const EARLY_H2_EVENTS: usize = 8;

@@ -190,7 +190,6 @@ impl Table {
     }
 }
 
-/// The classifier's view of the HTTP/2 state.
 /// What [`h2_summary`] gives for a tracker that only holds a state (TLS, not HTTP/2) and
 /// started at `start`: nothing but its idle time (equal: `opaque_summary_is_a_blank_trackers`).
 fn opaque_summary(start: u64) -> H2Summary {
@@ -200,6 +199,7 @@ fn opaque_summary(start: u64) -> H2Summary {
     }
 }
 
+/// The classifier's view of the HTTP/2 state.
 fn h2_summary(t: &H2Track) -> H2Summary {
     H2Summary {
         synced: t.state == H2State::Synced,
@@ -224,8 +224,7 @@ mod tests {
     #[test]
     fn opaque_summary_is_a_blank_trackers() {
         for state in [H2State::Tls, H2State::NotH2] {
-            let mut t = H2Track::new(12_345);
-            t.state = state;
+            let t = H2Track::in_state(12_345, state);
             assert_eq!(h2_summary(&t), opaque_summary(12_345));
         }
     }

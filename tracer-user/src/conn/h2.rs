@@ -122,6 +122,15 @@ pub struct H2Track {
 }
 
 impl H2Track {
+    /// A new tracker already in `state` (what an inline TLS or not-HTTP/2 state stands
+    /// for, `Conn::h2_opaque`).
+    pub fn in_state(at_ns: u64, state: H2State) -> Self {
+        H2Track {
+            state,
+            ..H2Track::new(at_ns)
+        }
+    }
+
     pub fn new(at_ns: u64) -> Self {
         H2Track {
             state: H2State::Unsynced,

@@ -138,11 +138,7 @@ impl Conn {
     pub fn h2_view(&self) -> Option<Cow<'_, H2Track>> {
         match (&self.h2, self.h2_opaque) {
             (Some(t), _) => Some(Cow::Borrowed(&**t)),
-            (None, Some(state)) => {
-                let mut t = H2Track::new(self.h2_start());
-                t.state = state;
-                Some(Cow::Owned(t))
-            }
+            (None, Some(state)) => Some(Cow::Owned(H2Track::in_state(self.h2_start(), state))),
             (None, None) => None,
         }
     }
@@ -150,14 +146,13 @@ impl Conn {
     /// The HTTP/2 tracker, for writing: boxed now if it was not (carrying the state
     /// [`Conn::h2_opaque`] held).
     pub(super) fn h2_mut(&mut self) -> &mut H2Track {
-        let first = self.h2_start();
+        let start = self.h2_start();
         let opaque = self.h2_opaque.take();
         self.h2.get_or_insert_with(|| {
-            let mut t = H2Track::new(first);
-            if let Some(state) = opaque {
-                t.state = state;
-            }
-            Box::new(t)
+            Box::new(match opaque {
+                Some(state) => H2Track::in_state(start, state),
+                None => H2Track::new(start),
+            })
         })
     }
 

@@ -445,11 +445,14 @@ fn nothing_passed(
     received == 0 && sent <= this
 }
 
-/// A listener (handshake segments are filtered against it), a request socket or a
-/// TIME_WAIT socket: none is a connection the agent tracks, and their segments were
-/// decoded only to be thrown away (a record, and per-socket state, per handshake and
-/// per final ACK). RSTs are still recorded by the caller: every RST that leaves this host is
-/// provenance for the one that arrives.
+/// A listener (handshake segments are filtered against it), a request socket, a
+/// TIME_WAIT socket or a socket in CLOSE: none is a connection the agent tracks, and their
+/// segments were decoded only to be thrown away (a record, and per-socket state, per
+/// handshake and per final ACK). A socket in CLOSE is unhashed, so only a segment looked up
+/// just before its close reaches it, and TCP drops it: not evidence, and nothing of it may
+/// follow the socket's CLOSE record (the agent meets an unknown socket at its first data or
+/// ACK segment). RSTs are still recorded by the caller: every RST that leaves this host is
+/// provenance for the one that arrives, and a socket's abort sends its RST after CLOSE.
 #[inline(always)]
 fn not_a_connection(ctx: &SkBuffContext) -> bool {
     // SAFETY: reading a context field.
@@ -460,8 +463,8 @@ fn not_a_connection(ctx: &SkBuffContext) -> bool {
     // SAFETY: non-null socket pointer from the context; `state` is readable for every kind
     // of socket the hook can see.
     let state = unsafe { (*sk).state };
-    // TCP_TIME_WAIT 6, TCP_LISTEN 10, TCP_NEW_SYN_RECV 12.
-    matches!(state, 6 | 10 | 12)
+    // TCP_TIME_WAIT 6, TCP_CLOSE 7, TCP_LISTEN 10, TCP_NEW_SYN_RECV 12.
+    matches!(state, 6 | 7 | 10 | 12)
 }
 
 /// Whether the receiving socket's TCP can accept this ingress segment, judged from its

@@ -190,7 +190,7 @@ impl Side {
                 local: c.tuple.map(|t| t.local()),
                 remote: c.tuple.map(|t| t.remote()),
                 role: c.role,
-                state: c.state.name(),
+                state: c.state_name(),
                 preexisting: c.preexisting,
                 pid: owner.as_ref().map(|o| o.0),
                 comm: owner.as_ref().map(|o| &*o.1),

@@ -376,6 +376,11 @@ pub fn conns_table(records: &[Record], multi: bool) -> String {
             (Some(ns), Some(p)) => format!("{ns}/{p}"),
             _ => "-".into(),
         };
+        // Open before the agent: the age counts from when it was first seen, a lower bound.
+        let mut age = ms_text(&v["age_ms"]);
+        if v["preexisting"] == Value::Bool(true) && age != "-" {
+            age.insert(0, '>');
+        }
         let mut state = str_or_dash(v, "/state");
         if v["closing"] == Value::Bool(true) {
             state.push_str(" (closing)");
@@ -387,7 +392,7 @@ pub fn conns_table(records: &[Record], multi: bool) -> String {
             str_or_dash(v, "/local"),
             str_or_dash(v, "/remote"),
             process,
-            ms_text(&v["age_ms"]),
+            age,
             ms_text(&v["idle_ms"]),
             str_or_dash(v, "/facts"),
             str_or_dash(v, "/retransmits"),

@@ -487,6 +487,113 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
     let _: PathBuf = dir;
 }
 
+/// A connection opened before the agent started: while idle it is not listed (the agent has
+/// seen nothing of it); from the first segment after the start it is, `preexisting`, state
+/// `UNKNOWN`, its age a lower bound in the table view; its close then gives a verdict under
+/// the same id, with the process that closed it (known from its close()).
+#[test]
+fn connection_older_than_the_agent_is_listed_once_a_segment_passes() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(!require(), "the agent test needs root");
+        eprintln!("SKIP agent_api: needs root to load eBPF");
+        return;
+    }
+    let pid = std::process::id();
+    let dir = std::env::temp_dir().join(format!("whoclosed-agent-old-{pid}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (mut s, _) = listener.accept().expect("accept");
+    let c_port = c.local_addr().expect("addr").port();
+    c.write_all(b"before").expect("write");
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).expect("read");
+
+    let sock = dir.join("whoclosed.sock");
+    let args: Vec<String> = [
+        "agent",
+        "--linger-ms",
+        "300",
+        "--port",
+        &port.to_string(),
+        "--socket",
+        sock.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut agent = WhoclosedProc::start(BIN, &args);
+    let conns_now = || {
+        let out = cli(&sock, &["conns", "-o", "json", "--port", &port.to_string()]);
+        match out.status.code() {
+            Some(0) => json_lines(&out),
+            Some(1) => Vec::new(),
+            _ => panic!("conns failed: {out:?}"),
+        }
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        conns_now().is_empty(),
+        "an idle connection older than the agent is listed: nothing of it was seen"
+    );
+
+    c.write_all(b"after!").expect("write");
+    s.read_exact(&mut buf).expect("read");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let conns = loop {
+        let v = conns_now();
+        if v.len() >= 2 || Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(conns.len(), 2, "both ends listed: {conns:#?}");
+    let validator = support::record_validator();
+    for v in &conns {
+        let errs = support::schema_errors(&validator, v);
+        assert!(errs.is_empty(), "{v}\n{errs:#?}");
+        assert_eq!(v["preexisting"], true, "{v}");
+        assert_eq!(v["state"], "UNKNOWN", "{v}");
+        assert_eq!(v["pid"], Value::Null, "no owner context seen yet: {v}");
+    }
+    let client = conns
+        .iter()
+        .find(|v| port_of(&v["local"]) == c_port)
+        .unwrap_or_else(|| panic!("the client socket in conns: {conns:#?}"));
+    let client_id = client["id"].clone();
+    let table = text(&cli(&sock, &["conns", "--port", &port.to_string()]));
+    let row = table
+        .lines()
+        .find(|l| l.contains(&format!("127.0.0.1:{c_port}")))
+        .unwrap_or_else(|| panic!("no row for the client: {table}"));
+    assert!(
+        row.contains("UNKNOWN") && row.split_whitespace().any(|w| w.starts_with('>')),
+        "the age of a pre-existing connection is not shown as a lower bound: {row}"
+    );
+
+    drop(c);
+    let _ = s.read_to_end(&mut Vec::new());
+    drop(s);
+    let v = agent
+        .wait_for(Duration::from_secs(10), |v| {
+            v["type"] == "close" && port_of(&v["conn"]["local"]) == c_port
+        })
+        .unwrap_or_else(|| panic!("no verdict for the client: {:#?}", agent.seen));
+    assert_eq!(v["conn"]["id"], client_id, "{v}");
+    assert_eq!(v["conn"]["preexisting"], true, "{v}");
+    // Both ports are in the ephemeral range: which end is the client is not known, only
+    // that this end closed first.
+    assert_eq!(v["verdict"]["tcp_initiator"], "local", "{v}");
+    assert_eq!(v["verdict"]["reason"], "local_close", "{v}");
+    assert_ne!(v["verdict"]["confidence"], "high", "{v}");
+    assert_eq!(v["conn"]["pid"], pid, "the closing process: {v}");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Without the capabilities (dropped from the bounding set, so root has none of them), the
 /// error names each missing one instead of "must run as root".
 #[test]

@@ -287,7 +287,7 @@ impl Table {
         self.split_if_other_socket(ev, &mut out);
         match ev.kind {
             EventKind::State { old, new } => self.on_state(ev, old, new, &mut out),
-            EventKind::Packet(p) => self.on_packet(ev, &p),
+            EventKind::Packet(p) => self.on_packet(ev, &p, &mut out),
             EventKind::H2Proto { .. } | EventKind::H2Frame { .. } => self.on_h2(ev, &mut out),
             EventKind::ErrorReport { error } => self.on_error(ev, error),
             EventKind::Retransmit { state, .. } => self.on_retransmit(ev, state, &mut out),

@@ -1,7 +1,7 @@
 //! Segment facts from the cgroup_skb hooks: FIN direction, TTL, the first sequence numbers
 //! (to pair the two ends of a local connection) and RST segments.
 
-use super::Table;
+use super::{Closed, Table};
 use crate::{
     event::{Dir, Event, Packet},
     timeline::FactKind,
@@ -18,9 +18,19 @@ pub(super) struct Orphan {
 }
 
 impl Table {
-    pub(super) fn on_packet(&mut self, ev: &Event, p: &Packet) {
+    pub(super) fn on_packet(&mut self, ev: &Event, p: &Packet, out: &mut Vec<Closed>) {
         let sk = ev.skaddr;
         let Some(t) = ev.tuple else { return };
+        if !p.syn() && !p.fin() && !p.rst() && !self.conns.contains_key(&sk) {
+            // A segment of an open socket the table has not met: a connection older than
+            // the agent (a new one's opening event comes first in the ring buffer), or one
+            // whose opening was lost. Met mid-life now, so that `conns` lists it while it
+            // lives rather than from its first state change. Control segments are not
+            // taken: a socket's last RST can follow its CLOSE, and opening a record for a
+            // socket already judged would print a second verdict for it. Data and ACKs
+            // cannot: the kernel side reports none from a socket in CLOSE.
+            self.ensure(ev, out);
+        }
         let tracked = self
             .conns
             .get(&sk)

@@ -211,6 +211,17 @@ impl Conn {
         self.facts.iter().any(|f| pred(&f.kind))
     }
 
+    /// The TCP state to show for a live socket: `UNKNOWN` for one met mid-life (open before
+    /// the agent) that has changed state in no event seen yet, whose `state` is only the
+    /// record's initial value.
+    pub fn state_name(&self) -> &'static str {
+        if self.preexisting && !self.has(|k| matches!(k, FactKind::State { .. })) {
+            "UNKNOWN"
+        } else {
+            self.state.name()
+        }
+    }
+
     /// The owner closed the socket while exiting (crash, kill, exit without close).
     pub fn exited(&self) -> bool {
         self.facts.iter().any(|f| f.kind.is_exit_close())

@@ -778,6 +778,80 @@ fn preexisting_connection_gets_inferred_role() {
     );
 }
 
+/// A connection open before the agent is met at its first data or ACK segment after the
+/// start (so that `conns` lists it while it lives), with the facts of that segment; its
+/// record then goes on to its verdict. Control segments of an unknown socket, a listener's
+/// segments and sockets the full table refused are not met this way.
+#[test]
+fn preexisting_connection_is_met_at_its_first_data_segment() {
+    use Dir::*;
+    use TcpState::*;
+    let mut tbl = Table::new(TableConfig {
+        linger_ns: 0,
+        max_conns: 2,
+        ..TableConfig::default()
+    });
+    let t = tuple("10.0.0.1:45000", "10.0.0.2:443");
+    let mut first = pkt(MS, 0x42, t, Ingress, ACK, 1000, 61);
+    if let EventKind::Packet(ref mut p) = first.kind {
+        p.first_in_dir = true;
+        p.payload_len = 9;
+        p.last_data_ns = Some(MS);
+    }
+    tbl.on_event(&first);
+    let c = tbl.conns.get(&0x42).expect("met at its first data segment");
+    assert!(c.preexisting && c.opened_ns.is_none());
+    assert_eq!(c.role, Role::Client, "role from the ports");
+    assert_eq!(c.state_name(), "UNKNOWN", "no state change seen yet");
+    assert_eq!(c.ttl_baseline, Some(61));
+    assert_eq!(c.ingress_seq0, Some(1000));
+    assert_eq!(c.last_data_ns, Some(MS));
+    let id = c.id;
+    tbl.on_event(&goaway_in(2 * MS, 0x42));
+    assert_eq!(goaway_facts(&tbl.conns[&0x42]), vec![0]);
+    tbl.on_event(&state(3 * MS, 0x42, t, Established, CloseWait));
+    assert_eq!(tbl.conns[&0x42].state_name(), "CLOSE_WAIT");
+    tbl.on_event(&by(
+        state(4 * MS, 0x42, t, CloseWait, LastAck),
+        9,
+        "app",
+        false,
+    ));
+    tbl.on_event(&state(5 * MS, 0x42, t, LastAck, Close));
+    let out = tbl.take_all_closed();
+    let v = only(&out, 0x42);
+    assert_eq!(
+        v.conn.id, id,
+        "one record from the first segment to the verdict"
+    );
+    assert!(v.conn.preexisting);
+
+    // Not met: an unknown socket's FIN, RST or SYN, a socket without address, a listener's
+    // final handshake ACK.
+    let u = tuple("10.0.0.1:45001", "10.0.0.2:443");
+    for (sk, flags) in [(0x50, FIN | ACK), (0x51, RST), (0x52, SYN), (0, ACK)] {
+        tbl.on_event(&pkt(6 * MS, sk, u, Egress, flags, 7, 64));
+        assert!(!tbl.conns.contains_key(&sk), "met at flags {flags:#x}");
+    }
+    let l = tuple("0.0.0.0:443", "0.0.0.0:0");
+    tbl.on_event(&state(7 * MS, 0x60, l, Close, Listen));
+    tbl.on_event(&pkt(8 * MS, 0x60, u, Ingress, ACK, 8, 64));
+    assert!(
+        !tbl.conns.contains_key(&0x60),
+        "a listener became a connection"
+    );
+    assert_eq!(tbl.stats.conns_dropped, 0);
+
+    // The table full: a further unknown socket is refused (counted once), not met later.
+    tbl.on_event(&pkt(9 * MS, 0x70, u, Egress, ACK, 9, 64));
+    tbl.on_event(&pkt(9 * MS, 0x71, u, Egress, ACK, 9, 64));
+    assert_eq!(tbl.len(), 2);
+    tbl.on_event(&pkt(10 * MS, 0x72, u, Ingress, ACK, 9, 64));
+    tbl.on_event(&pkt(11 * MS, 0x72, u, Ingress, ACK, 10, 64));
+    assert!(!tbl.conns.contains_key(&0x72));
+    assert_eq!(tbl.stats.conns_dropped, 1);
+}
+
 #[test]
 fn table_full_counts_dropped_connections() {
     use TcpState::*;

@@ -70,6 +70,29 @@ fn abort(c: TcpStream) {
     drop(c);
 }
 
+/// Whether the test can run: root (it loads eBPF); else skipped, unless required.
+fn root_or_skip() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(!require(), "the agent test needs root");
+    eprintln!("SKIP agent_api: needs root to load eBPF");
+    false
+}
+
+/// A fresh directory for one test, named after the test and this process.
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    dir
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
 fn port_of(addr: &Value) -> u16 {
     addr.as_str()
         .and_then(|a| a.rsplit_once(':'))
@@ -79,10 +102,7 @@ fn port_of(addr: &Value) -> u16 {
 
 #[test]
 fn live_agent_answers_the_cli_and_replay_reproduces_it() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!require(), "the agent test needs root");
-        eprintln!("SKIP agent_api: needs root to load eBPF");
+    if !root_or_skip() {
         return;
     }
     let Some(cg2) = cgroup2_mount() else {
@@ -91,9 +111,7 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
         return;
     };
     let pid = std::process::id();
-    let dir = std::env::temp_dir().join(format!("whoclosed-agent-{pid}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("mkdir");
+    let dir = scratch_dir("whoclosed-agent");
     let host_root = dir.join("host");
     let (mut cleanup, leaf) = one_pod(
         &cg2,
@@ -111,7 +129,7 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
     let token_file = dir.join("token");
     std::fs::write(&token_file, "s3cret-token\n").expect("token file");
     let rec = dir.join("session.rec");
-    let args: Vec<String> = [
+    let args = strings(&[
         "agent",
         "--linger-ms",
         "300",
@@ -135,10 +153,7 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
         &format!("127.0.0.1:{api_port}"),
         "--api-token-file",
         token_file.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     let mut agent = WhoclosedProc::start(BIN, &args);
     let mode = std::fs::metadata(&sock).expect("socket exists");
     assert_eq!(
@@ -493,16 +508,11 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
 /// the same id, with the process that closed it (known from its close()).
 #[test]
 fn connection_older_than_the_agent_is_listed_once_a_segment_passes() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!require(), "the agent test needs root");
-        eprintln!("SKIP agent_api: needs root to load eBPF");
+    if !root_or_skip() {
         return;
     }
     let pid = std::process::id();
-    let dir = std::env::temp_dir().join(format!("whoclosed-agent-old-{pid}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("mkdir");
+    let dir = scratch_dir("whoclosed-agent-old");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -513,18 +523,16 @@ fn connection_older_than_the_agent_is_listed_once_a_segment_passes() {
     s.read_exact(&mut buf).expect("read");
 
     let sock = dir.join("whoclosed.sock");
-    let args: Vec<String> = [
+    let port_arg = port.to_string();
+    let args = strings(&[
         "agent",
         "--linger-ms",
         "300",
         "--port",
-        &port.to_string(),
+        &port_arg,
         "--socket",
         sock.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     let mut agent = WhoclosedProc::start(BIN, &args);
     let conns_now = || {
         let out = cli(&sock, &["conns", "-o", "json", "--port", &port.to_string()]);

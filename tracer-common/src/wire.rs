@@ -5,7 +5,7 @@
 //! | kind                                   | struct              | size |
 //! |----------------------------------------|---------------------|------|
 //! | `STATE` … `CLOSE_CALL` (lifecycle)     | [`LifecycleRecord`] | 112  |
-//! | `PACKET`                               | [`PacketRecord`]    | 88   |
+//! | `PACKET`                               | [`PacketRecord`]    | 96   |
 //! | `H2_FRAME`                             | [`H2FrameRecord`]   | 112  |
 //! | `H2_NOTE`                              | [`H2NoteRecord`]    | 32   |
 //!
@@ -20,10 +20,10 @@
 
 use core::mem::{offset_of, size_of};
 
-/// Version of this format, in every [`Header`]. Version 3 added `PacketRecord::last_data_ns`;
-/// version 2 was the first with a header; version 1 was the single 128/208-byte
-/// `RawEvent`/`H2Record` layout without a header.
-pub const WIRE_VERSION: u8 = 3;
+/// Version of this format, in every [`Header`]. Version 4 added `PacketRecord::cgroup_id`;
+/// version 3 `PacketRecord::last_data_ns`; version 2 was the first with a header; version 1
+/// was the single 128/208-byte `RawEvent`/`H2Record` layout without a header.
+pub const WIRE_VERSION: u8 = 4;
 
 /// What produced a record. [`Header::kind`].
 pub mod kind {
@@ -198,6 +198,11 @@ pub struct PacketRecord {
     /// long the connection had been idle when it ended: the idle timeout of whatever ended
     /// it, even when the payload is TLS.
     pub last_data_ns: u64,
+    /// The cgroup v2 id of the socket (`bpf_skb_cgroup_id`: the cgroup its creator ran in,
+    /// which an accepted socket takes from its listener); 0 when unknown. It names the pod
+    /// that owns the socket when no event ran in the owner's context (a socket reset by its
+    /// peer, one open before the agent).
+    pub cgroup_id: u64,
 }
 
 /// One HTTP/2 frame: kind `H2_FRAME`. Control frames (RST_STREAM, SETTINGS, PING, GOAWAY)
@@ -240,7 +245,7 @@ pub struct H2NoteRecord {
 
 pub const HEADER_SIZE: usize = 24;
 pub const LIFECYCLE_SIZE: usize = 112;
-pub const PACKET_SIZE: usize = 88;
+pub const PACKET_SIZE: usize = 96;
 pub const H2_FRAME_SIZE: usize = 112;
 pub const H2_NOTE_SIZE: usize = 32;
 
@@ -303,6 +308,7 @@ const _: () = {
     assert!(offset_of!(PacketRecord, flags) == 78);
     assert!(offset_of!(PacketRecord, _pad) == 79);
     assert!(offset_of!(PacketRecord, last_data_ns) == 80);
+    assert!(offset_of!(PacketRecord, cgroup_id) == 88);
 
     assert!(size_of::<H2FrameRecord>() == H2_FRAME_SIZE);
     assert!(offset_of!(H2FrameRecord, hdr) == 0);
@@ -423,6 +429,7 @@ impl PacketRecord {
             flags: 0,
             _pad: 0,
             last_data_ns: 0,
+            cgroup_id: 0,
         }
     }
 }

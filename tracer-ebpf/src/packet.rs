@@ -5,7 +5,7 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    helpers::{bpf_jiffies64, bpf_ktime_get_ns, bpf_tcp_sock},
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns, bpf_skb_cgroup_id, bpf_tcp_sock},
     programs::SkBuffContext,
 };
 use tracer_common::{
@@ -260,7 +260,15 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
                     bump(counter::SKMAP_FAILS); // exported as `skmap_fails`
                 }
                 if control {
-                    emit_packet(seg, th, sk, evflags | flag::FIRST_IN_DIR, payload_len, 0);
+                    emit_packet(
+                        ctx,
+                        seg,
+                        th,
+                        sk,
+                        evflags | flag::FIRST_IN_DIR,
+                        payload_len,
+                        0,
+                    );
                 }
                 return Some(());
             }
@@ -289,7 +297,7 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
         }
     }
     if control || evflags & (flag::FIRST_IN_DIR | flag::TTL_CHANGED) != 0 {
-        emit_packet(seg, th, sk, evflags, payload_len, st.last_data_ns);
+        emit_packet(ctx, seg, th, sk, evflags, payload_len, st.last_data_ns);
     }
     // Sockets whose payload is not HTTP/2 (TLS, anything else) skip the walker, and so do
     // segments that hold no frame header (inside a large DATA frame): only the end of the
@@ -508,6 +516,7 @@ fn acceptable(ctx: &SkBuffContext, th: &[u8; 20], payload_len: u32) -> bool {
 /// The `PACKET` record.
 #[inline(always)]
 fn emit_packet(
+    ctx: &SkBuffContext,
     seg: &Seg,
     th: &[u8; 20],
     sk: u64,
@@ -516,8 +525,12 @@ fn emit_packet(
     last_data_ns: u64,
 ) {
     let ingress = evflags & flag::INGRESS != 0;
+    // SAFETY: the helper takes the program's own context; it reads the cgroup of the
+    // socket the hook runs for (the kernel sets `skb->sk` for the run in both directions).
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     emit(kind::PACKET, sk, |ev: &mut PacketRecord| {
         ev.last_data_ns = last_data_ns;
+        ev.cgroup_id = cgroup_id;
         ev.ep.family = seg.family;
         ev.ttl = seg.ttl;
         ev.tcp_flags = th[13];

@@ -46,6 +46,7 @@ fn pk(dir: Dir, flags: u8, seq: u32) -> EventKind {
         first_in_dir: true,
         ttl_changed: false,
         last_data_ns: None,
+        cgroup_id: 0,
     })
 }
 fn main() -> std::io::Result<()> {

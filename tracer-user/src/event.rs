@@ -257,6 +257,8 @@ pub struct Packet {
     /// When the socket last carried payload, either direction, this segment included
     /// (CLOCK_MONOTONIC); `None` if never.
     pub last_data_ns: Option<u64>,
+    /// The socket's cgroup v2 id; 0 when unknown.
+    pub cgroup_id: u64,
 }
 
 impl Packet {
@@ -524,6 +526,7 @@ pub fn from_packet(rec: &PacketRecord) -> Event {
             first_in_dir: rec.flags & flag::FIRST_IN_DIR != 0,
             ttl_changed: rec.flags & flag::TTL_CHANGED != 0,
             last_data_ns: (rec.last_data_ns != 0).then_some(rec.last_data_ns),
+            cgroup_id: rec.cgroup_id,
         }),
     );
     ev.tuple = tuple(rec.flags, &rec.ep);

@@ -62,6 +62,7 @@ fn pkt(ts: u64, sk: u64, t: Tuple, dir: Dir, flags: u8, seq: u32, ttl: u8) -> Ev
             first_in_dir: false,
             ttl_changed: false,
             last_data_ns: None,
+            cgroup_id: 0,
         }),
     )
 }
@@ -805,7 +806,7 @@ fn preexisting_connection_is_met_at_its_first_data_segment() {
     assert_eq!(c.state_name(), "UNKNOWN", "no state change seen yet");
     assert_eq!(c.ttl_baseline, Some(61));
     assert_eq!(c.ingress_seq0, Some(1000));
-    assert_eq!(c.last_data_ns, Some(MS));
+    assert_eq!(c.last_data_ns.map(|t| t.get()), Some(MS));
     let id = c.id;
     tbl.on_event(&goaway_in(2 * MS, 0x42));
     assert_eq!(goaway_facts(&tbl.conns[&0x42]), vec![0]);
@@ -1513,7 +1514,7 @@ fn idle_before_end_comes_from_the_packet_records() {
     tbl.on_event(&state(361_005 * MS, 0x61, t, Established, Close));
     let out = tbl.take_all_closed();
     assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(out[0].conn.last_data_ns, Some(5 * MS));
+    assert_eq!(out[0].conn.last_data_ns.map(|t| t.get()), Some(5 * MS));
     assert_eq!(out[0].conn.idle_before_end_ns(), Some(361_000 * MS));
     assert!(
         out[0].verdict.hint.contains("AWS NLB idle timeout (350 s)"),

@@ -178,10 +178,9 @@ impl Side {
         let mut out = String::new();
         for (c, last_ns) in live {
             let owner = c.owner();
-            let k8s = match (pods.as_deref_mut(), &owner) {
-                (Some(r), Some((pid, _))) => r.resolve(*pid),
-                _ => None,
-            };
+            let k8s = pods
+                .as_deref_mut()
+                .and_then(|r| r.of_socket(owner.as_ref().map(|o| o.0), c.cgroup_id));
             let view = ConnView {
                 v: SCHEMA_VERSION,
                 kind: "conn",

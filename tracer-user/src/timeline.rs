@@ -215,6 +215,8 @@ pub struct PeerSummary {
     pub id: ConnId,
     pub pid: Option<u32>,
     pub comm: Option<crate::event::Comm>,
+    /// Its cgroup v2 id, from its packet records (its pod when `pid` is unknown).
+    pub cgroup_id: Option<std::num::NonZeroU64>,
     /// Its owner was exiting when it closed (crash, kill -9, exit without close).
     pub exited: bool,
     /// It reached TCP_CLOSE before our socket did.

@@ -488,10 +488,13 @@ pub(crate) async fn pipeline<W: Write>(
 ) -> anyhow::Result<()> {
     let (mut rb, mut logger) = poll_sources(&mut probes)?;
     let cfg = table_config(opts, &probes.report);
-    out.pods = opts
-        .k8s
-        .clone()
-        .map(|(roots, node)| crate::k8s::Resolver::for_node(roots, node.as_deref()));
+    out.pods = opts.k8s.clone().map(|(mut roots, node)| {
+        // The mount the packet hooks attach at: the sockets' cgroup ids name its directories.
+        if roots.cgroup_root.is_none() {
+            roots.cgroup_root = crate::kernel::cgroup2_root().ok();
+        }
+        crate::k8s::Resolver::for_node(roots, node.as_deref())
+    });
     if let Some(path) = &opts.record {
         out.recorder = Some(
             crate::record::Writer::create(path, out.clock_base, &cfg, &out.filter)

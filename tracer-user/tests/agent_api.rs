@@ -602,6 +602,130 @@ fn connection_older_than_the_agent_is_listed_once_a_segment_passes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A server in a pod whose connection the client resets: no event runs in the server's
+/// context (the RST moves its socket to CLOSE in softirq, and close() of a closed socket
+/// changes no state), so its owner stays unknown. Its pod comes from the socket's own cgroup
+/// (the packet records carry its id), in its verdict, in `conns` while it lives, and as the
+/// client's `peer.k8s`.
+#[test]
+fn a_reset_server_socket_is_named_by_its_cgroup() {
+    if !root_or_skip() {
+        return;
+    }
+    let Some(cg2) = cgroup2_mount() else {
+        assert!(!require(), "no cgroup2 mount");
+        eprintln!("SKIP agent_api: no cgroup2 mount");
+        return;
+    };
+    let pid = std::process::id();
+    let dir = scratch_dir("whoclosed-agent-cgid");
+    let host_root = dir.join("host");
+    let (mut cleanup, leaf) = one_pod(
+        &cg2,
+        &format!("whoclosed-agent-cgid-{pid}"),
+        &host_root,
+        UID,
+        CID,
+    );
+    // The server creates its listener once it is in the pod's cgroup (a socket keeps the
+    // cgroup it was made in; an accepted one takes its listener's).
+    let server_py = "import socket, sys\n\
+sys.stdin.readline()\n\
+l = socket.socket()\n\
+l.bind(('127.0.0.1', 0))\n\
+l.listen()\n\
+print(l.getsockname()[1], flush=True)\n\
+c, _ = l.accept()\n\
+print('accepted', flush=True)\n\
+sys.stdin.readline()\n\
+c.close()\n";
+    let mut server = Command::new("python3")
+        .args(["-c", server_py])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 for the server in the pod");
+    let mut stdin = server.stdin.take().unwrap();
+    let mut stdout = BufReader::new(server.stdout.take().unwrap());
+    let server_pid = server.id();
+    cleanup.children.push(server);
+    std::fs::write(leaf.join("cgroup.procs"), server_pid.to_string()).expect("into the pod");
+    writeln!(stdin, "go").expect("go");
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("server port");
+    let port: u16 = line.trim().parse().expect("a port");
+
+    let sock = dir.join("whoclosed.sock");
+    let port_arg = port.to_string();
+    let args = strings(&[
+        "agent",
+        "--linger-ms",
+        "300",
+        "--port",
+        &port_arg,
+        "--socket",
+        sock.to_str().unwrap(),
+        "--host-root",
+        host_root.to_str().unwrap(),
+        "--proc-root",
+        "/proc",
+        "--node-name",
+        "test-node",
+    ]);
+    let mut agent = WhoclosedProc::start(BIN, &args);
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let c_port = c.local_addr().expect("addr").port();
+    line.clear();
+    stdout.read_line(&mut line).expect("accepted");
+    assert_eq!(line.trim(), "accepted");
+    c.write_all(b"hello").expect("write");
+    std::thread::sleep(Duration::from_millis(200));
+
+    let out = cli(&sock, &["conns", "-o", "json", "--port", &port_arg]);
+    let conns = json_lines(&out);
+    let live = conns
+        .iter()
+        .find(|v| port_of(&v["remote"]) == c_port)
+        .unwrap_or_else(|| panic!("the server socket in conns: {conns:#?}"));
+    assert_eq!(live["pid"], Value::Null, "{live}");
+    assert_eq!(live["k8s"]["pod"], "web-7f9c-abcde", "{live}");
+
+    abort(c);
+    let server_v = agent
+        .wait_for(Duration::from_secs(10), |v| {
+            v["type"] == "close" && port_of(&v["conn"]["remote"]) == c_port
+        })
+        .unwrap_or_else(|| panic!("no verdict for the server socket: {:#?}", agent.seen));
+    let client_v = agent
+        .wait_for(Duration::from_secs(10), |v| {
+            v["type"] == "close" && port_of(&v["conn"]["local"]) == c_port
+        })
+        .unwrap_or_else(|| panic!("no verdict for the client socket: {:#?}", agent.seen));
+    writeln!(stdin, "done").expect("done");
+    let validator = support::record_validator();
+    for v in [&server_v, &client_v] {
+        let errs = support::schema_errors(&validator, v);
+        assert!(errs.is_empty(), "{v}\n{errs:#?}");
+    }
+    assert_eq!(server_v["conn"]["pid"], Value::Null, "{server_v}");
+    let k = &server_v["conn"]["k8s"];
+    assert_eq!(k["namespace"], "shop", "{server_v}");
+    assert_eq!(k["pod"], "web-7f9c-abcde", "{server_v}");
+    assert_eq!(k["container"], "app", "{server_v}");
+    assert_eq!(k["container_id"], CID, "{server_v}");
+    assert_eq!(k["node"], "test-node", "{server_v}");
+    assert_eq!(server_v["verdict"]["closed_by"], "client", "{server_v}");
+    // The client runs in no pod: its own socket has none, its peer has the server's.
+    assert!(client_v["conn"]["k8s"].is_null(), "{client_v}");
+    assert_eq!(
+        client_v["peer"]["k8s"]["pod"], "web-7f9c-abcde",
+        "{client_v}"
+    );
+    drop(agent);
+    drop(cleanup);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Without the capabilities (dropped from the bounding set, so root has none of them), the
 /// error names each missing one instead of "must run as root".
 #[test]

@@ -172,7 +172,7 @@ impl Table {
             tls: conn.h2_state() == Some(H2State::Tls),
             events_lost,
             proxy,
-            last_data_ns: conn.last_data_ns,
+            last_data_ns: conn.last_data_ns.map(|t| t.get()),
         };
         let verdict = classify::classify(&timeline);
         conn.facts = timeline.facts;

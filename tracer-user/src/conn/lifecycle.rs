@@ -34,6 +34,7 @@ impl Table {
             conn.ttl_baseline = o.ttl_in;
             conn.egress_seq0 = o.egress_seq0;
             conn.ingress_seq0 = o.ingress_seq0;
+            conn.cgroup_id = o.cgroup_id;
         }
         self.conns.insert(ev.skaddr, Box::new(conn));
         self.stats.conns_opened += 1;

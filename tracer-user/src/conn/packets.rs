@@ -1,6 +1,8 @@
 //! Segment facts from the cgroup_skb hooks: FIN direction, TTL, the first sequence numbers
 //! (to pair the two ends of a local connection) and RST segments.
 
+use std::num::NonZeroU64;
+
 use super::{Closed, Table};
 use crate::{
     event::{Dir, Event, Packet},
@@ -15,6 +17,7 @@ pub(super) struct Orphan {
     pub ttl_in: Option<u8>,
     pub egress_seq0: Option<u32>,
     pub ingress_seq0: Option<u32>,
+    pub cgroup_id: Option<NonZeroU64>,
 }
 
 impl Table {
@@ -53,8 +56,11 @@ impl Table {
         } else {
             p.seq
         };
-        if let Some(t) = p.last_data_ns {
+        if let Some(t) = p.last_data_ns.and_then(NonZeroU64::new) {
             c.last_data_ns = Some(c.last_data_ns.map_or(t, |x| x.max(t)));
+        }
+        if c.cgroup_id.is_none() {
+            c.cgroup_id = NonZeroU64::new(p.cgroup_id);
         }
         let had_both = c.egress_seq0.is_some() && c.ingress_seq0.is_some();
         match p.dir {
@@ -100,6 +106,9 @@ impl Table {
             self.orphans.clear();
         }
         let o = self.orphans.entry(sk).or_default();
+        if o.cgroup_id.is_none() {
+            o.cgroup_id = NonZeroU64::new(p.cgroup_id);
+        }
         match p.dir {
             Dir::Egress => {
                 o.egress_seq0.get_or_insert(p.seq);

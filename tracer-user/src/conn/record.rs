@@ -38,8 +38,12 @@ pub struct Conn {
     pub ttl_baseline: Option<u8>,
     pub egress_seq0: Option<u32>,
     pub ingress_seq0: Option<u32>,
-    /// When the socket last carried payload (either direction), from its packet records.
-    pub last_data_ns: Option<u64>,
+    /// When the socket last carried payload (either direction), from its packet records
+    /// (CLOCK_MONOTONIC, never 0; the niche keeps the record at 256 bytes).
+    pub last_data_ns: Option<std::num::NonZeroU64>,
+    /// The socket's cgroup v2 id, from its packet records: names its pod when no event of
+    /// its owner was seen.
+    pub cgroup_id: Option<std::num::NonZeroU64>,
     pub retransmits: u32,
     /// HTTP/2 state, once any payload of this socket was classified.
     /// Boxed: most connections are not HTTP/2, and the tracker is larger than the rest of
@@ -88,6 +92,7 @@ impl Conn {
             egress_seq0: None,
             ingress_seq0: None,
             last_data_ns: None,
+            cgroup_id: None,
             retransmits: 0,
             h2: None,
             h2_opaque: None,
@@ -195,7 +200,7 @@ impl Conn {
                     | FactKind::RstReceived { .. }
             )
         })?;
-        Some(end.saturating_sub(self.last_data_ns?))
+        Some(end.saturating_sub(self.last_data_ns?.get()))
     }
 
     /// Time of the first fact matching `pred`.
@@ -292,6 +297,7 @@ impl Conn {
             id: self.id,
             pid: owner.as_ref().map(|o| o.0),
             comm: owner.map(|o| o.1),
+            cgroup_id: self.cgroup_id,
             exited: self.exited(),
             closed_first: false,
             netns: self.netns,

@@ -147,6 +147,40 @@ fn is_container_id(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// The directories of a cgroup v2 mount by id: a cgroup's id (what `bpf_skb_cgroup_id`
+/// returns for a socket) is its directory's inode number on 64-bit kernels (5.5 and later).
+/// Each maps to what its path says ([`parse_path`], `None` outside any pod). At most `cap`
+/// directories are read (a node has a few thousand); `Err` only when the mount itself cannot
+/// be read. Directories that vanish during the walk are skipped.
+pub fn dirs_by_id(
+    root: &std::path::Path,
+    cap: usize,
+) -> std::io::Result<std::collections::HashMap<u64, Option<CgroupIds>>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::HashMap::new();
+    out.insert(std::fs::metadata(root)?.ino(), None);
+    let mut stack = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            // `file_type` does not follow symbolic links: only real cgroup directories.
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Ok(meta) = e.metadata() else { continue };
+            if out.len() >= cap {
+                return Ok(out);
+            }
+            let rel = format!("{rel}/{}", e.file_name().to_string_lossy());
+            out.insert(meta.ino(), parse_path(&rel));
+            stack.push((e.path(), rel));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,9 @@
 //! Which pod a process belongs to, from the node's own files.
 //!
 //! The pod UID and the container ID come from the process's cgroup path
-//! (`<proc root>/<pid>/cgroup`, see [`cgroup`]); the namespace, pod and container names come
+//! (`<proc root>/<pid>/cgroup`, see [`cgroup`]) or, for a socket no event of whose owner was
+//! seen, from the path of the socket's own cgroup (its id, from the packet records, looked
+//! up in the cgroup v2 mount); the namespace, pod and container names come
 //! from the kubelet's log layout under `<host root>/var/log` (see [`kubelet`]). Neither needs
 //! the API server. The node name is given (`--node-name`, `NODE_NAME` from the downward API)
 //! or read from the host's `/etc/hostname`.
@@ -78,15 +80,15 @@ pub fn note_owner(r: &mut Resolver, ev: &crate::event::Event) {
     }
 }
 
-/// The pods of a judged socket's owner and of its peer's.
+/// The pods of a judged socket's owner and of its peer's: from the owning process when one
+/// is known, else from the socket's cgroup.
 pub fn ends_of(r: &mut Resolver, c: &crate::conn::Closed) -> K8sEnds {
     K8sEnds {
-        conn: c.owner.as_ref().and_then(|o| r.resolve(o.0)),
+        conn: r.of_socket(c.owner.as_ref().map(|o| o.0), c.conn.cgroup_id),
         peer: c
             .peer
             .as_ref()
-            .and_then(|p| p.pid)
-            .and_then(|p| r.resolve(p)),
+            .and_then(|p| r.of_socket(p.pid, p.cgroup_id)),
     }
 }
 
@@ -97,6 +99,9 @@ pub struct Roots {
     pub host_root: PathBuf,
     /// The procfs whose pids the kernel events carry (host pids).
     pub proc_root: PathBuf,
+    /// The cgroup v2 mount whose directories the sockets' cgroup ids name; `None`: sockets
+    /// are named only through their owner's pid.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl Roots {
@@ -107,6 +112,7 @@ impl Roots {
         Self {
             host_root,
             proc_root,
+            cgroup_root: None,
         }
     }
 
@@ -115,6 +121,7 @@ impl Roots {
         Self {
             host_root: host_root.into(),
             proc_root: proc_root.into(),
+            cgroup_root: None,
         }
     }
 
@@ -156,7 +163,8 @@ pub struct Limits {
     pub ttl: Duration,
     /// How long an answer with missing names is reused before asking again.
     pub incomplete_ttl: Duration,
-    /// Minimum time between two scans of the log layout (a scan happens on a miss).
+    /// Minimum time between two scans of the log layout, and between two walks of the
+    /// cgroup mount (each happens on a miss).
     pub rescan_interval: Duration,
 }
 
@@ -185,7 +193,13 @@ pub struct Resolver {
     cache: HashMap<u32, Entry>,
     index: kubelet::Index,
     last_scan: Option<Instant>,
+    /// Cgroup directories by id, from the last walk of `roots.cgroup_root`.
+    cgroups: HashMap<u64, Option<cgroup::CgroupIds>>,
+    last_walk: Option<Instant>,
 }
+
+/// Cgroup directories read at most per walk of the mount.
+const MAX_CGROUP_DIRS: usize = 65_536;
 
 impl Resolver {
     /// The resolver `trace` and `agent` use: the node named by `node` (a `--node-name`
@@ -206,7 +220,46 @@ impl Resolver {
             cache: HashMap::new(),
             index: kubelet::Index::default(),
             last_scan: None,
+            cgroups: HashMap::new(),
+            last_walk: None,
         }
+    }
+
+    /// The pod of a socket: its owner's when the owner is known and in a pod, else the one
+    /// its cgroup names.
+    pub fn of_socket(
+        &mut self,
+        pid: Option<u32>,
+        cgroup: Option<std::num::NonZeroU64>,
+    ) -> Option<PodIdentity> {
+        pid.and_then(|p| self.resolve(p))
+            .or_else(|| cgroup.and_then(|id| self.resolve_cgroup(id.get())))
+    }
+
+    /// The pod a socket's cgroup (its `bpf_skb_cgroup_id`) belongs to: `None` outside any
+    /// pod, without a cgroup root, or for an id not found (a cgroup removed since).
+    pub fn resolve_cgroup(&mut self, id: u64) -> Option<PodIdentity> {
+        self.resolve_cgroup_at(id, Instant::now())
+    }
+
+    /// [`Self::resolve_cgroup`] at a given instant (tests drive the clock).
+    pub fn resolve_cgroup_at(&mut self, id: u64, now: Instant) -> Option<PodIdentity> {
+        let root = self.roots.cgroup_root.as_ref()?;
+        let due = self
+            .last_walk
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.limits.rescan_interval);
+        if !self.cgroups.contains_key(&id) && due {
+            self.last_walk = Some(now);
+            match cgroup::dirs_by_id(root, MAX_CGROUP_DIRS) {
+                Ok(dirs) => self.cgroups = dirs,
+                Err(e) => log::warn!(
+                    "pod names: cannot read the cgroup mount {}: {e}",
+                    root.display()
+                ),
+            }
+        }
+        let ids = self.cgroups.get(&id)?.clone()?;
+        Some(self.name(ids, now))
     }
 
     /// The pod that `pid` (a pid of the proc root) runs in, or `None` for a process outside

@@ -211,3 +211,63 @@ fn node_name_sources_in_order() {
     assert_eq!(node_name(None, &roots).as_deref(), Some("node-7"));
     assert_eq!(Roots::new("/host").proc_root, Path::new("/host/proc"));
 }
+
+/// A socket's cgroup id (its directory's inode number) names the pod its path names: found
+/// by a walk of the mount, walked again for an unknown id at most every `rescan_interval`;
+/// the owner's pid, when known and in a pod, comes first.
+#[test]
+fn a_sockets_cgroup_id_names_its_pod() {
+    use std::os::unix::fs::MetadataExt;
+    let f = Fake::new("cgid");
+    f.pod("shop", "web-0", UID_A, &[("app", CID_A)]);
+    let cg = f.path("cg");
+    let leaf = cg.join(format!("kubepods/burstable/pod{UID_A}/{CID_A}"));
+    std::fs::create_dir_all(&leaf).expect("mkdir");
+    std::fs::create_dir_all(cg.join("system.slice/ssh.service")).expect("mkdir");
+    let ino = |p: &Path| std::fs::metadata(p).expect("stat").ino();
+    let mut roots = f.roots();
+    let mut r = Resolver::new(roots.clone(), None, limits());
+    assert_eq!(r.resolve_cgroup(ino(&leaf)), None, "no cgroup root given");
+    roots.cgroup_root = Some(cg.clone());
+    let mut r = Resolver::new(roots, None, limits());
+    let t0 = Instant::now();
+    let got = r
+        .resolve_cgroup_at(ino(&leaf), t0)
+        .expect("the container's cgroup");
+    assert_eq!(got.pod.as_deref(), Some("web-0"));
+    assert_eq!(got.container.as_deref(), Some("app"));
+    assert_eq!(got.container_id.as_deref(), Some(CID_A));
+    let pod_dir = cg.join(format!("kubepods/burstable/pod{UID_A}"));
+    let pod_level = r
+        .resolve_cgroup_at(ino(&pod_dir), t0)
+        .expect("the pod's cgroup");
+    assert_eq!(
+        (pod_level.pod.as_deref(), pod_level.container_id),
+        (Some("web-0"), None)
+    );
+    let host = cg.join("system.slice/ssh.service");
+    assert_eq!(r.resolve_cgroup_at(ino(&host), t0), None, "not a pod");
+    assert_eq!(r.resolve_cgroup_at(ino(&cg), t0), None, "the root");
+
+    // A pod started after the walk: unknown until the next walk is due.
+    f.pod("batch", "job-x", UID_B, &[("worker", CID_B)]);
+    let late = cg.join(format!("kubepods/pod{UID_B}/{CID_B}"));
+    std::fs::create_dir_all(&late).expect("mkdir");
+    assert_eq!(
+        r.resolve_cgroup_at(ino(&late), t0 + Duration::from_millis(500)),
+        None,
+        "walked again before rescan_interval"
+    );
+    let found = r.resolve_cgroup_at(ino(&late), t0 + Duration::from_secs(2));
+    assert_eq!(found.and_then(|i| i.pod).as_deref(), Some("job-x"));
+
+    // The owner's pid first; the cgroup when the pid is unknown or outside any pod.
+    f.process(400, &format!("/kubepods/pod{UID_B}/{CID_B}"));
+    f.process(401, "/system.slice/ssh.service");
+    let id = std::num::NonZeroU64::new(ino(&leaf));
+    let pod = |i: Option<PodIdentity>| i.and_then(|i| i.pod);
+    assert_eq!(pod(r.of_socket(Some(400), id)).as_deref(), Some("job-x"));
+    assert_eq!(pod(r.of_socket(Some(401), id)).as_deref(), Some("web-0"));
+    assert_eq!(pod(r.of_socket(None, id)).as_deref(), Some("web-0"));
+    assert_eq!(r.of_socket(None, None), None);
+}

@@ -89,6 +89,97 @@ fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// Moves `child` into the pod's container cgroup `leaf` (killed with `cleanup`), then tells
+/// it to go on (it waits for a first line).
+fn go_in_pod<R>(
+    cleanup: &mut support::Cleanup,
+    leaf: &Path,
+    child: std::process::Child,
+    mut stdin: std::process::ChildStdin,
+    stdout: R,
+) -> (std::process::ChildStdin, R) {
+    std::fs::write(leaf.join("cgroup.procs"), child.id().to_string()).expect("into the pod");
+    cleanup.children.push(child);
+    writeln!(stdin, "go").expect("go");
+    (stdin, stdout)
+}
+
+/// A loopback connection to `listener` that carried `bytes` from the client to the server:
+/// (client, server, the client's port).
+fn connected(listener: &TcpListener, bytes: &[u8]) -> (TcpStream, TcpStream, u16) {
+    let port = listener.local_addr().expect("addr").port();
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (mut s, _) = listener.accept().expect("accept");
+    let c_port = c.local_addr().expect("addr").port();
+    c.write_all(bytes).expect("write");
+    let mut buf = vec![0u8; bytes.len()];
+    s.read_exact(&mut buf).expect("read");
+    (c, s, c_port)
+}
+
+/// `whoclosed agent` on `sock`, tracing `port`, verdicts 300 ms after a close; then `extra`.
+fn agent_args(port: u16, sock: &Path, extra: &[&str]) -> Vec<String> {
+    let port = port.to_string();
+    let mut args = strings(&[
+        "agent",
+        "--linger-ms",
+        "300",
+        "--port",
+        &port,
+        "--socket",
+        &sock.to_string_lossy(),
+    ]);
+    args.extend(strings(extra));
+    args
+}
+
+/// [`agent_args`] naming pods from the kubelet layout under `host_root` (pids from the real
+/// `/proc`) on node `test-node`; then `extra`.
+fn pod_agent_args(port: u16, sock: &Path, host_root: &Path, extra: &[&str]) -> Vec<String> {
+    let host_root = host_root.to_string_lossy();
+    let mut pod = vec![
+        "--host-root",
+        &*host_root,
+        "--proc-root",
+        "/proc",
+        "--node-name",
+        "test-node",
+    ];
+    pod.extend_from_slice(extra);
+    agent_args(port, sock, &pod)
+}
+
+/// A test's scratch directory, and one pod: its container's cgroup (named the way the
+/// kubelet names it) and its kubelet log layout under `host_root`.
+struct PodSetup {
+    dir: PathBuf,
+    host_root: PathBuf,
+    cleanup: support::Cleanup,
+    leaf: PathBuf,
+}
+
+/// [`PodSetup`] for test `name`; `None` when the test is skipped (not root, no cgroup v2).
+fn pod_setup(name: &str) -> Option<PodSetup> {
+    if !root_or_skip() {
+        return None;
+    }
+    let Some(cg2) = cgroup2_mount() else {
+        assert!(!require(), "no cgroup2 mount");
+        eprintln!("SKIP agent_api: no cgroup2 mount");
+        return None;
+    };
+    let dir = scratch_dir(name);
+    let host_root = dir.join("host");
+    let test_dir = format!("{name}-test-{}", std::process::id());
+    let (cleanup, leaf) = one_pod(&cg2, &test_dir, &host_root, UID, CID);
+    Some(PodSetup {
+        dir,
+        host_root,
+        cleanup,
+        leaf,
+    })
+}
+
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
@@ -102,24 +193,15 @@ fn port_of(addr: &Value) -> u16 {
 
 #[test]
 fn live_agent_answers_the_cli_and_replay_reproduces_it() {
-    if !root_or_skip() {
-        return;
-    }
-    let Some(cg2) = cgroup2_mount() else {
-        assert!(!require(), "no cgroup2 mount");
-        eprintln!("SKIP agent_api: no cgroup2 mount");
+    let Some(PodSetup {
+        dir,
+        host_root,
+        mut cleanup,
+        leaf,
+    }) = pod_setup("whoclosed-agent")
+    else {
         return;
     };
-    let pid = std::process::id();
-    let dir = scratch_dir("whoclosed-agent");
-    let host_root = dir.join("host");
-    let (mut cleanup, leaf) = one_pod(
-        &cg2,
-        &format!("whoclosed-agent-test-{pid}"),
-        &host_root,
-        UID,
-        CID,
-    );
 
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
@@ -129,31 +211,23 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
     let token_file = dir.join("token");
     std::fs::write(&token_file, "s3cret-token\n").expect("token file");
     let rec = dir.join("session.rec");
-    let args = strings(&[
-        "agent",
-        "--linger-ms",
-        "300",
-        "--port",
-        &port.to_string(),
-        "--socket",
-        sock.to_str().unwrap(),
-        "--metrics-addr",
-        &format!("127.0.0.1:{metrics_port}"),
-        "--record",
-        rec.to_str().unwrap(),
-        "--host-root",
-        host_root.to_str().unwrap(),
-        "--proc-root",
-        "/proc",
-        "--node-name",
-        "test-node",
-        "--output-file",
-        dir.join("verdicts.ndjson").to_str().unwrap(),
-        "--api-addr",
-        &format!("127.0.0.1:{api_port}"),
-        "--api-token-file",
-        token_file.to_str().unwrap(),
-    ]);
+    let args = pod_agent_args(
+        port,
+        &sock,
+        &host_root,
+        &[
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--record",
+            rec.to_str().unwrap(),
+            "--output-file",
+            dir.join("verdicts.ndjson").to_str().unwrap(),
+            "--api-addr",
+            &format!("127.0.0.1:{api_port}"),
+            "--api-token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
     let mut agent = WhoclosedProc::start(BIN, &args);
     let mode = std::fs::metadata(&sock).expect("socket exists");
     assert_eq!(
@@ -184,22 +258,15 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
     std::thread::sleep(Duration::from_millis(300));
 
     // A: an orderly close, client first.
-    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    let (mut s, _) = listener.accept().expect("accept");
-    let a_port = c.local_addr().expect("addr").port();
-    c.write_all(b"hi").expect("write");
-    let mut buf = [0u8; 2];
-    s.read_exact(&mut buf).expect("read");
+    let (c, mut s, a_port) = connected(&listener, b"hi");
     drop(c);
     let _ = s.read_to_end(&mut Vec::new());
     drop(s);
 
     // B: a client in a pod's cgroup; while it is open, `conns` shows it with its pod.
-    let (child, mut stdin, mut stdout) = spawn_connector(port);
+    let (child, stdin, stdout) = spawn_connector(port);
     let child_pid = child.id();
-    cleanup.children.push(child);
-    std::fs::write(leaf.join("cgroup.procs"), child_pid.to_string()).expect("into the pod");
-    writeln!(stdin, "go").expect("go");
+    let (mut stdin, mut stdout) = go_in_pod(&mut cleanup, &leaf, child, stdin, stdout);
     let mut line = String::new();
     stdout.read_line(&mut line).expect("child output");
     assert_eq!(line.trim(), "connected");
@@ -515,25 +582,11 @@ fn connection_older_than_the_agent_is_listed_once_a_segment_passes() {
     let dir = scratch_dir("whoclosed-agent-old");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    let (mut s, _) = listener.accept().expect("accept");
-    let c_port = c.local_addr().expect("addr").port();
-    c.write_all(b"before").expect("write");
+    let (mut c, mut s, c_port) = connected(&listener, b"before");
     let mut buf = [0u8; 6];
-    s.read_exact(&mut buf).expect("read");
 
     let sock = dir.join("whoclosed.sock");
-    let port_arg = port.to_string();
-    let args = strings(&[
-        "agent",
-        "--linger-ms",
-        "300",
-        "--port",
-        &port_arg,
-        "--socket",
-        sock.to_str().unwrap(),
-    ]);
-    let mut agent = WhoclosedProc::start(BIN, &args);
+    let mut agent = WhoclosedProc::start(BIN, &agent_args(port, &sock, &[]));
     let conns_now = || {
         let out = cli(&sock, &["conns", "-o", "json", "--port", &port.to_string()]);
         match out.status.code() {
@@ -609,24 +662,15 @@ fn connection_older_than_the_agent_is_listed_once_a_segment_passes() {
 /// client's `peer.k8s`.
 #[test]
 fn a_reset_server_socket_is_named_by_its_cgroup() {
-    if !root_or_skip() {
-        return;
-    }
-    let Some(cg2) = cgroup2_mount() else {
-        assert!(!require(), "no cgroup2 mount");
-        eprintln!("SKIP agent_api: no cgroup2 mount");
+    let Some(PodSetup {
+        dir,
+        host_root,
+        mut cleanup,
+        leaf,
+    }) = pod_setup("whoclosed-agent-cgid")
+    else {
         return;
     };
-    let pid = std::process::id();
-    let dir = scratch_dir("whoclosed-agent-cgid");
-    let host_root = dir.join("host");
-    let (mut cleanup, leaf) = one_pod(
-        &cg2,
-        &format!("whoclosed-agent-cgid-{pid}"),
-        &host_root,
-        UID,
-        CID,
-    );
     // The server creates its listener once it is in the pod's cgroup (a socket keeps the
     // cgroup it was made in; an accepted one takes its listener's).
     let server_py = "import socket, sys\n\
@@ -645,33 +689,16 @@ c.close()\n";
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3 for the server in the pod");
-    let mut stdin = server.stdin.take().unwrap();
-    let mut stdout = BufReader::new(server.stdout.take().unwrap());
-    let server_pid = server.id();
-    cleanup.children.push(server);
-    std::fs::write(leaf.join("cgroup.procs"), server_pid.to_string()).expect("into the pod");
-    writeln!(stdin, "go").expect("go");
+    let stdin = server.stdin.take().unwrap();
+    let stdout = BufReader::new(server.stdout.take().unwrap());
+    let (mut stdin, mut stdout) = go_in_pod(&mut cleanup, &leaf, server, stdin, stdout);
     let mut line = String::new();
     stdout.read_line(&mut line).expect("server port");
     let port: u16 = line.trim().parse().expect("a port");
 
     let sock = dir.join("whoclosed.sock");
     let port_arg = port.to_string();
-    let args = strings(&[
-        "agent",
-        "--linger-ms",
-        "300",
-        "--port",
-        &port_arg,
-        "--socket",
-        sock.to_str().unwrap(),
-        "--host-root",
-        host_root.to_str().unwrap(),
-        "--proc-root",
-        "/proc",
-        "--node-name",
-        "test-node",
-    ]);
+    let args = pod_agent_args(port, &sock, &host_root, &[]);
     let mut agent = WhoclosedProc::start(BIN, &args);
     let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let c_port = c.local_addr().expect("addr").port();

@@ -78,6 +78,13 @@ pub fn note_owner(r: &mut Resolver, ev: &crate::event::Event) {
     if owner_context && ev.pid != 0 {
         r.resolve(ev.pid);
     }
+    // The same for a socket's cgroup, while it exists: a pod's cgroup goes soon after its
+    // processes, which can be before the verdict.
+    if let EventKind::Packet(p) = &ev.kind
+        && p.cgroup_id != 0
+    {
+        r.resolve_cgroup(p.cgroup_id);
+    }
 }
 
 /// The pods of a judged socket's owner and of its peer's: from the owning process when one
@@ -193,8 +200,14 @@ pub struct Resolver {
     cache: HashMap<u32, Entry>,
     index: kubelet::Index,
     last_scan: Option<Instant>,
-    /// Cgroup directories by id, from the last walk of `roots.cgroup_root`.
+    /// Cgroup directories by id, from the walks of `roots.cgroup_root` (an id is never
+    /// reused, so what a walk found stays true after the directory goes).
     cgroups: HashMap<u64, Option<cgroup::CgroupIds>>,
+    /// Identities of cgroup ids with every name known, kept after the pod's log layout goes.
+    named: HashMap<u64, PodIdentity>,
+    /// The last cgroup id found to be in no pod: most packet records come from a few host
+    /// cgroups, asked about once per record (`note_owner`), answered here without a lookup.
+    last_not_pod: u64,
     last_walk: Option<Instant>,
 }
 
@@ -221,6 +234,8 @@ impl Resolver {
             index: kubelet::Index::default(),
             last_scan: None,
             cgroups: HashMap::new(),
+            named: HashMap::new(),
+            last_not_pod: 0,
             last_walk: None,
         }
     }
@@ -244,6 +259,12 @@ impl Resolver {
 
     /// [`Self::resolve_cgroup`] at a given instant (tests drive the clock).
     pub fn resolve_cgroup_at(&mut self, id: u64, now: Instant) -> Option<PodIdentity> {
+        if id == self.last_not_pod {
+            return None;
+        }
+        if let Some(known) = self.named.get(&id) {
+            return Some(known.clone());
+        }
         let root = self.roots.cgroup_root.as_ref()?;
         let due = self
             .last_walk
@@ -251,15 +272,30 @@ impl Resolver {
         if !self.cgroups.contains_key(&id) && due {
             self.last_walk = Some(now);
             match cgroup::dirs_by_id(root, MAX_CGROUP_DIRS) {
-                Ok(dirs) => self.cgroups = dirs,
+                Ok(dirs) => {
+                    if self.cgroups.len() + dirs.len() > 2 * MAX_CGROUP_DIRS {
+                        self.cgroups.clear();
+                    }
+                    self.cgroups.extend(dirs);
+                }
                 Err(e) => log::warn!(
                     "pod names: cannot read the cgroup mount {}: {e}",
                     root.display()
                 ),
             }
         }
-        let ids = self.cgroups.get(&id)?.clone()?;
-        Some(self.name(ids, now))
+        let Some(ids) = self.cgroups.get(&id)?.clone() else {
+            self.last_not_pod = id;
+            return None;
+        };
+        let identity = self.name(ids, now);
+        if identity.complete() {
+            if self.named.len() >= self.limits.capacity {
+                self.named.clear();
+            }
+            self.named.insert(id, identity.clone());
+        }
+        Some(identity)
     }
 
     /// The pod that `pid` (a pid of the proc root) runs in, or `None` for a process outside

@@ -271,3 +271,47 @@ fn a_sockets_cgroup_id_names_its_pod() {
     assert_eq!(pod(r.of_socket(None, id)).as_deref(), Some("web-0"));
     assert_eq!(r.of_socket(None, None), None);
 }
+
+/// A socket's pod, once named, outlives its cgroup and its log layout (the pod's processes
+/// and files can go before the verdict); a host cgroup stays no pod.
+#[test]
+fn a_cgroup_named_once_stays_named_after_the_pod_goes() {
+    use std::os::unix::fs::MetadataExt;
+    let f = Fake::new("cggone");
+    f.pod("shop", "web-0", UID_A, &[("app", CID_A)]);
+    let cg = f.path("cg");
+    let leaf = cg.join(format!("kubepods/pod{UID_A}/{CID_A}"));
+    let host = cg.join("system.slice");
+    std::fs::create_dir_all(&leaf).expect("mkdir");
+    std::fs::create_dir_all(&host).expect("mkdir");
+    let (id, host_id) = (
+        std::fs::metadata(&leaf).expect("stat").ino(),
+        std::fs::metadata(&host).expect("stat").ino(),
+    );
+    let mut roots = f.roots();
+    roots.cgroup_root = Some(cg.clone());
+    let mut r = Resolver::new(roots, None, limits());
+    let t0 = Instant::now();
+    assert!(r.resolve_cgroup_at(id, t0).is_some());
+    assert_eq!(r.resolve_cgroup_at(host_id, t0), None);
+    std::fs::remove_dir_all(cg.join("kubepods")).expect("the pod's cgroup goes");
+    for d in ["host/var/log/pods", "host/var/log/containers"] {
+        std::fs::remove_dir_all(f.path(d)).expect("its logs go");
+        std::fs::create_dir_all(f.path(d)).expect("mkdir");
+    }
+    let later = t0 + Duration::from_secs(60);
+    // Another pod starts, not yet in the log layout: the mount is walked and the layout
+    // scanned again, neither of which holds the first pod any more.
+    let other = cg.join(format!("kubepods/pod{UID_B}/{CID_B}"));
+    std::fs::create_dir_all(&other).expect("mkdir");
+    let other_id = std::fs::metadata(&other).expect("stat").ino();
+    let b = r.resolve_cgroup_at(other_id, later).expect("a pod");
+    assert_eq!((b.pod_uid.as_str(), b.pod), (UID_B, None));
+    let got = r.resolve_cgroup_at(id, later).expect("still named");
+    assert_eq!(got.pod.as_deref(), Some("web-0"));
+    assert_eq!(r.resolve_cgroup_at(host_id, later), None);
+    assert_eq!(
+        r.resolve_cgroup_at(id, later).and_then(|i| i.container),
+        Some("app".into())
+    );
+}

@@ -83,7 +83,7 @@ pub fn note_owner(r: &mut Resolver, ev: &crate::event::Event) {
     if let EventKind::Packet(p) = &ev.kind
         && p.cgroup_id != 0
     {
-        r.resolve_cgroup(p.cgroup_id);
+        r.note_cgroup(p.cgroup_id);
     }
 }
 
@@ -249,6 +249,14 @@ impl Resolver {
     ) -> Option<PodIdentity> {
         pid.and_then(|p| self.resolve(p))
             .or_else(|| cgroup.and_then(|id| self.resolve_cgroup(id.get())))
+    }
+
+    /// Names cgroup `id` now unless that is done: [`Self::resolve_cgroup`] without building
+    /// the answer, for a call per packet record.
+    pub fn note_cgroup(&mut self, id: u64) {
+        if id != self.last_not_pod && !self.named.contains_key(&id) {
+            self.resolve_cgroup(id);
+        }
     }
 
     /// The pod a socket's cgroup (its `bpf_skb_cgroup_id`) belongs to: `None` outside any

@@ -203,7 +203,12 @@ fn first_payload(
                 d.sync = sync::SYNCED;
                 d.next_hdr = seg.seq;
                 if proto_now == sk_proto::UNKNOWN {
-                    note(seg.sk, di, seg.seq, proto::H2_SETTINGS_FIRST);
+                    note(
+                        seg.sk,
+                        di,
+                        seg.seq,
+                        joined(seen_bits, proto::H2_SETTINGS_FIRST),
+                    );
                 }
                 return Decided::Walk;
             }
@@ -220,6 +225,9 @@ fn first_payload(
     if proto_now == sk_proto::H2 {
         d.sync = sync::SYNCED;
         d.next_hdr = seg.seq;
+        if seen_bits & seen::START == 0 {
+            note(seg.sk, di, seg.seq, proto::RESYNCED);
+        }
         return Decided::Walk;
     }
     if seen_bits & seen::START != 0 {
@@ -228,6 +236,19 @@ fn first_payload(
     }
     d.sync = sync::UNSYNCED;
     Decided::Resync
+}
+
+/// `at_start` when the socket's state was made at its stream's start (`seen::START`), else
+/// `RESYNCED`: a direction whose first walked payload is not its first byte joined mid-stream
+/// (a connection older than the agent, or one whose first data segment completed the
+/// handshake under the listener, where no hook sees the new socket), and the agent says so.
+#[inline(always)]
+fn joined(seen_bits: u8, at_start: u8) -> u8 {
+    if seen_bits & seen::START != 0 {
+        at_start
+    } else {
+        proto::RESYNCED
+    }
 }
 
 /// Mid-stream: accept a segment whose bytes are a chain of plausible frame headers ending

@@ -676,6 +676,10 @@ fn goaway_on_a_connection_older_than_the_agent_is_evidence() {
         .expect("client reads it");
     conn.server_closes_first();
     let c = conn.client_verdict(&mut agent);
+    assert_eq!(
+        c["h2"]["joined_midstream"], true,
+        "the walker met this connection mid-stream: {c:#}"
+    );
     let goaways = c["h2"]["goaways"].as_array().cloned().unwrap_or_default();
     assert!(
         goaways

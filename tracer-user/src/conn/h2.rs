@@ -101,6 +101,11 @@ impl PingSide {
 pub struct H2Track {
     pub state: H2State,
     pub preface_seen: bool,
+    /// The walker's first sync was found mid-stream, not at the stream's start: the socket
+    /// was open before the agent, or its first payload completed the handshake at the
+    /// listener (the packet hooks run with the listener then, before the socket exists).
+    /// Frames before that point, the preface among them, were not seen.
+    pub joined_midstream: bool,
     pub desyncs: u32,
     pub parse_errors: u32,
     pub frames: u64,
@@ -135,6 +140,7 @@ impl H2Track {
         H2Track {
             state: H2State::Unsynced,
             preface_seen: false,
+            joined_midstream: false,
             desyncs: 0,
             parse_errors: 0,
             frames: 0,
@@ -160,6 +166,7 @@ impl H2Track {
     /// classified but never walked as HTTP/2 (TLS, other protocols) carries.
     pub fn is_blank(&self) -> bool {
         !self.preface_seen
+            && !self.joined_midstream
             && self.frames == 0
             && self.parse_errors == 0
             && self.desyncs == 0
@@ -179,6 +186,15 @@ impl H2Track {
                 self.state = H2State::Synced;
             }
             ProtoNote::H2SettingsFirst | ProtoNote::Resynced => {
+                if note == ProtoNote::Resynced
+                    && self.desyncs == 0
+                    && !self.preface_seen
+                    && self.frames == 0
+                {
+                    // A resync that follows no desync: the first sync of a walker that
+                    // started mid-stream.
+                    self.joined_midstream = true;
+                }
                 if !matches!(self.state, H2State::NotH2 | H2State::Tls) {
                     self.state = H2State::Synced;
                 }
@@ -342,6 +358,39 @@ mod tests {
         let l = len.to_be_bytes();
         let s = stream.to_be_bytes();
         [l[1], l[2], l[3], kind, flags, s[0], s[1], s[2], s[3]]
+    }
+
+    /// Only a resync that is a walker's first sync means it joined mid-stream.
+    #[test]
+    fn joined_midstream_only_when_the_first_sync_is_a_resync() {
+        use ProtoNote::*;
+        let cases: [(&str, &[ProtoNote], bool); 5] = [
+            ("first sync a resync", &[Resynced, Resynced], true),
+            (
+                "preface, then a resync after a desync",
+                &[H2Preface, Desync, Resynced],
+                false,
+            ),
+            ("settings first", &[H2SettingsFirst], false),
+            (
+                "desync before any sync, then a resync",
+                &[Desync, Resynced],
+                false,
+            ),
+            ("not HTTP/2", &[Other], false),
+        ];
+        for (name, notes, want) in cases {
+            let mut t = H2Track::new(0);
+            for n in notes {
+                t.on_proto(*n);
+            }
+            assert_eq!(t.joined_midstream, want, "{name}");
+            assert_eq!(
+                t.is_blank(),
+                !want && !t.preface_seen && t.desyncs == 0,
+                "{name}"
+            );
+        }
     }
 
     #[test]

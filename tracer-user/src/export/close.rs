@@ -185,6 +185,7 @@ struct RstStreamsJson<'a> {
 struct H2Json<'a> {
     state: H2State,
     preface_seen: bool,
+    joined_midstream: bool,
     frames: u64,
     parse_errors: u32,
     desyncs: u32,
@@ -216,6 +217,7 @@ fn h2_json<'a>(c: &Closed, h: &'a H2Track) -> H2Json<'a> {
     H2Json {
         state: h.state,
         preface_seen: h.preface_seen,
+        joined_midstream: h.joined_midstream,
         frames: h.frames,
         parse_errors: h.parse_errors,
         desyncs: h.desyncs,
@@ -612,7 +614,7 @@ fn write_fact(out: &mut Vec<u8>, c: &Closed, f: &Fact) -> io::Result<()> {
 /// What [`write_h2_full`] writes between the state and `idle_before_close_ms` for a track
 /// whose counters are all zero ([`H2Track::is_blank`]), the common case of a socket that
 /// never carried HTTP/2 (a third of such a verdict's bytes).
-const BLANK_H2_MIDDLE: &[u8] = b",\"preface_seen\":false,\"frames\":0,\"parse_errors\":0,\"desyncs\":0,\"goaways\":[],\"pings\":{\"sent\":0,\"received\":0,\"acks_sent\":0,\"acks_received\":0,\"unanswered_sent\":0,\"unanswered_received\":0,\"min_interval_ms_sent\":null,\"min_interval_ms_received\":null,\"median_interval_ms_sent\":null,\"median_interval_ms_received\":null},\"rst_streams\":{\"sent\":{},\"received\":{}},\"streams_open_at_close\":0,\"max_open_streams\":0,\"idle_before_close_ms\":";
+const BLANK_H2_MIDDLE: &[u8] = b",\"preface_seen\":false,\"joined_midstream\":false,\"frames\":0,\"parse_errors\":0,\"desyncs\":0,\"goaways\":[],\"pings\":{\"sent\":0,\"received\":0,\"acks_sent\":0,\"acks_received\":0,\"unanswered_sent\":0,\"unanswered_received\":0,\"min_interval_ms_sent\":null,\"min_interval_ms_received\":null,\"median_interval_ms_sent\":null,\"median_interval_ms_received\":null},\"rst_streams\":{\"sent\":{},\"received\":{}},\"streams_open_at_close\":0,\"max_open_streams\":0,\"idle_before_close_ms\":";
 
 /// The `h2` object: what [`h2_json`] builds, written as it is read.
 fn write_h2(out: &mut Vec<u8>, c: &Closed, h: &H2Track) -> io::Result<()> {
@@ -640,6 +642,8 @@ fn write_h2_full(out: &mut Vec<u8>, c: &Closed, h: &H2Track) -> io::Result<()> {
     w::name(out, h.state.name());
     out.extend_from_slice(b",\"preface_seen\":");
     w::boolean(out, h.preface_seen);
+    out.extend_from_slice(b",\"joined_midstream\":");
+    w::boolean(out, h.joined_midstream);
     out.extend_from_slice(b",\"frames\":");
     w::int(out, h.frames);
     out.extend_from_slice(b",\"parse_errors\":");

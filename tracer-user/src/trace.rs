@@ -489,10 +489,9 @@ pub(crate) async fn pipeline<W: Write>(
     let (mut rb, mut logger) = poll_sources(&mut probes)?;
     let cfg = table_config(opts, &probes.report);
     out.pods = opts.k8s.clone().map(|(mut roots, node)| {
-        // The mount the packet hooks attach at: the sockets' cgroup ids name its directories.
-        if roots.cgroup_root.is_none() {
-            roots.cgroup_root = crate::kernel::cgroup2_root().ok();
-        }
+        // The mount the packet hooks attached at (none: no packet records, no cgroup ids):
+        // the sockets' cgroup ids name its directories.
+        roots.cgroup_root = probes.report.cgroup.as_ref().map(std::path::PathBuf::from);
         crate::k8s::Resolver::for_node(roots, node.as_deref())
     });
     if let Some(path) = &opts.record {

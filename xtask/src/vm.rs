@@ -507,12 +507,8 @@ fn run_command(root: &Path, kernel: &str, cmd: &[String], common: &Common) -> Re
     let vm = Vm::new(root, &common)?;
     let k = vm.kernel(kernel)?;
     let b = vm.run_command(&k, cmd)?;
-    if b.timed_out {
-        bail!(
-            "timed out after {} s; logs in {}",
-            common.timeout,
-            b.logs.display()
-        );
+    if let Some(e) = runner::boot_error(&b, common.timeout) {
+        bail!("{e}");
     }
     match b.exit {
         Some(0) => Ok(()),

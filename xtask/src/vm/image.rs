@@ -373,8 +373,8 @@ pub fn h2_part(art: &Artefacts, tmp: &Path, base_libs: &BTreeSet<PathBuf>) -> Re
     Ok(c.finish())
 }
 
-/// `/init`: mounts, modules, then `/vm/cmd.sh` with its output on ttyS1 and its exit code
-/// on ttyS2; then power off.
+/// `/init`: mounts, modules, then `/vm/cmd.sh` with its output on ttyS1; its start and its
+/// exit code on ttyS2; then power off.
 const INIT: &str = r#"#!/vm/busybox sh
 /vm/busybox --install -s /vm/bin
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/vm/bin
@@ -396,6 +396,7 @@ for m in $(cat /vm/modules/order); do
 done
 stty -F /dev/ttyS1 raw -echo 2>/dev/null
 stty -F /dev/ttyS2 raw -echo 2>/dev/null
+echo "@@VM-UP" >/dev/ttyS2
 sh /vm/cmd.sh </dev/null >/dev/ttyS1 2>&1
 echo "@@VM-EXIT $?" >/dev/ttyS2
 sync

@@ -92,8 +92,12 @@ pub fn print_tests(runs: &[TestRun]) {
                         "SKIPPED "
                     } else if c.passed {
                         ""
+                    } else if c.timed_out {
+                        "TIMED OUT "
                     } else if c.ran {
                         "FAILED "
+                    } else if c.started {
+                        "UNFINISHED "
                     } else {
                         "NOT RUN "
                     },
@@ -102,6 +106,12 @@ pub fn print_tests(runs: &[TestRun]) {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
+        if t.stalls > 0 {
+            println!(
+                "    note: {} boot(s) stalled before their command and were booted again",
+                t.stalls
+            );
+        }
         if let Some(e) = &t.error {
             println!("    error: {e}");
         }
@@ -124,7 +134,7 @@ skipped {}: {why}",
         );
     }
     for t in runs {
-        for c in t.cases.iter().filter(|c| c.ran && !c.passed) {
+        for c in t.cases.iter().filter(|c| c.started && !c.passed) {
             println!(
                 "\n---- {} {} {} output:\n{}",
                 t.kernel.label(),

@@ -24,6 +24,12 @@ pub struct BootResult {
     /// The command's exit code, if the guest got as far as reporting it.
     pub exit: Option<i32>,
     pub timed_out: bool,
+    /// Killed because the guest had not started its command within the stall bound (a boot
+    /// that hangs under TCG), so nothing of ours ran.
+    pub stalled: bool,
+    /// Earlier attempts of this boot that stalled (see [`BootResult::stalled`]) and were
+    /// booted again.
+    pub stalls_before: u32,
     /// Wall time of the boot, QEMU start to exit.
     pub secs: f64,
     pub logs: PathBuf,
@@ -33,22 +39,41 @@ impl BootResult {
     /// Last lines of the kernel console, for error messages.
     pub fn console_tail(&self, n: usize) -> String {
         let text = fs::read_to_string(self.logs.join("console.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..]
-            .iter()
-            .map(|l| l.trim_end_matches('\r'))
-            .collect::<Vec<_>>()
-            .join("\n")
+        tail(&text, n)
+    }
+
+    /// Last lines of the command's output, for error messages.
+    pub fn output_tail(&self, n: usize) -> String {
+        tail(&self.output, n)
     }
 }
 
-/// Boots `kernel` with `initrd`, logs in `logs/`, killing QEMU after `timeout`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| l.trim_end_matches('\r'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Bounds of one boot.
+#[derive(Clone, Copy)]
+pub struct Bounds {
+    /// The whole boot: QEMU is killed after it.
+    pub total: Duration,
+    /// The guest's start of its command (`@@VM-UP` on ttyS2, written by `/init`): QEMU is
+    /// killed when it has not come by then.
+    pub first_line: Duration,
+}
+
+/// Boots `kernel` with `initrd`, logs in `logs/`, killing QEMU when a bound passes.
 /// `on_line` sees every complete line of the command's output as it arrives.
 pub fn boot(
     kernel: &Kernel,
     initrd: &Path,
     logs: &Path,
-    timeout: Duration,
+    bounds: Bounds,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<BootResult> {
     fs::create_dir_all(logs)?;
@@ -136,12 +161,24 @@ pub fn boot(
         Ok(())
     };
     let mut timed_out = false;
+    let mut stalled = false;
+    let mut up = false;
     loop {
         pump(&mut pending, &mut all, false)?;
         if child.try_wait()?.is_some() {
             break;
         }
-        if start.elapsed() >= timeout {
+        let waited = start.elapsed();
+        if !up && waited >= bounds.first_line {
+            up = fs::metadata(&exit)?.len() > 0;
+            if !up {
+                stalled = true;
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+        }
+        if waited >= bounds.total {
             timed_out = true;
             let _ = child.kill();
             let _ = child.wait();
@@ -160,6 +197,8 @@ pub fn boot(
         output: all,
         exit,
         timed_out,
+        stalled,
+        stalls_before: 0,
         secs,
         logs: logs.to_path_buf(),
     })

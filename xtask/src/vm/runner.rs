@@ -19,6 +19,15 @@ use super::report::{Report, guest_release, parse_report, report_script};
 use super::testrun::{Case, TestRun, list_all_cases, parse_cases, select, test_script};
 use super::{Common, Mode, Suite, image, qemu};
 
+/// Bound for a guest's first output line. Under TCG a boot reaches its command in 5 to
+/// 30 s (two guests at a time, the HTTP/2 archive unpacked); one that has printed nothing
+/// by this bound hangs before anything of ours runs.
+const FIRST_LINE_SECS: u64 = 180;
+
+/// How often a stalled boot is booted again. A stall is a QEMU/guest boot hang, not a
+/// result; a second one in a row is reported as the boot's failure.
+const STALL_RETRIES: u32 = 1;
+
 /// Quotes words for the guest's busybox sh (one word: passed through as a script line).
 fn shell_words(words: &[String]) -> String {
     if words.len() == 1 {
@@ -190,13 +199,30 @@ impl Vm {
                 eprintln!("  {name}: {rest}");
             }
         };
-        let b = qemu::boot(
-            k,
-            &initrd,
-            &logs,
-            Duration::from_secs(self.common.timeout),
-            &mut on_line,
-        )?;
+        let bounds = qemu::Bounds {
+            total: Duration::from_secs(self.common.timeout),
+            first_line: Duration::from_secs(FIRST_LINE_SECS.min(self.common.timeout)),
+        };
+        let mut stalls = 0;
+        let b = loop {
+            let mut b = qemu::boot(k, &initrd, &logs, bounds, &mut on_line)?;
+            b.stalls_before = stalls;
+            if !b.stalled || stalls >= STALL_RETRIES {
+                break b;
+            }
+            stalls += 1;
+            // Keep the stalled boot's logs beside the next one's.
+            let kept = logs.with_file_name(format!("{name}-stalled-{stalls}"));
+            let _ = fs::remove_dir_all(&kept);
+            fs::rename(&logs, &kept)?;
+            eprintln!(
+                "vm: {name} had not started its command after {} s (console ends: {:?}); \
+                 booting it again, logs of the stalled boot in {}",
+                bounds.first_line.as_secs(),
+                b.console_tail(1),
+                kept.display()
+            );
+        };
         let _ = fs::remove_file(&initrd);
         Ok(b)
     }
@@ -210,12 +236,8 @@ impl Vm {
         }
         r.boot_secs = b.secs;
         r.guest_release = guest_release(&b.output);
-        if b.timed_out {
-            r.error = Some(format!(
-                "timed out after {} s; logs in {}",
-                self.common.timeout,
-                b.logs.display()
-            ));
+        if let Some(e) = boot_error(&b, self.common.timeout) {
+            r.error = Some(e);
         } else if b.exit.is_none() {
             r.error = Some(format!(
                 "the guest did not finish; console:\n{}",
@@ -257,14 +279,12 @@ impl Vm {
             mode,
             cases: parse_cases(&b.output, &cases),
             boot_secs: b.secs,
+            stalls: 0,
             error: None,
         };
-        if b.timed_out {
-            t.error = Some(format!(
-                "timed out after {} s; logs in {}",
-                self.common.timeout,
-                b.logs.display()
-            ));
+        t.stalls = b.stalls_before;
+        if let Some(e) = boot_error(&b, self.common.timeout) {
+            t.error = Some(e);
         } else if b.exit.is_none() {
             t.error = Some(format!(
                 "the guest did not finish; console:\n{}",
@@ -272,6 +292,33 @@ impl Vm {
             ));
         }
         Ok(t)
+    }
+}
+
+/// Why a boot ended early, with what the guest printed last; `None` for a boot that ran
+/// to its end.
+pub(super) fn boot_error(b: &qemu::BootResult, timeout: u64) -> Option<String> {
+    let retried = match b.stalls_before {
+        0 => String::new(),
+        n => format!(" (after {n} stalled boot(s))"),
+    };
+    if b.stalled {
+        Some(format!(
+            "the guest had not started its command after {} s{retried}; logs in {}; console \
+             ends:\n{}",
+            FIRST_LINE_SECS.min(timeout),
+            b.logs.display(),
+            b.console_tail(15)
+        ))
+    } else if b.timed_out {
+        Some(format!(
+            "timed out after {timeout} s{retried}; logs in {}; output ends:\n{}\nconsole ends:\n{}",
+            b.logs.display(),
+            b.output_tail(15),
+            b.console_tail(5)
+        ))
+    } else {
+        None
     }
 }
 

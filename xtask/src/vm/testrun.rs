@@ -67,6 +67,16 @@ pub fn select(all: &[Case], suites: &[Suite], filter: &[String]) -> Vec<Case> {
         .collect()
 }
 
+/// Bound for one case in the guest. The slowest case takes about 30 s under TCG; one
+/// still running after this hangs, and is killed so that the boot goes on to the next case
+/// and reports this one by name (instead of the whole boot timing out with no result).
+pub const CASE_TIMEOUT_SECS: u64 = 300;
+
+/// After a killed case: what it had started (its agent and peers, its namespaces), so that
+/// the next case starts clean. iproute2's `ip` by path: busybox sh prefers its own applet.
+const CLEANUP: &str = "killall -9 whoclosed wc-peer nghttpd nghttp h2load 2>/dev/null; \
+                       /usr/sbin/ip -all netns delete 2>/dev/null";
+
 pub fn test_script(art: &image::Artefacts, mode: Mode, cases: &[Case]) -> String {
     let mut s = format!(
         "echo \"@@KERNEL $(uname -r)\"\n\
@@ -81,9 +91,10 @@ pub fn test_script(art: &image::Artefacts, mode: Mode, cases: &[Case]) -> String
         let _ = write!(
             s,
             "t0=$(up)\necho \"@@CASE-START {n}\"\n\
-             {e} --exact {n} --test-threads=1\n\
+             timeout -k 10 {CASE_TIMEOUT_SECS} {e} --exact {n} --test-threads=1\n\
              rc=$?\n[ $rc = 0 ] || fail=1\n\
-             echo \"@@CASE-END {n} rc=$rc t0=$t0 t1=$(up)\"\n",
+             echo \"@@CASE-END {n} rc=$rc t0=$t0 t1=$(up)\"\n\
+             [ $rc = 143 ] || [ $rc = 137 ] && {{ {CLEANUP}; }}\n",
             n = c.name,
             e = art.e2e(c.suite).display(),
         );
@@ -97,7 +108,12 @@ pub struct CaseResult {
     pub name: String,
     pub suite: Suite,
     pub passed: bool,
+    /// Its end marker was seen.
     pub ran: bool,
+    /// Its start marker was seen (and, without `ran`, no end: the boot stopped in it).
+    pub started: bool,
+    /// Killed by the guest's [`CASE_TIMEOUT_SECS`] bound.
+    pub timed_out: bool,
     /// The test passed by skipping: the reason from its `SKIP <name>: <why>` line.
     pub skipped: Option<String>,
     pub secs: f64,
@@ -116,6 +132,8 @@ pub struct TestRun {
     pub mode: Mode,
     pub cases: Vec<CaseResult>,
     pub boot_secs: f64,
+    /// Boots of this run that stalled before the guest's command and were booted again.
+    pub stalls: u32,
     pub error: Option<String>,
 }
 
@@ -144,6 +162,8 @@ pub fn parse_cases(output: &str, cases: &[Case]) -> Vec<CaseResult> {
             suite: c.suite,
             passed: false,
             ran: false,
+            started: false,
+            timed_out: false,
             skipped: None,
             secs: 0.0,
             output: String::new(),
@@ -153,12 +173,18 @@ pub fn parse_cases(output: &str, cases: &[Case]) -> Vec<CaseResult> {
     for l in output.lines() {
         if let Some(rest) = l.strip_prefix("@@CASE-START ") {
             current = results.iter().position(|c| c.name == rest.trim());
+            if let Some(i) = current {
+                results[i].started = true;
+            }
         } else if let Some(rest) = l.strip_prefix("@@CASE-END ") {
             let name = rest.split_whitespace().next().unwrap_or("");
             if let Some(c) = results.iter_mut().find(|c| c.name == name) {
                 c.ran = true;
                 c.passed = kv(l, "rc") == Some("0");
                 c.secs = kv_f64(l, "t1").unwrap_or(0.0) - kv_f64(l, "t0").unwrap_or(0.0);
+                // busybox `timeout` sends TERM (the shell sees 143), then KILL (137).
+                c.timed_out = matches!(kv(l, "rc"), Some("143" | "137"))
+                    && c.secs >= CASE_TIMEOUT_SECS as f64 - 1.0;
                 if !c.passed {
                     c.skipped = None;
                 }
@@ -206,6 +232,36 @@ mod tests {
     }
 
     #[test]
+    fn a_killed_case_and_an_unfinished_one_are_told_apart() {
+        let out = format!(
+            "@@CASE-START a\nwaiting\n@@CASE-END a rc=143 t0=1.00 t1={}\n\
+             @@CASE-START b\n@@CASE-END b rc=137 t0=1.00 t1=2.00\n\
+             @@CASE-START c\nstuck here\n",
+            1.0 + CASE_TIMEOUT_SECS as f64
+        );
+        let c = parse_cases(&out, &cases(&["a", "b", "c", "d"]));
+        assert!(c[0].timed_out && c[0].ran && !c[0].passed);
+        // Killed, but not by the bound: an ordinary failure.
+        assert!(!c[1].timed_out && c[1].ran && !c[1].passed);
+        assert!(c[2].started && !c[2].ran && c[2].output == "stuck here\n");
+        assert!(!c[3].started && !c[3].ran);
+    }
+
+    #[test]
+    fn every_case_runs_under_the_guest_bound() {
+        let art = image::Artefacts {
+            whoclosed: "/w/whoclosed".into(),
+            e2e_tcp: "/w/e2e_tcp".into(),
+            e2e_h2: "/w/e2e_h2".into(),
+            wc_peer: "/w/wc-peer".into(),
+        };
+        let s = test_script(&art, Mode::Kprobe, &cases(&["a", "b"]));
+        let bounded = format!("timeout -k 10 {CASE_TIMEOUT_SECS} ");
+        assert_eq!(s.matches(&bounded).count(), 2, "{s}");
+        assert_eq!(s.matches("--exact").count(), 2);
+    }
+
+    #[test]
     fn skipped_cases_are_told_apart() {
         let out = "@@CASE-START g\ntest g ... SKIP g: no python here\nok\n@@CASE-END g rc=0 t0=1 t1=2\n\
                    @@CASE-START h\nSKIP g: another case's line\n@@CASE-END h rc=0 t0=2 t1=3\n\
@@ -220,6 +276,7 @@ mod tests {
             mode: Mode::Fentry,
             cases: c,
             boot_secs: 0.0,
+            stalls: 0,
             error: None,
         };
         assert_eq!(

@@ -462,6 +462,16 @@ impl Matrix {
              fentry on 6.1 (both suites: the in-kernel HTTP/2 walker carries workarounds \
              for these two verifiers) and kprobe on the newest kernel (tcp suite)."
         )?;
+        writeln!(
+            s,
+            "- Bounds of a boot: a case still running after {} s is killed and reported \
+             `TIMED OUT` (the boot goes on with the next case); a guest that has not started \
+             its command after {} s hangs in its own boot (QEMU under TCG) and is booted once \
+             more, noted under the table; a boot is killed after `--timeout` (900 s), with \
+             the tails of its output and console in the error.",
+            super::testrun::CASE_TIMEOUT_SECS,
+            super::runner::FIRST_LINE_SECS,
+        )?;
         let mut skips: Vec<(String, Vec<String>)> = Vec::new();
         for c in self.tests.iter().flat_map(|t| &t.cases) {
             if let Some(why) = &c.skipped {

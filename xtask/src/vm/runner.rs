@@ -22,7 +22,7 @@ use super::{Common, Mode, Suite, image, qemu};
 /// Bound for a guest's first output line. Under TCG a boot reaches its command in 5 to
 /// 30 s (two guests at a time, the HTTP/2 archive unpacked); one that has printed nothing
 /// by this bound hangs before anything of ours runs.
-const FIRST_LINE_SECS: u64 = 180;
+pub(super) const FIRST_LINE_SECS: u64 = 180;
 
 /// How often a stalled boot is booted again. A stall is a QEMU/guest boot hang, not a
 /// result; a second one in a row is reported as the boot's failure.

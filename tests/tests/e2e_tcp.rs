@@ -586,8 +586,9 @@ fn server_process_killed_without_packet_facts() {
 }
 
 /// The agent restarts while a connection is up: the new agent picks the connection up as
-/// `preexisting` (roles from the ephemeral port range) and still judges its ending; the
-/// first agent judged nothing for it (it never ended while that agent ran).
+/// `preexisting` (roles from the ephemeral port range), listing both ends at its start
+/// where the kernel walks its TCP sockets, and still judges its ending; the first agent
+/// judged nothing for it (it never ended while that agent ran).
 #[test]
 fn restart_picks_up_live_connections() {
     if !prelude("restart_picks_up_live_connections") {
@@ -612,6 +613,12 @@ fn restart_picks_up_live_connections() {
     );
 
     let mut second = start_agent(&agent_ns);
+    // Wherever the kernel has BTF, the second agent lists the connection at its start
+    // (the kernel's walk over the TCP sockets, in their namespaces).
+    let walked = second.ready()["existing_sockets"] == true;
+    if std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        assert!(walked, "no start-up walk: {}", second.ready());
+    }
     // Traffic after the restart, then the client closes.
     conn.client.send(10).expect("client send");
     conn.server.read(10).expect("server read");
@@ -641,7 +648,17 @@ fn restart_picks_up_live_connections() {
             ..conn.server_expect()
         },
     );
-    stop(second);
+    let exit = second
+        .stop()
+        .unwrap_or_else(|e| panic!("stopping the agent: {e:#}"));
+    let stats = exit
+        .objects
+        .iter()
+        .find(|o| o["type"] == "stats")
+        .unwrap_or_else(|| panic!("no stats line: {:#?}", exit.objects));
+    // Both ends, and nothing else of the topology (its listener is not a connection).
+    let want = if walked { 2 } else { 0 };
+    assert_eq!(stats["table"]["conns_walked"], want, "{stats:#}");
 }
 
 /// A long-lived HTTP/2 connection that was open before the agent started (a DaemonSet

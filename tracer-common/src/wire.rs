@@ -4,7 +4,7 @@
 //!
 //! | kind                                   | struct              | size |
 //! |----------------------------------------|---------------------|------|
-//! | `STATE` … `CLOSE_CALL` (lifecycle)     | [`LifecycleRecord`] | 112  |
+//! | `STATE` … `CLOSE_CALL`, `EXISTING`     | [`LifecycleRecord`] | 112  |
 //! | `PACKET`                               | [`PacketRecord`]    | 96   |
 //! | `H2_FRAME`                             | [`H2FrameRecord`]   | 112  |
 //! | `H2_NOTE`                              | [`H2NoteRecord`]    | 32   |
@@ -20,10 +20,11 @@
 
 use core::mem::{offset_of, size_of};
 
-/// Version of this format, in every [`Header`]. Version 4 added `PacketRecord::cgroup_id`;
+/// Version of this format, in every [`Header`]. Version 5 added the `EXISTING` kind;
+/// version 4 `PacketRecord::cgroup_id`;
 /// version 3 `PacketRecord::last_data_ns`; version 2 was the first with a header; version 1
 /// was the single 128/208-byte `RawEvent`/`H2Record` layout without a header.
-pub const WIRE_VERSION: u8 = 4;
+pub const WIRE_VERSION: u8 = 5;
 
 /// What produced a record. [`Header::kind`].
 pub mod kind {
@@ -51,10 +52,14 @@ pub mod kind {
     /// What the payload of a socket turned out to be, or a change of frame sync.
     /// [`H2NoteRecord`](super::H2NoteRecord), `note` one of [`proto`](super::proto).
     pub const H2_NOTE: u8 = 10;
+    /// A TCP socket that was open when the agent started, from the `iter/tcp` iterator the
+    /// agent reads once at start (run in the agent's context: no task fields).
+    /// [`LifecycleRecord`](super::LifecycleRecord).
+    pub const EXISTING: u8 = 11;
 
     /// Whether `k` is one of the lifecycle kinds (a [`LifecycleRecord`](super::LifecycleRecord)).
     pub const fn is_lifecycle(k: u8) -> bool {
-        k >= STATE && k <= CLOSE_CALL
+        (k >= STATE && k <= CLOSE_CALL) || k == EXISTING
     }
 }
 
@@ -132,7 +137,7 @@ pub struct Endpoints {
 }
 
 /// A lifecycle fact: kinds `STATE`, `RETRANSMIT`, `SEND_RESET`, `RECV_RESET`, `DESTROY`,
-/// `ERROR_REPORT`, `CLOSE_CALL`.
+/// `ERROR_REPORT`, `CLOSE_CALL`, `EXISTING`.
 ///
 /// Fields a kind does not fill are zero. Which kind fills what:
 ///
@@ -141,11 +146,11 @@ pub struct Endpoints {
 /// | `cookie`       | `RECV_RESET`, `DESTROY` when the tracepoint has it                |
 /// | `pid_tgid`, `comm` | `STATE`, `SEND_RESET`, `ERROR_REPORT`, `CLOSE_CALL`          |
 /// | `ep`           | all, when `flag::HAS_TUPLE`                                       |
-/// | `netns`        | `STATE`, `SEND_RESET`, `CLOSE_CALL`, when `flag::HAS_NETNS`       |
+/// | `netns`        | `STATE`, `SEND_RESET`, `CLOSE_CALL`, `EXISTING`, when `flag::HAS_NETNS` |
 /// | `error`        | `RETRANSMIT`: the tracepoint's `err` (0 where absent); `ERROR_REPORT`: `error`, a positive errno |
 /// | `reset_reason` | `SEND_RESET`: `enum sk_rst_reason`, or -1 when the kernel has none |
 /// | `old_state`    | `STATE`: the state left                                           |
-/// | `state`        | `STATE`: the state entered; `RETRANSMIT`, `SEND_RESET`, `CLOSE_CALL`: the socket's state at the event |
+/// | `state`        | `STATE`: the state entered; `RETRANSMIT`, `SEND_RESET`, `CLOSE_CALL`, `EXISTING`: the socket's state at the event |
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LifecycleRecord {

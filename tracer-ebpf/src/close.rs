@@ -1,6 +1,7 @@
 //! `tcp_close()`: fentry where the kernel allows it, kprobe otherwise (chosen by the agent).
 //! Both entry points call [`try_tcp_close`], the way libbpf-tools' `tcpconnlat` shares one
-//! handler between its fentry and kprobe variants.
+//! handler between its fentry and kprobe variants. The `iter/tcp` program that reports the
+//! sockets open before the agent ([`try_existing`]) reads a socket the same way.
 
 use aya_ebpf::helpers::bpf_probe_read_kernel_buf;
 use tracer_common::{AF_INET, AF_INET6, LifecycleRecord, flag, kind};
@@ -19,9 +20,38 @@ const SKC_NUM: u64 = 14;
 const SKC_FAMILY: u64 = 16;
 const SKC_STATE: u64 = 18;
 
+// `enum tcp_state` values an iterated socket may have that are not a connection.
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_CLOSE: u8 = 7;
+const TCP_LISTEN: u8 = 10;
+const TCP_NEW_SYN_RECV: u8 = 12;
+
 /// Records the socket's state, tuple, netns and the closing task.
 #[inline(always)]
 pub fn try_tcp_close(sk: u64) -> Option<()> {
+    record_sock::<true>(kind::CLOSE_CALL, sk)
+}
+
+/// One socket of the `iter/tcp` walk: a connection's state, tuple and netns. Listeners,
+/// closed sockets and the mini-sockets of TIME_WAIT and pending handshakes are not
+/// connections of their own and are skipped. The walk runs in the agent's read(): no task.
+#[inline(always)]
+pub fn try_existing(sk: u64) -> Option<()> {
+    if sk == 0 {
+        return None;
+    }
+    let state: u8 = kread(sk + SKC_STATE)?;
+    if matches!(
+        state,
+        TCP_TIME_WAIT | TCP_CLOSE | TCP_LISTEN | TCP_NEW_SYN_RECV
+    ) {
+        return None;
+    }
+    record_sock::<false>(kind::EXISTING, sk)
+}
+
+#[inline(always)]
+fn record_sock<const TASK: bool>(kind: u8, sk: u64) -> Option<()> {
     if sk == 0 {
         return None;
     }
@@ -29,7 +59,7 @@ pub fn try_tcp_close(sk: u64) -> Option<()> {
     let state: u8 = kread(sk + SKC_STATE)?;
     let dport_be: u16 = kread(sk + SKC_DPORT)?;
     let sport: u16 = kread(sk + SKC_NUM)?;
-    emit(kind::CLOSE_CALL, sk, |ev: &mut LifecycleRecord| {
+    emit(kind, sk, |ev: &mut LifecycleRecord| {
         ev.state = state;
         ev.ep.family = family;
         ev.ep.sport = sport;
@@ -59,7 +89,9 @@ pub fn try_tcp_close(sk: u64) -> Option<()> {
             }
         }
         fill_netns(ev, sk);
-        fill_task(ev);
+        if TASK {
+            fill_task(ev);
+        }
     });
     Some(())
 }

@@ -6,7 +6,8 @@
 //! function of its program group:
 //!
 //! - `lifecycle`: the six stable tracepoints;
-//! - `close`: `tcp_close()` through fentry or kprobe, one handler;
+//! - `close`: `tcp_close()` through fentry or kprobe, one handler; and `tcp_existing`, the
+//!   `iter/tcp` walk over the sockets open before the agent;
 //! - `packet`: cgroup_skb ingress/egress, feeding `h2walk`, the HTTP/2 frame walker, which
 //!   runs in programs of its own (`skb_h2_in`/`skb_h2_out`, continued by
 //!   `skb_walk_in`/`skb_walk_out`; tail-called, never attached);
@@ -79,6 +80,34 @@ pub fn tcp_close_fentry(ctx: FEntryContext) -> u32 {
 pub fn tcp_close_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<*const u8>(0) {
         let _ = close::try_tcp_close(sk as u64);
+    }
+    0
+}
+
+/// The sockets that were open before the agent: run for every TCP socket, once, when the
+/// agent reads this iterator after its hooks are attached. Each connection goes into the
+/// ring buffer as an `EXISTING` record (in order with the hooks' records) and one byte
+/// into the iterator's output: the agent reads that in small chunks and drains the ring
+/// buffer between them, so a host with many sockets does not overflow it. A BTF tracing
+/// program (like fentry): kernels that refuse those refuse it, and the agent says so.
+///
+/// # Safety
+/// Called by the kernel with `ctx` pointing at a `struct bpf_iter__tcp` (`meta`,
+/// `sk_common`, `uid`); the verifier checks the loads made from it.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub unsafe extern "C" fn tcp_existing(ctx: *const u64) -> i32 {
+    // SAFETY: see above; `sk_common` is the second pointer of the context (NULL on the
+    // walk's final call), `meta` the first, whose first field is the output's `seq_file`.
+    let sk = unsafe { core::ptr::read_volatile(ctx.add(1)) };
+    if close::try_existing(sk).is_some() {
+        // SAFETY: as above; the helper checks its arguments (one byte from the stack).
+        unsafe {
+            let meta = core::ptr::read_volatile(ctx) as *const u64;
+            let seq = core::ptr::read_volatile(meta) as *mut aya_ebpf::bindings::seq_file;
+            let one = 1u8;
+            aya_ebpf::helpers::bpf_seq_write(seq, (&raw const one).cast(), 1);
+        }
     }
     0
 }

@@ -214,6 +214,11 @@ pub struct TraceArgs {
     /// transfers cost less per segment (docs/performance.md).
     #[arg(long)]
     pub no_h2_frames: bool,
+    /// Do not list the connections open before the start (the kernel's walk over the TCP
+    /// sockets, run once after the hooks attach); they are then met at their first segment
+    /// or state change.
+    #[arg(long)]
+    pub no_existing: bool,
     /// Most connections tracked at once; more are counted as dropped.
     #[arg(long, default_value_t = 65_536)]
     pub max_conns: usize,
@@ -269,6 +274,7 @@ impl TraceArgs {
             ringbuf_bytes,
             packets: !self.no_packets,
             h2_frames: !self.no_h2_frames,
+            existing: !self.no_existing,
             max_conns: self.max_conns,
             probe_report: self.probe_report,
             visible_netns: self.visible_netns,

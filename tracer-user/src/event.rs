@@ -299,6 +299,10 @@ pub enum EventKind {
     CloseCall {
         state: TcpState,
     },
+    /// The socket was open, in `state`, when the agent started (its `iter/tcp` walk).
+    Existing {
+        state: TcpState,
+    },
     Packet(Packet),
     /// An HTTP/2 frame: its raw header and the captured payload prefix (control frames).
     H2Frame {
@@ -552,6 +556,7 @@ pub fn from_lifecycle(rec: &LifecycleRecord) -> Result<Event, DecodeError> {
         kind::DESTROY => EventKind::Destroy,
         kind::ERROR_REPORT => EventKind::ErrorReport { error: rec.error },
         kind::CLOSE_CALL => EventKind::CloseCall { state },
+        kind::EXISTING => EventKind::Existing { state },
         other => return Err(DecodeError::UnknownKind(other)),
     };
     Ok(Event {
@@ -692,6 +697,13 @@ mod tests {
                 "close_call",
                 kind::CLOSE_CALL,
                 EventKind::CloseCall {
+                    state: TcpState::Established,
+                },
+            ),
+            (
+                "existing",
+                kind::EXISTING,
+                EventKind::Existing {
                     state: TcpState::Established,
                 },
             ),

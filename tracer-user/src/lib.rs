@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod conn;
 pub mod event;
+pub mod existing;
 pub mod export;
 pub mod h2;
 pub mod history;

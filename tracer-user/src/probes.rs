@@ -2,19 +2,24 @@
 //! hook that the kernel refuses is recorded in the [`ProbeReport`] and logged, never fatal.
 //! Only `sock:inet_sock_set_state` is indispensable.
 
-use std::{collections::HashMap, fs::File, path::Path};
+use std::{collections::HashMap, fs::File, os::fd::AsFd as _, path::Path};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, ProgramArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, KProbe, TracePoint},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, Iter, KProbe, TracePoint,
+    },
 };
 use log::{info, warn};
 use serde::Serialize;
 use tracer_common::{Config, counter, walk_slot};
 
-use crate::kernel::{self, KernelBtf};
+use crate::{
+    existing::ExistingWalk,
+    kernel::{self, KernelBtf},
+};
 
 /// How `tcp_close()` is observed. `Tracepoint` means: not at all, state changes only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -70,6 +75,11 @@ pub struct ProbeReport {
     pub packet_facts: bool,
     /// HTTP/2 frames are walked: the packet hooks and the walker programs loaded.
     pub h2_frames: bool,
+    /// The connections open before the agent are listed at its start: the `iter/tcp`
+    /// program loaded and, once the walk ran, every network namespace found was walked
+    /// (entering one needs CAP_SYS_ADMIN). Without it they are met at their first segment
+    /// or state change.
+    pub existing_sockets: bool,
     pub cgroup: Option<String>,
     pub ringbuf_bytes: u32,
     pub programs: Vec<ProgramStatus>,
@@ -85,11 +95,16 @@ pub struct LoadOptions {
     pub packets: bool,
     /// Load the HTTP/2 walker programs the packet hooks tail-call (`--no-h2-frames`).
     pub h2_frames: bool,
+    /// Walk the TCP sockets open before the start (`--no-existing`).
+    pub existing: bool,
 }
 
 pub struct Probes {
     pub ebpf: Ebpf,
     pub report: ProbeReport,
+    /// The `iter/tcp` walk over the sockets open before the agent, not yet run (see
+    /// [`ProbeReport::existing_sockets`]).
+    pub existing: Option<ExistingWalk>,
     /// Kernel-side log records (aya-log). Must outlive the programs that write to its map.
     pub logger: Option<Logger>,
 }
@@ -162,12 +177,28 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
 
     let (mut ebpf, logger) = load_object(&config, opts.ringbuf_bytes)?;
     attach_tracepoints(&mut ebpf, &usable_tp, &mut programs)?;
-    let probe_mode = attach_close_hook(&mut ebpf, opts.mode, &mut programs)?;
+    // aya's view of the kernel BTF, for the BTF tracing programs (fentry, the iterator):
+    // parsed once, when the first of them needs it (a parse took about a second under TCG).
+    let aya_btf = LazyBtf::default();
+    let probe_mode = attach_close_hook(&mut ebpf, opts.mode, &aya_btf, &mut programs)?;
     let packets = if opts.packets {
         attach_packet_hooks(&mut ebpf, &mut programs, opts.h2_frames)
     } else {
         skip_packet_hooks(&mut programs);
         PacketHooks::default()
+    };
+    // Last: the walk is read once the hooks are in, so no socket falls between the two.
+    let existing = if opts.existing {
+        attach_existing_walk(&mut ebpf, &aya_btf, &mut programs)
+    } else {
+        programs.push(ProgramStatus {
+            program: "tcp_existing",
+            kind: "iter",
+            target: "tcp".into(),
+            status: Status::Skipped,
+            error: Some("--no-existing".into()),
+        });
+        None
     };
 
     let report = ProbeReport {
@@ -180,6 +211,7 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
         exit_detection: offsets.task_flags.is_some(),
         packet_facts: packets.attached,
         h2_frames: packets.h2_walker,
+        existing_sockets: existing.is_some(),
         cgroup: packets.cgroup,
         ringbuf_bytes: opts.ringbuf_bytes,
         programs,
@@ -196,6 +228,7 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
     Ok(Probes {
         ebpf,
         report,
+        existing,
         logger,
     })
 }
@@ -525,15 +558,69 @@ fn attach_cgroup_skb(
     Ok(())
 }
 
-fn try_fentry(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
+/// The kernel BTF as aya reads it, parsed at the first [`LazyBtf::get`].
+#[derive(Default)]
+struct LazyBtf(std::cell::OnceCell<Result<Btf, String>>);
+
+impl LazyBtf {
+    fn get(&self) -> anyhow::Result<&Btf> {
+        self.0
+            .get_or_init(|| Btf::from_sys_fs().map_err(|e| err_chain(&e)))
+            .as_ref()
+            .map_err(|e| anyhow!("reading kernel BTF: {e}"))
+    }
+}
+
+fn try_fentry(ebpf: &mut Ebpf, btf: &LazyBtf) -> anyhow::Result<()> {
+    let btf = btf.get()?;
     let p: &mut FEntry = ebpf
         .program_mut("tcp_close_fentry")
         .ok_or_else(|| anyhow!("program tcp_close_fentry missing from object"))?
         .try_into()?;
-    p.load("tcp_close", &btf)?;
+    p.load("tcp_close", btf)?;
     p.attach()?;
     Ok(())
+}
+
+/// The iterator over the kernel's TCP sockets (`tcp_existing`), linked and ready to be
+/// opened per namespace; `None` (recorded, logged) where the kernel refuses it.
+fn attach_existing_walk(
+    ebpf: &mut Ebpf,
+    btf: &LazyBtf,
+    programs: &mut Vec<ProgramStatus>,
+) -> Option<ExistingWalk> {
+    let res = (|| -> anyhow::Result<ExistingWalk> {
+        let btf = btf.get()?;
+        let p: &mut Iter = ebpf
+            .program_mut("tcp_existing")
+            .ok_or_else(|| anyhow!("program tcp_existing missing from object"))?
+            .try_into()?;
+        p.load("tcp", btf)?;
+        let walk = ExistingWalk::link(p.fd()?.as_fd()).context("linking the iterator")?;
+        // One walk of this namespace now: a kernel that links the iterator but cannot run
+        // it says so here, in the report, not at the first read.
+        walk.open().context("creating the iterator")?;
+        Ok(walk)
+    })();
+    let (status, error, walk) = match res {
+        Ok(w) => (Status::Attached, None, Some(w)),
+        Err(e) => {
+            let msg = err_chain(e.as_ref());
+            info!(
+                "iter/tcp unavailable ({msg}): connections open before the agent are met at \
+                 their first segment or state change"
+            );
+            (Status::Failed, Some(msg), None)
+        }
+    };
+    programs.push(ProgramStatus {
+        program: "tcp_existing",
+        kind: "iter",
+        target: "tcp".into(),
+        status,
+        error,
+    });
+    walk
 }
 
 fn try_kprobe(ebpf: &mut Ebpf) -> anyhow::Result<()> {
@@ -551,6 +638,7 @@ fn try_kprobe(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 fn attach_close_hook(
     ebpf: &mut Ebpf,
     mode: ProbeMode,
+    btf: &LazyBtf,
     programs: &mut Vec<ProgramStatus>,
 ) -> anyhow::Result<ProbeMode> {
     let mut record = |program, kind, status, error: Option<String>| {
@@ -567,7 +655,7 @@ fn attach_close_hook(
     let mut active = ProbeMode::Tracepoint;
 
     if want_fentry {
-        match try_fentry(ebpf) {
+        match try_fentry(ebpf, btf) {
             Ok(()) => {
                 record("tcp_close_fentry", "fentry", Status::Attached, None);
                 active = ProbeMode::Fentry;

@@ -39,6 +39,8 @@ pub struct TraceOptions {
     pub packets: bool,
     /// Load the HTTP/2 walker programs (with `packets`).
     pub h2_frames: bool,
+    /// List the connections open before the start (`--no-existing`).
+    pub existing: bool,
     pub max_conns: usize,
     pub probe_report: bool,
     /// When not empty, only these network namespaces are this host: events from others
@@ -197,6 +199,25 @@ const DRAIN_BATCH: usize = 4096;
 const DRAIN_TICK_BATCHES: usize = 16;
 /// How long the shutdown flush keeps reading a ring buffer that refills.
 const FLUSH_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Bytes of the start-up walk read at a time, for a ring buffer of `ringbuf_bytes`: the
+/// walk writes one byte per connection, so at most this many `EXISTING` records enter the
+/// ring buffer before it is drained: a quarter of it (at least 16, at most 4096 records).
+fn walk_chunk(ringbuf_bytes: u32) -> usize {
+    // A record and its ring-buffer header.
+    let per_record = std::mem::size_of::<tracer_common::LifecycleRecord>() + 8;
+    (ringbuf_bytes as usize / 4 / per_record).clamp(16, 4096)
+}
+
+/// What [`Loop::walk_existing`] did.
+#[derive(Default)]
+struct WalkSummary {
+    /// Connections listed.
+    connections: u64,
+    /// Network namespaces walked.
+    namespaces: usize,
+    /// Network namespaces that could not be walked (or not to the end).
+    failed: usize,
+}
 
 struct Loop {
     table: Table,
@@ -208,6 +229,66 @@ struct Loop {
 }
 
 impl Loop {
+    /// Runs the kernel's walk over the sockets open before the agent (see
+    /// [`Probes::existing`]), one network namespace after the other, reading each walk a
+    /// chunk at a time and draining the ring buffer, where its records go, after each
+    /// chunk. A namespace that cannot be walked is counted and named in one warning: its
+    /// sockets are then met at their next event instead.
+    fn walk_existing<W: Write>(
+        &mut self,
+        walk: &crate::existing::ExistingWalk,
+        proc_root: &std::path::Path,
+        ringbuf_bytes: u32,
+        rb: &mut RingBuf<MapData>,
+        out: &mut Output<W>,
+    ) -> io::Result<WalkSummary> {
+        use std::io::Read as _;
+        let (walks, mut errors) = walk.open_all(proc_root);
+        let mut sum = WalkSummary {
+            namespaces: walks.len(),
+            ..WalkSummary::default()
+        };
+        let mut buf = vec![0u8; walk_chunk(ringbuf_bytes)];
+        for (netns, mut f) in walks {
+            let before = sum.connections;
+            loop {
+                match f.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => sum.connections += n as u64,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        errors.push(format!(
+                            "reading the walk of network namespace {netns}: {e}"
+                        ));
+                        break;
+                    }
+                }
+                while self.drain(rb, out, DRAIN_BATCH)? {}
+            }
+            log::debug!(
+                "{} TCP connections open in network namespace {netns}",
+                sum.connections - before
+            );
+        }
+        sum.failed = errors.len();
+        if let Some(first) = errors.first() {
+            warn!(
+                "connections open before the start are not listed in {} network namespace(s) \
+                 (they are met at their first segment or state change); first: {first}{}",
+                errors.len(),
+                if first.contains("Operation not permitted") || first.contains("Permission denied")
+                {
+                    "; entering another network namespace needs CAP_SYS_ADMIN, opening it \
+                     CAP_SYS_PTRACE, and a seccomp profile that allows setns (the DaemonSet's \
+                     least-privilege profile has none of these: docs/operating.md)"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(sum)
+    }
+
     /// Reads at most `budget` records; true when it stopped at the budget (more may wait).
     /// A bounded batch keeps the loop's timers, drop reports and signals served while the
     /// kernel refills the buffer faster than it drains.
@@ -453,6 +534,7 @@ pub fn load_probes(opts: &TraceOptions) -> anyhow::Result<Probes> {
         ringbuf_bytes: opts.ringbuf_bytes,
         packets: opts.packets,
         h2_frames: opts.h2_frames,
+        existing: opts.existing,
     })
     .map_err(|e| {
         let why = crate::privilege::explain_load_failure(&e);
@@ -508,6 +590,29 @@ pub(crate) async fn pipeline<W: Write>(
         last_losses: Losses::default(),
         visible_netns: opts.visible_netns.clone(),
     };
+    // Before `ready`: a reader of `ready` (or of the agent's readiness) may ask for the
+    // connections at once, and those open before the start are listed by then. The hooks
+    // are attached already, so what happens meanwhile waits in the ring buffer.
+    if let Some(walk) = probes.existing.take() {
+        let proc_root = opts.k8s.as_ref().map_or_else(
+            || std::path::PathBuf::from("/proc"),
+            |(r, _)| r.proc_root.clone(),
+        );
+        let sum = state.walk_existing(
+            &walk,
+            &proc_root,
+            opts.ringbuf_bytes,
+            rb.get_mut(),
+            &mut out,
+        )?;
+        info!(
+            "{} TCP connections in {} network namespace(s) were open before the agent \
+             started; listed",
+            sum.connections, sum.namespaces
+        );
+        // `ready.existing_sockets` promises every namespace.
+        probes.report.existing_sockets = sum.failed == 0;
+    }
     match opts.format {
         Format::Json => out.record(&Ready::new(out.now(), &probes.report))?,
         Format::Table => writeln!(out.out, "{}", export::TABLE_HEADER)?,
@@ -549,6 +654,7 @@ mod tests {
             exit_detection: true,
             packet_facts,
             h2_frames: packet_facts,
+            existing_sockets: false,
             cgroup: None,
             ringbuf_bytes: 4096,
             programs: Vec::new(),
@@ -566,11 +672,20 @@ mod tests {
             ringbuf_bytes: 4096,
             packets,
             h2_frames: packets,
+            existing: true,
             max_conns: 7,
             probe_report: false,
             record: None,
             k8s: None,
         }
+    }
+
+    #[test]
+    fn the_walk_fills_a_quarter_of_the_ring_buffer_at_most() {
+        assert_eq!(walk_chunk(4 << 20), 4096);
+        assert_eq!(walk_chunk(64 << 10), 136);
+        assert_eq!(walk_chunk(4096), 16);
+        assert!(walk_chunk(1 << 20) * 120 <= (1 << 20) / 4);
     }
 
     #[test]

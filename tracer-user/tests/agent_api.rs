@@ -569,24 +569,87 @@ fn live_agent_answers_the_cli_and_replay_reproduces_it() {
     let _: PathBuf = dir;
 }
 
-/// A connection opened before the agent started: while idle it is not listed (the agent has
-/// seen nothing of it); from the first segment after the start it is, `preexisting`, state
-/// `UNKNOWN`, its age a lower bound in the table view; its close then gives a verdict under
-/// the same id, with the process that closed it (known from its close()).
+/// A connection opened before the agent started is listed by the kernel's walk over the TCP
+/// sockets at the start, idle as it is: `preexisting`, with its state, its age a lower
+/// bound in the table view; its close then gives a verdict under the same id, with the
+/// process that closed it (known from its close()). Where the kernel refuses the walk
+/// (`ready.existing_sockets` false) this checks the fallback, as the next test does.
+#[test]
+fn connection_older_than_the_agent_is_listed_at_start() {
+    older_connection(&[]);
+}
+
+/// As above with `--no-existing`: while idle the connection is not listed (the agent has
+/// seen nothing of it); from the first segment after the start it is, with state
+/// `UNKNOWN`.
 #[test]
 fn connection_older_than_the_agent_is_listed_once_a_segment_passes() {
+    older_connection(&["--no-existing"]);
+}
+
+/// Thousands of connections open before the start, and a ring buffer a hundredth of the
+/// default: the walk hands its records over a quarter of the buffer at a time, draining in
+/// between, so every connection is listed and none is lost to a full buffer.
+#[test]
+fn many_older_connections_are_listed_through_a_small_ring_buffer() {
+    if !root_or_skip() {
+        return;
+    }
+    const PAIRS: usize = 1500;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let mut held = Vec::with_capacity(2 * PAIRS);
+    for _ in 0..PAIRS {
+        let c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (s, _) = listener.accept().expect("accept");
+        held.push(c);
+        held.push(s);
+    }
+    let args = strings(&["trace", "--ringbuf-kib", "64", "--port", &port.to_string()]);
+    let mut agent = WhoclosedProc::start(BIN, &args);
+    let ready = agent
+        .wait_for(Duration::from_secs(1), |v| v["type"] == "ready")
+        .expect("ready record");
+    // SAFETY: kill with our own child's pid and a valid signal.
+    unsafe { libc::kill(agent.child.id() as libc::pid_t, libc::SIGINT) };
+    let stats = agent
+        .wait_for(Duration::from_secs(30), |v| v["type"] == "stats")
+        .unwrap_or_else(|| panic!("no stats line: {:#?}", agent.seen));
+    if ready["existing_sockets"] != true {
+        eprintln!("SKIP the walk: this kernel does not list older connections: {ready}");
+        return;
+    }
+    let walked = stats["table"]["conns_walked"].as_u64().unwrap_or(0);
+    assert!(
+        walked >= 2 * PAIRS as u64,
+        "{walked} of {} connections listed: {stats:#}",
+        2 * PAIRS
+    );
+    assert_eq!(stats["kernel"]["ringbuf_drops"], 0, "{stats:#}");
+    drop(held);
+}
+
+fn older_connection(extra: &[&str]) {
     if !root_or_skip() {
         return;
     }
     let pid = std::process::id();
-    let dir = scratch_dir("whoclosed-agent-old");
+    let dir = scratch_dir(&format!("whoclosed-agent-old{}", extra.len()));
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let (mut c, mut s, c_port) = connected(&listener, b"before");
     let mut buf = [0u8; 6];
 
     let sock = dir.join("whoclosed.sock");
-    let mut agent = WhoclosedProc::start(BIN, &agent_args(port, &sock, &[]));
+    let mut agent = WhoclosedProc::start(BIN, &agent_args(port, &sock, extra));
+    let ready = agent
+        .wait_for(Duration::from_secs(1), |v| v["type"] == "ready")
+        .expect("ready record");
+    let walked = ready["existing_sockets"] == true;
+    assert!(
+        !(walked && extra.contains(&"--no-existing")),
+        "walked with --no-existing: {ready}"
+    );
     let conns_now = || {
         let out = cli(&sock, &["conns", "-o", "json", "--port", &port.to_string()]);
         match out.status.code() {
@@ -595,14 +658,20 @@ fn connection_older_than_the_agent_is_listed_once_a_segment_passes() {
             _ => panic!("conns failed: {out:?}"),
         }
     };
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        conns_now().is_empty(),
-        "an idle connection older than the agent is listed: nothing of it was seen"
-    );
-
-    c.write_all(b"after!").expect("write");
-    s.read_exact(&mut buf).expect("read");
+    let state = if walked {
+        // The walk is done before the agent answers its first query.
+        "ESTABLISHED"
+    } else {
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            conns_now().is_empty(),
+            "an idle connection older than the agent is listed without the walk: nothing \
+             of it was seen"
+        );
+        c.write_all(b"after!").expect("write");
+        s.read_exact(&mut buf).expect("read");
+        "UNKNOWN"
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     let conns = loop {
         let v = conns_now();
@@ -617,7 +686,7 @@ fn connection_older_than_the_agent_is_listed_once_a_segment_passes() {
         let errs = support::schema_errors(&validator, v);
         assert!(errs.is_empty(), "{v}\n{errs:#?}");
         assert_eq!(v["preexisting"], true, "{v}");
-        assert_eq!(v["state"], "UNKNOWN", "{v}");
+        assert_eq!(v["state"], state, "{v}");
         assert_eq!(v["pid"], Value::Null, "no owner context seen yet: {v}");
     }
     let client = conns
@@ -631,10 +700,23 @@ fn connection_older_than_the_agent_is_listed_once_a_segment_passes() {
         .find(|l| l.contains(&format!("127.0.0.1:{c_port}")))
         .unwrap_or_else(|| panic!("no row for the client: {table}"));
     assert!(
-        row.contains("UNKNOWN") && row.split_whitespace().any(|w| w.starts_with('>')),
+        row.contains(state) && row.split_whitespace().any(|w| w.starts_with('>')),
         "the age of a pre-existing connection is not shown as a lower bound: {row}"
     );
+    if walked {
+        // Traffic after the walk stays on the listed records.
+        c.write_all(b"after!").expect("write");
+        s.read_exact(&mut buf).expect("read");
+        std::thread::sleep(Duration::from_millis(300));
+        let again = conns_now();
+        assert_eq!(again.len(), 2, "{again:#?}");
+        assert!(again.iter().any(|v| v["id"] == client_id), "{again:#?}");
+    }
 
+    // shutdown(), not only drop: the FIN then leaves in this process's context even if a
+    // process another test spawns holds a copy of the descriptor between its fork and exec
+    // (the last close would then be that process's, and so would the owner).
+    c.shutdown(std::net::Shutdown::Write).expect("shutdown");
     drop(c);
     let _ = s.read_to_end(&mut Vec::new());
     drop(s);

@@ -408,6 +408,16 @@ fn check(root: &Path, tag: &str, necessity: bool) -> Result<()> {
     if ready["packet_facts"] != true {
         bail!("packet facts are off with {caps:?}: {ready}\n{}", o.stderr);
     }
+    // Entering the host's network namespace (to list its connections open before the
+    // start) needs capabilities and a syscall this profile withholds: the agent must say
+    // it could not, not claim a complete listing.
+    if ready["existing_sockets"] != false || !o.stderr.contains("not listed in") {
+        bail!(
+            "under the least-privilege profile the agent claims to have listed the connections \
+             of every network namespace: {ready}\n{}",
+            o.stderr
+        );
+    }
     if !client_close(&o, port) {
         bail!(
             "no client_close verdict for the host's connection to 127.0.0.1:{port}; got {:#?}\nstderr:\n{}",

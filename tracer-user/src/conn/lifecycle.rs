@@ -189,6 +189,28 @@ impl Table {
         }
     }
 
+    /// A socket open when the agent started, from the kernel's walk of the TCP sockets
+    /// (after the hooks were attached, so its later events are not missed). Met mid-life
+    /// like any socket first seen open; its state is known from the walk until it changes.
+    /// A socket the table already met (an event of it came first) keeps what it has, but
+    /// learns its state if no state change of it was seen.
+    pub(super) fn on_existing(&mut self, ev: &Event, state: TcpState, out: &mut Vec<Closed>) {
+        let known = self.conns.contains_key(&ev.skaddr);
+        if !self.ensure(ev, out) {
+            return;
+        }
+        if !known {
+            self.stats.conns_walked += 1;
+        }
+        if let Some(c) = self.conns.get_mut(&ev.skaddr)
+            && c.preexisting
+            && !c.state_known()
+        {
+            c.state = state;
+            c.state_walked = true;
+        }
+    }
+
     pub(super) fn on_destroy(&mut self, ev: &Event) {
         self.refused.remove(&ev.skaddr);
         if let Some(c) = self.conns.get_mut(&ev.skaddr) {

@@ -119,6 +119,8 @@ pub struct TableStats {
     pub events: u64,
     pub conns_opened: u64,
     pub conns_closed: u64,
+    /// Records opened by the start-up walk over the TCP sockets (`EXISTING` records).
+    pub conns_walked: u64,
     /// Connections not tracked because the table was full (each counted once; the table
     /// keeps the connections it has whole rather than evicting one half-way).
     pub conns_dropped: u64,
@@ -295,6 +297,7 @@ impl Table {
             EventKind::RecvReset => self.on_recv_reset(ev),
             EventKind::Destroy => self.on_destroy(ev),
             EventKind::CloseCall { state } => self.on_close_call(ev, state, &mut out),
+            EventKind::Existing { state } => self.on_existing(ev, state, &mut out),
         }
         if let Some(c) = self.conns.get_mut(&ev.skaddr) {
             if ev.skaddr != 0 {

@@ -25,6 +25,9 @@ pub struct Conn {
     pub role: Role,
     pub role_inferred: bool,
     pub preexisting: bool,
+    /// `state` of a socket met mid-life came from the agent's start-up walk of the TCP
+    /// sockets (`iter/tcp`), not from a state change.
+    pub state_walked: bool,
     pub first_ns: u64,
     pub opened_ns: Option<u64>,
     pub closed_ns: Option<u64>,
@@ -81,6 +84,7 @@ impl Conn {
             role,
             role_inferred: preexisting,
             preexisting,
+            state_walked: false,
             first_ns: at_ns,
             opened_ns: (!preexisting).then_some(at_ns),
             closed_ns: None,
@@ -217,14 +221,20 @@ impl Conn {
     }
 
     /// The TCP state to show for a live socket: `UNKNOWN` for one met mid-life (open before
-    /// the agent) that has changed state in no event seen yet, whose `state` is only the
-    /// record's initial value.
+    /// the agent) that has changed state in no event seen yet and was not in the start-up
+    /// walk, whose `state` is only the record's initial value.
     pub fn state_name(&self) -> &'static str {
-        if self.preexisting && !self.has(|k| matches!(k, FactKind::State { .. })) {
-            "UNKNOWN"
-        } else {
+        if self.state_known() {
             self.state.name()
+        } else {
+            "UNKNOWN"
         }
+    }
+
+    /// Whether `state` is the socket's: it was opened here, changed state in an event seen,
+    /// or was in that state in the start-up walk.
+    pub fn state_known(&self) -> bool {
+        !self.preexisting || self.state_walked || self.has(|k| matches!(k, FactKind::State { .. }))
     }
 
     /// The owner closed the socket while exiting (crash, kill, exit without close).

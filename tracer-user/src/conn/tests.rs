@@ -853,6 +853,57 @@ fn preexisting_connection_is_met_at_its_first_data_segment() {
     assert_eq!(tbl.stats.conns_dropped, 1);
 }
 
+/// The start-up walk lists a connection open before the agent with its state (`conns`
+/// shows it at once, not UNKNOWN); the record goes on to its verdict. A socket whose own
+/// events came first keeps its record (opened after the hooks: not pre-existing), and a
+/// listener is not a connection.
+#[test]
+fn a_connection_in_the_start_up_walk_is_listed_with_its_state() {
+    use TcpState::*;
+    let mut tbl = Table::new(TableConfig {
+        linger_ns: 0,
+        ..TableConfig::default()
+    });
+    let existing = |ts, sk, t, state| base(ts, sk, Some(t), EventKind::Existing { state });
+    let t = tuple("10.0.0.1:45000", "10.0.0.2:443");
+    tbl.on_event(&existing(MS, 0x42, t, Established));
+    let c = tbl.conns.get(&0x42).expect("listed from the walk");
+    assert!(c.preexisting && c.opened_ns.is_none());
+    assert_eq!(c.state_name(), "ESTABLISHED");
+    assert_eq!(c.role, Role::Client, "role from the ports");
+    assert_eq!(tbl.stats.conns_walked, 1);
+    let id = c.id;
+    // Its first segment after the walk: the same record.
+    tbl.on_event(&pkt(2 * MS, 0x42, t, Dir::Ingress, ACK, 1000, 61));
+    assert_eq!(tbl.len(), 1);
+    tbl.on_event(&state(3 * MS, 0x42, t, Established, FinWait1));
+    tbl.on_event(&state(4 * MS, 0x42, t, FinWait1, Close));
+    let out = tbl.take_all_closed();
+    let v = only(&out, 0x42);
+    assert_eq!(v.conn.id, id, "one record from the walk to the verdict");
+    assert!(v.conn.preexisting);
+
+    // Opened after the hooks, walked after its SYN_SENT: the walk changes nothing.
+    let n = tuple("10.0.0.1:45001", "10.0.0.2:443");
+    tbl.on_event(&state(5 * MS, 0x43, n, Close, SynSent));
+    tbl.on_event(&state(6 * MS, 0x43, n, SynSent, Established));
+    tbl.on_event(&existing(7 * MS, 0x43, n, Established));
+    let c = &tbl.conns[&0x43];
+    assert!(!c.preexisting && c.opened_ns == Some(5 * MS));
+    // Met at a segment first (UNKNOWN), then walked: the walk gives its state.
+    let m = tuple("10.0.0.1:45002", "10.0.0.2:443");
+    tbl.on_event(&pkt(8 * MS, 0x44, m, Dir::Egress, ACK, 5, 64));
+    assert_eq!(tbl.conns[&0x44].state_name(), "UNKNOWN");
+    tbl.on_event(&existing(9 * MS, 0x44, m, CloseWait));
+    assert_eq!(tbl.conns[&0x44].state_name(), "CLOSE_WAIT");
+    assert_eq!(tbl.stats.conns_walked, 1, "only records the walk opened");
+    // A listener stays one.
+    let l = tuple("0.0.0.0:443", "0.0.0.0:0");
+    tbl.on_event(&state(10 * MS, 0x60, l, Close, Listen));
+    tbl.on_event(&existing(11 * MS, 0x60, l, Established));
+    assert!(!tbl.conns.contains_key(&0x60));
+}
+
 #[test]
 fn table_full_counts_dropped_connections() {
     use TcpState::*;

@@ -1,0 +1,189 @@
+//! The connections open before the agent started: the kernel's `iter/tcp` walk over the
+//! TCP sockets, one walk per network namespace.
+//!
+//! A TCP iterator lists the sockets of the network namespace its reader was in when the
+//! iterator was created (as `/proc/net/tcp` does), so the agent creates one per namespace
+//! that has a process: it enters each (`setns`, on a thread of its own), creates the
+//! iterator there and comes back. The program (`tcp_existing` in the kernel object) writes
+//! an `EXISTING` record per connection into the ring buffer, in order with the hooks'
+//! records, and a byte into the iterator's output; [`crate::trace`] reads that output a
+//! chunk at a time and drains the ring buffer in between.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+// `enum bpf_cmd` and `enum bpf_attach_type` values (stable kernel ABI).
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_ITER_CREATE: libc::c_long = 33;
+const BPF_TRACE_ITER: u32 = 28;
+
+/// A `bpf(2)` call whose attribute is the first words of `union bpf_attr` (the rest zero:
+/// the kernel reads `size` bytes and treats what it does not get as zero); returns the new
+/// file descriptor.
+fn bpf_fd(cmd: libc::c_long, words: &[u32]) -> io::Result<OwnedFd> {
+    let mut attr = [0u32; 16];
+    attr[..words.len()].copy_from_slice(words);
+    // SAFETY: bpf(2) reads `size_of_val(&attr)` bytes of the attribute, which lives across
+    // the call; the commands used here return a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr) as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("bpf(2) returned no descriptor"))?;
+    // SAFETY: a descriptor bpf(2) just created for us, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The `iter/tcp` program, linked: each [`ExistingWalk::open`] is a new walk.
+pub struct ExistingWalk {
+    link: OwnedFd,
+}
+
+impl ExistingWalk {
+    /// Links the loaded iterator program `prog`.
+    pub fn link(prog: std::os::fd::BorrowedFd<'_>) -> io::Result<Self> {
+        let prog = u32::try_from(prog.as_raw_fd()).map_err(io::Error::other)?;
+        // link_create: prog_fd, target_fd (none), attach_type, flags.
+        let link = bpf_fd(BPF_LINK_CREATE, &[prog, 0, BPF_TRACE_ITER, 0])?;
+        Ok(Self { link })
+    }
+
+    /// A walk over the TCP sockets of the calling thread's network namespace.
+    pub fn open(&self) -> io::Result<File> {
+        let link = u32::try_from(self.link.as_raw_fd()).map_err(io::Error::other)?;
+        // iter_create: link_fd, flags.
+        Ok(File::from(bpf_fd(BPF_ITER_CREATE, &[link, 0])?))
+    }
+
+    /// One walk per network namespace that has a process under `proc_root`, the agent's
+    /// own first, each with its namespace's inode. Namespaces that went away meanwhile are
+    /// skipped; the other failures are returned with the namespace they concern.
+    pub fn open_all(&self, proc_root: &Path) -> (Vec<(u64, File)>, Vec<String>) {
+        let mut walks = Vec::new();
+        let mut errors = Vec::new();
+        let own = ns_inode(Path::new("/proc/thread-self/ns/net"));
+        match self.open() {
+            Ok(f) => walks.push((own.unwrap_or(0), f)),
+            Err(e) => errors.push(format!("own network namespace: {e}")),
+        }
+        let others: Vec<(u64, std::path::PathBuf)> = namespaces(proc_root)
+            .into_iter()
+            .filter(|(ino, _)| Some(*ino) != own)
+            .collect();
+        if others.is_empty() {
+            return (walks, errors);
+        }
+        // setns(2) moves only the calling thread: a thread of its own, so the runtime's
+        // threads never change namespace, and the thread ends where it started or not at all.
+        let res = std::thread::scope(|s| {
+            s.spawn(|| self.open_in(&others))
+                .join()
+                .unwrap_or_else(|_| (Vec::new(), vec!["the namespace walker panicked".into()]))
+        });
+        walks.extend(res.0);
+        errors.extend(res.1);
+        (walks, errors)
+    }
+
+    fn open_in(&self, others: &[(u64, std::path::PathBuf)]) -> (Vec<(u64, File)>, Vec<String>) {
+        let mut walks = Vec::new();
+        let mut errors = Vec::new();
+        let home = match File::open("/proc/thread-self/ns/net") {
+            Ok(f) => f,
+            Err(e) => return (walks, vec![format!("own network namespace: {e}")]),
+        };
+        for (ino, path) in others {
+            let ns = match File::open(path) {
+                Ok(f) => f,
+                // Its last process exited since the listing: nothing left to walk.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    errors.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+            };
+            // SAFETY: setns(2) with a namespace descriptor we hold open.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                errors.push(format!(
+                    "entering {}: {}",
+                    path.display(),
+                    io::Error::last_os_error()
+                ));
+                continue;
+            }
+            let walk = self.open();
+            // SAFETY: as above, back to the namespace the thread started in.
+            if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                // Stuck in another namespace: stop here; the thread ends with the scope.
+                errors.push(format!(
+                    "returning from {}: {}",
+                    path.display(),
+                    io::Error::last_os_error()
+                ));
+                if let Ok(f) = walk {
+                    walks.push((*ino, f));
+                }
+                break;
+            }
+            match walk {
+                Ok(f) => walks.push((*ino, f)),
+                Err(e) => errors.push(format!("network namespace {ino}: {e}")),
+            }
+        }
+        (walks, errors)
+    }
+}
+
+/// The inode of the namespace at `path` (a `/proc/<pid>/ns/net` link).
+fn ns_inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// Every network namespace with a process under `proc_root`: its inode and one
+/// `/proc/<pid>/ns/net` path to enter it by, in inode order.
+pub fn namespaces(proc_root: &Path) -> Vec<(u64, std::path::PathBuf)> {
+    let mut found: BTreeMap<u64, std::path::PathBuf> = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let path = e.path().join("ns/net");
+        if let Some(ino) = ns_inode(&path) {
+            found.entry(ino).or_insert(path);
+        }
+    }
+    found.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_are_listed_once_each() {
+        let all = namespaces(Path::new("/proc"));
+        let own = ns_inode(Path::new("/proc/self/ns/net")).expect("own netns");
+        assert!(all.iter().any(|(i, _)| *i == own), "{all:?}");
+        let mut inodes: Vec<u64> = all.iter().map(|(i, _)| *i).collect();
+        inodes.dedup();
+        assert_eq!(inodes.len(), all.len(), "{all:?}");
+        assert!(namespaces(Path::new("/nonexistent")).is_empty());
+    }
+}

@@ -78,7 +78,15 @@ impl ExistingWalk {
             Ok(f) => walks.push((own.unwrap_or(0), f)),
             Err(e) => errors.push(format!("own network namespace: {e}")),
         }
-        let others: Vec<(u64, std::path::PathBuf)> = namespaces(proc_root)
+        let ns = namespaces(proc_root);
+        if let Some(e) = &ns.first_error {
+            errors.push(format!(
+                "the network namespaces of {} processes, unreadable ({e})",
+                ns.unreadable
+            ));
+        }
+        let others: Vec<(u64, std::path::PathBuf)> = ns
+            .found
             .into_iter()
             .filter(|(ino, _)| Some(*ino) != own)
             .collect();
@@ -148,16 +156,37 @@ impl ExistingWalk {
 
 /// The inode of the namespace at `path` (a `/proc/<pid>/ns/net` link).
 fn ns_inode(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(path).ok().map(|m| m.ino())
+    ns_inode_or(path).ok()
 }
 
-/// Every network namespace with a process under `proc_root`: its inode and one
-/// `/proc/<pid>/ns/net` path to enter it by, in inode order.
-pub fn namespaces(proc_root: &Path) -> Vec<(u64, std::path::PathBuf)> {
+fn ns_inode_or(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).map(|m| m.ino())
+}
+
+/// The network namespaces with a process under a procfs.
+#[derive(Debug, Default)]
+pub struct Namespaces {
+    /// Each namespace's inode and one `/proc/<pid>/ns/net` path to enter it by, in inode
+    /// order.
+    pub found: Vec<(u64, std::path::PathBuf)>,
+    /// Processes whose namespace could not be read (not gone: refused, typically without
+    /// `CAP_SYS_PTRACE`), and the first such error.
+    pub unreadable: usize,
+    pub first_error: Option<String>,
+}
+
+/// Every network namespace with a process under `proc_root`.
+pub fn namespaces(proc_root: &Path) -> Namespaces {
     let mut found: BTreeMap<u64, std::path::PathBuf> = BTreeMap::new();
-    let Ok(dir) = std::fs::read_dir(proc_root) else {
-        return Vec::new();
+    let mut out = Namespaces::default();
+    let dir = match std::fs::read_dir(proc_root) {
+        Ok(d) => d,
+        Err(e) => {
+            out.unreadable = 1;
+            out.first_error = Some(format!("{}: {e}", proc_root.display()));
+            return out;
+        }
     };
     for e in dir.flatten() {
         let name = e.file_name();
@@ -165,11 +194,22 @@ pub fn namespaces(proc_root: &Path) -> Vec<(u64, std::path::PathBuf)> {
             continue;
         }
         let path = e.path().join("ns/net");
-        if let Some(ino) = ns_inode(&path) {
-            found.entry(ino).or_insert(path);
+        match ns_inode_or(&path) {
+            Ok(ino) => {
+                found.entry(ino).or_insert(path);
+            }
+            // The process exited since the listing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                out.unreadable += 1;
+                if out.first_error.is_none() {
+                    out.first_error = Some(format!("{}: {e}", path.display()));
+                }
+            }
         }
     }
-    found.into_iter().collect()
+    out.found = found.into_iter().collect();
+    out
 }
 
 #[cfg(test)]
@@ -178,12 +218,19 @@ mod tests {
 
     #[test]
     fn namespaces_are_listed_once_each() {
-        let all = namespaces(Path::new("/proc"));
+        let ns = namespaces(Path::new("/proc"));
+        let all = &ns.found;
         let own = ns_inode(Path::new("/proc/self/ns/net")).expect("own netns");
         assert!(all.iter().any(|(i, _)| *i == own), "{all:?}");
         let mut inodes: Vec<u64> = all.iter().map(|(i, _)| *i).collect();
         inodes.dedup();
         assert_eq!(inodes.len(), all.len(), "{all:?}");
-        assert!(namespaces(Path::new("/nonexistent")).is_empty());
+        let none = namespaces(Path::new("/nonexistent"));
+        assert!(none.found.is_empty());
+        assert_eq!(
+            none.unreadable, 1,
+            "an unreadable procfs is not an empty one"
+        );
+        assert!(none.first_error.is_some_and(|e| e.contains("/nonexistent")));
     }
 }

@@ -37,7 +37,9 @@ pub mod kind {
     pub const SEND_RESET: u8 = 3;
     /// `tcp:tcp_receive_reset`. [`LifecycleRecord`](super::LifecycleRecord).
     pub const RECV_RESET: u8 = 4;
-    /// `tcp:tcp_destroy_sock`. [`LifecycleRecord`](super::LifecycleRecord).
+    /// `tcp:tcp_destroy_sock`, written only once a record may have been lost (a full ring
+    /// buffer or an unreadable tracepoint record since the load): until then it would
+    /// repeat the socket's CLOSE. [`LifecycleRecord`](super::LifecycleRecord).
     pub const DESTROY: u8 = 5;
     /// `sock:inet_sk_error_report` (carries the tuple and the error, not the socket: `skaddr`
     /// is 0). [`LifecycleRecord`](super::LifecycleRecord).

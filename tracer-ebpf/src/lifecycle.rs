@@ -15,6 +15,7 @@ use tracer_common::{
 use crate::{
     config::{TpRec, kread, off_netns, off_task_flags, read_field, tp_off},
     emit::emit,
+    maps::records_lost,
 };
 
 const TCP_SYN_SENT: i32 = 2;
@@ -85,6 +86,18 @@ pub fn try_send_reset(ctx: &TracePointContext) -> Option<()> {
         fill_task(ev);
     });
     Some(())
+}
+
+/// `tcp_destroy_sock`, only once a record may have been lost ([`records_lost`]): a
+/// socket is destroyed in CLOSE, and its state change to CLOSE, which the agent ends the
+/// record at, was recorded before it. Until a loss the `DESTROY` record repeated that
+/// (two of about 22 records per connection, bench-pipeline); after one it closes the
+/// records whose CLOSE went missing.
+pub fn try_destroy(ctx: &TracePointContext) -> Option<()> {
+    if !records_lost() {
+        return None;
+    }
+    try_sk_event(ctx, tp::DESTROY, kind::DESTROY)
 }
 
 /// `tcp_receive_reset` and `tcp_destroy_sock`: the socket, its cookie and its tuple.

@@ -59,7 +59,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "tcp", name = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
-    let _ = lifecycle::try_sk_event(&ctx, tp::DESTROY, kind::DESTROY);
+    let _ = lifecycle::try_destroy(&ctx);
     0
 }
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::{bpf_sk_fullsock, bpf_sk_storage_get},
     macros::{btf_map, map},
-    maps::{PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, PerCpuArray, ProgramArray, RingBuf},
 };
 use tracer_common::counter;
 
@@ -27,6 +27,18 @@ pub static TP_SCRATCH: PerCpuArray<TpScratch> = PerCpuArray::with_max_entries(1,
 #[repr(C)]
 pub struct TpScratch {
     pub b: [u8; 2 * crate::config::TP_COPY],
+}
+
+/// Set (slot 0 to 1) once a record may have been lost: a full ring buffer or an unreadable
+/// tracepoint record, on any CPU. Until then every socket's CLOSE reached the agent, and a
+/// `DESTROY` record would only repeat it (see `lifecycle::try_destroy`).
+#[map]
+pub static LOST: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether [`LOST`] is set.
+#[inline(always)]
+pub fn records_lost() -> bool {
+    LOST.get(0).is_some_and(|v| *v != 0)
 }
 
 /// Per-CPU counters, indexed by [`tracer_common::counter`]; the agent sums them.
@@ -103,6 +115,12 @@ pub fn bump(idx: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(idx) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
         unsafe { *slot += 1 }
+    }
+    if (idx == counter::RINGBUF_DROPS || idx == counter::READ_ERRORS)
+        && let Some(flag) = LOST.get_ptr_mut(0)
+    {
+        // SAFETY: slot 0 of a one-entry array; every writer stores the same value.
+        unsafe { core::ptr::write_volatile(flag, 1) }
     }
 }
 

@@ -629,6 +629,89 @@ fn many_older_connections_are_listed_through_a_small_ring_buffer() {
     drop(held);
 }
 
+/// Record kinds (the first byte of each ring-buffer record) in a `--record` file, counted
+/// (docs: the frame layout in tracer-user/src/record.rs).
+fn record_kinds(path: &Path) -> std::collections::BTreeMap<u8, usize> {
+    let f = std::fs::read(path).expect("read the recording");
+    assert_eq!(&f[..8], b"WHOCLREC");
+    let header = u32::from_le_bytes(f[12..16].try_into().unwrap()) as usize;
+    let mut at = 16 + header;
+    let mut kinds = std::collections::BTreeMap::new();
+    while at + 5 <= f.len() {
+        let frame = f[at];
+        let len = u32::from_le_bytes(f[at + 1..at + 5].try_into().unwrap()) as usize;
+        if frame == 1 && len > 0 {
+            *kinds.entry(f[at + 5]).or_insert(0) += 1;
+        }
+        at += 5 + len;
+    }
+    kinds
+}
+
+/// `trace --record` (plus `extra`) while `n` loopback connections open, carry a byte each
+/// way and close one after the other; the record kinds and the final stats line.
+fn record_churn(extra: &[&str], n: usize) -> (std::collections::BTreeMap<u8, usize>, Value) {
+    let dir = scratch_dir(&format!("whoclosed-churn{}", extra.len()));
+    let rec = dir.join("churn.rec");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let mut args = strings(&["trace", "--port", &port.to_string(), "--record"]);
+    args.push(rec.to_string_lossy().into_owned());
+    args.extend(strings(extra));
+    let mut agent = WhoclosedProc::start(BIN, &args);
+    for _ in 0..n {
+        let (mut c, mut s, _) = connected(&listener, b"x");
+        s.write_all(b"y").expect("write");
+        c.read_exact(&mut [0u8; 1]).expect("read");
+        c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let _ = s.read_to_end(&mut Vec::new());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill with our own child's pid and a valid signal.
+    unsafe { libc::kill(agent.child.id() as libc::pid_t, libc::SIGINT) };
+    let stats = agent
+        .wait_for(Duration::from_secs(30), |v| v["type"] == "stats")
+        .unwrap_or_else(|| panic!("no stats line: {:#?}", agent.seen));
+    let _ = agent.child.wait();
+    let kinds = record_kinds(&rec);
+    let _ = std::fs::remove_dir_all(&dir);
+    (kinds, stats)
+}
+
+/// A socket is destroyed in CLOSE, and its change to CLOSE ends its record: the kernel
+/// writes no `DESTROY` record while nothing was lost, and writes them once something was
+/// (they then end the records whose CLOSE went missing).
+#[test]
+fn destroy_records_come_only_after_a_loss() {
+    const STATE: u8 = 1;
+    const DESTROY: u8 = 5;
+    if !root_or_skip() {
+        return;
+    }
+    let (kinds, stats) = record_churn(&[], 30);
+    assert_eq!(stats["kernel"]["ringbuf_drops"], 0, "{stats:#}");
+    assert_eq!(stats["kernel"]["read_errors"], 0, "{stats:#}");
+    assert!(
+        kinds.get(&STATE).copied().unwrap_or(0) >= 30 * 10,
+        "the churn's state changes: {kinds:?}"
+    );
+    assert_eq!(
+        kinds.get(&DESTROY),
+        None,
+        "DESTROY without a loss: {kinds:?}"
+    );
+
+    let (kinds, stats) = record_churn(&["--ringbuf-kib", "4"], 400);
+    assert!(
+        stats["kernel"]["ringbuf_drops"].as_u64().unwrap_or(0) > 0,
+        "a 4 KiB ring buffer kept up with 400 connections: {stats:#}"
+    );
+    assert!(
+        kinds.get(&DESTROY).copied().unwrap_or(0) > 0,
+        "no DESTROY after the losses: {kinds:?}"
+    );
+}
+
 fn older_connection(extra: &[&str]) {
     if !root_or_skip() {
         return;

@@ -58,6 +58,17 @@ pub struct AgentExit {
     pub objects: Vec<Value>,
 }
 
+impl AgentExit {
+    /// The final `stats` line (the agent writes one on exit); panics without it.
+    pub fn stats(&self) -> &Value {
+        self.objects
+            .iter()
+            .rev()
+            .find(|o| o["type"] == "stats")
+            .unwrap_or_else(|| panic!("no stats line: {:#?}", self.objects))
+    }
+}
+
 /// A running `whoclosed trace`. Killed on drop.
 pub struct Agent {
     child: Child,

@@ -275,12 +275,7 @@ fn no_h2_frames_keeps_tcp_facts_only() {
     let exit = agent
         .stop()
         .unwrap_or_else(|e| panic!("stopping the agent: {e:#}"));
-    let stats = exit
-        .objects
-        .iter()
-        .rev()
-        .find(|o| o["type"] == "stats")
-        .unwrap_or_else(|| panic!("no stats line: {:#?}", exit.objects));
+    let stats = exit.stats();
     assert_eq!(stats["kernel"]["h2_frames"], 0, "{stats:#}");
     assert!(
         stats["kernel"]["packets"].as_u64().unwrap_or(0) > 0,

@@ -77,11 +77,7 @@ fn stop_stats(mut agent: Agent) -> Value {
     let exit = agent
         .stop()
         .unwrap_or_else(|e| panic!("stopping the agent: {e:#}"));
-    exit.objects
-        .iter()
-        .find(|o| o["type"] == "stats")
-        .cloned()
-        .unwrap_or_else(|| panic!("no stats line: {:#?}", exit.objects))
+    exit.stats().clone()
 }
 
 /// Give the crafter's capture thread time to see the last server segment.

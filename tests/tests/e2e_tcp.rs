@@ -568,11 +568,7 @@ fn server_process_killed_without_packet_facts() {
         Err(e) => panic!("stopping the agent: {e:#}"),
     };
     // Every kernel counter is exported, the HTTP/2 ones included.
-    let stats = exit
-        .objects
-        .iter()
-        .find(|o| o["type"] == "stats")
-        .unwrap_or_else(|| panic!("no stats line: {:#?}", exit.objects));
+    let stats = exit.stats();
     for counter in ["events", "packets", "h2_frames", "h2_desyncs"] {
         assert!(
             stats["kernel"][counter].is_u64(),
@@ -651,11 +647,7 @@ fn restart_picks_up_live_connections() {
     let exit = second
         .stop()
         .unwrap_or_else(|e| panic!("stopping the agent: {e:#}"));
-    let stats = exit
-        .objects
-        .iter()
-        .find(|o| o["type"] == "stats")
-        .unwrap_or_else(|| panic!("no stats line: {:#?}", exit.objects));
+    let stats = exit.stats();
     // Both ends, and nothing else of the topology (its listener is not a connection).
     let want = if walked { 2 } else { 0 };
     assert_eq!(stats["table"]["conns_walked"], want, "{stats:#}");

@@ -318,10 +318,7 @@ fn attach_tracepoints(
     for spec in usable {
         let target = format!("{}:{}", spec.category, spec.name);
         let res = (|| -> anyhow::Result<()> {
-            let p: &mut TracePoint = ebpf
-                .program_mut(spec.program)
-                .ok_or_else(|| anyhow!("program {} missing from object", spec.program))?
-                .try_into()?;
+            let p: &mut TracePoint = program_as(ebpf, spec.program)?;
             p.load()?;
             p.attach(spec.category, spec.name)?;
             Ok(())
@@ -503,10 +500,7 @@ const WALK_PROGRAMS: [Walker; 4] = [
 ];
 
 fn load_walker(ebpf: &mut Ebpf, w: &Walker) -> anyhow::Result<()> {
-    let p: &mut CgroupSkb = ebpf
-        .program_mut(w.program)
-        .ok_or_else(|| anyhow!("program {} missing from object", w.program))?
-        .try_into()?;
+    let p: &mut CgroupSkb = program_as(ebpf, w.program)?;
     p.load()?;
     let fd = p.fd()?.try_clone()?;
     let map = ebpf
@@ -547,15 +541,23 @@ fn attach_cgroup_skb(
     attach: CgroupSkbAttachType,
 ) -> anyhow::Result<()> {
     let cg = File::open(root).with_context(|| format!("opening cgroup {}", root.display()))?;
-    let p: &mut CgroupSkb = ebpf
-        .program_mut(program)
-        .ok_or_else(|| anyhow!("program {program} missing from object"))?
-        .try_into()?;
+    let p: &mut CgroupSkb = program_as(ebpf, program)?;
     p.load()?;
     // On 5.7+ aya attaches through a BPF link, which is always multi-attach and takes no
     // flags (passing BPF_F_ALLOW_MULTI there is EINVAL); other tools' programs coexist.
     p.attach(&cg, attach, CgroupAttachMode::Single)?;
     Ok(())
+}
+
+/// The object's program `name`, as the program type `T`.
+fn program_as<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from object"))?
+        .try_into()?)
 }
 
 /// The kernel BTF as aya reads it, parsed at the first [`LazyBtf::get`].
@@ -573,10 +575,7 @@ impl LazyBtf {
 
 fn try_fentry(ebpf: &mut Ebpf, btf: &LazyBtf) -> anyhow::Result<()> {
     let btf = btf.get()?;
-    let p: &mut FEntry = ebpf
-        .program_mut("tcp_close_fentry")
-        .ok_or_else(|| anyhow!("program tcp_close_fentry missing from object"))?
-        .try_into()?;
+    let p: &mut FEntry = program_as(ebpf, "tcp_close_fentry")?;
     p.load("tcp_close", btf)?;
     p.attach()?;
     Ok(())
@@ -591,10 +590,7 @@ fn attach_existing_walk(
 ) -> Option<ExistingWalk> {
     let res = (|| -> anyhow::Result<ExistingWalk> {
         let btf = btf.get()?;
-        let p: &mut Iter = ebpf
-            .program_mut("tcp_existing")
-            .ok_or_else(|| anyhow!("program tcp_existing missing from object"))?
-            .try_into()?;
+        let p: &mut Iter = program_as(ebpf, "tcp_existing")?;
         p.load("tcp", btf)?;
         let walk = ExistingWalk::link(p.fd()?.as_fd()).context("linking the iterator")?;
         // One walk of this namespace now: a kernel that links the iterator but cannot run
@@ -624,10 +620,7 @@ fn attach_existing_walk(
 }
 
 fn try_kprobe(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    let p: &mut KProbe = ebpf
-        .program_mut("tcp_close_kprobe")
-        .ok_or_else(|| anyhow!("program tcp_close_kprobe missing from object"))?
-        .try_into()?;
+    let p: &mut KProbe = program_as(ebpf, "tcp_close_kprobe")?;
     p.load()?;
     p.attach("tcp_close", 0)?;
     Ok(())

@@ -448,6 +448,25 @@ fn poll_sources(probes: &mut Probes) -> anyhow::Result<(Events, Option<KernelLog
     Ok((rb, logger))
 }
 
+/// SIGINT and SIGTERM, caught from before `ready` is written: a reader that stops the
+/// agent as soon as it is ready gets the final flush and `stats`, not the default
+/// disposition's silent death.
+struct Stop {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn catch() -> anyhow::Result<Self> {
+        let catch =
+            |kind, name| signal(kind).with_context(|| format!("installing the {name} handler"));
+        Ok(Stop {
+            int: catch(SignalKind::interrupt(), "SIGINT")?,
+            term: catch(SignalKind::terminate(), "SIGTERM")?,
+        })
+    }
+}
+
 /// Reads events until SIGINT or SIGTERM.
 async fn event_loop<W: Write>(
     state: &mut Loop,
@@ -455,9 +474,8 @@ async fn event_loop<W: Write>(
     logger: &mut Option<KernelLog>,
     out: &mut Output<W>,
     mut conn_requests: Option<crate::agent::ConnRequests>,
+    stop: &mut Stop,
 ) -> anyhow::Result<()> {
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     // The kernel wakes us only when the buffer is a quarter full; anything less is read at
     // this tick, which then judges what is due.
     let mut tick = tokio::time::interval(crate::probes::DRAIN_INTERVAL);
@@ -514,8 +532,8 @@ async fn event_loop<W: Write>(
                 }
             }
             _ = drops_tick.tick() => state.check_drops(out)?,
-            _ = sigint.recv() => return Ok(()),
-            _ = sigterm.recv() => return Ok(()),
+            _ = stop.int.recv() => return Ok(()),
+            _ = stop.term.recv() => return Ok(()),
         }
     }
 }
@@ -568,6 +586,7 @@ pub(crate) async fn pipeline<W: Write>(
     mut out: Output<W>,
     conn_requests: Option<crate::agent::ConnRequests>,
 ) -> anyhow::Result<()> {
+    let mut stop = Stop::catch()?;
     let (mut rb, mut logger) = poll_sources(&mut probes)?;
     let cfg = table_config(opts, &probes.report);
     out.pods = opts.k8s.clone().map(|(mut roots, node)| {
@@ -622,7 +641,15 @@ pub(crate) async fn pipeline<W: Write>(
         a.attached(&probes.report);
     }
 
-    match event_loop(&mut state, &mut rb, &mut logger, &mut out, conn_requests).await {
+    let stopped = event_loop(
+        &mut state,
+        &mut rb,
+        &mut logger,
+        &mut out,
+        conn_requests,
+        &mut stop,
+    );
+    match stopped.await {
         Err(e) if is_broken_pipe(&e) => return Ok(()),
         Err(e) => return Err(e),
         Ok(()) => {}

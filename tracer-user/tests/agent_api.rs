@@ -629,6 +629,31 @@ fn many_older_connections_are_listed_through_a_small_ring_buffer() {
     drop(held);
 }
 
+/// SIGTERM the moment `ready` is read (what a supervisor that stops a just-started agent
+/// does): the agent still flushes and writes its final `stats` line. The handlers were
+/// once installed only after `ready`, and a signal in that gap killed it silently.
+#[test]
+fn stopped_as_soon_as_ready_it_still_writes_stats() {
+    if !root_or_skip() {
+        return;
+    }
+    for round in 0..3 {
+        let args = strings(&["trace", "--no-packets", "--port", "9"]);
+        let mut agent = WhoclosedProc::start(BIN, &args);
+        agent
+            .wait_for(Duration::from_secs(10), |v| v["type"] == "ready")
+            .expect("ready record");
+        // SAFETY: kill with our own child's pid and a valid signal.
+        unsafe { libc::kill(agent.child.id() as libc::pid_t, libc::SIGTERM) };
+        let stats = agent.wait_for(Duration::from_secs(10), |v| v["type"] == "stats");
+        assert!(
+            stats.is_some(),
+            "round {round}: no stats line: {:#?}",
+            agent.seen
+        );
+    }
+}
+
 /// Record kinds (the first byte of each ring-buffer record) in a `--record` file, counted
 /// (docs: the frame layout in tracer-user/src/record.rs).
 fn record_kinds(path: &Path) -> std::collections::BTreeMap<u8, usize> {

@@ -205,3 +205,208 @@ fn full_table_is_reported_live() {
     let total = drops["losses"]["conns_dropped"].as_u64().unwrap_or(0);
     assert!(new >= 1 && new <= total, "{drops}");
 }
+
+/// A network namespace of this test's own, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Netns {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .output();
+        tests::run_cmd("ip", &["netns", "add", &name]).expect("ip netns add");
+        let ns = Netns(name);
+        tests::run_cmd("ip", &["-n", &ns.0, "link", "set", "lo", "up"]).expect("lo up");
+        ns
+    }
+
+    fn iptables(&self, args: &[&str]) {
+        let mut a = vec!["netns", "exec", &self.0, "iptables"];
+        a.extend_from_slice(args);
+        tests::run_cmd("ip", &a).expect("iptables");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .output();
+    }
+}
+
+/// Runs the calling thread on CPU 0 only.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
+    // touch it and this thread's affinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0,
+            "sched_setaffinity"
+        );
+    }
+}
+
+/// `bpf(2)` with an attribute of up to 32 bytes.
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 4]) -> i64 {
+    // SAFETY: attr is a valid bpf_attr prefix for the commands used below, and every
+    // pointer in it points to a live buffer of the size the command expects.
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 32u32) }
+}
+
+/// Holds `bpf_prog_active` on CPU 0 most of the time until `stop`: the kernel raises it
+/// around every map read from user space (as any agent that reads BPF maps does), and a
+/// tracing program that would run on that CPU meanwhile, here from a timer softirq, is
+/// skipped. A one-element array of 1 MiB makes each read long.
+fn hold_bpf_busy(stop: Arc<AtomicBool>) -> thread::JoinHandle<u64> {
+    thread::spawn(move || {
+        pin_to_cpu0();
+        const VALUE: usize = 1 << 20;
+        // map_create: map_type ARRAY (2), key_size 4, value_size, max_entries 1.
+        let mut attr = [2 | (4 << 32), VALUE as u64 | (1 << 32), 0, 0];
+        let fd = bpf(0, &mut attr);
+        assert!(
+            fd >= 0,
+            "BPF_MAP_CREATE: {}",
+            std::io::Error::last_os_error()
+        );
+        let key = 0u32;
+        let mut value = vec![0u8; VALUE];
+        let mut reads = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            // map_lookup_elem: map_fd, key, value.
+            let mut attr = [
+                fd as u64,
+                &key as *const u32 as u64,
+                value.as_mut_ptr() as u64,
+                0,
+            ];
+            assert_eq!(bpf(1, &mut attr), 0, "BPF_MAP_LOOKUP_ELEM");
+            reads += 1;
+        }
+        // SAFETY: our own descriptor, closed once.
+        unsafe { libc::close(fd as i32) };
+        reads
+    })
+}
+
+/// The kernel does not run a tracing program on a CPU where another BPF program (or a
+/// map access from user space) is active; each such run is an event lost, which the
+/// kernel counts in the program's `recursion_misses` (tracepoints from 6.7). Here a
+/// blackholed path makes a few hundred connections retransmit from timer softirqs on
+/// CPU 0 while map reads keep that CPU's BPF busy. The agent must report the skipped runs
+/// live (`drops.losses_new.runs_skipped`) and in `stats`, and no connection alive meanwhile
+/// may be judged with confidence `high`: its record may miss what happened.
+#[test]
+fn skipped_program_runs_are_losses() {
+    if !should_run("skipped_program_runs_are_losses") {
+        return;
+    }
+    let _serial = one_at_a_time();
+    const CONNS: usize = 200;
+    let ns = Netns::new(format!("wcskip{}", std::process::id()));
+    let inode = tests::netns_inode(&ns.0).expect("netns inode");
+    let mut agent = Agent::start(&[inode]).expect("start the agent");
+    let kernel = agent.ready()["kernel"].as_str().unwrap_or("").to_string();
+
+    // The connections, made from a thread inside the namespace, on CPU 0 (their timers
+    // are armed where they send).
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let ns_name = ns.0.clone();
+    let conns = thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{ns_name}")).expect("open netns");
+        // SAFETY: setns on this thread only, with a namespace descriptor.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns");
+        pin_to_cpu0();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let mut pairs = Vec::new();
+        for _ in 0..CONNS {
+            let c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            let (s, _) = listener.accept().expect("accept");
+            pairs.push((c, s));
+        }
+        tx.send(Box::leak(port.to_string().into_boxed_str()))
+            .expect("send");
+        // Blackholed from here on (the main thread drops the server's port).
+        done_rx.recv().expect("blackhole");
+        // One at a time: each connection's retransmissions then fire at a jiffy of
+        // their own, each a separate chance to land while CPU 0's BPF is busy (at the same
+        // jiffy they are all skipped or none is).
+        for (c, _) in &mut pairs {
+            c.write_all(b"x").expect("write");
+            thread::sleep(Duration::from_millis(5));
+        }
+        done_rx.recv().expect("path back");
+        for (c, s) in pairs {
+            let mut s = s;
+            let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
+            let mut b = [0u8; 1];
+            let _ = s.read(&mut b);
+            drop(c);
+            drop(s);
+        }
+    });
+    let port = rx.recv().expect("port");
+    ns.iptables(&["-A", "INPUT", "-p", "tcp", "--dport", port, "-j", "DROP"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = hold_bpf_busy(stop.clone());
+    done_tx.send(()).expect("go");
+    // RTO backoff: retransmits at about 0.2, 0.6, 1.4 and 3 s.
+    let drops = agent.wait_object(
+        "a drops record with skipped runs",
+        Duration::from_secs(5),
+        |v| v["type"] == "drops" && v["losses_new"]["runs_skipped"].as_u64() > Some(0),
+    );
+    stop.store(true, Ordering::Relaxed);
+    let reads = busy.join().expect("map reads");
+    ns.iptables(&["-D", "INPUT", "-p", "tcp", "--dport", port, "-j", "DROP"]);
+    done_tx.send(()).expect("go");
+    conns.join().expect("connections");
+    let seen = std::cell::Cell::new(0usize);
+    let _ = agent.wait_object("every verdict", Duration::from_secs(20), |v| {
+        if v["type"] == "close" {
+            seen.set(seen.get() + 1);
+        }
+        seen.get() >= 2 * CONNS
+    });
+    let exit = agent.stop().expect("stop the agent");
+    let stats = exit.stats();
+    let skipped = stats["kernel"]["runs_skipped"].as_u64().unwrap_or(0);
+    let old_kernel = kernel
+        .split(['.', '-'])
+        .take(2)
+        .map(|p| p.parse::<u32>().unwrap_or(0))
+        .collect::<Vec<_>>()
+        < vec![6, 7];
+    if old_kernel {
+        eprintln!("SKIP: kernel {kernel} does not count skipped tracepoint runs ({skipped})");
+        return;
+    }
+    let drops = drops.unwrap_or_else(|e| panic!("{e:#} ({reads} map reads; {stats:#})"));
+    assert!(skipped > 0, "{stats:#}");
+    assert_eq!(stats["kernel"]["ringbuf_drops"], 0, "{stats:#}");
+    let closes: Vec<&Value> = exit
+        .objects
+        .iter()
+        .filter(|v| v["type"] == "close")
+        .collect();
+    assert!(closes.len() >= CONNS, "{} verdicts", closes.len());
+    for c in closes {
+        let v = &c["verdict"];
+        assert_ne!(v["confidence"], "high", "{c:#}");
+        assert!(
+            v["hint"]
+                .as_str()
+                .unwrap_or("")
+                .contains("kernel events were lost"),
+            "{c:#}"
+        );
+    }
+    eprintln!("{reads} map reads; {skipped} runs skipped; {drops}");
+}

@@ -31,10 +31,11 @@ pub struct TpScratch {
 
 /// Set (slot 0 to 1) once a record may have been lost: a full ring buffer or an unreadable
 /// tracepoint record, on any CPU. Until then a `DESTROY` record would only repeat the
-/// socket's CLOSE (see `lifecycle::try_destroy`). Not covered: a tracepoint the kernel
-/// skips because another BPF program runs on that CPU (`trace_call_bpf`'s recursion
-/// guard, counted only in the program's `recursion_misses`); a CLOSE lost that way ends its
-/// record when the socket's address is reused, with `ends_unseen`.
+/// socket's CLOSE (see `lifecycle::try_destroy`). A tracepoint the kernel skips because
+/// another BPF program runs on that CPU (`trace_call_bpf`'s recursion guard) is counted
+/// only in the program's `recursion_misses`, which the agent reads each second and then
+/// sets this flag itself; a CLOSE skipped before that ends its record when the socket's
+/// address is reused, with `ends_unseen`.
 #[map]
 pub static LOST: Array<u32> = Array::with_max_entries(1, 0);
 

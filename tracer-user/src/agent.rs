@@ -145,8 +145,14 @@ impl Side {
         self.metrics.set_tracked_connections(n as u64);
     }
 
-    pub(crate) fn drops(&self, total: u64) {
-        self.metrics.set_drops(total);
+    /// The kernel's loss totals, as read.
+    pub(crate) fn losses(&self, kernel: &crate::probes::CounterSnapshot) {
+        use crate::metrics::LostCause;
+        self.metrics.set_drops(kernel.ringbuf_drops);
+        self.metrics
+            .set_events_lost(LostCause::UnreadableRecord, kernel.read_errors);
+        self.metrics
+            .set_events_lost(LostCause::SkippedRun, kernel.runs_skipped);
     }
 
     pub(crate) fn attached(&self, report: &ProbeReport) {

@@ -20,5 +20,6 @@ pub mod privilege;
 pub mod probes;
 pub mod query;
 pub mod record;
+pub mod skipped;
 pub mod timeline;
 pub mod trace;

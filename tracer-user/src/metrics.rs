@@ -50,6 +50,33 @@ struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: &'static str,
+}
+
+/// Why the kernel side lost events other than to a full ring buffer (which has its own
+/// counter, `ringbuf_drops`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LostCause {
+    /// A tracepoint record the kernel side could not read.
+    UnreadableRecord,
+    /// A tracing program's run the kernel skipped because another BPF program was
+    /// running on that CPU.
+    SkippedRun,
+}
+
+impl LostCause {
+    const ALL: [LostCause; 2] = [LostCause::UnreadableRecord, LostCause::SkippedRun];
+
+    fn label(self) -> &'static str {
+        match self {
+            LostCause::UnreadableRecord => "unreadable_record",
+            LostCause::SkippedRun => "skipped_run",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProbeLabels {
     probe_mode: String,
     packet_facts: &'static str,
@@ -104,6 +131,8 @@ pub struct Metrics {
     retransmits: Counter,
     ringbuf_drops: Counter,
     last_drops: AtomicU64,
+    events_lost: Family<CauseLabels, Counter>,
+    last_lost: [AtomicU64; 2],
     tracked: Gauge,
     probe: Arc<ProbeInfo>,
 }
@@ -141,6 +170,19 @@ impl Metrics {
             "Kernel events lost because the ring buffer was full (raise --ringbuf-kib).",
             ringbuf_drops.clone(),
         );
+        let events_lost = Family::<CauseLabels, Counter>::default();
+        registry.register(
+            "kernel_events_lost",
+            "Kernel events lost other than to a full ring buffer, by cause: unreadable_record \
+             (a tracepoint record the kernel side could not read) or skipped_run (a tracing \
+             program the kernel did not run because another BPF program was running on that \
+             CPU; counted by kernels from 6.7, fentry from 5.12).",
+            events_lost.clone(),
+        );
+        for c in LostCause::ALL {
+            // Listed at zero from the start, so that a rate over them is defined.
+            let _ = events_lost.get_or_create(&CauseLabels { cause: c.label() });
+        }
         let tracked = Gauge::default();
         registry.register(
             "tracked_connections",
@@ -156,6 +198,8 @@ impl Metrics {
             retransmits,
             ringbuf_drops,
             last_drops: AtomicU64::new(0),
+            events_lost,
+            last_lost: [AtomicU64::new(0), AtomicU64::new(0)],
             tracked,
             probe,
         }
@@ -192,6 +236,18 @@ impl Metrics {
         let last = self.last_drops.swap(total, Ordering::Relaxed);
         let delta = if total >= last { total - last } else { total };
         self.ringbuf_drops.inc_by(delta);
+    }
+
+    /// The kernel's running total of events lost to `cause`, as [`Metrics::set_drops`].
+    pub fn set_events_lost(&self, cause: LostCause, total: u64) {
+        let idx = LostCause::ALL.iter().position(|c| *c == cause).unwrap_or(0);
+        let last = self.last_lost[idx].swap(total, Ordering::Relaxed);
+        let delta = if total >= last { total - last } else { total };
+        self.events_lost
+            .get_or_create(&CauseLabels {
+                cause: cause.label(),
+            })
+            .inc_by(delta);
     }
 
     /// Sockets currently in the connection table.
@@ -381,6 +437,20 @@ mod tests {
             sample(&m.encode(), "whoclosed_ringbuf_drops_total"),
             Some(103.0)
         );
+    }
+
+    #[test]
+    fn other_kernel_losses_are_counted_by_cause() {
+        let m = Metrics::new();
+        let skipped = r#"whoclosed_kernel_events_lost_total{cause="skipped_run"}"#;
+        let unreadable = r#"whoclosed_kernel_events_lost_total{cause="unreadable_record"}"#;
+        assert_eq!(sample(&m.encode(), skipped), Some(0.0));
+        m.set_events_lost(LostCause::SkippedRun, 4);
+        m.set_events_lost(LostCause::SkippedRun, 9);
+        m.set_events_lost(LostCause::UnreadableRecord, 2);
+        let text = m.encode();
+        assert_eq!(sample(&text, skipped), Some(9.0), "{text}");
+        assert_eq!(sample(&text, unreadable), Some(2.0), "{text}");
     }
 
     /// Every reason documented in docs/events.md is a known label value, so none of them is

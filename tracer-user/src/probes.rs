@@ -7,7 +7,7 @@ use std::{collections::HashMap, fs::File, os::fd::AsFd as _, path::Path};
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, Iter, KProbe, TracePoint,
     },
@@ -19,6 +19,7 @@ use tracer_common::{Config, counter, walk_slot};
 use crate::{
     existing::ExistingWalk,
     kernel::{self, KernelBtf},
+    skipped::Skipped,
 };
 
 /// How `tcp_close()` is observed. `Tracepoint` means: not at all, state changes only.
@@ -716,15 +717,32 @@ impl Probes {
             .ebpf
             .take_map("COUNTERS")
             .ok_or_else(|| anyhow!("COUNTERS map missing"))?;
+        let lost = self
+            .ebpf
+            .take_map("LOST")
+            .ok_or_else(|| anyhow!("LOST map missing"))?;
         Ok(Counters {
             map: PerCpuArray::try_from(map)?,
+            lost: Array::try_from(lost)?,
+            lost_set: false,
+            skipped: Skipped::of(&self.ebpf, &self.report.programs),
+            skipped_last: std::cell::Cell::new(0),
         })
     }
 }
 
-/// The kernel-side per-CPU counters.
+/// The kernel-side per-CPU counters, and the runs of the tracing programs the kernel
+/// skipped.
 pub struct Counters {
     map: PerCpuArray<MapData, u64>,
+    /// The kernel's "a record may have been lost" flag (`LOST`), which the kernel sets
+    /// itself for a full ring buffer or an unreadable record; the agent sets it for skipped
+    /// runs, which the kernel side cannot see.
+    lost: Array<MapData, u32>,
+    lost_set: bool,
+    skipped: Skipped,
+    /// The last total read (kept when a read fails: the count only grows).
+    skipped_last: std::cell::Cell<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -742,6 +760,20 @@ pub struct CounterSnapshot {
     /// Ingress segments the socket's TCP would not accept (forged or stale): dropped
     /// before they became evidence. Bare ACKs that would change nothing are not judged.
     pub unaccepted: u64,
+    /// Runs of the tracing programs the kernel skipped because another BPF program was
+    /// running on that CPU (`recursion_misses`; counted by kernels from 6.7, fentry from
+    /// 5.12): each an event lost.
+    pub runs_skipped: u64,
+}
+
+impl CounterSnapshot {
+    /// Every kernel event known lost: ring-buffer drops, unreadable tracepoint records
+    /// and skipped runs. Connections alive while it grew say so in their verdicts.
+    pub fn events_lost(&self) -> u64 {
+        self.ringbuf_drops
+            .saturating_add(self.read_errors)
+            .saturating_add(self.runs_skipped)
+    }
 }
 
 impl Counters {
@@ -760,6 +792,36 @@ impl Counters {
             h2_frames: per_cpu(counter::H2_FRAMES)?.iter().sum(),
             h2_desyncs: per_cpu(counter::H2_DESYNCS)?.iter().sum(),
             unaccepted: per_cpu(counter::UNACCEPTED)?.iter().sum(),
+            runs_skipped: self.runs_skipped(),
         })
+    }
+
+    fn runs_skipped(&self) -> u64 {
+        match self.skipped.total() {
+            Ok(n) => {
+                let n = n.max(self.skipped_last.get());
+                self.skipped_last.set(n);
+                n
+            }
+            Err(e) => {
+                log::debug!("reading the programs' skipped runs: {e}");
+                self.skipped_last.get()
+            }
+        }
+    }
+
+    /// Tells the kernel side that records were lost (see [`Counters::lost`]), once: from
+    /// then on it writes the records that only matter after a loss.
+    pub fn mark_lost(&mut self) -> anyhow::Result<()> {
+        if !self.lost_set {
+            self.lost.set(0, 1, 0).context("setting the LOST flag")?;
+            self.lost_set = true;
+        }
+        Ok(())
+    }
+
+    /// The tracing programs whose skipped runs are counted.
+    pub fn guarded_programs(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.skipped.names()
     }
 }

@@ -8,7 +8,8 @@
 //! then frames: u8 kind | u32 LE length | payload
 //!   1 = one ring-buffer record, as the kernel wrote it
 //!   2 = a tick: u64 LE CLOCK_MONOTONIC ns at which the table judged lingering sockets,
-//!       then (when known) u64 LE the kernel's ring-buffer drop total read just before
+//!       then (when known) u64 LE the kernel's lost-event total read just before (ring-buffer
+//!       drops, unreadable records and skipped program runs)
 //!   3 = the pods of one verdict (JSON: {"id", "conn", "peer"}), as the agent resolved them
 //! ```
 //!
@@ -156,11 +157,11 @@ impl Writer {
         self.frame(FRAME_EVENT, raw)
     }
 
-    /// The table judged lingering sockets at `now_ns`, with the drop total it noted.
-    pub fn tick(&mut self, now_ns: u64, ringbuf_drops: Option<u64>) -> io::Result<()> {
+    /// The table judged lingering sockets at `now_ns`, with the lost-event total it noted.
+    pub fn tick(&mut self, now_ns: u64, events_lost: Option<u64>) -> io::Result<()> {
         let mut payload = [0u8; 16];
         payload[..8].copy_from_slice(&now_ns.to_le_bytes());
-        match ringbuf_drops {
+        match events_lost {
             Some(d) => {
                 payload[8..].copy_from_slice(&d.to_le_bytes());
                 self.frame(FRAME_TICK, &payload)

@@ -169,20 +169,20 @@ impl<W: Write> Output<W> {
         closed.iter().try_for_each(|c| self.closed(c))
     }
 
-    /// Sockets whose linger ended by `now_ns` (a tick), recorded for replay.
-    /// Judges the sockets whose linger is over at `now_ns`, after noting the kernel's
-    /// ring-buffer drop total (when known) so that connections alive during a loss say so.
+    /// Judges the sockets whose linger is over at `now_ns` (a tick, recorded for replay),
+    /// after noting the kernel's lost-event total (when known) so that connections alive
+    /// during a loss say so.
     pub(crate) fn tick(
         &mut self,
         table: &mut Table,
         now_ns: u64,
-        ringbuf_drops: Option<u64>,
+        events_lost: Option<u64>,
     ) -> io::Result<()> {
         if let Some(r) = &mut self.recorder {
-            r.tick(now_ns, ringbuf_drops)?;
+            r.tick(now_ns, events_lost)?;
         }
-        if let Some(d) = ringbuf_drops {
-            table.note_ringbuf_drops(now_ns, d);
+        if let Some(d) = events_lost {
+            table.note_events_lost(now_ns, d);
         }
         let due = table.take_due(now_ns);
         self.all(due)?;
@@ -356,13 +356,31 @@ impl Loop {
         if new == 0 && !losses_new.any() {
             return Ok(());
         }
+        if let Some(a) = &out.agent {
+            a.losses(&s);
+        }
         if new > 0 {
-            if let Some(a) = &out.agent {
-                a.drops(s.ringbuf_drops);
-            }
             warn!(
                 "ring buffer full: {new} kernel events lost ({} in total); raise --ringbuf-kib",
                 s.ringbuf_drops
+            );
+        }
+        if losses_new.runs_skipped > 0 {
+            warn!(
+                "the kernel skipped {} runs of the tracing programs ({} in total): another BPF \
+                 program was running on that CPU; each is an event lost",
+                losses_new.runs_skipped, losses.runs_skipped
+            );
+            // The kernel side cannot see these: from now on it writes what only matters
+            // after a loss (a DESTROY behind a CLOSE that may be missing).
+            if let Err(e) = self.counters.mark_lost() {
+                warn!("{e:#}");
+            }
+        }
+        if losses_new.read_errors > 0 {
+            warn!(
+                "{} tracepoint records could not be read ({} in total); each is an event lost",
+                losses_new.read_errors, losses.read_errors
             );
         }
         if losses_new.conns_dropped > 0 {
@@ -389,7 +407,7 @@ impl Loop {
         while self.drain(rb, out, DRAIN_BATCH)? && std::time::Instant::now() < deadline {}
         let kernel = self.counters.snapshot().unwrap_or_default();
         self.table
-            .note_ringbuf_drops(export::monotonic_ns(), kernel.ringbuf_drops);
+            .note_events_lost(export::monotonic_ns(), kernel.events_lost());
         out.all(self.table.take_all_closed())?;
         if kernel.ringbuf_drops > 0 {
             warn!(
@@ -516,7 +534,7 @@ async fn event_loop<W: Write>(
                 // Before judging: a connection alive while the ring buffer overflowed may
                 // miss facts, and its verdict must say so (the total is recorded with the
                 // tick, so a replay lowers the same verdicts).
-                let drops = state.counters.snapshot().ok().map(|s| s.ringbuf_drops);
+                let drops = state.counters.snapshot().ok().map(|s| s.events_lost());
                 out.tick(&mut state.table, now, drops)?;
                 out.out.flush()?;
             }

@@ -89,8 +89,9 @@ fn calibrate(t: &Timeline, v: &mut Verdict) {
     if t.events_lost {
         v.confidence = v.confidence.lower();
         v.hint.push_str(
-            " (kernel events were lost while this connection lived: ring buffer full or \
-             too many facts; the verdict may miss what happened, raise --ringbuf-kib)",
+            " (kernel events were lost while this connection lived: a full ring buffer, \
+             program runs the kernel skipped, or too many facts; the verdict may miss what \
+             happened; the drops records say which)",
         );
     }
 }

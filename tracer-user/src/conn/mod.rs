@@ -184,7 +184,8 @@ pub struct Table {
     recent_serial: u64,
     /// Closed sockets per owning process, to find a proxy's other leg.
     legs: proxy::Legs,
-    /// Intervals (CLOCK_MONOTONIC) during which the kernel lost events (ring buffer full).
+    /// Intervals (CLOCK_MONOTONIC) during which the kernel lost events (a full ring buffer,
+    /// unreadable records, skipped program runs).
     drop_windows: VecDeque<(u64, u64)>,
     drops_seen: u64,
     drops_checked_ns: u64,
@@ -228,10 +229,11 @@ impl Table {
         }
     }
 
-    /// The kernel's ring-buffer drop counter read at `now_ns` (CLOCK_MONOTONIC). When it
-    /// rose since the last reading, every connection alive in between may miss events and
-    /// its verdict says so. Call it before [`Table::take_due`] with the same `now_ns`.
-    pub fn note_ringbuf_drops(&mut self, now_ns: u64, total: u64) {
+    /// The kernel's lost-event total ([`crate::probes::CounterSnapshot::events_lost`]) read
+    /// at `now_ns` (CLOCK_MONOTONIC). When it rose since the last reading, every connection
+    /// alive in between may miss events and its verdict says so. Call it before
+    /// [`Table::take_due`] with the same `now_ns`.
+    pub fn note_events_lost(&mut self, now_ns: u64, total: u64) {
         if total > self.drops_seen {
             self.drop_windows.push_back((self.drops_checked_ns, now_ns));
             while self.drop_windows.len() > 256

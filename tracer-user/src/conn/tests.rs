@@ -472,7 +472,7 @@ fn reused_address_verdict_sees_drops_noted_at_the_next_tick() {
         tbl.on_event(&state(5 * MS, 0x99, reused, Listen, SynRecv))
             .is_empty()
     );
-    tbl.note_ringbuf_drops(100 * MS, 7);
+    tbl.note_events_lost(100 * MS, 7);
     let out = tbl.take_due(100 * MS);
     assert_eq!(out.len(), 1, "{out:?}");
     assert_ne!(

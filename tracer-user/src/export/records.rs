@@ -73,6 +73,11 @@ pub struct Losses {
     pub rst_log_evictions: u64,
     /// Per-socket packet states the kernel could not insert.
     pub skmap_fails: u64,
+    /// Tracepoint records the kernel side could not read (each an event lost).
+    pub read_errors: u64,
+    /// Runs of the tracing programs the kernel skipped because another BPF program was
+    /// running on that CPU (each an event lost).
+    pub runs_skipped: u64,
 }
 
 impl Losses {
@@ -83,6 +88,8 @@ impl Losses {
             facts_dropped: table.facts_dropped,
             rst_log_evictions: table.rst_log_evictions,
             skmap_fails: kernel.skmap_fails,
+            read_errors: kernel.read_errors,
+            runs_skipped: kernel.runs_skipped,
         }
     }
 
@@ -96,6 +103,8 @@ impl Losses {
                 .rst_log_evictions
                 .saturating_sub(before.rst_log_evictions),
             skmap_fails: self.skmap_fails.saturating_sub(before.skmap_fails),
+            read_errors: self.read_errors.saturating_sub(before.read_errors),
+            runs_skipped: self.runs_skipped.saturating_sub(before.runs_skipped),
         }
     }
 

@@ -471,11 +471,11 @@ fn lost_kernel_events_lower_confidence() {
         let mut tbl = Table::default();
         let p = mk(1, "10.9.1.2:40000", "10.9.2.2:8080");
         handshake(&mut tbl, &p, (1, 2));
-        tbl.note_ringbuf_drops(50 * MS, 0);
-        tbl.note_ringbuf_drops(60 * MS, if drops { 7 } else { 0 });
+        tbl.note_events_lost(50 * MS, 0);
+        tbl.note_events_lost(60 * MS, if drops { 7 } else { 0 });
         feed(&mut tbl, active_close(100 * MS, &p, true, 100, "client"));
         feed(&mut tbl, passive_close(101 * MS, &p, false, 200, "server"));
-        tbl.note_ringbuf_drops(2_000 * MS, if drops { 7 } else { 0 });
+        tbl.note_events_lost(2_000 * MS, if drops { 7 } else { 0 });
         tbl.take_due(2_000 * MS)
     };
     let clean = run(false);

@@ -80,14 +80,19 @@ pub struct Config {
     /// are submitted with `BPF_RB_NO_WAKEUP` and the agent drains on its own short timer.
     /// 0: wake on every record the kernel's default policy would (no batching).
     pub wakeup_bytes: u32,
-    /// Keeps the struct a multiple of 8 bytes; always 0.
-    pub reserved: u32,
+    /// The socket's cgroup (v2), for the sockets of the start-up walk (from BTF,
+    /// `u32::MAX` if unknown): `sk_cgrp_data.cgroup` in `struct sock` (`sk_cgrp_data.val`
+    /// before 5.15, a pointer when its lowest bit is clear), `kn` in `struct cgroup` and
+    /// `id` in `struct kernfs_node`: the id `bpf_skb_cgroup_id` gives the packet records.
+    pub off_sk_cgrp: u32,
+    pub off_cgrp_kn: u32,
+    pub off_kn_id: u32,
 }
 
 const _: () = {
     use core::mem::{offset_of, size_of};
     assert!(size_of::<TpLayout>() == field::COUNT * 2);
-    assert!(size_of::<Config>() == tp::COUNT * field::COUNT * 2 + 32);
+    assert!(size_of::<Config>() == tp::COUNT * field::COUNT * 2 + 40);
     assert!(size_of::<Config>().is_multiple_of(8));
     assert!(offset_of!(Config, off_sk_net) == tp::COUNT * field::COUNT * 2);
     assert!(offset_of!(Config, off_task_flags) == tp::COUNT * field::COUNT * 2 + 16);
@@ -104,7 +109,9 @@ impl Config {
             off_task_flags: u32::MAX,
             rcv_wnd_max: 0,
             wakeup_bytes: 0,
-            reserved: 0,
+            off_sk_cgrp: u32::MAX,
+            off_cgrp_kn: u32::MAX,
+            off_kn_id: u32::MAX,
         }
     }
 }

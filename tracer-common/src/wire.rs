@@ -20,11 +20,13 @@
 
 use core::mem::{offset_of, size_of};
 
-/// Version of this format, in every [`Header`]. Version 5 added the `EXISTING` kind;
+/// Version of this format, in every [`Header`]. Version 6 carries the socket's cgroup id
+/// in an `EXISTING` record's `pid_tgid` (`flag::HAS_CGROUP`); version 5 added the
+/// `EXISTING` kind;
 /// version 4 `PacketRecord::cgroup_id`;
 /// version 3 `PacketRecord::last_data_ns`; version 2 was the first with a header; version 1
 /// was the single 128/208-byte `RawEvent`/`H2Record` layout without a header.
-pub const WIRE_VERSION: u8 = 5;
+pub const WIRE_VERSION: u8 = 6;
 
 /// What produced a record. [`Header::kind`].
 pub mod kind {
@@ -98,6 +100,9 @@ pub mod flag {
     pub const HAS_NETNS: u8 = 1 << 4;
     /// Lifecycle, packet: the [`Endpoints`](super::Endpoints) are valid.
     pub const HAS_TUPLE: u8 = 1 << 5;
+    /// Lifecycle `EXISTING`: `pid_tgid` holds the socket's cgroup (v2) id instead (the walk
+    /// runs in the agent's read(), so it has no task of the socket's to report).
+    pub const HAS_CGROUP: u8 = 1 << 6;
 }
 
 /// Starts every record.
@@ -147,6 +152,7 @@ pub struct Endpoints {
 /// |----------------|-------------------------------------------------------------------|
 /// | `cookie`       | `RECV_RESET`, `DESTROY` when the tracepoint has it                |
 /// | `pid_tgid`, `comm` | `STATE`, `SEND_RESET`, `ERROR_REPORT`, `CLOSE_CALL`          |
+/// | `pid_tgid` as a cgroup id | `EXISTING`, when `flag::HAS_CGROUP`                     |
 /// | `ep`           | all, when `flag::HAS_TUPLE`                                       |
 /// | `netns`        | `STATE`, `SEND_RESET`, `CLOSE_CALL`, `EXISTING`, when `flag::HAS_NETNS` |
 /// | `error`        | `RETRANSMIT`: the tracepoint's `err` (0 where absent); `ERROR_REPORT`: `error`, a positive errno |

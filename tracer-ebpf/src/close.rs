@@ -7,7 +7,7 @@ use aya_ebpf::helpers::bpf_probe_read_kernel_buf;
 use tracer_common::{AF_INET, AF_INET6, LifecycleRecord, flag, kind};
 
 use crate::{
-    config::{kread, off_v6_addrs},
+    config::{kread, off_cgroup, off_v6_addrs},
     emit::emit,
     lifecycle::{fill_netns, fill_task},
 };
@@ -30,6 +30,36 @@ const TCP_NEW_SYN_RECV: u8 = 12;
 #[inline(always)]
 pub fn try_tcp_close(sk: u64) -> Option<()> {
     record_sock::<true>(kind::CLOSE_CALL, sk)
+}
+
+/// The socket's cgroup (v2) id, where the task would be (`flag::HAS_CGROUP`): the walk has
+/// no task of the socket's, and the id names its pod before any of its segments does.
+#[inline(always)]
+fn fill_cgroup(ev: &mut LifecycleRecord, sk: u64) {
+    if let Some(id) = cgroup_id(sk) {
+        ev.pid_tgid = id;
+        ev.flags |= flag::HAS_CGROUP;
+    }
+}
+
+#[inline(always)]
+fn cgroup_id(sk: u64) -> Option<u64> {
+    let (sk_cgrp, cgrp_kn, kn_id) = off_cgroup();
+    if sk_cgrp == u32::MAX || cgrp_kn == u32::MAX || kn_id == u32::MAX {
+        return None;
+    }
+    let cgrp: u64 = kread(sk + sk_cgrp as u64)?;
+    // Before 5.15 the field is a tagged word: lowest bit set, it holds net_cls/net_prio
+    // data instead of the pointer.
+    if cgrp == 0 || cgrp & 1 != 0 {
+        return None;
+    }
+    let kn: u64 = kread(cgrp + cgrp_kn as u64)?;
+    if kn == 0 {
+        return None;
+    }
+    let id: u64 = kread(kn + kn_id as u64)?;
+    (id != 0).then_some(id)
 }
 
 /// One socket of the `iter/tcp` walk: a connection's state, tuple and netns. Listeners,
@@ -91,6 +121,8 @@ fn record_sock<const TASK: bool>(kind: u8, sk: u64) -> Option<()> {
         fill_netns(ev, sk);
         if TASK {
             fill_task(ev);
+        } else {
+            fill_cgroup(ev, sk);
         }
     });
     Some(())

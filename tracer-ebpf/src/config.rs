@@ -105,6 +105,20 @@ pub fn off_v6_addrs() -> (u32, u32) {
     }
 }
 
+/// The chain from a socket to its cgroup id (see `Config::off_sk_cgrp`), raw (`u32::MAX`
+/// when unknown).
+#[inline(always)]
+pub fn off_cgroup() -> (u32, u32, u32) {
+    // SAFETY: plain static reads.
+    unsafe {
+        (
+            read_volatile(&CONFIG.off_sk_cgrp),
+            read_volatile(&CONFIG.off_cgrp_kn),
+            read_volatile(&CONFIG.off_kn_id),
+        )
+    }
+}
+
 /// `flags` in `struct task_struct`, raw (`u32::MAX` when unknown).
 #[inline(always)]
 pub fn off_task_flags() -> u32 {

@@ -299,9 +299,11 @@ pub enum EventKind {
     CloseCall {
         state: TcpState,
     },
-    /// The socket was open, in `state`, when the agent started (its `iter/tcp` walk).
+    /// The socket was open, in `state`, when the agent started (its `iter/tcp` walk), in
+    /// the cgroup (v2) `cgroup_id` where the kernel could tell.
     Existing {
         state: TcpState,
+        cgroup_id: Option<std::num::NonZeroU64>,
     },
     Packet(Packet),
     /// An HTTP/2 frame: its raw header and the captured payload prefix (control frames).
@@ -556,15 +558,26 @@ pub fn from_lifecycle(rec: &LifecycleRecord) -> Result<Event, DecodeError> {
         kind::DESTROY => EventKind::Destroy,
         kind::ERROR_REPORT => EventKind::ErrorReport { error: rec.error },
         kind::CLOSE_CALL => EventKind::CloseCall { state },
-        kind::EXISTING => EventKind::Existing { state },
+        kind::EXISTING => EventKind::Existing {
+            state,
+            cgroup_id: (rec.flags & flag::HAS_CGROUP != 0)
+                .then(|| std::num::NonZeroU64::new(rec.pid_tgid))
+                .flatten(),
+        },
         other => return Err(DecodeError::UnknownKind(other)),
+    };
+    // An EXISTING record's `pid_tgid` is its cgroup id, never a task.
+    let pid_tgid = if rec.hdr.kind == kind::EXISTING {
+        0
+    } else {
+        rec.pid_tgid
     };
     Ok(Event {
         ts_ns: rec.hdr.ts_ns,
         skaddr: rec.hdr.skaddr,
         cookie: rec.cookie,
-        pid: (rec.pid_tgid >> 32) as u32,
-        tid: rec.pid_tgid as u32,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
         comm: comm(&rec.comm),
         exiting: rec.flags & flag::EXITING != 0,
         netns: (rec.flags & flag::HAS_NETNS != 0).then_some(rec.netns),
@@ -705,6 +718,7 @@ mod tests {
                 kind::EXISTING,
                 EventKind::Existing {
                     state: TcpState::Established,
+                    cgroup_id: None,
                 },
             ),
         ];
@@ -720,6 +734,31 @@ mod tests {
             assert_eq!(&ev.kind, want, "{name}");
             assert_eq!(ev.cookie, 77, "{name}");
             assert_eq!(ev.tuple, None, "{name}: no HAS_TUPLE, no tuple");
+        }
+    }
+
+    /// A walked socket's `pid_tgid` is its cgroup id when `HAS_CGROUP` says so, and never
+    /// a process either way.
+    #[test]
+    fn a_walked_socket_carries_its_cgroup_not_a_task() {
+        for (flags, want) in [
+            (flag::HAS_CGROUP, std::num::NonZeroU64::new(0x1_0000_2a2b)),
+            (0, None),
+        ] {
+            let bytes = lifecycle(kind::EXISTING, |r| {
+                r.state = 1;
+                r.pid_tgid = 0x1_0000_2a2b;
+                r.flags = flags;
+            });
+            let ev = decode(&bytes).expect("decode");
+            assert_eq!(
+                ev.kind,
+                EventKind::Existing {
+                    state: TcpState::Established,
+                    cgroup_id: want,
+                }
+            );
+            assert_eq!((ev.pid, ev.tid), (0, 0));
         }
     }
 

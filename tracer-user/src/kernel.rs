@@ -259,6 +259,9 @@ pub struct BtfOffsets {
     pub v6_saddr: Option<u32>,
     pub v6_daddr: Option<u32>,
     pub task_flags: Option<u32>,
+    pub sk_cgrp: Option<u32>,
+    pub cgrp_kn: Option<u32>,
+    pub kn_id: Option<u32>,
 }
 
 impl BtfOffsets {
@@ -269,6 +272,9 @@ impl BtfOffsets {
         cfg.off_v6_saddr = v(self.v6_saddr);
         cfg.off_v6_daddr = v(self.v6_daddr);
         cfg.off_task_flags = v(self.task_flags);
+        cfg.off_sk_cgrp = v(self.sk_cgrp);
+        cfg.off_cgrp_kn = v(self.cgrp_kn);
+        cfg.off_kn_id = v(self.kn_id);
     }
 }
 
@@ -298,6 +304,11 @@ impl KernelBtf {
             v6_saddr: off("sock", &["__sk_common", "skc_v6_rcv_saddr"]),
             v6_daddr: off("sock", &["__sk_common", "skc_v6_daddr"]),
             task_flags: off("task_struct", &["flags"]),
+            // 5.15 made the tagged word `val` a plain `cgroup` pointer, at the same place.
+            sk_cgrp: off("sock", &["sk_cgrp_data", "cgroup"])
+                .or_else(|| off("sock", &["sk_cgrp_data", "val"])),
+            cgrp_kn: off("cgroup", &["kn"]),
+            kn_id: off("kernfs_node", &["id"]),
         }
     }
 

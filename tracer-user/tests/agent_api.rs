@@ -845,6 +845,77 @@ fn older_connection(extra: &[&str]) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A pod's connection opened before the agent and idle since: no segment or event names
+/// its pod, so the start-up walk must. The walk reads the socket's cgroup in the kernel,
+/// and `conns` names the pod at once.
+#[test]
+fn an_idle_older_connection_is_named_by_its_pod_at_start() {
+    let Some(PodSetup {
+        dir,
+        host_root,
+        mut cleanup,
+        leaf,
+    }) = pod_setup("whoclosed-agent-oldpod")
+    else {
+        return;
+    };
+    let server_py = "import socket, sys\n\
+sys.stdin.readline()\n\
+l = socket.socket()\n\
+l.bind(('127.0.0.1', 0))\n\
+l.listen()\n\
+print(l.getsockname()[1], flush=True)\n\
+c, _ = l.accept()\n\
+print('accepted', flush=True)\n\
+sys.stdin.readline()\n\
+c.close()\n";
+    let mut server = Command::new("python3")
+        .args(["-c", server_py])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 for the server in the pod");
+    let stdin = server.stdin.take().unwrap();
+    let stdout = BufReader::new(server.stdout.take().unwrap());
+    let (mut stdin, mut stdout) = go_in_pod(&mut cleanup, &leaf, server, stdin, stdout);
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("server port");
+    let port: u16 = line.trim().parse().expect("a port");
+    let c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let c_port = c.local_addr().expect("addr").port();
+    line.clear();
+    stdout.read_line(&mut line).expect("accepted");
+    assert_eq!(line.trim(), "accepted");
+
+    let sock = dir.join("whoclosed.sock");
+    let args = pod_agent_args(port, &sock, &host_root, &[]);
+    let mut agent = WhoclosedProc::start(BIN, &args);
+    let ready = agent
+        .wait_for(Duration::from_secs(10), |v| v["type"] == "ready")
+        .expect("ready record");
+    if ready["existing_sockets"] != true {
+        eprintln!("SKIP: this kernel does not list older connections: {ready}");
+        writeln!(stdin, "done").expect("done");
+        return;
+    }
+    let out = cli(&sock, &["conns", "-o", "json", "--port", &port.to_string()]);
+    let conns = json_lines(&out);
+    let server_side = conns
+        .iter()
+        .find(|v| port_of(&v["remote"]) == c_port)
+        .unwrap_or_else(|| panic!("the server socket in conns: {conns:#?}"));
+    assert_eq!(server_side["preexisting"], true, "{server_side}");
+    assert_eq!(server_side["state"], "ESTABLISHED", "{server_side}");
+    assert_eq!(server_side["pid"], Value::Null, "{server_side}");
+    assert_eq!(
+        server_side["k8s"]["pod"], "web-7f9c-abcde",
+        "named from the walk: {server_side}"
+    );
+    assert_eq!(server_side["k8s"]["container"], "app", "{server_side}");
+    writeln!(stdin, "done").expect("done");
+    drop(c);
+}
+
 /// A server in a pod whose connection the client resets: no event runs in the server's
 /// context (the RST moves its socket to CLOSE in softirq, and close() of a closed socket
 /// changes no state), so its owner stays unknown. Its pod comes from the socket's own cgroup

@@ -194,7 +194,13 @@ impl Table {
     /// like any socket first seen open; its state is known from the walk until it changes.
     /// A socket the table already met (an event of it came first) keeps what it has, but
     /// learns its state if no state change of it was seen.
-    pub(super) fn on_existing(&mut self, ev: &Event, state: TcpState, out: &mut Vec<Closed>) {
+    pub(super) fn on_existing(
+        &mut self,
+        ev: &Event,
+        state: TcpState,
+        cgroup_id: Option<std::num::NonZeroU64>,
+        out: &mut Vec<Closed>,
+    ) {
         let known = self.conns.contains_key(&ev.skaddr);
         if !self.ensure(ev, out) {
             return;
@@ -202,10 +208,13 @@ impl Table {
         if !known {
             self.stats.conns_walked += 1;
         }
-        if let Some(c) = self.conns.get_mut(&ev.skaddr)
-            && c.preexisting
-            && !c.state_known()
-        {
+        let Some(c) = self.conns.get_mut(&ev.skaddr) else {
+            return;
+        };
+        if c.cgroup_id.is_none() {
+            c.cgroup_id = cgroup_id;
+        }
+        if c.preexisting && !c.state_known() {
             c.state = state;
             c.state_walked = true;
         }

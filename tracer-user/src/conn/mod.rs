@@ -299,7 +299,9 @@ impl Table {
             EventKind::RecvReset => self.on_recv_reset(ev),
             EventKind::Destroy => self.on_destroy(ev),
             EventKind::CloseCall { state } => self.on_close_call(ev, state, &mut out),
-            EventKind::Existing { state } => self.on_existing(ev, state, &mut out),
+            EventKind::Existing { state, cgroup_id } => {
+                self.on_existing(ev, state, cgroup_id, &mut out)
+            }
         }
         if let Some(c) = self.conns.get_mut(&ev.skaddr) {
             if ev.skaddr != 0 {

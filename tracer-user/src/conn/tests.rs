@@ -864,7 +864,10 @@ fn a_connection_in_the_start_up_walk_is_listed_with_its_state() {
         linger_ns: 0,
         ..TableConfig::default()
     });
-    let existing = |ts, sk, t, state| base(ts, sk, Some(t), EventKind::Existing { state });
+    let existing = |ts, sk, t, state| {
+        let cgroup_id = std::num::NonZeroU64::new(sk);
+        base(ts, sk, Some(t), EventKind::Existing { state, cgroup_id })
+    };
     let t = tuple("10.0.0.1:45000", "10.0.0.2:443");
     tbl.on_event(&existing(MS, 0x42, t, Established));
     let c = tbl.conns.get(&0x42).expect("listed from the walk");
@@ -872,6 +875,11 @@ fn a_connection_in_the_start_up_walk_is_listed_with_its_state() {
     assert_eq!(c.state_name(), "ESTABLISHED");
     assert_eq!(c.role, Role::Client, "role from the ports");
     assert_eq!(tbl.stats.conns_walked, 1);
+    assert_eq!(
+        c.cgroup_id.map(|c| c.get()),
+        Some(0x42),
+        "its pod's cgroup from the walk"
+    );
     let id = c.id;
     // Its first segment after the walk: the same record.
     tbl.on_event(&pkt(2 * MS, 0x42, t, Dir::Ingress, ACK, 1000, 61));

@@ -104,6 +104,42 @@ fn go_in_pod<R>(
     (stdin, stdout)
 }
 
+/// A Python server in the pod's cgroup: it makes its listener once inside (a socket keeps
+/// the cgroup it was made in; an accepted one takes its listener's), prints its port and,
+/// on a connection, `accepted`; the next line on stdin closes that connection.
+fn server_in_pod(
+    cleanup: &mut support::Cleanup,
+    leaf: &Path,
+) -> (
+    std::process::ChildStdin,
+    BufReader<std::process::ChildStdout>,
+    u16,
+) {
+    let server_py = "import socket, sys\n\
+sys.stdin.readline()\n\
+l = socket.socket()\n\
+l.bind(('127.0.0.1', 0))\n\
+l.listen()\n\
+print(l.getsockname()[1], flush=True)\n\
+c, _ = l.accept()\n\
+print('accepted', flush=True)\n\
+sys.stdin.readline()\n\
+c.close()\n";
+    let mut server = Command::new("python3")
+        .args(["-c", server_py])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 for the server in the pod");
+    let stdin = server.stdin.take().unwrap();
+    let stdout = BufReader::new(server.stdout.take().unwrap());
+    let (stdin, mut stdout) = go_in_pod(cleanup, leaf, server, stdin, stdout);
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("server port");
+    let port: u16 = line.trim().parse().expect("a port");
+    (stdin, stdout, port)
+}
+
 /// A loopback connection to `listener` that carried `bytes` from the client to the server:
 /// (client, server, the client's port).
 fn connected(listener: &TcpListener, bytes: &[u8]) -> (TcpStream, TcpStream, u16) {
@@ -859,28 +895,8 @@ fn an_idle_older_connection_is_named_by_its_pod_at_start() {
     else {
         return;
     };
-    let server_py = "import socket, sys\n\
-sys.stdin.readline()\n\
-l = socket.socket()\n\
-l.bind(('127.0.0.1', 0))\n\
-l.listen()\n\
-print(l.getsockname()[1], flush=True)\n\
-c, _ = l.accept()\n\
-print('accepted', flush=True)\n\
-sys.stdin.readline()\n\
-c.close()\n";
-    let mut server = Command::new("python3")
-        .args(["-c", server_py])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 for the server in the pod");
-    let stdin = server.stdin.take().unwrap();
-    let stdout = BufReader::new(server.stdout.take().unwrap());
-    let (mut stdin, mut stdout) = go_in_pod(&mut cleanup, &leaf, server, stdin, stdout);
+    let (mut stdin, mut stdout, port) = server_in_pod(&mut cleanup, &leaf);
     let mut line = String::new();
-    stdout.read_line(&mut line).expect("server port");
-    let port: u16 = line.trim().parse().expect("a port");
     let c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let c_port = c.local_addr().expect("addr").port();
     line.clear();
@@ -932,30 +948,8 @@ fn a_reset_server_socket_is_named_by_its_cgroup() {
     else {
         return;
     };
-    // The server creates its listener once it is in the pod's cgroup (a socket keeps the
-    // cgroup it was made in; an accepted one takes its listener's).
-    let server_py = "import socket, sys\n\
-sys.stdin.readline()\n\
-l = socket.socket()\n\
-l.bind(('127.0.0.1', 0))\n\
-l.listen()\n\
-print(l.getsockname()[1], flush=True)\n\
-c, _ = l.accept()\n\
-print('accepted', flush=True)\n\
-sys.stdin.readline()\n\
-c.close()\n";
-    let mut server = Command::new("python3")
-        .args(["-c", server_py])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 for the server in the pod");
-    let stdin = server.stdin.take().unwrap();
-    let stdout = BufReader::new(server.stdout.take().unwrap());
-    let (mut stdin, mut stdout) = go_in_pod(&mut cleanup, &leaf, server, stdin, stdout);
+    let (mut stdin, mut stdout, port) = server_in_pod(&mut cleanup, &leaf);
     let mut line = String::new();
-    stdout.read_line(&mut line).expect("server port");
-    let port: u16 = line.trim().parse().expect("a port");
 
     let sock = dir.join("whoclosed.sock");
     let port_arg = port.to_string();

@@ -22,25 +22,9 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_ITER_CREATE: libc::c_long = 33;
 const BPF_TRACE_ITER: u32 = 28;
 
-/// A `bpf(2)` call whose attribute is the first words of `union bpf_attr` (the rest zero:
-/// the kernel reads `size` bytes and treats what it does not get as zero); returns the new
-/// file descriptor.
+/// A `bpf(2)` command that returns a new file descriptor.
 fn bpf_fd(cmd: libc::c_long, words: &[u32]) -> io::Result<OwnedFd> {
-    let mut attr = [0u32; 16];
-    attr[..words.len()].copy_from_slice(words);
-    // SAFETY: bpf(2) reads `size_of_val(&attr)` bytes of the attribute, which lives across
-    // the call; the commands used here return a new descriptor or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr) as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = crate::bpfsys::bpf(cmd, words)?;
     let fd = i32::try_from(fd).map_err(|_| io::Error::other("bpf(2) returned no descriptor"))?;
     // SAFETY: a descriptor bpf(2) just created for us, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })

@@ -4,6 +4,7 @@
 //! timelines go through a pure classifier ([`classify`]) and out through [`export`].
 pub mod agent;
 pub mod api;
+mod bpfsys;
 pub mod classify;
 pub mod cli;
 pub mod client;

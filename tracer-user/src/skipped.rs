@@ -79,22 +79,10 @@ pub fn recursion_misses(fd: BorrowedFd<'_>) -> io::Result<u64> {
     // SAFETY: bpf_prog_info is a plain C struct; all zeroes is its "ask for nothing" value.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
     let fd = u32::try_from(fd.as_raw_fd()).map_err(io::Error::other)?;
-    // bpf_attr.info: bpf_fd, info_len, info (a pointer).
-    let mut attr = [0u64; 2];
-    attr[0] = u64::from(fd) | ((len as u64) << 32);
-    attr[1] = std::ptr::addr_of_mut!(info) as u64;
-    // SAFETY: attr is a valid bpf_attr prefix for this command; the kernel writes at most
-    // `len` bytes into `info`, which is larger.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr) as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let len = u32::try_from(len).map_err(io::Error::other)?;
+    // bpf_attr.info: bpf_fd, info_len, info (a pointer); the kernel writes at most `len`
+    // bytes into `info`, which is larger.
+    let [lo, hi] = crate::bpfsys::ptr_words(std::ptr::addr_of_mut!(info));
+    crate::bpfsys::bpf(BPF_OBJ_GET_INFO_BY_FD, &[fd, len, lo, hi])?;
     Ok(info.recursion_misses)
 }

@@ -608,9 +608,14 @@ pub(crate) async fn pipeline<W: Write>(
     let (mut rb, mut logger) = poll_sources(&mut probes)?;
     let cfg = table_config(opts, &probes.report);
     out.pods = opts.k8s.clone().map(|(mut roots, node)| {
-        // The mount the packet hooks attached at (none: no packet records, no cgroup ids):
-        // the sockets' cgroup ids name its directories.
-        roots.cgroup_root = probes.report.cgroup.as_ref().map(std::path::PathBuf::from);
+        // The mount the packet hooks attached at: the sockets' cgroup ids (from packet
+        // records and the start-up walk) name its directories. Without the hooks the walk
+        // still gives ids, so the mount is looked up all the same.
+        roots.cgroup_root = match &probes.report.cgroup {
+            Some(root) => Some(std::path::PathBuf::from(root)),
+            None if probes.existing.is_some() => crate::kernel::cgroup2_root().ok(),
+            None => None,
+        };
         crate::k8s::Resolver::for_node(roots, node.as_deref())
     });
     if let Some(path) = &opts.record {

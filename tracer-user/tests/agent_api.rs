@@ -886,12 +886,22 @@ fn older_connection(extra: &[&str]) {
 /// and `conns` names the pod at once.
 #[test]
 fn an_idle_older_connection_is_named_by_its_pod_at_start() {
+    older_pod_connection(&[]);
+}
+
+/// As above without the packet hooks (`--no-packets`): the walk alone names the pod.
+#[test]
+fn an_idle_older_connection_is_named_by_its_pod_without_packet_hooks() {
+    older_pod_connection(&["--no-packets"]);
+}
+
+fn older_pod_connection(extra: &[&str]) {
     let Some(PodSetup {
         dir,
         host_root,
         mut cleanup,
         leaf,
-    }) = pod_setup("whoclosed-agent-oldpod")
+    }) = pod_setup(&format!("whoclosed-agent-oldpod{}", extra.len()))
     else {
         return;
     };
@@ -904,7 +914,7 @@ fn an_idle_older_connection_is_named_by_its_pod_at_start() {
     assert_eq!(line.trim(), "accepted");
 
     let sock = dir.join("whoclosed.sock");
-    let args = pod_agent_args(port, &sock, &host_root, &[]);
+    let args = pod_agent_args(port, &sock, &host_root, extra);
     let mut agent = WhoclosedProc::start(BIN, &args);
     let ready = agent
         .wait_for(Duration::from_secs(10), |v| v["type"] == "ready")

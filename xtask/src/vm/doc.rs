@@ -466,8 +466,9 @@ impl Matrix {
             s,
             "- Bounds of a boot: a case still running after {} s is killed and reported \
              `TIMED OUT` (the boot goes on with the next case); a guest that has not started \
-             its command after {} s hangs in its own boot (QEMU under TCG) and is booted once \
-             more, noted under the table; a boot is killed after `--timeout` (900 s), with \
+             its command after {} s hangs in its own boot (QEMU under TCG), and one that dies \
+             before starting it (a kernel panic while booting) never ran anything of ours: \
+             either is booted once more, noted under the table; a boot is killed after `--timeout` (900 s), with \
              the tails of its output and console in the error.",
             super::testrun::CASE_TIMEOUT_SECS,
             super::runner::FIRST_LINE_SECS,

@@ -24,8 +24,10 @@ pub struct BootResult {
     /// The command's exit code, if the guest got as far as reporting it.
     pub exit: Option<i32>,
     pub timed_out: bool,
-    /// Killed because the guest had not started its command within the stall bound (a boot
-    /// that hangs under TCG), so nothing of ours ran.
+    /// The guest never started its command, so nothing of ours ran: killed at the stall
+    /// bound (a boot that hangs under TCG), or dead before it (a kernel that panics while
+    /// booting, as 7.3 did once under TCG: an `int3` Oops in `sched_clock_cpu` while code
+    /// was being patched, 2 s into the boot).
     pub stalled: bool,
     /// Earlier attempts of this boot that stalled (see [`BootResult::stalled`]) and were
     /// booted again.
@@ -166,6 +168,8 @@ pub fn boot(
     loop {
         pump(&mut pending, &mut all, false)?;
         if child.try_wait()?.is_some() {
+            // Gone without `@@VM-UP`: it died booting, before anything of ours ran.
+            stalled = fs::metadata(&exit)?.len() == 0;
             break;
         }
         let waited = start.elapsed();

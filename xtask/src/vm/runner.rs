@@ -24,8 +24,9 @@ use super::{Common, Mode, Suite, image, qemu};
 /// by this bound hangs before anything of ours runs.
 pub(super) const FIRST_LINE_SECS: u64 = 180;
 
-/// How often a stalled boot is booted again. A stall is a QEMU/guest boot hang, not a
-/// result; a second one in a row is reported as the boot's failure.
+/// How often a stalled boot is booted again. A stall is a QEMU/guest boot that hung or
+/// died before its command started, not a result; a second one in a row is reported as the
+/// boot's failure.
 const STALL_RETRIES: u32 = 1;
 
 /// Quotes words for the guest's busybox sh (one word: passed through as a script line).
@@ -216,9 +217,9 @@ impl Vm {
             let _ = fs::remove_dir_all(&kept);
             fs::rename(&logs, &kept)?;
             eprintln!(
-                "vm: {name} had not started its command after {} s (console ends: {:?}); \
+                "vm: {name} did not start its command ({:.0} s; console ends: {:?}); \
                  booting it again, logs of the stalled boot in {}",
-                bounds.first_line.as_secs(),
+                b.secs,
                 b.console_tail(1),
                 kept.display()
             );
@@ -304,9 +305,10 @@ pub(super) fn boot_error(b: &qemu::BootResult, timeout: u64) -> Option<String> {
     };
     if b.stalled {
         Some(format!(
-            "the guest had not started its command after {} s{retried}; logs in {}; console \
-             ends:\n{}",
+            "the guest did not start its command (hung for {} s or died booting, after \
+             {:.0} s){retried}; logs in {}; console ends:\n{}",
             FIRST_LINE_SECS.min(timeout),
+            b.secs,
             b.logs.display(),
             b.console_tail(15)
         ))

@@ -33,9 +33,10 @@ pub struct TpScratch {
 /// tracepoint record, on any CPU. Until then a `DESTROY` record would only repeat the
 /// socket's CLOSE (see `lifecycle::try_destroy`). A tracepoint the kernel skips because
 /// another BPF program runs on that CPU (`trace_call_bpf`'s recursion guard) is counted
-/// only in the program's `recursion_misses`, which the agent reads each second and then
-/// sets this flag itself; a CLOSE skipped before that ends its record when the socket's
-/// address is reused, with `ends_unseen`.
+/// only in the program's `recursion_misses` (from 6.7), which the agent reads at each
+/// drain tick (100 ms) and then sets this flag itself; a CLOSE skipped before that ends its
+/// record when the socket's address is reused, with `ends_unseen`. On kernels that do not
+/// count such skips the agent sets the flag at its start.
 #[map]
 pub static LOST: Array<u32> = Array::with_max_entries(1, 0);
 

@@ -70,6 +70,18 @@ impl Skipped {
     }
 }
 
+/// Whether a kernel of this release (`uname -r`) counts the skipped runs of tracepoint
+/// and kprobe programs (6.7 and later). Unparsable: assumed not.
+pub fn counted_by(release: &str) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (6, 7),
+        _ => false,
+    }
+}
+
 /// `recursion_misses` of the program behind `fd`; 0 on a kernel whose `bpf_prog_info`
 /// ends before that field (it then counts nothing).
 pub fn recursion_misses(fd: BorrowedFd<'_>) -> io::Result<u64> {
@@ -85,4 +97,25 @@ pub fn recursion_misses(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let [lo, hi] = crate::bpfsys::ptr_words(std::ptr::addr_of_mut!(info));
     crate::bpfsys::bpf(BPF_OBJ_GET_INFO_BY_FD, &[fd, len, lo, hi])?;
     Ok(info.recursion_misses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::counted_by;
+
+    #[test]
+    fn kernels_from_6_7_count_skipped_runs() {
+        for (release, want) in [
+            ("6.18.44-fc-v657", true),
+            ("6.7.0", true),
+            ("7.3.4+deb13-cloud-amd64", true),
+            ("6.6.58-generic", false),
+            ("6.1.0-50-cloud-amd64", false),
+            ("5.10.0-32-cloud-amd64", false),
+            ("unknown", false),
+            ("", false),
+        ] {
+            assert_eq!(counted_by(release), want, "{release}");
+        }
+    }
 }

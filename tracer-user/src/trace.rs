@@ -534,7 +534,13 @@ async fn event_loop<W: Write>(
                 // Before judging: a connection alive while the ring buffer overflowed may
                 // miss facts, and its verdict must say so (the total is recorded with the
                 // tick, so a replay lowers the same verdicts).
-                let drops = state.counters.snapshot().ok().map(|s| s.events_lost());
+                let snap = state.counters.snapshot().ok();
+                if snap.as_ref().is_some_and(|s| s.runs_skipped > 0)
+                    && let Err(e) = state.counters.mark_lost()
+                {
+                    log::debug!("{e:#}");
+                }
+                let drops = snap.map(|s| s.events_lost());
                 out.tick(&mut state.table, now, drops)?;
                 out.out.flush()?;
             }
@@ -624,9 +630,21 @@ pub(crate) async fn pipeline<W: Write>(
                 .with_context(|| format!("--record {}", path.display()))?,
         );
     }
+    let mut counters = probes.take_counters()?;
+    if !crate::skipped::counted_by(&probes.report.kernel) {
+        // This kernel skips tracepoint runs without counting them, so a loss may go
+        // unseen: the kernel side writes from the start what otherwise only follows a
+        // counted loss (DESTROY behind each CLOSE, ending a record whose CLOSE was lost).
+        counters.mark_lost()?;
+        info!(
+            "kernel {} does not count skipped program runs (6.7 does): socket destructions \
+             are recorded as a backstop",
+            probes.report.kernel
+        );
+    }
     let mut state = Loop {
         table: Table::new(cfg),
-        counters: probes.take_counters()?,
+        counters,
         decode_errors: 0,
         last_drops: 0,
         last_losses: Losses::default(),

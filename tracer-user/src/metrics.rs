@@ -55,14 +55,21 @@ struct CauseLabels {
 }
 
 /// Why the kernel side lost events other than to a full ring buffer (which has its own
-/// counter, `ringbuf_drops`).
+/// counter, `ringbuf_drops`). The value indexes `Metrics::last_lost`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LostCause {
     /// A tracepoint record the kernel side could not read.
-    UnreadableRecord,
+    UnreadableRecord = 0,
     /// A tracing program's run the kernel skipped because another BPF program was
     /// running on that CPU.
-    SkippedRun,
+    SkippedRun = 1,
+}
+
+/// What a kernel running `total` grew by since the `last` one read (which it replaces); a
+/// total lower than the last (counters reset by a reload) counts from zero again.
+fn growth(last: &AtomicU64, total: u64) -> u64 {
+    let last = last.swap(total, Ordering::Relaxed);
+    if total >= last { total - last } else { total }
 }
 
 impl LostCause {
@@ -233,16 +240,12 @@ impl Metrics {
     /// from the map): the counter advances by the difference. A total lower than the last
     /// one (counters reset by a reload) counts from zero again.
     pub fn set_drops(&self, total: u64) {
-        let last = self.last_drops.swap(total, Ordering::Relaxed);
-        let delta = if total >= last { total - last } else { total };
-        self.ringbuf_drops.inc_by(delta);
+        self.ringbuf_drops.inc_by(growth(&self.last_drops, total));
     }
 
     /// The kernel's running total of events lost to `cause`, as [`Metrics::set_drops`].
     pub fn set_events_lost(&self, cause: LostCause, total: u64) {
-        let idx = LostCause::ALL.iter().position(|c| *c == cause).unwrap_or(0);
-        let last = self.last_lost[idx].swap(total, Ordering::Relaxed);
-        let delta = if total >= last { total - last } else { total };
+        let delta = growth(&self.last_lost[cause as usize], total);
         self.events_lost
             .get_or_create(&CauseLabels {
                 cause: cause.label(),

@@ -819,9 +819,4 @@ impl Counters {
         }
         Ok(())
     }
-
-    /// The tracing programs whose skipped runs are counted.
-    pub fn guarded_programs(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.skipped.names()
-    }
 }

@@ -55,11 +55,6 @@ impl Skipped {
         Skipped { programs: out }
     }
 
-    /// The programs read.
-    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.programs.iter().map(|(n, _)| *n)
-    }
-
     /// Skipped runs of all these programs since they loaded.
     pub fn total(&self) -> io::Result<u64> {
         self.programs.iter().try_fold(0u64, |sum, (name, fd)| {

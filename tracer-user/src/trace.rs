@@ -371,11 +371,6 @@ impl Loop {
                  program was running on that CPU; each is an event lost",
                 losses_new.runs_skipped, losses.runs_skipped
             );
-            // The kernel side cannot see these: from now on it writes what only matters
-            // after a loss (a DESTROY behind a CLOSE that may be missing).
-            if let Err(e) = self.counters.mark_lost() {
-                warn!("{e:#}");
-            }
         }
         if losses_new.read_errors > 0 {
             warn!(
@@ -535,6 +530,9 @@ async fn event_loop<W: Write>(
                 // miss facts, and its verdict must say so (the total is recorded with the
                 // tick, so a replay lowers the same verdicts).
                 let snap = state.counters.snapshot().ok();
+                // The kernel side cannot see skipped runs: from the first one on it writes
+                // what only matters after a loss (a DESTROY behind a CLOSE that may be
+                // missing).
                 if snap.as_ref().is_some_and(|s| s.runs_skipped > 0)
                     && let Err(e) = state.counters.mark_lost()
                 {

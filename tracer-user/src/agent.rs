@@ -64,7 +64,7 @@ impl Rotating {
         let written = file.metadata()?.len();
         Ok(Rotating {
             path: path.to_path_buf(),
-            file: BufWriter::new(file),
+            file: BufWriter::with_capacity(trace::OUT_BUFFER, file),
             written,
             max,
         })
@@ -77,7 +77,7 @@ impl Rotating {
             let mut old = self.path.clone().into_os_string();
             old.push(".1");
             std::fs::rename(&self.path, &old)?;
-            self.file = BufWriter::new(File::create(&self.path)?);
+            self.file = BufWriter::with_capacity(trace::OUT_BUFFER, File::create(&self.path)?);
             self.written = 0;
         }
         self.file.write_all(line)?;
@@ -323,7 +323,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         trace::release_load_memory();
         let stdout = io::stdout();
         let mut out = Output::new(
-            BufWriter::new(stdout.lock()),
+            BufWriter::with_capacity(trace::OUT_BUFFER, stdout.lock()),
             Format::Json,
             opts.trace.filter.clone(),
             ClockBase::now(),

@@ -362,9 +362,10 @@ pub struct H2Args {
     /// Concurrent streams per connection.
     #[arg(long, default_value_t = 10)]
     streams: u32,
-    /// Detached/attached pairs. Single runs here spread by ±10 % (TCP loss recovery on
-    /// loopback, two cores shared by h2load and nghttpd), so a 2 % difference needs many
-    /// pairs: the report gives the median pair ratio with its 95 % interval.
+    /// Detached/attached pairs. Single runs here spread by ±15 %, and the machine's busy
+    /// CPU per MB spreads with them (the same segment count, no idle, no steal: each byte
+    /// simply costs more CPU in some runs), so a 2 % difference needs many pairs: the report
+    /// gives the median pair ratio with its 95 % interval.
     #[arg(long, default_value_t = 24)]
     rounds: u32,
     /// In place of the tracer, attach two programs that do nothing at the cgroup v2 root
@@ -386,6 +387,9 @@ struct H2Phase {
     tracer_cpu_s: Option<f64>,
     /// CPU seconds of the workload itself: h2load and nghttpd.
     work_cpu_s: f64,
+    /// CPU seconds the whole machine was busy (`/proc/stat`: every CPU's time outside idle,
+    /// I/O wait and steal): the workload, the tracer, softirqs, ksoftirqd, everything.
+    busy_s: f64,
     /// Run time of every BPF program that ran during the phase (kernel.bpf_stats_enabled).
     bpf_s: f64,
     /// Per program: name, runs, run time (ns).
@@ -456,6 +460,7 @@ fn h2load_phase(
     let cpu0 = pid.and_then(cpu_seconds);
     let srv0 = cpu_seconds(server).unwrap_or(0.0);
     let kids0 = children_cpu();
+    let busy0 = busy_seconds();
     let out = Command::new("h2load")
         .args([
             "-n",
@@ -468,6 +473,7 @@ fn h2load_phase(
         ])
         .output()
         .context("running h2load (Debian nghttp2-client)")?;
+    let busy1 = busy_seconds();
     let kids1 = children_cpu();
     let srv1 = cpu_seconds(server).unwrap_or(0.0);
     let cpu1 = pid.and_then(cpu_seconds);
@@ -494,6 +500,10 @@ fn h2load_phase(
             _ => None,
         },
         work_cpu_s: (kids1 - kids0) + (srv1 - srv0),
+        busy_s: match (busy0, busy1) {
+            (Some(a), Some(b)) => b - a,
+            _ => f64::NAN,
+        },
         bpf_s: programs.iter().map(|p| p.2).sum::<u64>() as f64 / 1e9,
         programs,
     })
@@ -515,6 +525,23 @@ fn walker_counts(stats: &KeptLine) -> Option<(u64, u64)> {
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// CPU seconds the machine has been busy since boot, all CPUs: `/proc/stat`'s `cpu` line
+/// without idle, I/O wait and steal (guest time is inside user time).
+fn busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal ...
+    let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(busy as f64 / if hz > 0 { hz as f64 } else { 100.0 })
 }
 
 /// CPU seconds of this process's waited-for children (h2load, once it exited).
@@ -654,7 +681,7 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
         println!("tracer: whoclosed trace {}", args.tracer_args.join(" "));
     }
     println!(
-        "{:<10} {:>7} {:>9} {:>9} {:>9} {:>10} {:>12} {:>11} {:>10}",
+        "{:<10} {:>7} {:>9} {:>9} {:>9} {:>10} {:>12} {:>11} {:>10} {:>12}",
         "run",
         "secs",
         "req/s",
@@ -663,9 +690,14 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
         "pair ratio",
         "workload CPU",
         "agent CPU",
-        "BPF CPU"
+        "BPF CPU",
+        "busy µs/MB"
     );
     let mut pair_ratios = Vec::new();
+    // Per pair, the machine's busy CPU per MB detached over the same attached: what the
+    // tracer adds to the cost of each byte, whatever else the run's throughput did (a stall
+    // in loss recovery leaves a core idle and lowers MB/s, not CPU per MB).
+    let mut cost_ratios = Vec::new();
     for (i, p) in phases.iter().enumerate() {
         // Each attached run against the detached run of its round (the phase before or
         // after it): slow drift of the machine (other guests, thermal) cancels out of these.
@@ -674,12 +706,17 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
             Some(d) if p.name == "attached" && d.name == "detached" => {
                 let r = p.mb_per_s / d.mb_per_s;
                 pair_ratios.push(r);
+                let per_mb = |x: &H2Phase| x.busy_s / (x.mb_per_s * x.secs).max(1e-9);
+                let c = per_mb(d) / per_mb(p);
+                if c.is_finite() {
+                    cost_ratios.push(c);
+                }
                 format!("{r:.3}")
             }
             _ => "-".into(),
         };
         println!(
-            "{:<10} {:>7.2} {:>9.1} {:>9.1} {:>9.3} {:>10} {:>11.2}s {:>11} {:>10}",
+            "{:<10} {:>7.2} {:>9.1} {:>9.1} {:>9.3} {:>10} {:>11.2}s {:>11} {:>10} {:>12.0}",
             p.name,
             p.secs,
             p.req_per_s,
@@ -695,6 +732,7 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
             } else {
                 "-".into()
             },
+            p.busy_s * 1e6 / (p.mb_per_s * p.secs).max(1e-9),
         );
     }
     pair_ratios.sort_by(f64::total_cmp);
@@ -716,6 +754,16 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
             .copied()
             .unwrap_or(f64::NAN),
         pair_ratios.len()
+    );
+    cost_ratios.sort_by(f64::total_cmp);
+    let (clo, chi) = median_ci95(&cost_ratios);
+    println!(
+        "median pair CPU ratio (busy CPU per MB detached/attached, whole machine) = {:.3}, 95 % interval of that median {clo:.3} to {chi:.3} ({} pairs)",
+        cost_ratios
+            .get(cost_ratios.len() / 2)
+            .copied()
+            .unwrap_or(f64::NAN),
+        cost_ratios.len()
     );
     // Per MB of the runs whose tracer left a final stats line, so that a missing one does
     // not read as a walker that walked less.

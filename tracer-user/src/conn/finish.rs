@@ -63,10 +63,15 @@ impl Table {
         let mut order: Vec<usize> = (0..out.len()).collect();
         order.sort_by_key(|&i| out[i].conn.closed_ns);
         let mut slots: Vec<Option<Closed>> = out.into_iter().map(Some).collect();
-        order
-            .into_iter()
-            .filter_map(|i| slots.get_mut(i).and_then(Option::take))
-            .collect()
+        // Sized up front: collected from `filter_map`, the vector grew from nothing by
+        // reallocation, copying the verdicts again (`perf` of a live agent under churn).
+        let mut sorted = Vec::with_capacity(slots.len());
+        sorted.extend(
+            order
+                .into_iter()
+                .filter_map(|i| slots.get_mut(i).and_then(Option::take)),
+        );
+        sorted
     }
 
     /// Queues the record at `sk`, closed at `closed_ns`, for its verdict after the linger.

@@ -11,6 +11,9 @@
 //!       then (when known) u64 LE the kernel's lost-event total read just before (ring-buffer
 //!       drops, unreadable records and skipped program runs)
 //!   3 = the pods of one verdict (JSON: {"id", "conn", "peer"}), as the agent resolved them
+//!   4 = a recheck's walk over the live sockets starts: u64 LE CLOCK_MONOTONIC ns
+//!   5 = that walk ended: u8 1 when no event was lost meanwhile (else 0), then u64 LE the
+//!       inode of each network namespace walked to its end
 //! ```
 //!
 //! The header holds the table's configuration (linger, limits, ephemeral range, packet
@@ -47,6 +50,8 @@ const MAX_FRAME: u32 = 1 << 20;
 const FRAME_EVENT: u8 = 1;
 const FRAME_TICK: u8 = 2;
 const FRAME_K8S: u8 = 3;
+const FRAME_RECHECK_START: u8 = 4;
+const FRAME_RECHECK_END: u8 = 5;
 
 /// The monotonic and wall-clock times a session's [`Clock`] maps from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,6 +186,21 @@ impl Writer {
         self.frame(FRAME_K8S, &json)
     }
 
+    /// A recheck's walk starts at `now_ns` ([`Table::recheck_start`]).
+    pub fn recheck_start(&mut self, now_ns: u64) -> io::Result<()> {
+        self.frame(FRAME_RECHECK_START, &now_ns.to_le_bytes())
+    }
+
+    /// That walk ended ([`Table::recheck_end`]).
+    pub fn recheck_end(&mut self, walked: &[u64], complete: bool) -> io::Result<()> {
+        let mut payload = Vec::with_capacity(1 + 8 * walked.len());
+        payload.push(u8::from(complete));
+        for ns in walked {
+            payload.extend_from_slice(&ns.to_le_bytes());
+        }
+        self.frame(FRAME_RECHECK_END, &payload)
+    }
+
     pub fn finish(&mut self) -> io::Result<()> {
         self.out.flush()
     }
@@ -197,6 +217,9 @@ enum Frame {
     Event,
     Tick(u64, Option<u64>),
     K8s(Box<K8sFrame>),
+    RecheckStart(u64),
+    /// The namespaces walked to their end, and whether no event was lost meanwhile.
+    RecheckEnd(Vec<u64>, bool),
 }
 
 struct Reader<R: BufRead> {
@@ -342,6 +365,22 @@ impl<R: BufRead> Reader<R> {
                 serde_json::from_slice(payload)
                     .with_context(|| format!("pod frame at byte {at}"))?,
             )),
+            FRAME_RECHECK_START => match <[u8; 8]>::try_from(payload.as_slice()) {
+                Ok(w) => Frame::RecheckStart(u64::from_le_bytes(w)),
+                Err(_) => bail!("corrupt recheck frame at byte {at}"),
+            },
+            FRAME_RECHECK_END => {
+                let (complete, list) = match payload.split_first() {
+                    Some((&c, rest)) if c <= 1 && rest.len() % 8 == 0 => (c == 1, rest),
+                    _ => bail!("corrupt recheck frame at byte {at}"),
+                };
+                let walked = list
+                    .chunks_exact(8)
+                    .filter_map(|w| <[u8; 8]>::try_from(w).ok())
+                    .map(u64::from_le_bytes)
+                    .collect();
+                Frame::RecheckEnd(walked, complete)
+            }
             k => bail!("corrupt recording: unknown frame kind {k} at byte {at}"),
         }))
     }
@@ -441,6 +480,10 @@ pub fn replay(
             },
             Frame::Tick(now, drops) => output.tick(&mut table, now, drops)?,
             Frame::K8s(_) => {}
+            Frame::RecheckStart(now) => output.recheck_start(&mut table, now)?,
+            Frame::RecheckEnd(walked, complete) => {
+                output.recheck_end(&mut table, &walked, complete)?;
+            }
         }
     }
     output.all(table.take_all_closed())?;
@@ -511,5 +554,64 @@ mod tests {
         // Not a recording.
         assert!(Reader::open(&b"{\"v\":1}\n........"[..]).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod recheck_frames {
+    use super::*;
+
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![kind];
+        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A recording with `frames` after a valid header.
+    fn recording(frames: &[Vec<u8>]) -> Vec<u8> {
+        let dir = std::env::temp_dir().join(format!("whoclosed-rck-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("h.rec");
+        let base = ClockBase::now();
+        let w = Writer::create(&path, base, &TableConfig::default(), &Filter::default());
+        drop(w.unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        for f in frames {
+            bytes.extend_from_slice(f);
+        }
+        bytes
+    }
+
+    #[test]
+    fn recheck_frames_round_trip_and_bad_ones_are_errors() {
+        let mut end = vec![1u8];
+        end.extend_from_slice(&4026531993u64.to_le_bytes());
+        end.extend_from_slice(&7u64.to_le_bytes());
+        let bytes = recording(&[
+            frame(FRAME_RECHECK_START, &5u64.to_le_bytes()),
+            frame(FRAME_RECHECK_END, &end),
+            frame(FRAME_RECHECK_END, &[0]),
+        ]);
+        let (mut r, _) = Reader::open(bytes.as_slice()).unwrap();
+        assert!(matches!(r.next(), Ok(Some(Frame::RecheckStart(5)))));
+        match r.next() {
+            Ok(Some(Frame::RecheckEnd(walked, true))) => assert_eq!(walked, [4026531993, 7]),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(r.next(), Ok(Some(Frame::RecheckEnd(w, false))) if w.is_empty()));
+        assert!(matches!(r.next(), Ok(None)));
+        for bad in [
+            frame(FRAME_RECHECK_START, &[1, 2, 3]),
+            frame(FRAME_RECHECK_END, &[]),
+            frame(FRAME_RECHECK_END, &[2]),
+            frame(FRAME_RECHECK_END, &[1, 0, 0, 0]),
+        ] {
+            let bytes = recording(&[bad]);
+            let (mut r, _) = Reader::open(bytes.as_slice()).unwrap();
+            let e = r.next().expect_err("a corrupt frame");
+            assert!(e.to_string().contains("corrupt recheck frame"), "{e:#}");
+        }
     }
 }

@@ -191,6 +191,31 @@ impl<W: Write> Output<W> {
         }
         Ok(())
     }
+
+    /// A recheck's walk over the live sockets starts at `now_ns` (recorded for replay).
+    pub(crate) fn recheck_start(&mut self, table: &mut Table, now_ns: u64) -> io::Result<()> {
+        if let Some(r) = &mut self.recorder {
+            r.recheck_start(now_ns)?;
+        }
+        table.recheck_start(now_ns);
+        Ok(())
+    }
+
+    /// That walk ended (recorded for replay): the records of the sockets it found gone are
+    /// retired; returns how many.
+    pub(crate) fn recheck_end(
+        &mut self,
+        table: &mut Table,
+        walked: &[u64],
+        complete: bool,
+    ) -> io::Result<u64> {
+        if let Some(r) = &mut self.recorder {
+            r.recheck_end(walked, complete)?;
+        }
+        let (gone, now) = table.recheck_end(walked, complete);
+        self.all(now)?;
+        Ok(gone)
+    }
 }
 
 /// Ring-buffer records read per wake-up before the loop serves its other sources.
@@ -217,6 +242,86 @@ struct WalkSummary {
     namespaces: usize,
     /// Network namespaces that could not be walked (or not to the end).
     failed: usize,
+    /// Inodes of the network namespaces walked to their end.
+    walked: Vec<u64>,
+}
+
+/// When to walk the live sockets again (`conn/recheck.rs`): once the kernel's lost-event
+/// total has grown and then held still for [`RECHECK_QUIET_NS`] (the walk adds records of
+/// its own, so not while the loss is still going on), at most every [`RECHECK_GAP_NS`]
+/// ([`RECHECK_RETRY_NS`] after a walk that itself saw a loss). Kernels that skip program
+/// runs without counting them (before 6.7) may lose an ending unseen at any time, so there
+/// the walk also runs every [`RECHECK_PERIOD_NS`].
+#[derive(Debug)]
+struct RecheckPolicy {
+    /// The lost-event total the last complete walk covers.
+    checked_lost: u64,
+    /// The total last read, and when it last changed.
+    seen_lost: u64,
+    grew_ns: u64,
+    /// The last walk: when it ended, and whether no event was lost while it ran.
+    last_ns: Option<u64>,
+    last_complete: bool,
+    /// Walk every [`RECHECK_PERIOD_NS`] (counted from `start_ns`) even without a loss.
+    periodic: bool,
+    start_ns: u64,
+}
+
+const RECHECK_QUIET_NS: u64 = 1_000_000_000;
+const RECHECK_GAP_NS: u64 = 10_000_000_000;
+const RECHECK_RETRY_NS: u64 = 60_000_000_000;
+const RECHECK_PERIOD_NS: u64 = 300_000_000_000;
+
+impl RecheckPolicy {
+    fn new(start_ns: u64, periodic: bool) -> Self {
+        RecheckPolicy {
+            checked_lost: 0,
+            seen_lost: 0,
+            grew_ns: start_ns,
+            last_ns: None,
+            last_complete: true,
+            periodic,
+            start_ns,
+        }
+    }
+
+    /// Whether to walk now, given the lost-event total read at `now_ns` (when readable).
+    fn due(&mut self, now_ns: u64, lost: Option<u64>) -> bool {
+        if let Some(t) = lost
+            && t != self.seen_lost
+        {
+            self.seen_lost = t;
+            self.grew_ns = now_ns;
+        }
+        if self.seen_lost > self.checked_lost {
+            let gap = if self.last_complete {
+                RECHECK_GAP_NS
+            } else {
+                RECHECK_RETRY_NS
+            };
+            return now_ns.saturating_sub(self.grew_ns) >= RECHECK_QUIET_NS
+                && self.last_ns.is_none_or(|l| now_ns.saturating_sub(l) >= gap);
+        }
+        self.periodic
+            && now_ns.saturating_sub(self.last_ns.unwrap_or(self.start_ns)) >= RECHECK_PERIOD_NS
+    }
+
+    /// A walk ended at `now_ns`; the lost-event total was `lost_at_start` when it began.
+    fn ran(&mut self, now_ns: u64, lost_at_start: u64, complete: bool) {
+        self.last_ns = Some(now_ns);
+        self.last_complete = complete;
+        if complete {
+            self.checked_lost = lost_at_start;
+        }
+    }
+}
+
+/// What a recheck needs: the linked walk program and where to find the namespaces.
+struct Rechecker {
+    walk: crate::existing::ExistingWalk,
+    proc_root: std::path::PathBuf,
+    ringbuf_bytes: u32,
+    policy: RecheckPolicy,
 }
 
 struct Loop {
@@ -226,6 +331,8 @@ struct Loop {
     last_drops: u64,
     last_losses: Losses,
     visible_netns: Vec<u32>,
+    /// None without the walk (`--no-existing`, or a kernel without `iter/tcp`).
+    rechecker: Option<Rechecker>,
 }
 
 impl Loop {
@@ -241,6 +348,7 @@ impl Loop {
         ringbuf_bytes: u32,
         rb: &mut RingBuf<MapData>,
         out: &mut Output<W>,
+        at_start: bool,
     ) -> io::Result<WalkSummary> {
         use std::io::Read as _;
         let (walks, mut errors) = walk.open_all(proc_root);
@@ -253,7 +361,10 @@ impl Loop {
             let before = sum.connections;
             loop {
                 match f.read(&mut buf) {
-                    Ok(0) => break,
+                    Ok(0) => {
+                        sum.walked.push(netns);
+                        break;
+                    }
                     Ok(n) => sum.connections += n as u64,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -271,7 +382,15 @@ impl Loop {
             );
         }
         sum.failed = errors.len();
-        if let Some(first) = errors.first() {
+        if !at_start {
+            if let Some(first) = errors.first() {
+                info!(
+                    "recheck: {} network namespace(s) not walked, their records kept; first: \
+                     {first}",
+                    errors.len()
+                );
+            }
+        } else if let Some(first) = errors.first() {
             warn!(
                 "connections open before the start are not listed in {} network namespace(s) \
                  (they are met at their first segment or state change); first: {first}{}",
@@ -287,6 +406,70 @@ impl Loop {
             );
         }
         Ok(sum)
+    }
+
+    /// Walks the live sockets again when [`RecheckPolicy`] says so, and retires the records
+    /// of the sockets that walk found gone (`conn/recheck.rs`). `lost`: the lost-event
+    /// total read at this tick.
+    fn maybe_recheck<W: Write>(
+        &mut self,
+        rb: &mut RingBuf<MapData>,
+        out: &mut Output<W>,
+        now_ns: u64,
+        lost: Option<u64>,
+    ) -> io::Result<()> {
+        let Some(mut r) = self.rechecker.take() else {
+            return Ok(());
+        };
+        let result = if r.policy.due(now_ns, lost) {
+            self.recheck(&mut r, rb, out)
+        } else {
+            Ok(())
+        };
+        self.rechecker = Some(r);
+        result
+    }
+
+    fn recheck<W: Write>(
+        &mut self,
+        r: &mut Rechecker,
+        rb: &mut RingBuf<MapData>,
+        out: &mut Output<W>,
+    ) -> io::Result<()> {
+        let lost = |c: &Counters| c.snapshot().ok().map(|s| s.events_lost());
+        // What is already in the buffer first: the walk's records then follow every
+        // record written before it started.
+        while self.drain(rb, out, DRAIN_BATCH)? {}
+        let lost0 = lost(&self.counters);
+        let started = export::monotonic_ns();
+        out.recheck_start(&mut self.table, started)?;
+        let sum = self.walk_existing(&r.walk, &r.proc_root, r.ringbuf_bytes, rb, out, false)?;
+        let lost1 = lost(&self.counters);
+        let complete = lost0.is_some() && lost0 == lost1;
+        let gone = out.recheck_end(&mut self.table, &sum.walked, complete)?;
+        let ended = export::monotonic_ns();
+        r.policy.ran(ended, lost0.unwrap_or(0), complete);
+        if complete {
+            let level = if gone > 0 {
+                log::Level::Info
+            } else {
+                log::Level::Debug
+            };
+            log::log!(
+                level,
+                "recheck: {} live connections listed in {} network namespace(s) in {} ms; \
+                 {gone} tracked connection(s) had ended unseen",
+                sum.connections,
+                sum.walked.len(),
+                ended.saturating_sub(started) / 1_000_000
+            );
+        } else {
+            info!(
+                "recheck: kernel events were lost while it ran, so no record was retired; \
+                 trying again later"
+            );
+        }
+        Ok(())
     }
 
     /// Reads at most `budget` records; true when it stopped at the budget (more may wait).
@@ -545,6 +728,7 @@ async fn event_loop<W: Write>(
                 }
                 let drops = snap.map(|s| s.events_lost());
                 out.tick(&mut state.table, now, drops)?;
+                state.maybe_recheck(rb.get_mut(), out, now, drops)?;
                 out.out.flush()?;
             }
             req = async {
@@ -652,6 +836,7 @@ pub(crate) async fn pipeline<W: Write>(
         last_drops: 0,
         last_losses: Losses::default(),
         visible_netns: opts.visible_netns.clone(),
+        rechecker: None,
     };
     // Before `ready`: a reader of `ready` (or of the agent's readiness) may ask for the
     // connections at once, and those open before the start are listed by then. The hooks
@@ -667,6 +852,7 @@ pub(crate) async fn pipeline<W: Write>(
             opts.ringbuf_bytes,
             rb.get_mut(),
             &mut out,
+            true,
         )?;
         info!(
             "{} TCP connections in {} network namespace(s) were open before the agent \
@@ -675,6 +861,15 @@ pub(crate) async fn pipeline<W: Write>(
         );
         // `ready.existing_sockets` promises every namespace.
         probes.report.existing_sockets = sum.failed == 0;
+        state.rechecker = Some(Rechecker {
+            walk,
+            proc_root,
+            ringbuf_bytes: opts.ringbuf_bytes,
+            policy: RecheckPolicy::new(
+                export::monotonic_ns(),
+                !crate::skipped::counted_by(&probes.report.kernel),
+            ),
+        });
     }
     match opts.format {
         Format::Json => out.record(&Ready::new(out.now(), &probes.report))?,
@@ -749,6 +944,62 @@ mod tests {
             record: None,
             k8s: None,
         }
+    }
+
+    /// When the live sockets are walked again: (seconds since the start, lost-event total
+    /// read then, walk now?); after each walk, `complete` as given.
+    #[test]
+    fn rechecks_follow_losses_once_they_stop() {
+        const S: u64 = 1_000_000_000;
+        let run = |periodic: bool, steps: &[(u64, Option<u64>, bool)], complete: bool| {
+            let mut p = RecheckPolicy::new(0, periodic);
+            for (i, &(at, lost, want)) in steps.iter().enumerate() {
+                let due = p.due(at, lost);
+                assert_eq!(due, want, "step {i} at {} s, lost {lost:?}", at / S);
+                if due {
+                    p.ran(at, lost.unwrap_or(0), complete);
+                }
+            }
+        };
+        run(
+            false,
+            &[
+                (S, Some(0), false),         // nothing lost
+                (2 * S, Some(5), false),     // a loss: wait until it stops
+                (5 * S / 2, Some(9), false), // still growing
+                (3 * S, Some(9), false),
+                (7 * S / 2, Some(9), true), // quiet for a second
+                (5 * S, Some(9), false),    // covered
+                (6 * S, Some(12), false),   // a new loss, quiet at 7 s...
+                (7 * S, Some(12), false),   // ...but 10 s since the last walk first
+                (27 * S / 2, Some(12), true),
+                (15 * S, None, false),      // counters unreadable: nothing new
+                (400 * S, Some(12), false), // no periodic walk where skips are counted
+            ],
+            true,
+        );
+        // A walk that saw a loss retires nothing, and the next try waits 60 s.
+        run(
+            false,
+            &[
+                (S, Some(3), false),
+                (2 * S, Some(3), true),
+                (20 * S, Some(3), false),
+                (62 * S, Some(3), true),
+            ],
+            false,
+        );
+        // Where skips go uncounted (before 6.7): every 5 minutes as well.
+        run(
+            true,
+            &[
+                (299 * S, Some(0), false),
+                (300 * S, Some(0), true),
+                (301 * S, Some(0), false),
+                (600 * S, Some(0), true),
+            ],
+            true,
+        );
     }
 
     #[test]

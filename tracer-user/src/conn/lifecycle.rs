@@ -46,11 +46,22 @@ impl Table {
     /// comes from another socket at a reused address: the first socket's CLOSE and the
     /// second's opening were both lost (a full ring buffer). Merging them would make one
     /// record of two sockets; the old one is retired with its end unseen and the event opens
-    /// a record met mid-life whose start is unseen too. Only state changes are compared:
-    /// they carry the socket's own addresses, packets may carry translated ones.
+    /// a record met mid-life whose start is unseen too. Only state changes and the walk's
+    /// listings are compared: they carry the socket's own addresses, packets may carry
+    /// translated ones. A listing at such an address opens its own (pre-existing) record in
+    /// `on_existing`.
     pub(super) fn split_if_other_socket(&mut self, ev: &Event, out: &mut Vec<Closed>) {
-        let (Some(t), &EventKind::State { old, new }) = (ev.tuple, &ev.kind) else {
-            return;
+        // Whether the event starts its socket's record (None: a walk's listing, which
+        // on_existing turns into a record of its own).
+        let (t, birth) = match (ev.tuple, &ev.kind) {
+            (Some(t), &EventKind::State { old, new }) => (
+                t,
+                Some(
+                    old == TcpState::Listen || new == TcpState::SynSent || new == TcpState::Listen,
+                ),
+            ),
+            (Some(t), EventKind::Existing { .. }) => (t, None),
+            _ => return,
         };
         let other = self.conns.get(&ev.skaddr).is_some_and(|c| {
             c.state_tuple
@@ -61,8 +72,7 @@ impl Table {
         }
         out.extend(self.retire(ev.skaddr));
         // A birth event opens the new record itself; anything else meets it mid-life.
-        let birth = old == TcpState::Listen || new == TcpState::SynSent || new == TcpState::Listen;
-        if !birth && self.ensure(ev, out) {
+        if birth == Some(false) && self.ensure(ev, out) {
             if let Some(c) = self.conns.get_mut(&ev.skaddr) {
                 c.gap = true;
             }
@@ -201,6 +211,11 @@ impl Table {
         cgroup_id: Option<std::num::NonZeroU64>,
         out: &mut Vec<Closed>,
     ) {
+        // In a recheck: when the walk began, for a record that no event has touched since.
+        let recheck_from = self.recheck.as_mut().map(|r| {
+            r.listed(ev.skaddr);
+            r.started_ns()
+        });
         let known = self.conns.contains_key(&ev.skaddr);
         if !self.ensure(ev, out) {
             return;
@@ -214,9 +229,23 @@ impl Table {
         if c.cgroup_id.is_none() {
             c.cgroup_id = cgroup_id;
         }
+        // The socket's own addresses, as a state change carries them: a later listing (a
+        // recheck) or state change with others comes from another socket at this address.
+        if let Some(t) = ev.tuple.filter(Tuple::is_complete) {
+            c.state_tuple = Some(t);
+        }
         if c.preexisting && !c.state_known() {
             c.state = state;
             c.state_walked = true;
+        } else if known
+            && c.state != state
+            && recheck_from.is_some_and(|from| c.last_ns < from && c.first_ns < from)
+        {
+            // A recheck, and no event of this socket since it began: the kernel's state is
+            // newer than the record's, which missed a state change (lost with the events
+            // the recheck follows). The record says so.
+            c.state = state;
+            c.gap = true;
         }
     }
 

@@ -17,6 +17,7 @@ mod lifecycle;
 mod packets;
 mod peer;
 mod proxy;
+mod recheck;
 mod record;
 mod rst;
 
@@ -132,8 +133,13 @@ pub struct TableStats {
     /// received around then can no longer be proven "not sent by the peer".
     pub rst_log_evictions: u64,
     /// Sockets whose end was never seen: their address was reused (or used by a socket with
-    /// other addresses) while their record was still open, so their CLOSE was lost.
+    /// other addresses) while their record was still open, or a recheck found them gone, so
+    /// their CLOSE was lost.
     pub ends_unseen: u64,
+    /// Walks over the live sockets after a loss ([`Table::recheck_start`]).
+    pub rechecks: u64,
+    /// Of `ends_unseen`: records a recheck found without a socket.
+    pub ends_found_gone: u64,
 }
 
 pub struct Table {
@@ -189,6 +195,8 @@ pub struct Table {
     drop_windows: VecDeque<(u64, u64)>,
     drops_seen: u64,
     drops_checked_ns: u64,
+    /// A walk over the live sockets in progress (`recheck.rs`).
+    recheck: Option<recheck::Recheck>,
     pub stats: TableStats,
 }
 
@@ -225,6 +233,7 @@ impl Table {
             drop_windows: VecDeque::new(),
             drops_seen: 0,
             drops_checked_ns: 0,
+            recheck: None,
             stats: TableStats::default(),
         }
     }

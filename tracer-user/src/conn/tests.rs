@@ -1685,3 +1685,121 @@ fn a_reused_address_is_judged_at_its_own_close_not_at_the_old_records() {
     assert_eq!(second[0].conn.closed_ns, Some(900 * MS));
     assert!(tbl.take_due(u64::MAX).is_empty(), "nothing is judged twice");
 }
+
+/// After lost events, a walk over the live sockets ends the records of sockets it does not
+/// list (their CLOSE was lost): judged with the end unseen, never `high`, and counted. Kept:
+/// the sockets it lists, records first met after it started, records of namespaces it did
+/// not walk to their end or of no known namespace, and everything when events were lost
+/// while it ran. A socket it lists that the table never met is taken up as pre-existing.
+#[test]
+fn a_recheck_ends_the_records_of_sockets_that_are_gone() {
+    use TcpState::*;
+    const NS: u32 = 4026531993;
+    let existing = |ts, sk, t, state| {
+        base(
+            ts,
+            sk,
+            Some(t),
+            EventKind::Existing {
+                state,
+                cgroup_id: None,
+            },
+        )
+    };
+    let open = |tbl: &mut Table, ts, sk, t| {
+        tbl.on_event(&state(ts, sk, t, Close, SynSent));
+        tbl.on_event(&state(ts + 1, sk, t, SynSent, Established));
+    };
+    let alive = tuple("10.0.0.1:45000", "10.0.0.2:443");
+    let gone = tuple("10.0.0.1:45001", "10.0.0.2:443");
+    let other_ns = tuple("10.0.0.1:45002", "10.0.0.2:443");
+    let no_ns = tuple("10.0.0.1:45003", "10.0.0.2:443");
+    let late = tuple("10.0.0.1:45004", "10.0.0.2:443");
+    let unmet = tuple("10.0.0.1:45005", "10.0.0.2:443");
+    let fresh = || {
+        let mut tbl = Table::default();
+        open(&mut tbl, MS, 0x10, alive);
+        open(&mut tbl, MS, 0x11, gone);
+        tbl.on_event(&state(2 * MS, 0x11, gone, Established, FinWait1));
+        let mut e = state(MS, 0x12, other_ns, Close, SynSent);
+        e.netns = Some(NS + 1);
+        tbl.on_event(&e);
+        let mut p = pkt(MS, 0x13, no_ns, Dir::Egress, ACK, 5, 64);
+        p.netns = None;
+        tbl.on_event(&p);
+        tbl
+    };
+    let walk = |tbl: &mut Table| {
+        tbl.recheck_start(10 * MS);
+        tbl.on_event(&existing(11 * MS, 0x10, alive, Established));
+        open(tbl, 12 * MS, 0x14, late);
+        tbl.on_event(&existing(13 * MS, 0x15, unmet, Established));
+    };
+
+    let mut tbl = fresh();
+    walk(&mut tbl);
+    let (n, now) = tbl.recheck_end(&[u64::from(NS)], true);
+    assert_eq!(
+        (n, now.len()),
+        (1, 0),
+        "judged at the next tick, not at once"
+    );
+    assert_eq!(tbl.stats.rechecks, 1);
+    assert_eq!(tbl.stats.ends_found_gone, 1);
+    assert_eq!(tbl.stats.ends_unseen, 1);
+    for sk in [0x10, 0x12, 0x13, 0x14, 0x15] {
+        assert!(tbl.conns.contains_key(&sk), "{sk:#x} kept");
+    }
+    assert!(tbl.conns[&0x15].preexisting, "met through the walk");
+    let out = tbl.take_due(20 * MS);
+    let v = only(&out, 0x11);
+    assert!(v.conn.gap);
+    assert_ne!(v.verdict.confidence, classify::Confidence::High);
+    assert_eq!(out.len(), 1, "{out:?}");
+
+    // Events were lost while it ran: nothing is retired.
+    let mut tbl = fresh();
+    walk(&mut tbl);
+    assert_eq!(tbl.recheck_end(&[u64::from(NS)], false).0, 0);
+    assert_eq!(tbl.stats.rechecks, 1);
+    assert!(tbl.conns.contains_key(&0x11));
+    // Only the other namespace was walked to its end: the record there that the walk did
+    // not list ends, the one in the namespace it did not finish is kept.
+    let mut tbl = fresh();
+    walk(&mut tbl);
+    assert_eq!(tbl.recheck_end(&[u64::from(NS) + 1], true).0, 1);
+    assert!(tbl.conns.contains_key(&0x11) && !tbl.conns.contains_key(&0x12));
+    // No walk under way: nothing happens.
+    assert_eq!(tbl.recheck_end(&[u64::from(NS)], true).0, 0);
+
+    // A stale record at the address a live socket now has (the old one's CLOSE and the new
+    // one's opening lost): the listing is another socket's, the old record ends unseen.
+    let mut tbl = fresh();
+    let reused = tuple("10.0.0.1:45006", "10.0.0.2:443");
+    tbl.recheck_start(10 * MS);
+    tbl.on_event(&existing(11 * MS, 0x10, alive, Established));
+    tbl.on_event(&existing(12 * MS, 0x11, reused, Established));
+    assert_eq!(tbl.recheck_end(&[u64::from(NS)], true).0, 0);
+    assert_eq!(tbl.stats.ends_unseen, 1);
+    let c = &tbl.conns[&0x11];
+    assert!(c.preexisting && c.tuple == Some(reused), "{c:?}");
+    let out = tbl.take_due(20 * MS);
+    let v = only(&out, 0x11);
+    assert_eq!(v.conn.tuple, Some(gone));
+    assert!(v.conn.gap);
+
+    // A live record that missed a state change takes the kernel's state, and says it lost
+    // events; one with an event since the walk began keeps its own.
+    let mut tbl = fresh();
+    open(&mut tbl, MS, 0x17, late);
+    tbl.recheck_start(10 * MS);
+    tbl.on_event(&existing(11 * MS, 0x11, gone, CloseWait));
+    tbl.on_event(&state(12 * MS, 0x17, late, Established, FinWait1));
+    tbl.on_event(&existing(13 * MS, 0x17, late, Established));
+    tbl.on_event(&existing(14 * MS, 0x10, alive, Established));
+    let _ = tbl.recheck_end(&[u64::from(NS)], true);
+    assert_eq!(tbl.conns[&0x11].state_name(), "CLOSE_WAIT");
+    assert!(tbl.conns[&0x11].gap);
+    assert_eq!(tbl.conns[&0x17].state_name(), "FIN_WAIT1");
+    assert!(!tbl.conns[&0x17].gap && !tbl.conns[&0x10].gap);
+}

@@ -214,9 +214,9 @@ pub struct TraceArgs {
     /// transfers cost less per segment (docs/performance.md).
     #[arg(long)]
     pub no_h2_frames: bool,
-    /// Do not list the connections open before the start (the kernel's walk over the TCP
-    /// sockets, run once after the hooks attach); they are then met at their first segment
-    /// or state change.
+    /// Do not walk the kernel's TCP sockets: neither at the start (the connections open
+    /// before it are then met at their first segment or state change) nor after lost
+    /// events (records whose end was lost then stay until their address is reused).
     #[arg(long)]
     pub no_existing: bool,
     /// Most connections tracked at once; more are counted as dropped.

@@ -19,6 +19,7 @@ pub mod h2peers;
 mod lineproc;
 pub mod middlebox;
 mod peer;
+pub mod recording;
 mod topology;
 
 pub use agent::{Agent, AgentExit, READY_TIMEOUT, STOP_TIMEOUT, agent_bin, default_trace_args};

@@ -31,10 +31,22 @@ pub struct LineProc {
 impl LineProc {
     /// `ip netns exec <ns> <prog> <args...>`; returns once `pid <n>` was printed.
     pub fn spawn(name: &str, ns: &str, prog: &Path, args: &[String]) -> Result<LineProc> {
+        Self::spawn_with_env(name, ns, prog, args, &[])
+    }
+
+    /// As [`LineProc::spawn`], with `env` added to the program's environment.
+    pub fn spawn_with_env(
+        name: &str,
+        ns: &str,
+        prog: &Path,
+        args: &[String],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<LineProc> {
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(prog)
             .args(args)
+            .envs(env.iter().copied())
             .env("PYTHONUNBUFFERED", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

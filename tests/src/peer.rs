@@ -34,12 +34,37 @@ impl Peer {
         Ok(p)
     }
 
+    /// As [`Peer::listen`], the process moved into the cgroup v2 directory `cgroup` before
+    /// it makes its socket (so the accepted socket belongs to that cgroup too). The move is
+    /// made from here: inside `ip netns exec` the cgroup mounts are not there.
+    pub fn listen_in_cgroup(bin: &Path, ns: &str, addr: SocketAddr, cgroup: &Path) -> Result<Peer> {
+        let hold: &std::ffi::OsStr = "1".as_ref();
+        let mut p = Self::spawn_env(bin, ns, "listen", addr, &[("WC_PEER_HOLD", hold)])?;
+        let procs = cgroup.join("cgroup.procs");
+        std::fs::write(&procs, p.pid().to_string())
+            .map_err(|e| anyhow!("moving wc-peer into {}: {e}", procs.display()))?;
+        let line = p.request("go", PEER_TIMEOUT)?;
+        p.local = parse_addr(&line, "listening")?;
+        Ok(p)
+    }
+
     fn spawn(bin: &Path, ns: &str, mode: &str, addr: SocketAddr) -> Result<Peer> {
+        Self::spawn_env(bin, ns, mode, addr, &[])
+    }
+
+    fn spawn_env(
+        bin: &Path,
+        ns: &str,
+        mode: &str,
+        addr: SocketAddr,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Peer> {
         if !bin.exists() {
             bail!("wc-peer binary not found at {}", bin.display());
         }
         let args = [mode.to_string(), addr.to_string()];
-        let proc = LineProc::spawn(&format!("wc-peer {mode} {addr}"), ns, bin, &args)?;
+        let proc =
+            LineProc::spawn_with_env(&format!("wc-peer {mode} {addr}"), ns, bin, &args, env)?;
         Ok(Peer {
             proc,
             ns: ns.to_string(),

@@ -740,3 +740,83 @@ fn idle_connection_older_than_the_agent_is_walked_from_its_start() {
     );
     stop(agent);
 }
+
+/// The start-up walk reads each listed socket's cgroup from the socket itself
+/// (`sk_cgrp_data`, at offsets from BTF; before 5.15 a tagged word), so that an idle
+/// connection older than the agent is named by its pod before any event of it. The server
+/// process here sits in a cgroup of its own: the `EXISTING` record of its accepted socket
+/// carries that cgroup's id, the client's the id of the cgroup this test runs in. CI runs it
+/// on 5.10 (the tagged word) as well as here.
+#[test]
+fn the_start_up_walk_reads_each_sockets_cgroup() {
+    use tests::recording;
+    use tracer_common::{flag, kind};
+    if !prelude("the_start_up_walk_reads_each_sockets_cgroup") {
+        return;
+    }
+    let Some(mount) = recording::cgroup2_mount() else {
+        eprintln!("SKIP the_start_up_walk_reads_each_sockets_cgroup: no cgroup v2 mount");
+        return;
+    };
+    let t = Topology::new().expect("topology");
+    // Dropped after the peers below: removed once they have exited.
+    let cg = recording::TempCgroup::new(
+        &mount,
+        &format!("whoclosed-e2e-walk-{}", std::process::id()),
+    )
+    .expect("a cgroup for the server");
+    let dir = cg.path.clone();
+    let server_cg = recording::cgroup_id(&dir).expect("the new cgroup's id");
+    let own = recording::own_cgroup(&mount).expect("this process's cgroup");
+    let client_cg = recording::cgroup_id(&own).expect("this process's cgroup id");
+    let addr: SocketAddr = t.server_addr(false, PORT);
+    let mut server =
+        Peer::listen_in_cgroup(peer_bin(), &t.server, addr, &dir).expect("server in its cgroup");
+    let client = Peer::connect(peer_bin(), &t.client, addr).expect("client connect");
+    let seen = server
+        .wait_accepted(Duration::from_secs(10))
+        .expect("server accepts");
+    assert_eq!(seen, client.local);
+
+    let rec = std::env::temp_dir().join(format!("whoclosed-walk-{}.rec", std::process::id()));
+    let mut args = tests::default_trace_args(&t.inodes().expect("inodes"));
+    args.extend(["--record".to_string(), rec.to_string_lossy().into_owned()]);
+    let agent = Agent::spawn(&agent_bin(), &args, tests::READY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("starting the agent: {e:#}"));
+    let walked = agent.ready()["existing_sockets"] == true;
+    stop(agent);
+    let records = recording::kernel_records(&rec).expect("the recording");
+    let _ = std::fs::remove_file(&rec);
+    drop(server);
+    drop(client);
+    drop(cg);
+    if !walked {
+        assert!(
+            !Path::new("/sys/kernel/btf/vmlinux").exists(),
+            "no start-up walk on a kernel with BTF"
+        );
+        eprintln!("SKIP the_start_up_walk_reads_each_sockets_cgroup: no start-up walk here");
+        return;
+    }
+    let listed: Vec<_> = records
+        .iter()
+        .filter_map(|r| recording::lifecycle(r))
+        .filter(|r| r.hdr.kind == kind::EXISTING)
+        .collect();
+    let c_port = seen.port();
+    for (what, sport, dport, want) in [
+        ("server", PORT, c_port, server_cg),
+        ("client", c_port, PORT, client_cg),
+    ] {
+        let r = listed
+            .iter()
+            .find(|r| r.ep.sport == sport && r.ep.dport == dport)
+            .unwrap_or_else(|| panic!("the {what} socket is not in the walk"));
+        assert!(
+            r.flags & flag::HAS_CGROUP != 0,
+            "the {what} socket's cgroup was not read (flags {:#x})",
+            r.flags
+        );
+        assert_eq!(r.pid_tgid, want, "the {what} socket's cgroup id");
+    }
+}

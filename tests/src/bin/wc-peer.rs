@@ -20,6 +20,11 @@
 //!   exit                                                       -> `bye`, exit 0
 //! Any failure is reported as `error <text>` (e.g. `error Connection reset by peer (os
 //! error 104)`); socket errors never make the process panic. EOF on stdin exits.
+//!
+//! With `WC_PEER_HOLD=1` in its environment it waits, after `pid <n>`, for a `go` line
+//! before it makes its socket: time for the harness to move it into a cgroup (a socket
+//! belongs to its creator's cgroup, an accepted one to its listener's). `ip netns exec`
+//! mounts a sysfs of its own, without the cgroup mounts, so it cannot do that itself.
 
 use std::io::{self, BufRead, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -48,6 +53,13 @@ fn main() {
         }
     };
     say(&format!("pid {}", std::process::id()));
+    if std::env::var_os("WC_PEER_HOLD").is_some() {
+        let mut line = String::new();
+        if io::stdin().lock().read_line(&mut line).is_err() || line.trim() != "go" {
+            say(&format!("error expected `go`, got {:?}", line.trim()));
+            std::process::exit(2);
+        }
+    }
     let stream = match args[1].as_str() {
         "listen" => listen(addr),
         "connect" => connect(addr),

@@ -414,6 +414,17 @@ fn median_ci95(sorted: &[f64]) -> (f64, f64) {
     (sorted[lo], sorted[hi])
 }
 
+/// Prints the median of `v` (sorted here) with its 95 % interval.
+fn print_median(what: &str, v: &mut [f64]) {
+    v.sort_by(f64::total_cmp);
+    let (lo, hi) = median_ci95(v);
+    println!(
+        "{what} = {:.3}, 95 % interval of that median {lo:.3} to {hi:.3} ({} pairs)",
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN),
+        v.len()
+    );
+}
+
 /// Parses h2load's "finished in 1.23s, 325.20 req/s, 325.33MB/s" line.
 fn parse_h2load(out: &str) -> Option<(f64, f64, f64)> {
     let line = out.lines().find(|l| l.starts_with("finished in"))?;
@@ -735,35 +746,23 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
             p.busy_s * 1e6 / (p.mb_per_s * p.secs).max(1e-9),
         );
     }
-    pair_ratios.sort_by(f64::total_cmp);
     let attached: Vec<&H2Phase> = phases.iter().filter(|p| p.name == "attached").collect();
     let sum = |v: &[&H2Phase], f: fn(&H2Phase) -> f64| v.iter().map(|p| f(p)).sum::<f64>();
     let bytes_att = sum(&attached, |p| p.mb_per_s * p.secs);
     let agent = sum(&attached, |p| p.tracer_cpu_s.unwrap_or(0.0));
     let work = sum(&attached, |p| p.work_cpu_s);
-    let (lo, hi) = median_ci95(&pair_ratios);
     println!(
         "median MB/s: detached {base:.1}, attached {:.1}; attached/detached = {:.3}",
         median("attached"),
         median("attached") / base,
     );
-    println!(
-        "median pair ratio (attached/detached of one round) = {:.3}, 95 % interval of that median {lo:.3} to {hi:.3} ({} pairs)",
-        pair_ratios
-            .get(pair_ratios.len() / 2)
-            .copied()
-            .unwrap_or(f64::NAN),
-        pair_ratios.len()
+    print_median(
+        "median pair ratio (attached/detached of one round)",
+        &mut pair_ratios,
     );
-    cost_ratios.sort_by(f64::total_cmp);
-    let (clo, chi) = median_ci95(&cost_ratios);
-    println!(
-        "median pair CPU ratio (busy CPU per MB detached/attached, whole machine) = {:.3}, 95 % interval of that median {clo:.3} to {chi:.3} ({} pairs)",
-        cost_ratios
-            .get(cost_ratios.len() / 2)
-            .copied()
-            .unwrap_or(f64::NAN),
-        cost_ratios.len()
+    print_median(
+        "median pair CPU ratio (busy CPU per MB detached/attached, whole machine)",
+        &mut cost_ratios,
     );
     // Per MB of the runs whose tracer left a final stats line, so that a missing one does
     // not read as a walker that walked less.

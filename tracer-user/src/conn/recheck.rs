@@ -22,7 +22,7 @@
 //! walk's records pass through the ring buffer like any other: if events were lost while
 //! it ran, a listing may be among them, and the recheck retires nothing.
 
-use super::{Closed, SkSet, Table};
+use super::{Closed, Table};
 
 /// A walk in progress.
 #[derive(Debug, Default)]
@@ -30,17 +30,19 @@ pub(super) struct Recheck {
     /// CLOCK_MONOTONIC before the walk started: only records first seen before it are
     /// checked (a socket opened during the walk may be behind the walk's position).
     started_ns: u64,
-    /// Sockets the walk listed.
-    listed: SkSet,
+    /// Sockets the walk listed: a vector, sorted at the end, 8 bytes a socket (a hash set
+    /// would take about twice that; the record has no spare byte for a mark, and its size
+    /// is bench-live's budget).
+    listed: Vec<u64>,
 }
 
 impl Recheck {
-    pub(super) fn listed(&mut self, skaddr: u64) {
-        self.listed.insert(skaddr);
-    }
-
     pub(super) fn started_ns(&self) -> u64 {
         self.started_ns
+    }
+
+    pub(super) fn listed(&mut self, skaddr: u64) {
+        self.listed.push(skaddr);
     }
 }
 
@@ -50,7 +52,7 @@ impl Table {
     pub fn recheck_start(&mut self, now_ns: u64) {
         self.recheck = Some(Recheck {
             started_ns: now_ns,
-            listed: SkSet::default(),
+            listed: Vec::new(),
         });
     }
 
@@ -60,13 +62,14 @@ impl Table {
     /// should have listed and did not; returns how many, and the verdicts that could not
     /// wait for the next tick ([`Table::retire`]).
     pub fn recheck_end(&mut self, walked: &[u64], complete: bool) -> (u64, Vec<Closed>) {
-        let Some(r) = self.recheck.take() else {
+        let Some(mut r) = self.recheck.take() else {
             return (0, Vec::new());
         };
         self.stats.rechecks += 1;
         if !complete {
             return (0, Vec::new());
         }
+        r.listed.sort_unstable();
         let gone: Vec<u64> = self
             .conns
             .iter()
@@ -74,7 +77,7 @@ impl Table {
                 c.closed_ns.is_none()
                     && c.first_ns < r.started_ns
                     && c.netns.is_some_and(|n| walked.contains(&u64::from(n)))
-                    && !r.listed.contains(*sk)
+                    && r.listed.binary_search(sk).is_err()
             })
             .map(|(sk, _)| *sk)
             .collect();

@@ -193,6 +193,8 @@ pub struct Table {
     /// Intervals (CLOCK_MONOTONIC) during which the kernel lost events (a full ring buffer,
     /// unreadable records, skipped program runs).
     drop_windows: VecDeque<(u64, u64)>,
+    /// The windows that left `drop_windows` (older than a minute, or past 256), as one span.
+    drops_before: Option<(u64, u64)>,
     drops_seen: u64,
     drops_checked_ns: u64,
     /// A walk over the live sockets in progress (`recheck.rs`).
@@ -231,6 +233,7 @@ impl Table {
             recent_serial: 0,
             legs: proxy::Legs::default(),
             drop_windows: VecDeque::new(),
+            drops_before: None,
             drops_seen: 0,
             drops_checked_ns: 0,
             recheck: None,
@@ -251,7 +254,16 @@ impl Table {
                     .front()
                     .is_some_and(|w| now_ns.saturating_sub(w.1) > LOG_WINDOW_NS)
             {
-                self.drop_windows.pop_front();
+                // Older windows merge into one rather than being forgotten: a connection
+                // alive through any of them, judged now, still overlaps the merged span
+                // (what it adds, the gaps between them, holds only connections judged
+                // long ago).
+                if let Some((s, e)) = self.drop_windows.pop_front() {
+                    self.drops_before = Some(match self.drops_before {
+                        Some((s0, e0)) => (s0.min(s), e0.max(e)),
+                        None => (s, e),
+                    });
+                }
             }
         }
         self.drops_seen = total;
@@ -260,8 +272,9 @@ impl Table {
 
     /// Did the kernel lose events between `from_ns` and `to_ns`?
     fn drops_during(&self, from_ns: u64, to_ns: u64) -> bool {
-        self.drop_windows
+        self.drops_before
             .iter()
+            .chain(self.drop_windows.iter())
             .any(|&(s, e)| s < to_ns && e >= from_ns)
     }
 

@@ -1803,3 +1803,49 @@ fn a_recheck_ends_the_records_of_sockets_that_are_gone() {
     assert_eq!(tbl.conns[&0x17].state_name(), "FIN_WAIT1");
     assert!(!tbl.conns[&0x17].gap && !tbl.conns[&0x10].gap);
 }
+
+/// Every connection alive while events were lost is judged with that said, however long
+/// ago the loss. The table kept loss windows for 60 s (and 256 of them): a new loss noted
+/// at the very tick that judged a connection pushed the old window out first, and the
+/// connection, alive through the old loss and closed before the new one, came out `high`.
+#[test]
+fn a_loss_long_before_the_end_still_lowers_the_verdict() {
+    const S: u64 = 1_000_000_000;
+    let mut tbl = Table::default();
+    let p = pair(1);
+    handshake(&mut tbl, &p, (1, 2));
+    tbl.note_events_lost(S, 0);
+    tbl.note_events_lost(30 * S, 5);
+    for ev in client_close_events(&p, 100 * S) {
+        tbl.on_event(&ev);
+    }
+    // Linger (1 s) over at 101 s; the tick at 101.02 s notes a new loss, then judges.
+    tbl.note_events_lost(101 * S + 10 * MS, 5);
+    tbl.note_events_lost(101 * S + 20 * MS, 6);
+    let out = tbl.take_due(101 * S + 20 * MS);
+    for sk in [p.c, p.s] {
+        let v = only(&out, sk);
+        assert_ne!(
+            v.verdict.confidence,
+            classify::Confidence::High,
+            "alive through the loss at 1 to 30 s: {:#?}",
+            v.verdict
+        );
+    }
+    // Opened after every loss: nothing lowers it.
+    let late = pair(2);
+    for ev in handshake_events(&late, (1, 2), 100, "client") {
+        let mut ev = ev;
+        ev.ts_ns += 200 * S;
+        tbl.on_event(&ev);
+    }
+    for ev in client_close_events(&late, 300 * S) {
+        tbl.on_event(&ev);
+    }
+    tbl.note_events_lost(302 * S, 6);
+    let out = tbl.take_due(302 * S);
+    assert_eq!(
+        only(&out, late.c).verdict.confidence,
+        classify::Confidence::High
+    );
+}

@@ -206,6 +206,7 @@ impl Side {
                 retransmits: c.retransmits,
                 h2_frames: c.h2.as_ref().map(|h| h.frames).or(c.h2_opaque.map(|_| 0)),
                 closing: c.closed_ns.is_some(),
+                events_lost: table.events_lost(c, u64::MAX),
                 k8s: k8s.as_ref(),
             };
             if let Ok(s) = serde_json::to_string(&view) {
@@ -247,6 +248,9 @@ struct ConnView<'a> {
     h2_frames: Option<u64>,
     /// Closed, waiting out its linger before the verdict.
     closing: bool,
+    /// Kernel events were lost while it was tracked, or part of its life was not seen: its
+    /// record may miss facts, and its verdict will say so.
+    events_lost: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     k8s: Option<&'a PodIdentity>,
 }

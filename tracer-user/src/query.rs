@@ -385,6 +385,9 @@ pub fn conns_table(records: &[Record], multi: bool) -> String {
         if v["closing"] == Value::Bool(true) {
             state.push_str(" (closing)");
         }
+        if v["events_lost"] == Value::Bool(true) {
+            state.push_str(" (events lost)");
+        }
         let mut row = vec![
             str_or_dash(v, "/id"),
             state,

@@ -933,6 +933,7 @@ fn older_pod_connection(extra: &[&str]) {
     assert_eq!(server_side["preexisting"], true, "{server_side}");
     assert_eq!(server_side["state"], "ESTABLISHED", "{server_side}");
     assert_eq!(server_side["pid"], Value::Null, "{server_side}");
+    assert_eq!(server_side["events_lost"], false, "{server_side}");
     assert_eq!(
         server_side["k8s"]["pod"], "web-7f9c-abcde",
         "named from the walk: {server_side}"
@@ -1132,6 +1133,16 @@ fn after_lost_events_conns_lists_exactly_the_live_connections() {
         stale.first(),
         missing.len(),
         missing.first()
+    );
+    // Every one lived through the flood's losses, and says so.
+    let flagged = json_lines(&cli(
+        &sock,
+        &["conns", "-o", "json", "--port", &port.to_string()],
+    ));
+    assert!(
+        flagged.iter().all(|v| v["events_lost"] == true),
+        "a connection alive through the losses is not flagged: {:?}",
+        flagged.iter().find(|v| v["events_lost"] != true)
     );
     let not_established: Vec<_> = got.iter().filter(|(_, s)| *s != "ESTABLISHED").collect();
     assert!(

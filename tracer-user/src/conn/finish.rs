@@ -159,8 +159,7 @@ impl Table {
         let until = conn
             .closed_ns
             .map_or(u64::MAX, |c| c.saturating_add(self.cfg.linger_ns));
-        let events_lost =
-            conn.gap || conn.facts_dropped > 0 || self.drops_during(conn.first_ns, until);
+        let events_lost = self.events_lost(&conn, until);
         // The facts move into the timeline and back: no copy of every fact (and its process
         // name) per verdict.
         let timeline = Timeline {

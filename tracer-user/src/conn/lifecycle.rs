@@ -234,6 +234,11 @@ impl Table {
         if let Some(t) = ev.tuple.filter(Tuple::is_complete) {
             c.state_tuple = Some(t);
         }
+        if recheck_from.is_some() && !known {
+            // Listed by a recheck, unknown until now: its opening was among the lost events
+            // the recheck follows, and whatever else of it went with them.
+            c.gap = true;
+        }
         if c.preexisting && !c.state_known() {
             c.state = state;
             c.state_walked = true;

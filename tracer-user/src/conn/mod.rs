@@ -270,6 +270,13 @@ impl Table {
         self.drops_checked_ns = now_ns;
     }
 
+    /// Whether `c` may miss events: part of its life unseen, facts over the cap, or the
+    /// kernel lost events while it was tracked (up to `until_ns`; `u64::MAX` for a live
+    /// one). Its verdict's confidence is lowered for it.
+    pub fn events_lost(&self, c: &Conn, until_ns: u64) -> bool {
+        c.gap || c.facts_dropped > 0 || self.drops_during(c.first_ns, until_ns)
+    }
+
     /// Did the kernel lose events between `from_ns` and `to_ns`?
     fn drops_during(&self, from_ns: u64, to_ns: u64) -> bool {
         self.drops_before

@@ -12,7 +12,8 @@
 //! namespace that was walked to its end, and was not listed, belongs to a socket that is
 //! gone: it is retired as an end that was not seen (`ends_unseen`, judged with its
 //! confidence lowered, see [`Table::retire`]). A socket the walk lists that the table did
-//! not know (its opening was lost) is taken up as `preexisting`, as at the start; so is one
+//! not know (its opening was lost) is taken up as `preexisting`, marked as having lost
+//! events (its verdict's confidence is lowered); so is one
 //! listed at the address of a record with other addresses, whose record is retired the
 //! same way (the allocator gave a gone socket's address to a new one, and both the old
 //! one's end and the new one's start were lost: in the measurement above, all 200 of the

@@ -1751,6 +1751,7 @@ fn a_recheck_ends_the_records_of_sockets_that_are_gone() {
         assert!(tbl.conns.contains_key(&sk), "{sk:#x} kept");
     }
     assert!(tbl.conns[&0x15].preexisting, "met through the walk");
+    assert!(tbl.conns[&0x15].gap, "its opening was lost");
     let out = tbl.take_due(20 * MS);
     let v = only(&out, 0x11);
     assert!(v.conn.gap);

@@ -295,17 +295,22 @@ fn a_cgroup_named_once_stays_named_after_the_pod_goes() {
     // What the pipeline does at each packet record.
     r.note_cgroup(id);
     r.note_cgroup(host_id);
-    std::fs::remove_dir_all(cg.join("kubepods")).expect("the pod's cgroup goes");
+    // Another pod starts, not yet in the log layout. Made before the first pod's directory
+    // goes: a plain filesystem reuses a freed inode number at once (the kernel never reuses
+    // a cgroup id), and this test once failed in CI when the new directory got the old one's.
+    let other = cg.join(format!("kubepods/pod{UID_B}/{CID_B}"));
+    std::fs::create_dir_all(&other).expect("mkdir");
+    let other_id = std::fs::metadata(&other).expect("stat").ino();
+    assert_ne!(other_id, id);
+    std::fs::remove_dir_all(cg.join(format!("kubepods/pod{UID_A}")))
+        .expect("the pod's cgroup goes");
     for d in ["host/var/log/pods", "host/var/log/containers"] {
         std::fs::remove_dir_all(f.path(d)).expect("its logs go");
         std::fs::create_dir_all(f.path(d)).expect("mkdir");
     }
     let later = t0 + Duration::from_secs(60);
-    // Another pod starts, not yet in the log layout: the mount is walked and the layout
-    // scanned again, neither of which holds the first pod any more.
-    let other = cg.join(format!("kubepods/pod{UID_B}/{CID_B}"));
-    std::fs::create_dir_all(&other).expect("mkdir");
-    let other_id = std::fs::metadata(&other).expect("stat").ino();
+    // The mount is walked and the layout scanned again for the new pod, neither of which
+    // holds the first pod any more.
     let b = r.resolve_cgroup_at(other_id, later).expect("a pod");
     assert_eq!((b.pod_uid.as_str(), b.pod), (UID_B, None));
     let got = r.resolve_cgroup_at(id, later).expect("still named");

@@ -818,7 +818,8 @@ pub(crate) async fn pipeline<W: Write>(
         );
     }
     let mut counters = probes.take_counters()?;
-    if !crate::skipped::counted_by(&probes.report.kernel) {
+    let skips_counted = crate::skipped::counted_by(&probes.report.kernel);
+    if !skips_counted {
         // This kernel skips tracepoint runs without counting them, so a loss may go
         // unseen: the kernel side writes from the start what otherwise only follows a
         // counted loss (DESTROY behind each CLOSE, ending a record whose CLOSE was lost).
@@ -865,10 +866,7 @@ pub(crate) async fn pipeline<W: Write>(
             walk,
             proc_root,
             ringbuf_bytes: opts.ringbuf_bytes,
-            policy: RecheckPolicy::new(
-                export::monotonic_ns(),
-                !crate::skipped::counted_by(&probes.report.kernel),
-            ),
+            policy: RecheckPolicy::new(export::monotonic_ns(), !skips_counted),
         });
     }
     match opts.format {

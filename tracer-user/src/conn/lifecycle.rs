@@ -51,16 +51,8 @@ impl Table {
     /// translated ones. A listing at such an address opens its own (pre-existing) record in
     /// `on_existing`.
     pub(super) fn split_if_other_socket(&mut self, ev: &Event, out: &mut Vec<Closed>) {
-        // Whether the event starts its socket's record (None: a walk's listing, which
-        // on_existing turns into a record of its own).
-        let (t, birth) = match (ev.tuple, &ev.kind) {
-            (Some(t), &EventKind::State { old, new }) => (
-                t,
-                Some(
-                    old == TcpState::Listen || new == TcpState::SynSent || new == TcpState::Listen,
-                ),
-            ),
-            (Some(t), EventKind::Existing { .. }) => (t, None),
+        let t = match (&ev.kind, ev.tuple) {
+            (EventKind::State { .. } | EventKind::Existing { .. }, Some(t)) => t,
             _ => return,
         };
         let other = self.conns.get(&ev.skaddr).is_some_and(|c| {
@@ -71,8 +63,11 @@ impl Table {
             return;
         }
         out.extend(self.retire(ev.skaddr));
-        // A birth event opens the new record itself; anything else meets it mid-life.
-        if birth == Some(false) && self.ensure(ev, out) {
+        // A birth event opens the new record itself, and a walk's listing its own (in
+        // on_existing); any other state change meets it mid-life.
+        let mid_life = matches!(ev.kind, EventKind::State { old, new }
+            if old != TcpState::Listen && new != TcpState::SynSent && new != TcpState::Listen);
+        if mid_life && self.ensure(ev, out) {
             if let Some(c) = self.conns.get_mut(&ev.skaddr) {
                 c.gap = true;
             }

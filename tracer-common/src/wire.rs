@@ -103,6 +103,12 @@ pub mod flag {
     /// Lifecycle `EXISTING`: `pid_tgid` holds the socket's cgroup (v2) id instead (the walk
     /// runs in the agent's read(), so it has no task of the socket's to report).
     pub const HAS_CGROUP: u8 = 1 << 6;
+    /// Packet: the socket holds the packet hooks' per-socket state (socket storage), which
+    /// the kernel frees only with the socket: from then on, while the socket lives, the
+    /// storage iterator lists it (`sk_storage_existing`). Clear for a socket without it (a
+    /// request or TIME_WAIT socket, or storage the kernel refused). Added within version 6:
+    /// older producers never set it, and a reader takes its absence as "not known".
+    pub const HAS_STATE: u8 = 1 << 7;
 }
 
 /// Starts every record.

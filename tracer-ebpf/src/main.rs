@@ -7,7 +7,8 @@
 //!
 //! - `lifecycle`: the six stable tracepoints;
 //! - `close`: `tcp_close()` through fentry or kprobe, one handler; and `tcp_existing`, the
-//!   `iter/tcp` walk over the sockets open before the agent;
+//!   `iter/tcp` walk over the sockets open before the agent, and `sk_storage_existing`, the
+//!   same listing over the sockets that hold packet state, every namespace at once;
 //! - `packet`: cgroup_skb ingress/egress, feeding `h2walk`, the HTTP/2 frame walker, which
 //!   runs in programs of its own (`skb_h2_in`/`skb_h2_out`, continued by
 //!   `skb_walk_in`/`skb_walk_out`; tail-called, never attached);
@@ -101,15 +102,50 @@ pub unsafe extern "C" fn tcp_existing(ctx: *const u64) -> i32 {
     // walk's final call), `meta` the first, whose first field is the output's `seq_file`.
     let sk = unsafe { core::ptr::read_volatile(ctx.add(1)) };
     if close::try_existing(sk).is_some() {
-        // SAFETY: as above; the helper checks its arguments (one byte from the stack).
-        unsafe {
-            let meta = core::ptr::read_volatile(ctx) as *const u64;
-            let seq = core::ptr::read_volatile(meta) as *mut aya_ebpf::bindings::seq_file;
-            let one = 1u8;
-            aya_ebpf::helpers::bpf_seq_write(seq, (&raw const one).cast(), 1);
-        }
+        // SAFETY: as above.
+        unsafe { one_byte_out(ctx) };
     }
     0
+}
+
+/// The sockets that hold the packet hooks' state (`SK_PKT`), in every network namespace:
+/// the same `EXISTING` record and output byte as [`tcp_existing`], for each live socket
+/// that has passed a segment since the agent attached. The agent's recheck after lost
+/// events runs it for the namespaces it cannot walk with `iter/tcp` (entering one takes
+/// `setns`, which the least-privilege DaemonSet does not grant): a record whose socket
+/// had state and is not listed belongs to a socket the kernel has freed. Linked with the
+/// map by the agent; a BTF tracing program like `tcp_existing`.
+///
+/// # Safety
+/// Called by the kernel with `ctx` pointing at a `struct bpf_iter__bpf_sk_storage_map`
+/// (`meta`, `map`, `sk`, `value`); the verifier checks the loads made from it.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/bpf_sk_storage_map")]
+pub unsafe extern "C" fn sk_storage_existing(ctx: *const u64) -> i32 {
+    // SAFETY: see above; `sk` is the third pointer of the context (NULL on the walk's
+    // final call).
+    let sk = unsafe { core::ptr::read_volatile(ctx.add(2)) };
+    if close::try_existing(sk).is_some() {
+        // SAFETY: as above.
+        unsafe { one_byte_out(ctx) };
+    }
+    0
+}
+
+/// One byte into an iterator's output, for the agent's chunked read.
+///
+/// # Safety
+/// `ctx` is an iterator program's context, whose first pointer is its `bpf_iter_meta`,
+/// whose first field is the output's `seq_file`.
+#[inline(always)]
+unsafe fn one_byte_out(ctx: *const u64) {
+    // SAFETY: see above; the helper checks its arguments (one byte from the stack).
+    unsafe {
+        let meta = core::ptr::read_volatile(ctx) as *const u64;
+        let seq = core::ptr::read_volatile(meta) as *mut aya_ebpf::bindings::seq_file;
+        let one = 1u8;
+        aya_ebpf::helpers::bpf_seq_write(seq, (&raw const one).cast(), 1);
+    }
 }
 
 #[cgroup_skb(ingress)]

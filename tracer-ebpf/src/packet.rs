@@ -297,7 +297,15 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
         }
     }
     if control || evflags & (flag::FIRST_IN_DIR | flag::TTL_CHANGED) != 0 {
-        emit_packet(ctx, seg, th, sk, evflags, payload_len, st.last_data_ns);
+        emit_packet(
+            ctx,
+            seg,
+            th,
+            sk,
+            evflags | flag::HAS_STATE,
+            payload_len,
+            st.last_data_ns,
+        );
     }
     // Sockets whose payload is not HTTP/2 (TLS, anything else) skip the walker, and so do
     // segments that hold no frame header (inside a large DATA frame): only the end of the

@@ -45,6 +45,7 @@ fn pk(dir: Dir, flags: u8, seq: u32) -> EventKind {
         payload_len: 0,
         first_in_dir: true,
         ttl_changed: false,
+        has_state: true,
         last_data_ns: None,
         cgroup_id: 0,
     })

@@ -254,6 +254,9 @@ pub struct Packet {
     pub payload_len: u32,
     pub first_in_dir: bool,
     pub ttl_changed: bool,
+    /// The socket holds the kernel's per-socket packet state (`flag::HAS_STATE`): the
+    /// storage iterator lists it until the kernel frees it.
+    pub has_state: bool,
     /// When the socket last carried payload, either direction, this segment included
     /// (CLOCK_MONOTONIC); `None` if never.
     pub last_data_ns: Option<u64>,
@@ -531,6 +534,7 @@ pub fn from_packet(rec: &PacketRecord) -> Event {
             payload_len: rec.payload_len,
             first_in_dir: rec.flags & flag::FIRST_IN_DIR != 0,
             ttl_changed: rec.flags & flag::TTL_CHANGED != 0,
+            has_state: rec.flags & flag::HAS_STATE != 0,
             last_data_ns: (rec.last_data_ns != 0).then_some(rec.last_data_ns),
             cgroup_id: rec.cgroup_id,
         }),

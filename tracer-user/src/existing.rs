@@ -44,7 +44,25 @@ impl ExistingWalk {
         Ok(Self { link })
     }
 
-    /// A walk over the TCP sockets of the calling thread's network namespace.
+    /// Links the loaded map iterator program `prog` (`sk_storage_existing`) with the socket
+    /// storage map `map`: each [`ExistingWalk::open`] then lists the sockets holding that
+    /// map's state, in every network namespace.
+    pub fn link_over_map(
+        prog: std::os::fd::BorrowedFd<'_>,
+        map: std::os::fd::BorrowedFd<'_>,
+    ) -> io::Result<Self> {
+        let prog = u32::try_from(prog.as_raw_fd()).map_err(io::Error::other)?;
+        // `union bpf_iter_link_info`: `map.map_fd` first. Its size grew with later kernels;
+        // the 4 bytes of `map` are what every kernel since 5.9 reads.
+        let mut info = [u32::try_from(map.as_raw_fd()).map_err(io::Error::other)?];
+        let [lo, hi] = crate::bpfsys::ptr_words(info.as_mut_ptr());
+        // link_create: prog_fd, target_fd (none), attach_type, flags, iter_info, its length.
+        let link = bpf_fd(BPF_LINK_CREATE, &[prog, 0, BPF_TRACE_ITER, 0, lo, hi, 4])?;
+        Ok(Self { link })
+    }
+
+    /// A walk: over the TCP sockets of the calling thread's network namespace (`iter/tcp`),
+    /// or over a map's sockets ([`ExistingWalk::link_over_map`]).
     pub fn open(&self) -> io::Result<File> {
         let link = u32::try_from(self.link.as_raw_fd()).map_err(io::Error::other)?;
         // iter_create: link_fd, flags.

@@ -106,6 +106,10 @@ pub struct Probes {
     /// The `iter/tcp` walk over the sockets open before the agent, not yet run (see
     /// [`ProbeReport::existing_sockets`]).
     pub existing: Option<ExistingWalk>,
+    /// The walk over the sockets that hold packet state, every network namespace at once
+    /// (`sk_storage_existing`), for the recheck after lost events; `None` without the
+    /// packet hooks or the `iter/tcp` walk, or where the kernel refuses it.
+    pub storage_walk: Option<ExistingWalk>,
     /// Kernel-side log records (aya-log). Must outlive the programs that write to its map.
     pub logger: Option<Logger>,
 }
@@ -201,6 +205,25 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
         });
         None
     };
+    let storage_walk = if existing.is_some() && packets.attached {
+        attach_storage_walk(&mut ebpf, &aya_btf, &mut programs)
+    } else {
+        programs.push(ProgramStatus {
+            program: "sk_storage_existing",
+            kind: "iter",
+            target: "bpf_sk_storage_map".into(),
+            status: Status::Skipped,
+            error: Some(
+                if existing.is_none() {
+                    "no iter/tcp walk"
+                } else {
+                    "no packet hooks"
+                }
+                .into(),
+            ),
+        });
+        None
+    };
 
     let report = ProbeReport {
         requested_mode: opts.mode,
@@ -230,6 +253,7 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
         ebpf,
         report,
         existing,
+        storage_walk,
         logger,
     })
 }
@@ -614,6 +638,49 @@ fn attach_existing_walk(
         program: "tcp_existing",
         kind: "iter",
         target: "tcp".into(),
+        status,
+        error,
+    });
+    walk
+}
+
+/// The iterator over the sockets holding the packet hooks' state (`sk_storage_existing`),
+/// linked with that map; `None` (recorded, logged) where the kernel refuses it (before
+/// 5.9, or BTF tracing programs refused). Only the recheck after lost events uses it.
+fn attach_storage_walk(
+    ebpf: &mut Ebpf,
+    btf: &LazyBtf,
+    programs: &mut Vec<ProgramStatus>,
+) -> Option<ExistingWalk> {
+    let res = (|| -> anyhow::Result<ExistingWalk> {
+        let map = match ebpf.map("SK_PKT") {
+            Some(aya::maps::Map::SkStorage(m)) => m.fd().as_fd().try_clone_to_owned()?,
+            _ => bail!("no socket storage map SK_PKT in the object"),
+        };
+        let btf = btf.get()?;
+        let p: &mut Iter = program_as(ebpf, "sk_storage_existing")?;
+        p.load("bpf_sk_storage_map", btf)?;
+        let walk = ExistingWalk::link_over_map(p.fd()?.as_fd(), map.as_fd())
+            .context("linking the iterator")?;
+        walk.open().context("creating the iterator")?;
+        Ok(walk)
+    })();
+    let (status, error, walk) = match res {
+        Ok(w) => (Status::Attached, None, Some(w)),
+        Err(e) => {
+            let msg = err_chain(e.as_ref());
+            info!(
+                "the socket storage iterator is unavailable ({msg}): after lost events, \
+                 records in network namespaces the agent cannot enter stay until their \
+                 address is reused"
+            );
+            (Status::Failed, Some(msg), None)
+        }
+    };
+    programs.push(ProgramStatus {
+        program: "sk_storage_existing",
+        kind: "iter",
+        target: "bpf_sk_storage_map".into(),
         status,
         error,
     });

@@ -12,8 +12,9 @@
 //!       drops, unreadable records and skipped program runs)
 //!   3 = the pods of one verdict (JSON: {"id", "conn", "peer"}), as the agent resolved them
 //!   4 = a recheck's walk over the live sockets starts: u64 LE CLOCK_MONOTONIC ns
-//!   5 = that walk ended: u8 1 when no event was lost meanwhile (else 0), then u64 LE the
-//!       inode of each network namespace walked to its end
+//!   5 = that walk ended: u8 flags (1: no event was lost meanwhile; 2: the walk over the
+//!       sockets holding packet state, every namespace, was read to its end), then u64 LE
+//!       the inode of each network namespace walked to its end
 //! ```
 //!
 //! The header holds the table's configuration (linger, limits, ephemeral range, packet
@@ -192,9 +193,9 @@ impl Writer {
     }
 
     /// That walk ended ([`Table::recheck_end`]).
-    pub fn recheck_end(&mut self, walked: &[u64], complete: bool) -> io::Result<()> {
+    pub fn recheck_end(&mut self, walked: &[u64], stored: bool, complete: bool) -> io::Result<()> {
         let mut payload = Vec::with_capacity(1 + 8 * walked.len());
-        payload.push(u8::from(complete));
+        payload.push(u8::from(complete) | u8::from(stored) << 1);
         for ns in walked {
             payload.extend_from_slice(&ns.to_le_bytes());
         }
@@ -218,8 +219,13 @@ enum Frame {
     Tick(u64, Option<u64>),
     K8s(Box<K8sFrame>),
     RecheckStart(u64),
-    /// The namespaces walked to their end, and whether no event was lost meanwhile.
-    RecheckEnd(Vec<u64>, bool),
+    /// The namespaces walked to their end, whether the socket storage walk was read to its
+    /// end, and whether no event was lost meanwhile.
+    RecheckEnd {
+        walked: Vec<u64>,
+        stored: bool,
+        complete: bool,
+    },
 }
 
 struct Reader<R: BufRead> {
@@ -370,8 +376,8 @@ impl<R: BufRead> Reader<R> {
                 Err(_) => bail!("corrupt recheck frame at byte {at}"),
             },
             FRAME_RECHECK_END => {
-                let (complete, list) = match payload.split_first() {
-                    Some((&c, rest)) if c <= 1 && rest.len() % 8 == 0 => (c == 1, rest),
+                let (flags, list) = match payload.split_first() {
+                    Some((&c, rest)) if c <= 3 && rest.len() % 8 == 0 => (c, rest),
                     _ => bail!("corrupt recheck frame at byte {at}"),
                 };
                 let walked = list
@@ -379,7 +385,11 @@ impl<R: BufRead> Reader<R> {
                     .filter_map(|w| <[u8; 8]>::try_from(w).ok())
                     .map(u64::from_le_bytes)
                     .collect();
-                Frame::RecheckEnd(walked, complete)
+                Frame::RecheckEnd {
+                    walked,
+                    stored: flags & 2 != 0,
+                    complete: flags & 1 != 0,
+                }
             }
             k => bail!("corrupt recording: unknown frame kind {k} at byte {at}"),
         }))
@@ -481,8 +491,12 @@ pub fn replay(
             Frame::Tick(now, drops) => output.tick(&mut table, now, drops)?,
             Frame::K8s(_) => {}
             Frame::RecheckStart(now) => output.recheck_start(&mut table, now)?,
-            Frame::RecheckEnd(walked, complete) => {
-                output.recheck_end(&mut table, &walked, complete)?;
+            Frame::RecheckEnd {
+                walked,
+                stored,
+                complete,
+            } => {
+                output.recheck_end(&mut table, &walked, stored, complete)?;
             }
         }
     }
@@ -593,19 +607,62 @@ mod recheck_frames {
             frame(FRAME_RECHECK_START, &5u64.to_le_bytes()),
             frame(FRAME_RECHECK_END, &end),
             frame(FRAME_RECHECK_END, &[0]),
+            frame(FRAME_RECHECK_END, &[2]),
+            frame(FRAME_RECHECK_END, &[3]),
         ]);
         let (mut r, _) = Reader::open(bytes.as_slice()).unwrap();
         assert!(matches!(r.next(), Ok(Some(Frame::RecheckStart(5)))));
         match r.next() {
-            Ok(Some(Frame::RecheckEnd(walked, true))) => assert_eq!(walked, [4026531993, 7]),
+            Ok(Some(Frame::RecheckEnd {
+                walked,
+                stored: false,
+                complete: true,
+            })) => assert_eq!(walked, [4026531993, 7]),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(r.next(), Ok(Some(Frame::RecheckEnd(w, false))) if w.is_empty()));
+        for (want_stored, want_complete) in [(false, false), (true, false), (true, true)] {
+            match r.next() {
+                Ok(Some(Frame::RecheckEnd {
+                    walked,
+                    stored,
+                    complete,
+                })) => {
+                    assert!(walked.is_empty());
+                    assert_eq!((stored, complete), (want_stored, want_complete));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
         assert!(matches!(r.next(), Ok(None)));
+        // Round trip through the writer.
+        let dir = std::env::temp_dir().join(format!("whoclosed-rcw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.rec");
+        let mut w = Writer::create(
+            &path,
+            ClockBase::now(),
+            &TableConfig::default(),
+            &Filter::default(),
+        )
+        .unwrap();
+        w.recheck_end(&[9], true, false).unwrap();
+        w.finish().unwrap();
+        drop(w);
+        let bytes = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let (mut r, _) = Reader::open(bytes.as_slice()).unwrap();
+        match r.next() {
+            Ok(Some(Frame::RecheckEnd {
+                walked,
+                stored: true,
+                complete: false,
+            })) => assert_eq!(walked, [9]),
+            other => panic!("{other:?}"),
+        }
         for bad in [
             frame(FRAME_RECHECK_START, &[1, 2, 3]),
             frame(FRAME_RECHECK_END, &[]),
-            frame(FRAME_RECHECK_END, &[2]),
+            frame(FRAME_RECHECK_END, &[4]),
             frame(FRAME_RECHECK_END, &[1, 0, 0, 0]),
         ] {
             let bytes = recording(&[bad]);

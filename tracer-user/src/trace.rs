@@ -207,12 +207,13 @@ impl<W: Write> Output<W> {
         &mut self,
         table: &mut Table,
         walked: &[u64],
+        stored: bool,
         complete: bool,
     ) -> io::Result<u64> {
         if let Some(r) = &mut self.recorder {
-            r.recheck_end(walked, complete)?;
+            r.recheck_end(walked, stored, complete)?;
         }
-        let (gone, now) = table.recheck_end(walked, complete);
+        let (gone, now) = table.recheck_end(walked, stored, complete);
         self.all(now)?;
         Ok(gone)
     }
@@ -316,9 +317,11 @@ impl RecheckPolicy {
     }
 }
 
-/// What a recheck needs: the linked walk program and where to find the namespaces.
+/// What a recheck needs: the linked walk programs and where to find the namespaces.
 struct Rechecker {
     walk: crate::existing::ExistingWalk,
+    /// The walk over the sockets holding packet state, every namespace at once.
+    storage: Option<crate::existing::ExistingWalk>,
     proc_root: std::path::PathBuf,
     ringbuf_bytes: u32,
     policy: RecheckPolicy,
@@ -350,7 +353,6 @@ impl Loop {
         out: &mut Output<W>,
         at_start: bool,
     ) -> io::Result<WalkSummary> {
-        use std::io::Read as _;
         let (walks, mut errors) = walk.open_all(proc_root);
         let mut sum = WalkSummary {
             namespaces: walks.len(),
@@ -358,28 +360,15 @@ impl Loop {
         };
         let mut buf = vec![0u8; walk_chunk(ringbuf_bytes)];
         for (netns, mut f) in walks {
-            let before = sum.connections;
-            loop {
-                match f.read(&mut buf) {
-                    Ok(0) => {
-                        sum.walked.push(netns);
-                        break;
-                    }
-                    Ok(n) => sum.connections += n as u64,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        errors.push(format!(
-                            "reading the walk of network namespace {netns}: {e}"
-                        ));
-                        break;
-                    }
-                }
-                while self.drain(rb, out, DRAIN_BATCH)? {}
+            let (n, res) = self.read_walk(&mut f, &mut buf, rb, out)?;
+            sum.connections += n;
+            match res {
+                Ok(()) => sum.walked.push(netns),
+                Err(e) => errors.push(format!(
+                    "reading the walk of network namespace {netns}: {e}"
+                )),
             }
-            log::debug!(
-                "{} TCP connections open in network namespace {netns}",
-                sum.connections - before
-            );
+            log::debug!("{n} TCP connections open in network namespace {netns}");
         }
         sum.failed = errors.len();
         if !at_start {
@@ -406,6 +395,55 @@ impl Loop {
             );
         }
         Ok(sum)
+    }
+
+    /// Reads a walk's output a chunk at a time (a byte per listed connection, whose record
+    /// is in the ring buffer), draining the ring buffer after each chunk. Returns the
+    /// connections listed and whether the walk was read to its end.
+    fn read_walk<W: Write>(
+        &mut self,
+        f: &mut std::fs::File,
+        buf: &mut [u8],
+        rb: &mut RingBuf<MapData>,
+        out: &mut Output<W>,
+    ) -> io::Result<(u64, io::Result<()>)> {
+        use std::io::Read as _;
+        let mut listed = 0u64;
+        loop {
+            match f.read(buf) {
+                Ok(0) => return Ok((listed, Ok(()))),
+                Ok(n) => listed += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Ok((listed, Err(e))),
+            }
+            while self.drain(rb, out, DRAIN_BATCH)? {}
+        }
+    }
+
+    /// The recheck's walk over the sockets holding packet state, in every network
+    /// namespace (`sk_storage_existing`): the connections listed, or `None` when it could
+    /// not be read to its end (its listing is then not used to retire records).
+    fn walk_storage<W: Write>(
+        &mut self,
+        walk: &crate::existing::ExistingWalk,
+        ringbuf_bytes: u32,
+        rb: &mut RingBuf<MapData>,
+        out: &mut Output<W>,
+    ) -> io::Result<Option<u64>> {
+        let mut f = match walk.open() {
+            Ok(f) => f,
+            Err(e) => {
+                info!("recheck: the socket storage walk could not start: {e}");
+                return Ok(None);
+            }
+        };
+        let mut buf = vec![0u8; walk_chunk(ringbuf_bytes)];
+        let (n, res) = self.read_walk(&mut f, &mut buf, rb, out)?;
+        if let Err(e) = res {
+            info!("recheck: reading the socket storage walk: {e}");
+            return Ok(None);
+        }
+        Ok(Some(n))
     }
 
     /// Walks the live sockets again when [`RecheckPolicy`] says so, and retires the records
@@ -444,9 +482,17 @@ impl Loop {
         let started = export::monotonic_ns();
         out.recheck_start(&mut self.table, started)?;
         let sum = self.walk_existing(&r.walk, &r.proc_root, r.ringbuf_bytes, rb, out, false)?;
+        let stored = match &r.storage {
+            Some(w) => self.walk_storage(w, r.ringbuf_bytes, rb, out)?,
+            None => None,
+        };
+        // Every record written before the walks ended: a socket freed before the storage
+        // walk reached it wrote its CLOSE before, and that must be read before the records
+        // it did not list are judged gone.
+        while self.drain(rb, out, DRAIN_BATCH)? {}
         let lost1 = lost(&self.counters);
         let complete = lost0.is_some() && lost0 == lost1;
-        let gone = out.recheck_end(&mut self.table, &sum.walked, complete)?;
+        let gone = out.recheck_end(&mut self.table, &sum.walked, stored.is_some(), complete)?;
         let ended = export::monotonic_ns();
         r.policy.ran(ended, lost0.unwrap_or(0), complete);
         if complete {
@@ -455,10 +501,14 @@ impl Loop {
             } else {
                 log::Level::Debug
             };
+            let stored = match stored {
+                Some(n) => format!(", {n} by their packet state in every namespace"),
+                None => String::new(),
+            };
             log::log!(
                 level,
-                "recheck: {} live connections listed in {} network namespace(s) in {} ms; \
-                 {gone} tracked connection(s) had ended unseen",
+                "recheck: {} live connections listed in {} network namespace(s){stored} in \
+                 {} ms; {gone} tracked connection(s) had ended unseen",
                 sum.connections,
                 sum.walked.len(),
                 ended.saturating_sub(started) / 1_000_000
@@ -864,6 +914,7 @@ pub(crate) async fn pipeline<W: Write>(
         probes.report.existing_sockets = sum.failed == 0;
         state.rechecker = Some(Rechecker {
             walk,
+            storage: probes.storage_walk.take(),
             proc_root,
             ringbuf_bytes: opts.ringbuf_bytes,
             policy: RecheckPolicy::new(export::monotonic_ns(), !skips_counted),

@@ -1050,36 +1050,13 @@ fn missing_capabilities_are_named() {
     assert!(!err.contains("must run as root"), "{err}");
 }
 
-/// A connect/close flood through a 4 KiB ring buffer loses most kernel records, the CLOSE
-/// of some ended connections and the opening of some live ones among them. Without a
-/// recheck their records stayed: `conns` listed connections in FIN_WAIT1 or LAST_ACK that
-/// no longer existed (100 of 556 in one measurement) and missed live ones. Once the loss
-/// stops the agent walks the live sockets again, and `conns` lists exactly the connections
-/// that exist, in the kernel's state. Stats count the recheck, and a replay of the
-/// recording gives the same verdicts, the ends the recheck found included.
-#[test]
-fn after_lost_events_conns_lists_exactly_the_live_connections() {
-    if !root_or_skip() {
-        return;
-    }
-    let dir = std::env::temp_dir().join(format!("whoclosed-recheck-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join("whoclosed.sock");
-    let rec = dir.join("session.rec");
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+/// (local, remote) addresses of connection ends.
+type Endpoints = std::collections::BTreeSet<(String, String)>;
+
+/// Keeps every 25th of 8,000 loopback connections to `listener` open, closing the others at
+/// once, both ends: returns the kept pairs and their (local, remote) addresses, both ends.
+fn flood_keeping_some(listener: &TcpListener) -> (Vec<(TcpStream, TcpStream)>, Endpoints) {
     let port = listener.local_addr().expect("addr").port();
-    let mut args = agent_args(port, &sock, &["--ringbuf-kib", "4"]);
-    args.extend(strings(&["--record", rec.to_str().unwrap()]));
-    let mut agent = WhoclosedProc::start(BIN, &args);
-    let ready = agent
-        .wait_for(Duration::from_secs(10), |v| v["type"] == "ready")
-        .expect("ready record");
-    if ready["existing_sockets"] != true {
-        eprintln!("SKIP: this kernel does not list live connections: {ready}");
-        return;
-    }
-    // Every 25th connection stays open; the others close at once, both ends.
     let mut held = Vec::new();
     let mut live = std::collections::BTreeSet::new();
     for i in 0..8000 {
@@ -1098,6 +1075,130 @@ fn after_lost_events_conns_lists_exactly_the_live_connections() {
             held.push((c, s));
         }
     }
+    (held, live)
+}
+
+/// Where [`recheck_case`] runs its flood.
+enum FloodAt {
+    /// On the agent's own loopback, which its `iter/tcp` walk covers.
+    OwnNamespace,
+    /// In a network namespace the agent never enters: a thread's own (`unshare` moves only
+    /// the calling thread, and `/proc/PID/ns/net` names the process's), with an agent that
+    /// lacks CAP_SYS_ADMIN and CAP_SYS_PTRACE besides, as the least-privilege DaemonSet
+    /// does. Only the walk over the sockets holding packet state covers it.
+    NamespaceNotEntered,
+}
+
+/// A thread in a network namespace of its own, listening on its loopback: floods
+/// ([`flood_keeping_some`]) when told, then holds the kept connections until told again.
+struct FloodThread {
+    port: u16,
+    go: mpsc::Sender<()>,
+    live: mpsc::Receiver<Endpoints>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl FloodThread {
+    fn start() -> FloodThread {
+        let (port_tx, port_rx) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel::<()>();
+        let (live_tx, live) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: unshare(2) with a namespace flag; it affects only this thread.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            // A child forked from this thread starts in its namespace.
+            let up = Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .expect("ip");
+            assert!(up.success());
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            port_tx
+                .send(listener.local_addr().expect("addr").port())
+                .unwrap();
+            let _ = go_rx.recv();
+            let (held, set) = flood_keeping_some(&listener);
+            live_tx.send(set).unwrap();
+            // Hold until the test ends (the sender dropped).
+            let _ = go_rx.recv();
+            drop(held);
+        });
+        let port = port_rx.recv().expect("the flood thread's port");
+        FloodThread {
+            port,
+            go,
+            live,
+            thread,
+        }
+    }
+}
+
+/// A connect/close flood through a 4 KiB ring buffer loses most kernel records, the CLOSE
+/// of some ended connections and the opening of some live ones among them. Without a
+/// recheck their records stayed: `conns` listed connections in FIN_WAIT1 or LAST_ACK that
+/// no longer existed (100 of 556 in one measurement) and missed live ones. Once the loss
+/// stops the agent walks the live sockets again, and `conns` lists exactly the connections
+/// that exist, in the kernel's state. Stats count the recheck, and a replay of the
+/// recording gives the same verdicts, the ends the recheck found included.
+fn recheck_case(at: FloodAt) {
+    let tag = match at {
+        FloodAt::OwnNamespace => "own",
+        FloodAt::NamespaceNotEntered => "netns",
+    };
+    let dir = std::env::temp_dir().join(format!("whoclosed-recheck-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("whoclosed.sock");
+    let rec = dir.join("session.rec");
+    let (own_listener, flood_thread) = match at {
+        FloodAt::OwnNamespace => (Some(TcpListener::bind("127.0.0.1:0").expect("bind")), None),
+        FloodAt::NamespaceNotEntered => (None, Some(FloodThread::start())),
+    };
+    let port = match (&own_listener, &flood_thread) {
+        (Some(l), _) => l.local_addr().expect("addr").port(),
+        (_, Some(t)) => t.port,
+        _ => unreachable!(),
+    };
+    let mut args = agent_args(port, &sock, &["--ringbuf-kib", "4"]);
+    args.extend(strings(&["--record", rec.to_str().unwrap()]));
+    let mut agent = match at {
+        FloodAt::OwnNamespace => WhoclosedProc::start(BIN, &args),
+        FloodAt::NamespaceNotEntered => {
+            let mut wrapped = strings(&[
+                "--bounding-set",
+                "-sys_admin,-sys_ptrace",
+                "--inh-caps",
+                "-all",
+                "--",
+                BIN,
+            ]);
+            wrapped.extend(args);
+            WhoclosedProc::start("setpriv", &wrapped)
+        }
+    };
+    let ready = agent
+        .wait_for(Duration::from_secs(10), |v| v["type"] == "ready")
+        .expect("ready record");
+    match at {
+        FloodAt::OwnNamespace if ready["existing_sockets"] != true => {
+            eprintln!("SKIP: this kernel does not list live connections: {ready}");
+            return;
+        }
+        // Other processes' namespaces (init's at least) were out of its reach.
+        FloodAt::NamespaceNotEntered => assert_eq!(ready["existing_sockets"], false, "{ready}"),
+        FloodAt::OwnNamespace => {}
+    }
+    let (held, live) = match (&own_listener, &flood_thread) {
+        (Some(l), _) => {
+            let (h, l) = flood_keeping_some(l);
+            (Some(h), l)
+        }
+        (_, Some(t)) => {
+            t.go.send(()).unwrap();
+            (None, t.live.recv().expect("the flood thread's connections"))
+        }
+        _ => unreachable!(),
+    };
     // (local, remote) -> state of each connection `conns` lists on the port.
     let listed = || -> std::collections::BTreeMap<(String, String), String> {
         json_lines(&cli(
@@ -1181,5 +1282,45 @@ fn after_lost_events_conns_lists_exactly_the_live_connections() {
         "replay differs from the live verdicts"
     );
     drop(held);
+    if let Some(t) = flood_thread {
+        drop(t.go);
+        t.thread.join().expect("the flood thread");
+    }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn after_lost_events_conns_lists_exactly_the_live_connections() {
+    if !root_or_skip() {
+        return;
+    }
+    recheck_case(FloodAt::OwnNamespace);
+}
+
+/// The same in a namespace the agent cannot enter, by an agent without the capabilities
+/// to enter one: the walk over the sockets holding packet state finds the ones gone.
+#[test]
+fn after_lost_events_a_namespace_not_entered_is_rechecked_too() {
+    if !root_or_skip() {
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        assert!(!require(), "needs setpriv");
+        eprintln!("SKIP: needs setpriv");
+        return;
+    }
+    let report = Command::new(BIN)
+        .args(["trace", "--probe-report"])
+        .output()
+        .expect("probe report");
+    let report: Value = serde_json::from_slice(&report.stdout).unwrap_or(Value::Null);
+    let attached = report["programs"].as_array().is_some_and(|ps| {
+        ps.iter()
+            .any(|p| p["program"] == "sk_storage_existing" && p["status"] == "attached")
+    });
+    if !attached {
+        eprintln!("SKIP: this kernel does not load the socket storage walk: {report}");
+        return;
+    }
+    recheck_case(FloodAt::NamespaceNotEntered);
 }

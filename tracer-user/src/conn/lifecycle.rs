@@ -236,7 +236,7 @@ impl Table {
         }
         if c.preexisting && !c.state_known() {
             c.state = state;
-            c.state_walked = true;
+            c.marks |= super::record::mark::STATE_WALKED;
         } else if known
             && c.state != state
             && recheck_from.is_some_and(|from| c.last_ns < from && c.first_ns < from)

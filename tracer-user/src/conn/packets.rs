@@ -62,6 +62,9 @@ impl Table {
         if c.cgroup_id.is_none() {
             c.cgroup_id = NonZeroU64::new(p.cgroup_id);
         }
+        if p.has_state {
+            c.marks |= super::record::mark::HAS_STATE;
+        }
         let had_both = c.egress_seq0.is_some() && c.ingress_seq0.is_some();
         match p.dir {
             Dir::Egress => {

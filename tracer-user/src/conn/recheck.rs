@@ -22,6 +22,16 @@
 //! it takes the kernel's state and is marked as having lost events. The
 //! walk's records pass through the ring buffer like any other: if events were lost while
 //! it ran, a listing may be among them, and the recheck retires nothing.
+//!
+//! A namespace the agent cannot enter (the least-privilege DaemonSet has no `setns`, so
+//! every pod's namespace) is not walked that way. A second walk covers them all at once:
+//! the kernel's iterator over the packet hooks' socket storage lists every socket that
+//! holds that state, in every namespace, with the same `EXISTING` records. The kernel frees
+//! a socket's storage only with the socket, so a record whose packets said its socket held
+//! state ([`super::record::mark::HAS_STATE`]), that no event touched since the walk began
+//! (its state was then made before the walk started), and that this walk did not list,
+//! belongs to a socket that is gone. A record without that mark (a socket that never
+//! passed a segment since the agent attached, or one the kernel refused storage) is kept.
 
 use super::{Closed, Table};
 
@@ -58,11 +68,17 @@ impl Table {
     }
 
     /// The walk started by [`Table::recheck_start`] has ended and its records are read.
-    /// `walked`: the network namespaces (inode numbers) walked to their end; `complete`:
-    /// no kernel event was lost while it ran. Retires the records of sockets the walk
-    /// should have listed and did not; returns how many, and the verdicts that could not
-    /// wait for the next tick ([`Table::retire`]).
-    pub fn recheck_end(&mut self, walked: &[u64], complete: bool) -> (u64, Vec<Closed>) {
+    /// `walked`: the network namespaces (inode numbers) walked to their end; `stored`: the
+    /// walk over the sockets holding packet state (every namespace) was read to its end;
+    /// `complete`: no kernel event was lost while they ran. Retires the records of sockets
+    /// the walks should have listed and did not; returns how many, and the verdicts that
+    /// could not wait for the next tick ([`Table::retire`]).
+    pub fn recheck_end(
+        &mut self,
+        walked: &[u64],
+        stored: bool,
+        complete: bool,
+    ) -> (u64, Vec<Closed>) {
         let Some(mut r) = self.recheck.take() else {
             return (0, Vec::new());
         };
@@ -75,9 +91,13 @@ impl Table {
             .conns
             .iter()
             .filter(|(sk, c)| {
+                let walked_ns = c.netns.is_some_and(|n| walked.contains(&u64::from(n)));
+                let had_state = stored
+                    && c.marks & super::record::mark::HAS_STATE != 0
+                    && c.last_ns < r.started_ns;
                 c.closed_ns.is_none()
                     && c.first_ns < r.started_ns
-                    && c.netns.is_some_and(|n| walked.contains(&u64::from(n)))
+                    && (walked_ns || had_state)
                     && r.listed.binary_search(sk).is_err()
             })
             .map(|(sk, _)| *sk)

@@ -25,9 +25,9 @@ pub struct Conn {
     pub role: Role,
     pub role_inferred: bool,
     pub preexisting: bool,
-    /// `state` of a socket met mid-life came from the agent's start-up walk of the TCP
-    /// sockets (`iter/tcp`), not from a state change.
-    pub state_walked: bool,
+    /// [`mark`] bits: one byte for what would be two bools (the record's size is
+    /// bench-live's budget).
+    pub(super) marks: u8,
     pub first_ns: u64,
     pub opened_ns: Option<u64>,
     pub closed_ns: Option<u64>,
@@ -65,6 +65,17 @@ pub struct Conn {
     pub(super) rst_in: Vec<(usize, Option<u32>)>,
 }
 
+/// Bits of [`Conn::marks`].
+pub(super) mod mark {
+    /// `state` of a socket met mid-life came from a walk of the live sockets (`iter/tcp`),
+    /// not from a state change.
+    pub const STATE_WALKED: u8 = 1 << 0;
+    /// A packet record said the socket holds the kernel's per-socket packet state, which
+    /// the kernel frees only with the socket: a recheck's storage listing that lacks it
+    /// proves the socket gone (`conn/recheck.rs`).
+    pub const HAS_STATE: u8 = 1 << 1;
+}
+
 fn make_id(skaddr: u64, first_ns: u64) -> ConnId {
     use std::hash::{Hash, Hasher};
     // Not the raw kernel address: ids end up in logs and must not leak kernel layout.
@@ -84,7 +95,7 @@ impl Conn {
             role,
             role_inferred: preexisting,
             preexisting,
-            state_walked: false,
+            marks: 0,
             first_ns: at_ns,
             opened_ns: (!preexisting).then_some(at_ns),
             closed_ns: None,
@@ -234,7 +245,9 @@ impl Conn {
     /// Whether `state` is the socket's: it was opened here, changed state in an event seen,
     /// or was in that state in the start-up walk.
     pub fn state_known(&self) -> bool {
-        !self.preexisting || self.state_walked || self.has(|k| matches!(k, FactKind::State { .. }))
+        !self.preexisting
+            || self.marks & mark::STATE_WALKED != 0
+            || self.has(|k| matches!(k, FactKind::State { .. }))
     }
 
     /// The owner closed the socket while exiting (crash, kill, exit without close).

@@ -61,6 +61,7 @@ fn pkt(ts: u64, sk: u64, t: Tuple, dir: Dir, flags: u8, seq: u32, ttl: u8) -> Ev
             payload_len: 0,
             first_in_dir: false,
             ttl_changed: false,
+            has_state: false,
             last_data_ns: None,
             cgroup_id: 0,
         }),
@@ -1738,7 +1739,7 @@ fn a_recheck_ends_the_records_of_sockets_that_are_gone() {
 
     let mut tbl = fresh();
     walk(&mut tbl);
-    let (n, now) = tbl.recheck_end(&[u64::from(NS)], true);
+    let (n, now) = tbl.recheck_end(&[u64::from(NS)], false, true);
     assert_eq!(
         (n, now.len()),
         (1, 0),
@@ -1761,17 +1762,17 @@ fn a_recheck_ends_the_records_of_sockets_that_are_gone() {
     // Events were lost while it ran: nothing is retired.
     let mut tbl = fresh();
     walk(&mut tbl);
-    assert_eq!(tbl.recheck_end(&[u64::from(NS)], false).0, 0);
+    assert_eq!(tbl.recheck_end(&[u64::from(NS)], false, false).0, 0);
     assert_eq!(tbl.stats.rechecks, 1);
     assert!(tbl.conns.contains_key(&0x11));
     // Only the other namespace was walked to its end: the record there that the walk did
     // not list ends, the one in the namespace it did not finish is kept.
     let mut tbl = fresh();
     walk(&mut tbl);
-    assert_eq!(tbl.recheck_end(&[u64::from(NS) + 1], true).0, 1);
+    assert_eq!(tbl.recheck_end(&[u64::from(NS) + 1], false, true).0, 1);
     assert!(tbl.conns.contains_key(&0x11) && !tbl.conns.contains_key(&0x12));
     // No walk under way: nothing happens.
-    assert_eq!(tbl.recheck_end(&[u64::from(NS)], true).0, 0);
+    assert_eq!(tbl.recheck_end(&[u64::from(NS)], false, true).0, 0);
 
     // A stale record at the address a live socket now has (the old one's CLOSE and the new
     // one's opening lost): the listing is another socket's, the old record ends unseen.
@@ -1780,7 +1781,7 @@ fn a_recheck_ends_the_records_of_sockets_that_are_gone() {
     tbl.recheck_start(10 * MS);
     tbl.on_event(&existing(11 * MS, 0x10, alive, Established));
     tbl.on_event(&existing(12 * MS, 0x11, reused, Established));
-    assert_eq!(tbl.recheck_end(&[u64::from(NS)], true).0, 0);
+    assert_eq!(tbl.recheck_end(&[u64::from(NS)], false, true).0, 0);
     assert_eq!(tbl.stats.ends_unseen, 1);
     let c = &tbl.conns[&0x11];
     assert!(c.preexisting && c.tuple == Some(reused), "{c:?}");
@@ -1798,11 +1799,99 @@ fn a_recheck_ends_the_records_of_sockets_that_are_gone() {
     tbl.on_event(&state(12 * MS, 0x17, late, Established, FinWait1));
     tbl.on_event(&existing(13 * MS, 0x17, late, Established));
     tbl.on_event(&existing(14 * MS, 0x10, alive, Established));
-    let _ = tbl.recheck_end(&[u64::from(NS)], true);
+    let _ = tbl.recheck_end(&[u64::from(NS)], false, true);
     assert_eq!(tbl.conns[&0x11].state_name(), "CLOSE_WAIT");
     assert!(tbl.conns[&0x11].gap);
     assert_eq!(tbl.conns[&0x17].state_name(), "FIN_WAIT1");
     assert!(!tbl.conns[&0x17].gap && !tbl.conns[&0x10].gap);
+}
+
+/// Namespaces the agent cannot enter are covered by the walk over the sockets holding
+/// packet state: a record whose packets said its socket held state, untouched since the
+/// walk began and not listed, belongs to a freed socket and ends unseen. Kept: a listed
+/// one, one without that mark (never passed a segment), one with an event since the walk
+/// began, and all of them when that walk was not read to its end or events were lost.
+#[test]
+fn a_recheck_by_socket_storage_covers_namespaces_not_walked() {
+    use TcpState::*;
+    const NS: u32 = 4026532500;
+    let with_state = |ts, sk, t| {
+        let mut e = pkt(ts, sk, t, Dir::Egress, ACK, 5, 64);
+        if let EventKind::Packet(p) = &mut e.kind {
+            p.has_state = true;
+        }
+        e.netns = Some(NS);
+        e
+    };
+    let open = |tbl: &mut Table, sk, t| {
+        for mut e in [
+            state(MS, sk, t, Close, SynSent),
+            state(MS + 1, sk, t, SynSent, Established),
+        ] {
+            e.netns = Some(NS);
+            tbl.on_event(&e);
+        }
+    };
+    let gone = tuple("10.1.0.1:45000", "10.1.0.2:443");
+    let listed = tuple("10.1.0.1:45001", "10.1.0.2:443");
+    let no_state = tuple("10.1.0.1:45002", "10.1.0.2:443");
+    let touched = tuple("10.1.0.1:45003", "10.1.0.2:443");
+    let fresh = || {
+        let mut tbl = Table::default();
+        for (sk, t) in [
+            (0x20, gone),
+            (0x21, listed),
+            (0x22, no_state),
+            (0x23, touched),
+        ] {
+            open(&mut tbl, sk, t);
+            let mut e = with_state(2 * MS, sk, t);
+            if sk == 0x22 {
+                e = pkt(2 * MS, sk, t, Dir::Egress, ACK, 5, 64);
+                e.netns = Some(NS);
+            }
+            tbl.on_event(&e);
+        }
+        tbl.recheck_start(10 * MS);
+        let mut e = base(
+            11 * MS,
+            0x21,
+            Some(listed),
+            EventKind::Existing {
+                state: Established,
+                cgroup_id: None,
+            },
+        );
+        e.netns = Some(NS);
+        tbl.on_event(&e);
+        tbl.on_event(&with_state(12 * MS, 0x23, touched));
+        tbl
+    };
+    assert!(
+        fresh().conns[&0x20].marks & super::record::mark::HAS_STATE != 0
+            && fresh().conns[&0x22].marks & super::record::mark::HAS_STATE == 0
+    );
+
+    // The namespace was not walked (`walked` empty); the storage walk was read to its end.
+    let mut tbl = fresh();
+    let (n, _) = tbl.recheck_end(&[], true, true);
+    assert_eq!(n, 1);
+    assert_eq!(tbl.stats.ends_found_gone, 1);
+    for sk in [0x21, 0x22, 0x23] {
+        assert!(tbl.conns.contains_key(&sk), "{sk:#x} kept");
+    }
+    let out = tbl.take_due(20 * MS);
+    let v = only(&out, 0x20);
+    assert!(v.conn.gap);
+    assert_ne!(v.verdict.confidence, classify::Confidence::High);
+    assert_eq!(out.len(), 1, "{out:?}");
+
+    // Without the storage walk, or with events lost: nothing is retired.
+    for (stored, complete) in [(false, true), (true, false)] {
+        let mut tbl = fresh();
+        assert_eq!(tbl.recheck_end(&[], stored, complete).0, 0);
+        assert!(tbl.conns.contains_key(&0x20));
+    }
 }
 
 /// Every connection alive while events were lost is judged with that said, however long

@@ -49,6 +49,7 @@ fn p(dir: Dir, flags: u8, seq: u32, ttl: u8) -> EventKind {
         payload_len: 0,
         first_in_dir: true,
         ttl_changed: false,
+        has_state: false,
         last_data_ns: None,
         cgroup_id: 0,
     })
@@ -1274,6 +1275,7 @@ mod writer {
                         payload_len: *r.pick(&[0, 100]),
                         first_in_dir: r.chance(3),
                         ttl_changed: r.chance(4),
+                        has_state: r.chance(2),
                         last_data_ns: r.chance(2).then(|| ts.saturating_sub(r.next() % MS)),
                         cgroup_id: 0,
                     }),

@@ -617,31 +617,14 @@ fn attach_existing_walk(
         let btf = btf.get()?;
         let p: &mut Iter = program_as(ebpf, "tcp_existing")?;
         p.load("tcp", btf)?;
-        let walk = ExistingWalk::link(p.fd()?.as_fd()).context("linking the iterator")?;
-        // One walk of this namespace now: a kernel that links the iterator but cannot run
-        // it says so here, in the report, not at the first read.
-        walk.open().context("creating the iterator")?;
-        Ok(walk)
+        ExistingWalk::link(p.fd()?.as_fd()).context("linking the iterator")
     })();
-    let (status, error, walk) = match res {
-        Ok(w) => (Status::Attached, None, Some(w)),
-        Err(e) => {
-            let msg = err_chain(e.as_ref());
-            info!(
-                "iter/tcp unavailable ({msg}): connections open before the agent are met at \
-                 their first segment or state change"
-            );
-            (Status::Failed, Some(msg), None)
-        }
-    };
-    programs.push(ProgramStatus {
-        program: "tcp_existing",
-        kind: "iter",
-        target: "tcp".into(),
-        status,
-        error,
-    });
-    walk
+    record_walk(
+        programs,
+        ("tcp_existing", "tcp"),
+        res,
+        "connections open before the agent are met at their first segment or state change",
+    )
 }
 
 /// The iterator over the sockets holding the packet hooks' state (`sk_storage_existing`),
@@ -660,27 +643,42 @@ fn attach_storage_walk(
         let btf = btf.get()?;
         let p: &mut Iter = program_as(ebpf, "sk_storage_existing")?;
         p.load("bpf_sk_storage_map", btf)?;
-        let walk = ExistingWalk::link_over_map(p.fd()?.as_fd(), map.as_fd())
-            .context("linking the iterator")?;
-        walk.open().context("creating the iterator")?;
-        Ok(walk)
+        ExistingWalk::link_over_map(p.fd()?.as_fd(), map.as_fd()).context("linking the iterator")
     })();
+    record_walk(
+        programs,
+        ("sk_storage_existing", "bpf_sk_storage_map"),
+        res,
+        "after lost events, records in network namespaces the agent cannot enter stay until \
+         their address is reused",
+    )
+}
+
+/// An iterator `(program, target)` linked (`res`): one walk now, so that a kernel that
+/// links the iterator but cannot run it says so here, in the report, not at the first
+/// read; then its status in the report, and what its absence means logged.
+fn record_walk(
+    programs: &mut Vec<ProgramStatus>,
+    (program, target): (&'static str, &str),
+    res: anyhow::Result<ExistingWalk>,
+    without: &str,
+) -> Option<ExistingWalk> {
+    let res = res.and_then(|w| {
+        w.open().context("creating the iterator")?;
+        Ok(w)
+    });
     let (status, error, walk) = match res {
         Ok(w) => (Status::Attached, None, Some(w)),
         Err(e) => {
             let msg = err_chain(e.as_ref());
-            info!(
-                "the socket storage iterator is unavailable ({msg}): after lost events, \
-                 records in network namespaces the agent cannot enter stay until their \
-                 address is reused"
-            );
+            info!("iter/{target} unavailable ({msg}): {without}");
             (Status::Failed, Some(msg), None)
         }
     };
     programs.push(ProgramStatus {
-        program: "sk_storage_existing",
+        program,
         kind: "iter",
-        target: "bpf_sk_storage_map".into(),
+        target: target.into(),
         status,
         error,
     });

@@ -418,6 +418,14 @@ fn check(root: &Path, tag: &str, necessity: bool) -> Result<()> {
             o.stderr
         );
     }
+    // The recheck after lost events covers the namespaces it may not enter through the
+    // socket storage iterator: that must load under this profile.
+    if o.stderr.contains("iter/bpf_sk_storage_map unavailable") {
+        bail!(
+            "the socket storage walk does not load under the least-privilege profile:\n{}",
+            o.stderr
+        );
+    }
     if !client_close(&o, port) {
         bail!(
             "no client_close verdict for the host's connection to 127.0.0.1:{port}; got {:#?}\nstderr:\n{}",

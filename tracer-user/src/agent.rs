@@ -141,8 +141,10 @@ impl Side {
         }
     }
 
-    pub(crate) fn tracked(&self, n: usize) {
+    /// The connection table's size and its running total of ends not seen.
+    pub(crate) fn tracked(&self, n: usize, ends_unseen: u64) {
         self.metrics.set_tracked_connections(n as u64);
+        self.metrics.set_ends_unseen(ends_unseen);
     }
 
     /// The kernel's loss totals, as read.

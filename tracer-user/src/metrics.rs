@@ -140,6 +140,8 @@ pub struct Metrics {
     last_drops: AtomicU64,
     events_lost: Family<CauseLabels, Counter>,
     last_lost: [AtomicU64; 2],
+    ends_unseen: Counter,
+    last_ends_unseen: AtomicU64,
     tracked: Gauge,
     probe: Arc<ProbeInfo>,
 }
@@ -190,6 +192,14 @@ impl Metrics {
             // Listed at zero from the start, so that a rate over them is defined.
             let _ = events_lost.get_or_create(&CauseLabels { cause: c.label() });
         }
+        let ends_unseen = Counter::default();
+        registry.register(
+            "ends_unseen",
+            "Tracked sockets whose end was not seen because kernel events were lost: another \
+             socket took the address first, or the recheck after a loss found them gone. Each \
+             is judged with its confidence lowered.",
+            ends_unseen.clone(),
+        );
         let tracked = Gauge::default();
         registry.register(
             "tracked_connections",
@@ -207,6 +217,8 @@ impl Metrics {
             last_drops: AtomicU64::new(0),
             events_lost,
             last_lost: [AtomicU64::new(0), AtomicU64::new(0)],
+            ends_unseen,
+            last_ends_unseen: AtomicU64::new(0),
             tracked,
             probe,
         }
@@ -251,6 +263,13 @@ impl Metrics {
                 cause: cause.label(),
             })
             .inc_by(delta);
+    }
+
+    /// The connection table's running total of ends not seen (`table.ends_unseen`), as
+    /// [`Metrics::set_drops`].
+    pub fn set_ends_unseen(&self, total: u64) {
+        self.ends_unseen
+            .inc_by(growth(&self.last_ends_unseen, total));
     }
 
     /// Sockets currently in the connection table.
@@ -352,6 +371,20 @@ mod tests {
         m.set_drops(10);
         m.set_drops(25);
         let text = m.encode();
+        assert_eq!(
+            sample(&text, "whoclosed_ends_unseen_total"),
+            Some(0.0),
+            "{text}"
+        );
+        m.set_ends_unseen(3);
+        m.set_ends_unseen(7);
+        m.set_ends_unseen(7);
+        let text = m.encode();
+        assert_eq!(
+            sample(&text, "whoclosed_ends_unseen_total"),
+            Some(7.0),
+            "{text}"
+        );
         assert!(text.contains("# TYPE whoclosed_closes counter"), "{text}");
         assert_eq!(
             sample(

@@ -187,7 +187,7 @@ impl<W: Write> Output<W> {
         let due = table.take_due(now_ns);
         self.all(due)?;
         if let Some(a) = &mut self.agent {
-            a.tracked(table.len());
+            a.tracked(table.len(), table.stats.ends_unseen);
         }
         Ok(())
     }

@@ -26,6 +26,15 @@ impl Peer {
         Ok(p)
     }
 
+    /// `ip netns exec <ns> <bin> churn <addr>`: a listener that connects to itself on
+    /// `churn <n> <k>` commands; returns once `listening` was printed.
+    pub fn churn(bin: &Path, ns: &str, addr: SocketAddr) -> Result<Peer> {
+        let mut p = Self::spawn(bin, ns, "churn", addr)?;
+        let line = p.expect_line("listening", PEER_TIMEOUT)?;
+        p.local = parse_addr(&line, "listening")?;
+        Ok(p)
+    }
+
     /// `ip netns exec <ns> <bin> connect <addr>`; returns once `connected` was printed.
     pub fn connect(bin: &Path, ns: &str, addr: SocketAddr) -> Result<Peer> {
         let mut p = Self::spawn(bin, ns, "connect", addr)?;

@@ -884,3 +884,104 @@ fn socket_destructions_are_recorded_where_skips_go_uncounted() {
         );
     }
 }
+
+/// After lost events the agent walks the live sockets again, and a namespace it does not
+/// enter (here: it finds none, its `--proc-root` being empty; under the least-privilege
+/// DaemonSet: every pod's) is covered by the kernel's walk over the sockets holding packet
+/// state. A connect/close flood through a 4 KiB ring buffer in the server's namespace,
+/// every 15th connection held: once the loss stops, a recheck lists every held socket
+/// there, each as an `EXISTING` record carrying that namespace (the `iter/tcp` walk,
+/// which lists only the agent's own, cannot have written them).
+#[test]
+fn a_recheck_lists_the_sockets_of_a_namespace_it_does_not_enter() {
+    use tests::recording;
+    use tracer_common::kind;
+    if !prelude("a_recheck_lists_the_sockets_of_a_namespace_it_does_not_enter") {
+        return;
+    }
+    let t = Topology::new().expect("topology");
+    let server_ns = t.server_inode().expect("server namespace");
+    let empty = std::env::temp_dir().join(format!("whoclosed-noproc-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    let rec = std::env::temp_dir().join(format!("whoclosed-recheck-{}.rec", std::process::id()));
+    let mut args = tests::default_trace_args(&t.inodes().expect("inodes"));
+    for a in [
+        "--ringbuf-kib",
+        "4",
+        "--proc-root",
+        &empty.to_string_lossy(),
+        "--record",
+        &rec.to_string_lossy(),
+    ] {
+        args.push(a.to_string());
+    }
+    let mut agent = Agent::spawn(&agent_bin(), &args, tests::READY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("starting the agent: {e:#}"));
+    // Complete rechecks so far (the agent logs one line for each).
+    let rechecks = |a: &Agent| a.stderr().matches("by their packet state").count();
+    let mut p = Peer::churn(
+        peer_bin(),
+        &t.server,
+        "127.0.0.1:0".parse().expect("address"),
+    )
+    .expect("churn peer");
+    let port = p.local.port();
+    let line = p
+        .command("churn 3000 15", "held", Duration::from_secs(240))
+        .unwrap_or_else(|e| panic!("the flood: {e:#}"));
+    let held: usize = line
+        .trim_start_matches("held ")
+        .trim()
+        .parse()
+        .expect("held count");
+    assert_eq!(held, 200);
+    // The loss has stopped: a recheck follows within about a second (a minute when one
+    // ran during the flood and itself lost events).
+    let before = rechecks(&agent);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let listed = loop {
+        let err = agent.stderr();
+        if rechecks(&agent) > before
+            && let Some(l) = err.lines().rfind(|l| l.contains("by their packet state"))
+        {
+            break l.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no complete recheck after the flood; agent stderr:\n{err}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    p.command("exit", "bye", Duration::from_secs(10))
+        .expect("peer exit");
+    let exit = agent
+        .stop()
+        .unwrap_or_else(|e| panic!("stopping the agent: {e:#}"));
+    assert!(
+        exit.stats()["kernel"]["ringbuf_drops"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "the flood lost nothing, so nothing was tested: {}",
+        exit.stats()
+    );
+    let records = recording::kernel_records(&rec).expect("the recording");
+    let _ = std::fs::remove_file(&rec);
+    let _ = std::fs::remove_dir_all(&empty);
+    let listed_there: std::collections::BTreeSet<u64> = records
+        .iter()
+        .filter_map(|r| recording::lifecycle(r))
+        .filter(|r| {
+            r.hdr.kind == kind::EXISTING
+                && u64::from(r.netns) == server_ns
+                && (r.ep.sport == port || r.ep.dport == port)
+        })
+        .map(|r| r.hdr.skaddr)
+        .collect();
+    assert!(
+        listed_there.len() >= 2 * held,
+        "{} sockets of the server's namespace listed, {} held; the recheck said: {listed}",
+        listed_there.len(),
+        2 * held
+    );
+}

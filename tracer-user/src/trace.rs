@@ -496,17 +496,13 @@ impl Loop {
         let ended = export::monotonic_ns();
         r.policy.ran(ended, lost0.unwrap_or(0), complete);
         if complete {
-            let level = if gone > 0 {
-                log::Level::Info
-            } else {
-                log::Level::Debug
-            };
+            // One line per recheck (after a loss, at most every 10 s; on kernels before 6.7
+            // also every 5 minutes): what it listed, and what it found gone.
             let stored = match stored {
                 Some(n) => format!(", {n} by their packet state in every namespace"),
                 None => String::new(),
             };
-            log::log!(
-                level,
+            info!(
                 "recheck: {} live connections listed in {} network namespace(s){stored} in \
                  {} ms; {gone} tracked connection(s) had ended unseen",
                 sum.connections,

@@ -6,6 +6,11 @@
 //!                                 socket is closed right after the first accept.
 //!   wc-peer connect <addr:port>   prints `pid <n>`, then `connected <local>` (or
 //!                                 `error <text>` and exits 1).
+//!   wc-peer churn   <addr:port>   prints `pid <n>`, `listening <local>`; then only two
+//!                                 commands: `churn <n> <k>` connects to itself n times
+//!                                 (one byte from the client, read by the server), closes
+//!                                 every connection but each k-th, which it holds, both ends
+//!                                 -> `held <connections held so far>`; and `exit`.
 //!
 //! Then one command per stdin line, one response line each on stdout:
 //!   send <n>            write n bytes                          -> `sent <n>`
@@ -61,6 +66,7 @@ fn main() {
         }
     }
     let stream = match args[1].as_str() {
+        "churn" => churn(addr),
         "listen" => listen(addr),
         "connect" => connect(addr),
         other => {
@@ -76,6 +82,56 @@ fn main() {
         }
     };
     serve(stream);
+}
+
+/// The `churn` mode: a listener, and connections to it made, closed or held on command.
+fn churn(addr: SocketAddr) -> ! {
+    let listener = match TcpListener::bind(addr).and_then(|l| Ok((l.local_addr()?, l))) {
+        Ok((local, l)) => {
+            say(&format!("listening {local}"));
+            l
+        }
+        Err(e) => {
+            say(&format!("error {e}"));
+            std::process::exit(1);
+        }
+    };
+    let mut held: Vec<(TcpStream, TcpStream)> = Vec::new();
+    for line in io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.split_first() {
+            Some((&"churn", rest)) => {
+                let reply = (|| -> io::Result<String> {
+                    let n = num(rest, 0)?;
+                    let k = num(rest, 1)?.max(1);
+                    let to = listener.local_addr()?;
+                    for i in 0..n {
+                        let mut c = TcpStream::connect(to)?;
+                        let (mut s, _) = listener.accept()?;
+                        c.write_all(b"x")?;
+                        let mut b = [0u8; 1];
+                        s.read_exact(&mut b)?;
+                        if i % k == 0 {
+                            held.push((c, s));
+                        }
+                    }
+                    Ok(format!("held {}", held.len()))
+                })();
+                match reply {
+                    Ok(r) => say(&r),
+                    Err(e) => say(&format!("error {e}")),
+                }
+            }
+            Some((&"exit", _)) => {
+                say("bye");
+                std::process::exit(0);
+            }
+            Some((cmd, _)) => say(&format!("error unknown command {cmd:?} in churn mode")),
+            None => {}
+        }
+    }
+    std::process::exit(0);
 }
 
 fn listen(addr: SocketAddr) -> io::Result<TcpStream> {

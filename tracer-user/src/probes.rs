@@ -196,33 +196,12 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Probes> {
     let existing = if opts.existing {
         attach_existing_walk(&mut ebpf, &aya_btf, &mut programs)
     } else {
-        programs.push(ProgramStatus {
-            program: "tcp_existing",
-            kind: "iter",
-            target: "tcp".into(),
-            status: Status::Skipped,
-            error: Some("--no-existing".into()),
-        });
-        None
+        skip_walk(&mut programs, TCP_WALK, "--no-existing")
     };
-    let storage_walk = if existing.is_some() && packets.attached {
-        attach_storage_walk(&mut ebpf, &aya_btf, &mut programs)
-    } else {
-        programs.push(ProgramStatus {
-            program: "sk_storage_existing",
-            kind: "iter",
-            target: "bpf_sk_storage_map".into(),
-            status: Status::Skipped,
-            error: Some(
-                if existing.is_none() {
-                    "no iter/tcp walk"
-                } else {
-                    "no packet hooks"
-                }
-                .into(),
-            ),
-        });
-        None
+    let storage_walk = match (&existing, packets.attached) {
+        (Some(_), true) => attach_storage_walk(&mut ebpf, &aya_btf, &mut programs),
+        (None, _) => skip_walk(&mut programs, STORAGE_WALK, "no iter/tcp walk"),
+        (Some(_), false) => skip_walk(&mut programs, STORAGE_WALK, "no packet hooks"),
     };
 
     let report = ProbeReport {
@@ -606,6 +585,26 @@ fn try_fentry(ebpf: &mut Ebpf, btf: &LazyBtf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The two socket-walk iterators, as (program, iterator target).
+const TCP_WALK: (&str, &str) = ("tcp_existing", "tcp");
+const STORAGE_WALK: (&str, &str) = ("sk_storage_existing", "bpf_sk_storage_map");
+
+/// A walk not loaded, and why, in the report.
+fn skip_walk(
+    programs: &mut Vec<ProgramStatus>,
+    (program, target): (&'static str, &str),
+    why: &str,
+) -> Option<ExistingWalk> {
+    programs.push(ProgramStatus {
+        program,
+        kind: "iter",
+        target: target.into(),
+        status: Status::Skipped,
+        error: Some(why.into()),
+    });
+    None
+}
+
 /// The iterator over the kernel's TCP sockets (`tcp_existing`), linked and ready to be
 /// opened per namespace; `None` (recorded, logged) where the kernel refuses it.
 fn attach_existing_walk(
@@ -615,13 +614,13 @@ fn attach_existing_walk(
 ) -> Option<ExistingWalk> {
     let res = (|| -> anyhow::Result<ExistingWalk> {
         let btf = btf.get()?;
-        let p: &mut Iter = program_as(ebpf, "tcp_existing")?;
-        p.load("tcp", btf)?;
+        let p: &mut Iter = program_as(ebpf, TCP_WALK.0)?;
+        p.load(TCP_WALK.1, btf)?;
         ExistingWalk::link(p.fd()?.as_fd()).context("linking the iterator")
     })();
     record_walk(
         programs,
-        ("tcp_existing", "tcp"),
+        TCP_WALK,
         res,
         "connections open before the agent are met at their first segment or state change",
     )
@@ -641,13 +640,13 @@ fn attach_storage_walk(
             _ => bail!("no socket storage map SK_PKT in the object"),
         };
         let btf = btf.get()?;
-        let p: &mut Iter = program_as(ebpf, "sk_storage_existing")?;
-        p.load("bpf_sk_storage_map", btf)?;
+        let p: &mut Iter = program_as(ebpf, STORAGE_WALK.0)?;
+        p.load(STORAGE_WALK.1, btf)?;
         ExistingWalk::link_over_map(p.fd()?.as_fd(), map.as_fd()).context("linking the iterator")
     })();
     record_walk(
         programs,
-        ("sk_storage_existing", "bpf_sk_storage_map"),
+        STORAGE_WALK,
         res,
         "after lost events, records in network namespaces the agent cannot enter stay until \
          their address is reused",

@@ -1133,6 +1133,58 @@ impl FloodThread {
     }
 }
 
+/// The flood of [`recheck_case`], where [`FloodAt`] says.
+enum Flooder {
+    Own {
+        listener: TcpListener,
+        held: Vec<(TcpStream, TcpStream)>,
+    },
+    Thread(FloodThread),
+}
+
+impl Flooder {
+    fn start(at: &FloodAt) -> Flooder {
+        match at {
+            FloodAt::OwnNamespace => Flooder::Own {
+                listener: TcpListener::bind("127.0.0.1:0").expect("bind"),
+                held: Vec::new(),
+            },
+            FloodAt::NamespaceNotEntered => Flooder::Thread(FloodThread::start()),
+        }
+    }
+
+    fn port(&self) -> u16 {
+        match self {
+            Flooder::Own { listener, .. } => listener.local_addr().expect("addr").port(),
+            Flooder::Thread(t) => t.port,
+        }
+    }
+
+    /// Floods ([`flood_keeping_some`]); the kept connections stay open until
+    /// [`Flooder::finish`]. Returns their ends.
+    fn flood(&mut self) -> Endpoints {
+        match self {
+            Flooder::Own { listener, held } => {
+                let (h, live) = flood_keeping_some(listener);
+                *held = h;
+                live
+            }
+            Flooder::Thread(t) => {
+                t.go.send(()).unwrap();
+                t.live.recv().expect("the flood thread's connections")
+            }
+        }
+    }
+
+    /// Closes the kept connections.
+    fn finish(self) {
+        if let Flooder::Thread(t) = self {
+            drop(t.go);
+            t.thread.join().expect("the flood thread");
+        }
+    }
+}
+
 /// A connect/close flood through a 4 KiB ring buffer loses most kernel records, the CLOSE
 /// of some ended connections and the opening of some live ones among them. Without a
 /// recheck their records stayed: `conns` listed connections in FIN_WAIT1 or LAST_ACK that
@@ -1150,15 +1202,8 @@ fn recheck_case(at: FloodAt) {
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("whoclosed.sock");
     let rec = dir.join("session.rec");
-    let (own_listener, flood_thread) = match at {
-        FloodAt::OwnNamespace => (Some(TcpListener::bind("127.0.0.1:0").expect("bind")), None),
-        FloodAt::NamespaceNotEntered => (None, Some(FloodThread::start())),
-    };
-    let port = match (&own_listener, &flood_thread) {
-        (Some(l), _) => l.local_addr().expect("addr").port(),
-        (_, Some(t)) => t.port,
-        _ => unreachable!(),
-    };
+    let mut flooder = Flooder::start(&at);
+    let port = flooder.port();
     let mut args = agent_args(port, &sock, &["--ringbuf-kib", "4"]);
     args.extend(strings(&["--record", rec.to_str().unwrap()]));
     let mut agent = match at {
@@ -1188,17 +1233,7 @@ fn recheck_case(at: FloodAt) {
         FloodAt::NamespaceNotEntered => assert_eq!(ready["existing_sockets"], false, "{ready}"),
         FloodAt::OwnNamespace => {}
     }
-    let (held, live) = match (&own_listener, &flood_thread) {
-        (Some(l), _) => {
-            let (h, l) = flood_keeping_some(l);
-            (Some(h), l)
-        }
-        (_, Some(t)) => {
-            t.go.send(()).unwrap();
-            (None, t.live.recv().expect("the flood thread's connections"))
-        }
-        _ => unreachable!(),
-    };
+    let live = flooder.flood();
     // (local, remote) -> state of each connection `conns` lists on the port.
     let listed = || -> std::collections::BTreeMap<(String, String), String> {
         json_lines(&cli(
@@ -1281,11 +1316,7 @@ fn recheck_case(at: FloodAt) {
         replayed == live_closes,
         "replay differs from the live verdicts"
     );
-    drop(held);
-    if let Some(t) = flood_thread {
-        drop(t.go);
-        t.thread.join().expect("the flood thread");
-    }
+    flooder.finish();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -31,6 +31,11 @@ pub struct ChurnArgs {
     /// Bytes each client sends before closing.
     #[arg(long, default_value_t = 64)]
     bytes: usize,
+    /// Rounds of all phases. Each round compares its tracers with its own bare phases, and
+    /// odd rounds run tcplife before whoclosed; from six rounds on, the summary gives
+    /// medians with a 95 % interval.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 struct Phase {
@@ -47,6 +52,60 @@ impl Phase {
     fn rate(&self) -> f64 {
         self.conns as f64 / self.secs
     }
+}
+
+/// A median with its 95 % interval over `n` values (NaN bounds under six).
+#[derive(Clone, Copy, Debug)]
+pub struct Interval {
+    pub median: f64,
+    pub lo: f64,
+    pub hi: f64,
+    pub n: usize,
+}
+
+impl Interval {
+    pub fn of(mut v: Vec<f64>) -> Self {
+        v.retain(|x| x.is_finite());
+        v.sort_by(f64::total_cmp);
+        let (lo, hi) = median_ci95(&v);
+        Interval {
+            median: v.get(v.len() / 2).copied().unwrap_or(f64::NAN),
+            lo,
+            hi,
+            n: v.len(),
+        }
+    }
+}
+
+/// One tracer's phases of [`churn`], over the rounds: each against the mean of its own
+/// round's bare phases.
+#[derive(Clone, Copy, Debug)]
+pub struct TracerCost {
+    /// Connections per second attached over bare.
+    pub ratio: Interval,
+    /// The tracer's own CPU (user + system), µs per completed connection.
+    pub us_per_conn: Interval,
+    /// Run time of all BPF programs per connection, minus the bare phases' background.
+    pub bpf_ns_per_conn: Interval,
+}
+
+/// whoclosed over tcplife, round by round (the two phases of a round are next to each
+/// other in time, so the machine's drift between rounds cancels).
+#[derive(Clone, Copy, Debug)]
+pub struct Relative {
+    pub bpf_ns: Interval,
+    pub us: Interval,
+    pub rate: Interval,
+}
+
+/// What [`churn`] measured, for `bench-budgets`.
+#[derive(Clone, Copy, Debug)]
+pub struct ChurnSummary {
+    pub rounds: usize,
+    pub whoclosed: TracerCost,
+    /// None when tcplife is not installed.
+    pub tcplife: Option<TracerCost>,
+    pub vs_tcplife: Option<Relative>,
 }
 
 /// Accepts, reads to EOF, closes; clients connect, write, close first. Returns completed
@@ -262,56 +321,65 @@ fn phase(name: &str, args: &ChurnArgs, tracer: Option<Child>) -> Result<Phase> {
     })
 }
 
-pub fn churn(root: &Path, args: &ChurnArgs) -> Result<()> {
-    let whoclosed = root.join("target/release/whoclosed");
-    let stats_was =
-        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
-    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
-        .context("enabling kernel.bpf_stats_enabled (root needed)")?;
-
+/// One round's phases, in the order they ran.
+fn churn_round(whoclosed: &Path, args: &ChurnArgs, tcplife_first: bool) -> Result<Vec<Phase>> {
     let mut phases = vec![phase("bare", args, None)?];
-    let mut cmd = Command::new(&whoclosed);
-    cmd.args(["trace", "--linger-ms", "200"]);
-    let wc = start_tracer(cmd, |l| l.contains("\"type\":\"ready\""))?;
-    phases.push(phase("whoclosed", args, Some(wc))?);
     let tcplife = Path::new("/usr/sbin/tcplife");
-    if tcplife.exists() {
-        // tcplife prints its header once attached; stdbuf keeps its stdout line-buffered
-        // on a pipe so the header reaches us.
-        let mut cmd = Command::new("stdbuf");
-        cmd.arg("-oL").arg(tcplife).arg("-w");
-        let t = start_tracer(cmd, |l| l.contains("PID"))?;
-        phases.push(phase("tcplife", args, Some(t))?);
+    for tracer in if tcplife_first {
+        ["tcplife", "whoclosed"]
     } else {
-        eprintln!("bench: /usr/sbin/tcplife not found (Debian libbpf-tools); skipping that phase");
+        ["whoclosed", "tcplife"]
+    } {
+        if tracer == "whoclosed" {
+            let mut cmd = Command::new(whoclosed);
+            cmd.args(["trace", "--linger-ms", "200"]);
+            let wc = start_tracer(cmd, |l| l.contains("\"type\":\"ready\""))?;
+            phases.push(phase("whoclosed", args, Some(wc))?);
+        } else if tcplife.exists() {
+            // tcplife prints its header once attached; stdbuf keeps its stdout line-buffered
+            // on a pipe so the header reaches us.
+            let mut cmd = Command::new("stdbuf");
+            cmd.arg("-oL").arg(tcplife).arg("-w");
+            let t = start_tracer(cmd, |l| l.contains("PID"))?;
+            phases.push(phase("tcplife", args, Some(t))?);
+        }
     }
     phases.push(phase("bare-again", args, None)?);
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim());
+    Ok(phases)
+}
 
+/// Per tracer phase of one round: (name, ratio vs bare, µs per connection, BPF ns per
+/// connection above the bare background); prints the round's table.
+fn churn_report(phases: &[Phase], programs: bool) -> Vec<(String, f64, f64, f64)> {
     let bare: Vec<&Phase> = phases
         .iter()
         .filter(|p| p.name.starts_with("bare"))
         .collect();
-    let base_rate = bare.iter().map(|p| p.rate()).sum::<f64>() / bare.len() as f64;
+    let base_rate = bare.iter().map(|p| p.rate()).sum::<f64>() / bare.len().max(1) as f64;
     let base_bpf = bare
         .iter()
         .map(|p| p.bpf_ns.unwrap_or(0) as f64 / p.conns.max(1) as f64)
         .sum::<f64>()
-        / bare.len() as f64;
-    println!(
-        "connection churn on loopback: {} client threads, {} B per connection, {} s per phase",
-        args.clients, args.bytes, args.secs
-    );
+        / bare.len().max(1) as f64;
     println!(
         "{:<11} {:>9} {:>11} {:>14} {:>12} {:>16}",
         "phase", "conns", "conns/s", "ratio vs bare", "tracer CPU", "BPF ns/conn"
     );
-    for p in &phases {
+    let mut out = Vec::new();
+    for p in phases {
         let bpf_per_conn = p.bpf_ns.unwrap_or(0) as f64 / p.conns.max(1) as f64;
         let bpf_cell = if p.name.starts_with("bare") {
             format!("{bpf_per_conn:.0} (bg)")
         } else {
-            format!("{:.0}", (bpf_per_conn - base_bpf).max(0.0))
+            let above = (bpf_per_conn - base_bpf).max(0.0);
+            out.push((
+                p.name.clone(),
+                p.rate() / base_rate,
+                p.tracer_cpu
+                    .map_or(f64::NAN, |c| c * 1e6 / p.rate().max(1e-9)),
+                above,
+            ));
+            format!("{above:.0}")
         };
         println!(
             "{:<11} {:>9} {:>11.0} {:>14.3} {:>12} {:>16}",
@@ -325,27 +393,119 @@ pub fn churn(root: &Path, args: &ChurnArgs) -> Result<()> {
             bpf_cell,
         );
     }
-    println!(
-        "(BPF ns/conn: run time of all BPF programs during the phase per connection, minus the bare phases' background)"
-    );
-    for p in phases.iter().filter(|p| !p.name.starts_with("bare")) {
-        println!("\n{}: BPF programs that ran (per connection)", p.name);
+    if programs {
         println!(
-            "{:<24} {:>10} {:>10} {:>12}",
-            "program", "runs/conn", "ns/run", "ns/conn"
+            "(BPF ns/conn: run time of all BPF programs during the phase per connection, minus the bare phases' background)"
         );
-        let conns = p.conns.max(1) as f64;
-        for (name, runs, ns) in &p.programs {
+        for p in phases.iter().filter(|p| !p.name.starts_with("bare")) {
+            println!("\n{}: BPF programs that ran (per connection)", p.name);
             println!(
-                "{:<24} {:>10.2} {:>10.0} {:>12.0}",
-                name,
-                *runs as f64 / conns,
-                *ns as f64 / (*runs).max(1) as f64,
-                *ns as f64 / conns
+                "{:<24} {:>10} {:>10} {:>12}",
+                "program", "runs/conn", "ns/run", "ns/conn"
             );
+            let conns = p.conns.max(1) as f64;
+            for (name, runs, ns) in &p.programs {
+                println!(
+                    "{:<24} {:>10.2} {:>10.0} {:>12.0}",
+                    name,
+                    *runs as f64 / conns,
+                    *ns as f64 / (*runs).max(1) as f64,
+                    *ns as f64 / conns
+                );
+            }
         }
     }
-    Ok(())
+    out
+}
+
+pub fn churn(root: &Path, args: &ChurnArgs) -> Result<ChurnSummary> {
+    let whoclosed = root.join("target/release/whoclosed");
+    if !Path::new("/usr/sbin/tcplife").exists() {
+        eprintln!("bench: /usr/sbin/tcplife not found (Debian libbpf-tools); skipping that phase");
+    }
+    let stats_was =
+        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
+        .context("enabling kernel.bpf_stats_enabled (root needed)")?;
+    println!(
+        "connection churn on loopback: {} client threads, {} B per connection, {} s per phase, {} round(s)",
+        args.clients,
+        args.bytes,
+        args.secs,
+        args.rounds.max(1)
+    );
+    let mut rounds = Vec::new();
+    let mut result = Ok(());
+    for round in 0..args.rounds.max(1) {
+        match churn_round(&whoclosed, args, round % 2 == 1) {
+            Ok(phases) => {
+                if args.rounds > 1 {
+                    println!("\nround {}", round + 1);
+                }
+                rounds.push(churn_report(&phases, round + 1 == args.rounds.max(1)));
+            }
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim());
+    result?;
+
+    let pick = |name: &str| -> Vec<(f64, f64, f64)> {
+        rounds
+            .iter()
+            .filter_map(|r| r.iter().find(|p| p.0 == name))
+            .map(|p| (p.1, p.2, p.3))
+            .collect()
+    };
+    let cost = |v: &[(f64, f64, f64)]| -> Option<TracerCost> {
+        (!v.is_empty()).then(|| TracerCost {
+            ratio: Interval::of(v.iter().map(|x| x.0).collect()),
+            us_per_conn: Interval::of(v.iter().map(|x| x.1).collect()),
+            bpf_ns_per_conn: Interval::of(v.iter().map(|x| x.2).collect()),
+        })
+    };
+    let (wc, tl) = (pick("whoclosed"), pick("tcplife"));
+    let whoclosed = cost(&wc).context("no whoclosed phase ran")?;
+    let tcplife = cost(&tl);
+    let vs_tcplife = (tcplife.is_some() && wc.len() == tl.len()).then(|| {
+        let rel = |f: fn(&(f64, f64, f64)) -> f64| {
+            Interval::of(wc.iter().zip(&tl).map(|(w, t)| f(w) / f(t)).collect())
+        };
+        Relative {
+            bpf_ns: rel(|x| x.2),
+            us: rel(|x| x.1),
+            rate: rel(|x| x.0),
+        }
+    });
+    if args.rounds > 1 {
+        let show = |what: &str, i: &Interval| {
+            println!(
+                "{what}: median {:.3}, 95 % interval {:.3} to {:.3} ({} rounds)",
+                i.median, i.lo, i.hi, i.n
+            )
+        };
+        println!();
+        show("whoclosed ratio vs bare", &whoclosed.ratio);
+        show("whoclosed tracer µs per connection", &whoclosed.us_per_conn);
+        show(
+            "whoclosed BPF ns per connection",
+            &whoclosed.bpf_ns_per_conn,
+        );
+        if let Some(r) = &vs_tcplife {
+            show("whoclosed/tcplife, BPF ns per connection", &r.bpf_ns);
+            show("whoclosed/tcplife, tracer µs per connection", &r.us);
+            show("whoclosed/tcplife, connections per second", &r.rate);
+        }
+    }
+    Ok(ChurnSummary {
+        rounds: rounds.len(),
+        whoclosed,
+        tcplife,
+        vs_tcplife,
+    })
 }
 
 #[derive(clap::Args)]
@@ -565,7 +725,18 @@ fn children_cpu() -> f64 {
     t(ru.ru_utime) + t(ru.ru_stime)
 }
 
-pub fn h2(root: &Path, args: &H2Args) -> Result<()> {
+/// What [`h2`] measured, for `bench-budgets`.
+#[derive(Clone, Copy, Debug)]
+pub struct H2Summary {
+    /// Attached/detached pair ratios: their median and its 95 % interval.
+    pub ratio: Interval,
+    /// BPF run time as a share of the workload's CPU, profiled run.
+    pub bpf_share: Option<f64>,
+    /// The agent's CPU as a share of the workload's CPU, attached runs.
+    pub agent_share: f64,
+}
+
+pub fn h2(root: &Path, args: &H2Args) -> Result<H2Summary> {
     let stats_was =
         std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
     let r = h2_inner(root, args);
@@ -584,7 +755,7 @@ fn bpf_stats(on: bool) -> Result<()> {
     .context("setting kernel.bpf_stats_enabled (root needed)")
 }
 
-fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
+fn h2_inner(root: &Path, args: &H2Args) -> Result<H2Summary> {
     let dir = std::env::temp_dir().join(format!("whoclosed-bench-h2-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let body = vec![0x5au8; (args.mib as usize) << 20];
@@ -760,6 +931,11 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
         "median pair ratio (attached/detached of one round)",
         &mut pair_ratios,
     );
+    let mut summary = H2Summary {
+        ratio: Interval::of(pair_ratios.clone()),
+        bpf_share: None,
+        agent_share: agent / work.max(1e-9),
+    };
     print_median(
         "median pair CPU ratio (busy CPU per MB detached/attached, whole machine)",
         &mut cost_ratios,
@@ -788,6 +964,7 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
     );
     if let Some(p) = phases.iter().find(|p| p.name == "profiled") {
         let mb = (p.mb_per_s * p.secs).max(1e-9);
+        summary.bpf_share = Some(p.bpf_s / p.work_cpu_s.max(1e-9));
         println!(
             "BPF in the profiled run (kernel.bpf_stats_enabled, which itself slows every program run): {:.0} ns per MB ({:.2} % of the workload's CPU)",
             p.bpf_s * 1e9 / mb,
@@ -811,7 +988,7 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(summary)
 }
 
 #[cfg(test)]

@@ -32,6 +32,13 @@ pub struct LiveArgs {
     conns: usize,
 }
 
+impl LiveArgs {
+    #[cfg(test)]
+    pub(crate) fn conns(&self) -> usize {
+        self.conns
+    }
+}
+
 /// How long `bench-live` watches the agent's CPU with every connection open and idle.
 const IDLE_SECS: u64 = 5;
 
@@ -76,6 +83,20 @@ fn final_stats(out: &Path) -> Option<serde_json::Value> {
         .and_then(|l| serde_json::from_str(l).ok())
 }
 
+/// The probe mode (`fentry`, `kprobe`, `tracepoint`) from the agent's `ready` record
+/// (docs/events.md).
+fn probe_mode(out: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(out).ok()?;
+    let ready: serde_json::Value = text
+        .lines()
+        .find(|l| l.contains("\"type\":\"ready\""))
+        .and_then(|l| serde_json::from_str(l).ok())?;
+    ready
+        .get("probe_mode")
+        .and_then(|m| m.as_str())
+        .map(str::to_owned)
+}
+
 /// CPU seconds (user + system) used by waited-for children so far.
 fn children_cpu() -> f64 {
     // SAFETY: getrusage fills the struct we own.
@@ -90,7 +111,19 @@ fn n(v: &serde_json::Value, ptr: &str) -> u64 {
     v.pointer(ptr).and_then(|x| x.as_u64()).unwrap_or(0)
 }
 
-pub fn pipeline(root: &Path, args: &PipelineArgs) -> Result<()> {
+/// What [`pipeline`] measured, for `bench-budgets`.
+#[derive(Clone, Copy, Debug)]
+pub struct PipelineSummary {
+    /// Kernel records the agent read while recording, and over how many seconds of load.
+    pub events: u64,
+    pub secs: f64,
+    /// Records lost to a full ring buffer while recording (default settings).
+    pub drops: u64,
+    /// Kernel records replayed per CPU second (decode, table, classifier, JSON).
+    pub events_per_cpu_s: f64,
+}
+
+pub fn pipeline(root: &Path, args: &PipelineArgs) -> Result<PipelineSummary> {
     let bin = root.join("target/release/whoclosed");
     let dir = scratch(root, "pipeline")?;
     let rec = dir.join("churn.rec");
@@ -162,7 +195,16 @@ pub fn pipeline(root: &Path, args: &PipelineArgs) -> Result<()> {
         per(lines)
     );
     println!("(budget of issue #10: at least 1,000,000 events/s on one core)");
-    Ok(())
+    Ok(PipelineSummary {
+        events,
+        secs,
+        drops,
+        events_per_cpu_s: if cpu > 0.0 {
+            events as f64 / cpu
+        } else {
+            f64::NAN
+        },
+    })
 }
 
 /// Resident and peak resident memory of `pid`, in KiB.
@@ -219,7 +261,21 @@ fn netns(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-pub fn live(root: &Path, args: &LiveArgs) -> Result<()> {
+/// What [`live`] measured, for `bench-budgets`.
+#[derive(Clone, Debug)]
+pub struct LiveSummary {
+    /// Sockets tracked at once (both ends of every connection held).
+    pub sockets: usize,
+    /// The agent's resident memory with all of them open, KiB.
+    pub rss_kib: u64,
+    /// The agent's CPU share while all of them sat open and idle.
+    pub idle_cpu: Option<f64>,
+    pub ringbuf_drops: u64,
+    /// The agent's `ready` line: which probe mode it attached in, for the record.
+    pub mode: Option<String>,
+}
+
+pub fn live(root: &Path, args: &LiveArgs) -> Result<LiveSummary> {
     use std::io::BufRead as _;
     let bin = root.join("target/release/whoclosed");
     let dir = scratch(root, "live")?;
@@ -353,5 +409,11 @@ pub fn live(root: &Path, args: &LiveArgs) -> Result<()> {
         n(&stats, "/kernel/skmap_fails")
     );
     println!("(budget of issue #10: RSS at most 64 MiB with 100k live tracked connections)");
-    Ok(())
+    Ok(LiveSummary {
+        sockets,
+        rss_kib: held_rss,
+        idle_cpu,
+        ringbuf_drops: n(&stats, "/kernel/ringbuf_drops"),
+        mode: probe_mode(&out),
+    })
 }

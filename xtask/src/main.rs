@@ -6,6 +6,7 @@
 mod bench;
 mod bench_packet;
 mod bench_scale;
+mod budgets;
 mod deploy;
 mod floor;
 mod fuzz;
@@ -66,6 +67,8 @@ enum Task {
     BenchPipeline(bench_scale::PipelineArgs),
     /// Memory: hold many loopback connections open and read the agent's RSS.
     BenchLive(bench_scale::LiveArgs),
+    /// Every benchmark behind issue #10's budgets, then one table: budget, measured, met.
+    BenchBudgets(budgets::BudgetArgs),
     /// Boot stock Debian kernels under QEMU and run the end-to-end tests inside them.
     Vm(vm::VmArgs),
     /// Run the HTTP/2 frame parser fuzz target for a bounded time (cargo-fuzz, nightly).
@@ -368,12 +371,12 @@ fn main() -> Result<()> {
         Task::BenchChurn(args) => {
             setup()?;
             build(&root, true)?;
-            bench::churn(&root, &args)
+            bench::churn(&root, &args).map(|_| ())
         }
         Task::BenchH2(args) => {
             setup()?;
             build(&root, true)?;
-            bench::h2(&root, &args)
+            bench::h2(&root, &args).map(|_| ())
         }
         Task::BenchPacket(args) => {
             setup()?;
@@ -388,12 +391,17 @@ fn main() -> Result<()> {
         Task::BenchPipeline(args) => {
             setup()?;
             build(&root, true)?;
-            bench_scale::pipeline(&root, &args)
+            bench_scale::pipeline(&root, &args).map(|_| ())
         }
         Task::BenchLive(args) => {
             setup()?;
             build(&root, true)?;
-            bench_scale::live(&root, &args)
+            bench_scale::live(&root, &args).map(|_| ())
+        }
+        Task::BenchBudgets(args) => {
+            setup()?;
+            build(&root, true)?;
+            budgets::run(&root, &args)
         }
         Task::Vm(args) => {
             setup()?;

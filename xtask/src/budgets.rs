@@ -17,7 +17,7 @@ pub struct BudgetArgs {
     churn_secs: u64,
     /// Rounds of the churn benchmark (bare, both tracers, bare again): six or more give
     /// each churn figure a 95 % interval.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 12)]
     churn_rounds: usize,
     /// Detached/attached pairs in each HTTP/2 run.
     #[arg(long, default_value_t = 24)]
@@ -162,27 +162,32 @@ fn churn_rows(c: &Result<bench::ChurnSummary>) -> Vec<Row> {
             })
             .into();
     };
-    let rounds = format!("{} rounds", c.rounds);
+    // "whoclosed vs tcplife, and their ratio round by round".
+    let vs = |w: &Interval, t: &Interval, rel: &Interval, digits: usize, unit: &str| {
+        format!(
+            "{} vs {}{unit}; whoclosed/tcplife {}, {} rounds",
+            iv(w, digits),
+            iv(t, digits),
+            iv(rel, 3),
+            c.rounds
+        )
+    };
     vec![
         Row {
             budget: KERNEL,
-            measured: format!(
-                "{} vs {} ns; whoclosed/tcplife {}×, {rounds}",
-                iv(&w.bpf_ns_per_conn, 0),
-                iv(&t.bpf_ns_per_conn, 0),
-                iv(&rel.bpf_ns, 2)
+            measured: vs(
+                &w.bpf_ns_per_conn,
+                &t.bpf_ns_per_conn,
+                &rel.bpf_ns,
+                0,
+                " ns",
             ),
             met: interval_at_most(&rel.bpf_ns, 1.0),
             goal: Some(("half", interval_at_most(&rel.bpf_ns, 0.5))),
         },
         Row {
             budget: AGENT,
-            measured: format!(
-                "{} vs {} µs; whoclosed/tcplife {}×, {rounds}",
-                iv(&w.us_per_conn, 1),
-                iv(&t.us_per_conn, 1),
-                iv(&rel.us, 2)
-            ),
+            measured: vs(&w.us_per_conn, &t.us_per_conn, &rel.us, 1, " µs"),
             met: interval_at_most(&rel.us, 1.0),
             goal: Some((
                 "5 µs (5 % of a core at 10k/s)",
@@ -191,12 +196,7 @@ fn churn_rows(c: &Result<bench::ChurnSummary>) -> Vec<Row> {
         },
         Row {
             budget: CHURN,
-            measured: format!(
-                "{} vs {} of bare; whoclosed/tcplife {}, {rounds}",
-                iv(&w.ratio, 3),
-                iv(&t.ratio, 3),
-                iv(&rel.rate, 3)
-            ),
+            measured: vs(&w.ratio, &t.ratio, &rel.rate, 3, " of bare"),
             met: interval_at_least(&rel.rate, 1.0),
             goal: Some(("≥ 0.97", interval_at_least(&w.ratio, 0.97))),
         },
@@ -345,9 +345,11 @@ fn provenance(root: &Path, mode: Option<&str>) -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into());
+    let argv: Vec<String> = std::env::args().skip(1).collect();
     format!(
-        "`cargo xtask bench-budgets`, {date}, commit {commit}{}; {cores} × {model}, {mem_gib:.0} GiB, \
+        "`cargo xtask {}`, {date}, commit {commit}{}; {cores} × {model}, {mem_gib:.0} GiB, \
          Linux {kernel}, probe mode {}.",
+        argv.join(" "),
         if dirty {
             " with uncommitted changes"
         } else {

@@ -311,7 +311,21 @@ pub fn try_packet(ctx: &SkBuffContext, ingress: bool) -> Option<()> {
     // segments that hold no frame header (inside a large DATA frame): only the end of the
     // walked bytes moves. The rest goes to the walker program; when it did not load, the
     // payload is not walked (the probe report says so).
-    let d = &mut st.dir[if ingress { 1 } else { 0 }];
+    let di = if ingress { 1 } else { 0 };
+    if ingress
+        && payload_len > 0
+        && st.seen & seen::START != 0
+        && st.dir[di].sync == sync::AWAIT
+        && received_before(full)
+    {
+        // The state says the stream's start was seen, yet TCP already holds payload from the
+        // peer that never passed here: the segment that completed the handshake carried it
+        // and was filtered under the listener, while on another CPU a bare ACK reached the
+        // new socket first, before that payload was queued, and made its state "fresh".
+        // This direction then joins mid-stream, as for a socket met after its start.
+        st.seen &= !seen::START;
+    }
+    let d = &mut st.dir[di];
     if d.sync != sync::OFF
         && payload_len > 0
         && payload_len < 0x0100_0000
@@ -459,6 +473,20 @@ fn nothing_passed(
         unsafe { (*ctx.skb.skb).gso_segs }.max(1)
     };
     received == 0 && sent <= this
+}
+
+/// Whether TCP has received payload in order on the full socket `full` before this ingress
+/// segment (`bytes_received`; this hook runs before TCP processes the segment).
+#[inline(never)]
+fn received_before(full: *mut aya_ebpf::bindings::bpf_sock) -> bool {
+    if full.is_null() {
+        return false;
+    }
+    // SAFETY: the helper checks its argument (a full socket from `bpf_sk_fullsock`) and
+    // returns null for anything but a TCP socket.
+    let tp = unsafe { bpf_tcp_sock(full) };
+    // SAFETY: non-null pointer from the helper; a read-only field.
+    !tp.is_null() && unsafe { (*tp).bytes_received } != 0
 }
 
 /// A listener (handshake segments are filtered against it), a request socket, a

@@ -186,13 +186,10 @@ impl H2Track {
                 self.state = H2State::Synced;
             }
             ProtoNote::H2SettingsFirst | ProtoNote::Resynced => {
-                if note == ProtoNote::Resynced
-                    && self.desyncs == 0
-                    && !self.preface_seen
-                    && self.frames == 0
-                {
-                    // A resync that follows no desync: the first sync of a walker that
-                    // started mid-stream.
+                if note == ProtoNote::Resynced && self.desyncs == 0 && !self.preface_seen {
+                    // A resync that follows no desync: the first sync of a direction whose
+                    // walk started mid-stream, whether or not the other direction's walk
+                    // had frames by then (it may have started at its stream's start).
                     self.joined_midstream = true;
                 }
                 if !matches!(self.state, H2State::NotH2 | H2State::Tls) {
@@ -364,7 +361,7 @@ mod tests {
     #[test]
     fn joined_midstream_only_when_the_first_sync_is_a_resync() {
         use ProtoNote::*;
-        let cases: [(&str, &[ProtoNote], bool); 5] = [
+        let cases: [(&str, &[ProtoNote], bool); 6] = [
             ("first sync a resync", &[Resynced, Resynced], true),
             (
                 "preface, then a resync after a desync",
@@ -372,6 +369,11 @@ mod tests {
                 false,
             ),
             ("settings first", &[H2SettingsFirst], false),
+            (
+                "one direction from its start, the other joined mid-stream",
+                &[H2SettingsFirst, Resynced],
+                true,
+            ),
             (
                 "desync before any sync, then a resync",
                 &[Desync, Resynced],

@@ -75,6 +75,14 @@ impl Interval {
             n: v.len(),
         }
     }
+
+    /// Prints `what = median` with the interval and how many `of` it came from.
+    fn print(&self, what: &str, of: &str) {
+        println!(
+            "{what} = {:.3}, 95 % interval of that median {:.3} to {:.3} ({} {of})",
+            self.median, self.lo, self.hi, self.n
+        );
+    }
 }
 
 /// One tracer's phases of [`churn`], over the rounds: each against the mean of its own
@@ -481,12 +489,7 @@ pub fn churn(root: &Path, args: &ChurnArgs) -> Result<ChurnSummary> {
         }
     });
     if args.rounds > 1 {
-        let show = |what: &str, i: &Interval| {
-            println!(
-                "{what}: median {:.3}, 95 % interval {:.3} to {:.3} ({} rounds)",
-                i.median, i.lo, i.hi, i.n
-            )
-        };
+        let show = |what: &str, i: &Interval| i.print(what, "rounds");
         println!();
         show("whoclosed ratio vs bare", &whoclosed.ratio);
         show("whoclosed tracer µs per connection", &whoclosed.us_per_conn);
@@ -572,17 +575,6 @@ fn median_ci95(sorted: &[f64]) -> (f64, f64) {
     let lo = ((n as f64 / 2.0 - half).floor() as usize).min(n - 1);
     let hi = ((n as f64 / 2.0 + half).ceil() as usize).min(n - 1);
     (sorted[lo], sorted[hi])
-}
-
-/// Prints the median of `v` (sorted here) with its 95 % interval.
-fn print_median(what: &str, v: &mut [f64]) {
-    v.sort_by(f64::total_cmp);
-    let (lo, hi) = median_ci95(v);
-    println!(
-        "{what} = {:.3}, 95 % interval of that median {lo:.3} to {hi:.3} ({} pairs)",
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN),
-        v.len()
-    );
 }
 
 /// Parses h2load's "finished in 1.23s, 325.20 req/s, 325.33MB/s" line.
@@ -927,18 +919,19 @@ fn h2_inner(root: &Path, args: &H2Args) -> Result<H2Summary> {
         median("attached"),
         median("attached") / base,
     );
-    print_median(
+    let ratio = Interval::of(pair_ratios);
+    ratio.print(
         "median pair ratio (attached/detached of one round)",
-        &mut pair_ratios,
+        "pairs",
     );
     let mut summary = H2Summary {
-        ratio: Interval::of(pair_ratios.clone()),
+        ratio,
         bpf_share: None,
         agent_share: agent / work.max(1e-9),
     };
-    print_median(
+    Interval::of(cost_ratios).print(
         "median pair CPU ratio (busy CPU per MB detached/attached, whole machine)",
-        &mut cost_ratios,
+        "pairs",
     );
     // Per MB of the runs whose tracer left a final stats line, so that a missing one does
     // not read as a walker that walked less.
